@@ -1,0 +1,47 @@
+# Two commands for a new user: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LT := $(VENV)/bin/loratool
+FIX := fixtures/build
+STAMP := $(VENV)/.installed
+
+.PHONY: install fixtures demo test schemas clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: on these machines pip finds the CPU build on disk; a bare `torch`
+# requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+fixtures: $(FIX)/.done
+
+$(FIX)/.done: $(STAMP) $(wildcard fixtures/*.py)
+	$(PY) fixtures/generate.py --out $(FIX)
+	touch $@
+
+demo: fixtures
+	@echo "== inspect =="
+	$(LT) inspect $(FIX)/llama_r8
+	@echo "== inspect --spectrum --modules (first rows) =="
+	$(LT) inspect --spectrum --modules $(FIX)/llama_r8 | head -20
+	@echo "== validate against its base =="
+	$(LT) validate $(FIX)/llama_r8 --base $(FIX)/base_llama
+	@echo "== validate a broken adapter (expected to fail with one line) =="
+	-$(LT) validate $(FIX)/broken/nan_values
+	@echo "== convert kohya -> peft -> kohya =="
+	rm -rf $(FIX)/demo_out && mkdir -p $(FIX)/demo_out
+	$(LT) convert $(FIX)/kohya_sd.safetensors --to peft -o $(FIX)/demo_out/kohya_as_peft
+	$(LT) convert $(FIX)/demo_out/kohya_as_peft --to kohya -o $(FIX)/demo_out/roundtrip.safetensors
+	$(LT) inspect $(FIX)/demo_out/roundtrip.safetensors
+
+test: fixtures
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(FIX)

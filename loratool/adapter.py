@@ -1,0 +1,262 @@
+"""The format-neutral adapter model.
+
+An ``Adapter`` maps module names to ``LoraModule``s. Readers in ``loratool.formats`` build it,
+writers consume it, and the math (``lowrank``), validation and merge work only on it: no
+format-specific branches outside ``formats/``.
+
+Conventions (PEFT's, so that every format maps onto one layout):
+
+* ``name`` is the module's path in the model that the adapter is applied to, exactly the prefix
+  of the base tensor: ``model.layers.0.self_attn.q_proj`` -> base tensor
+  ``model.layers.0.self_attn.q_proj.weight``. Multi-component adapters (Stable Diffusion) prefix
+  the component: ``unet.down_blocks.0.attentions.0.proj_in``, ``text_encoder.text_model...``.
+* Factors are stored as PEFT stores them:
+    Linear / Conv1D:  A (r, in_features),  B (out_features, r)
+    Conv2d:           A (r, in, kh, kw),   B (out, r, 1, 1)
+    Embedding:        A (r, num_embeddings), B (embedding_dim, r)   (PEFT's lora_embedding_A/B)
+* ``scale`` is PEFT's: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+* ``delta()`` returns the scaled update in the base weight's layout, computed the way PEFT's
+  ``get_delta_weight`` computes it (Conv1D is transposed: its weight is (in, out); an embedding's
+  delta is (num_embeddings, embedding_dim)).
+
+Tensors are ``TensorRef``s (header known, data read on demand) or in-memory torch tensors, so a
+large adapter can be inspected without being loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from loratool.safetensors_io import TensorRef, st_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+TensorSource = Union[TensorRef, "torch.Tensor"]
+
+
+class LayerKind(str, Enum):
+    LINEAR = "linear"
+    CONV1D = "conv1d"  # transformers' Conv1D (GPT-2), PEFT's fan_in_fan_out=True
+    CONV2D = "conv2d"
+    EMBEDDING = "embedding"
+
+
+def load_tensor(src: TensorSource) -> "torch.Tensor":
+    return src.load() if isinstance(src, TensorRef) else src
+
+
+def shape_of(src: TensorSource) -> tuple[int, ...]:
+    return tuple(src.shape)
+
+
+def dtype_of(src: TensorSource) -> str:
+    """The safetensors dtype string ("BF16", "F32", ...) of a tensor source."""
+    return src.dtype if isinstance(src, TensorRef) else st_dtype(src.dtype)
+
+
+def nbytes_of(src: TensorSource) -> int:
+    if isinstance(src, TensorRef):
+        return src.nbytes
+    return src.numel() * src.element_size()
+
+
+def peft_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling: alpha/r, or alpha/sqrt(r) with rsLoRA (peft/tuners/lora/layer.py)."""
+    if rank <= 0:
+        return 0.0
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass
+class LoraModule:
+    name: str
+    kind: LayerKind
+    lora_A: TensorSource
+    lora_B: TensorSource
+    alpha: float
+    use_rslora: bool = False
+    magnitude: TensorSource | None = None  # DoRA: lora_magnitude_vector, one value per output row
+    lora_B_bias: TensorSource | None = None  # PEFT lora_bias=True
+    # The rank and alpha the source's config asks for (PEFT: r/rank_pattern, lora_alpha/
+    # alpha_pattern), when it has a config; validate compares them with the tensors.
+    config_rank: int | None = None
+    config_alpha: float | None = None
+    # Keys of the source file that this module was read from (for error messages and reports).
+    source_keys: dict[str, str] = field(default_factory=dict)
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return shape_of(self.lora_A)[0]
+
+    @property
+    def scale(self) -> float:
+        return peft_scale(self.alpha, self.rank, self.use_rslora)
+
+    @property
+    def use_dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def in_features(self) -> int:
+        """Input size (num_embeddings for an embedding, in_channels for a conv)."""
+        return shape_of(self.lora_A)[1]
+
+    @property
+    def out_features(self) -> int:
+        return shape_of(self.lora_B)[0]
+
+    @property
+    def base_weight_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight this module's delta is added to."""
+        a, b = shape_of(self.lora_A), shape_of(self.lora_B)
+        if self.kind is LayerKind.LINEAR:
+            return (b[0], a[1])
+        if self.kind is LayerKind.CONV1D:
+            return (a[1], b[0])
+        if self.kind is LayerKind.EMBEDDING:
+            return (a[1], b[0])
+        return (b[0], a[1], *a[2:])  # conv2d
+
+    @property
+    def num_params(self) -> int:
+        n = 0
+        for t in self.tensors().values():
+            k = 1
+            for d in shape_of(t):
+                k *= d
+            n += k
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes_of(t) for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, TensorSource]:
+        out: dict[str, TensorSource] = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.magnitude is not None:
+            out["magnitude"] = self.magnitude
+        if self.lora_B_bias is not None:
+            out["lora_B_bias"] = self.lora_B_bias
+        return out
+
+    def dtypes(self) -> set[str]:
+        return {dtype_of(t) for t in self.tensors().values()}
+
+    # -- values -------------------------------------------------------------------------------
+    def A(self) -> "torch.Tensor":
+        return load_tensor(self.lora_A)
+
+    def B(self) -> "torch.Tensor":
+        return load_tensor(self.lora_B)
+
+    def factors_2d(self, dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(B2, A2) with B2 (out, r), A2 (r, in·kh·kw): delta_2d = scale · B2 @ A2 (before any
+        transpose/reshape into the base layout)."""
+        a, b = self.A(), self.B()
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1)
+
+    def delta(self, dtype=None) -> "torch.Tensor":
+        """The scaled update ``scale · B @ A`` in the base weight's layout.
+
+        ``dtype`` defaults to float32 (PEFT merges in the factors' dtype upcast to float32 on the
+        CPU when they are half precision).
+        """
+        import torch
+
+        dtype = dtype or torch.float32
+        b2, a2 = self.factors_2d(dtype)
+        d = (b2 @ a2) * self.scale
+        if self.kind is LayerKind.LINEAR:
+            return d
+        if self.kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
+            return d.T
+        return d.reshape(self.base_weight_shape)
+
+
+@dataclass
+class Adapter:
+    """A whole adapter: its modules plus adapter-level facts."""
+
+    format: str  # "peft" | "kohya" | "diffusers"
+    modules: dict[str, LoraModule]
+    path: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    base_model: str | None = None
+    base_revision: str | None = None
+    task_type: str | None = None
+    # The raw PEFT adapter_config.json (or the equivalent we build), kept so that writers keep
+    # every field they do not change.
+    config: dict[str, Any] = field(default_factory=dict)
+    # safetensors __metadata__ of the source weights (kohya ss_* keys live here).
+    metadata: dict[str, str] = field(default_factory=dict)
+    # modules_to_save: full replacement tensors, keyed by the base tensor name ("lm_head.weight").
+    modules_to_save: dict[str, TensorSource] = field(default_factory=dict)
+    # Other tensors a format carries that are not LoRA factors (e.g. PEFT's saved embedding base
+    # layers "model.embed_tokens.base_layer.weight"), keyed by name without the format's prefix.
+    extra_tensors: dict[str, TensorSource] = field(default_factory=dict)
+    # Structural problems found while reading (a factor missing, an A/B rank mismatch): one line
+    # each, naming the file and the module. ``load_adapter`` raises on them unless tolerant.
+    problems: list[str] = field(default_factory=list)
+    # Multi-component adapters (Stable Diffusion: "unet", "text_encoder", "text_encoder_2",
+    # "transformer"): module names then start with "<component>.". Empty for single models (a
+    # GPT-2 module may well start with "transformer." without being a component).
+    components: tuple[str, ...] = ()
+
+    # -- summaries ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [m.rank for m in self.modules.values()]
+
+    @property
+    def alphas(self) -> list[float]:
+        return [m.alpha for m in self.modules.values()]
+
+    @property
+    def use_dora(self) -> bool:
+        return any(m.use_dora for m in self.modules.values())
+
+    @property
+    def use_rslora(self) -> bool:
+        return any(m.use_rslora for m in self.modules.values())
+
+    @property
+    def lora_bias(self) -> bool:
+        return any(m.lora_B_bias is not None for m in self.modules.values())
+
+    @property
+    def num_params(self) -> int:
+        n = sum(m.num_params for m in self.modules.values())
+        for t in list(self.modules_to_save.values()) + list(self.extra_tensors.values()):
+            k = 1
+            for d in shape_of(t):
+                k *= d
+            n += k
+        return n
+
+    def dtypes(self) -> dict[str, int]:
+        """dtype -> number of tensors of that dtype."""
+        out: dict[str, int] = {}
+        srcs = [t for m in self.modules.values() for t in m.tensors().values()]
+        srcs += list(self.modules_to_save.values()) + list(self.extra_tensors.values())
+        for t in srcs:
+            d = dtype_of(t)
+            out[d] = out.get(d, 0) + 1
+        return out
+
+    def target_names(self) -> list[str]:
+        """Short target names (last path component), sorted: q_proj, v_proj, ..."""
+        return sorted({n.rsplit(".", 1)[-1] for n in self.modules})
+
+    def file_size(self) -> int:
+        return sum(p.stat().st_size for p in self.files if p.exists())

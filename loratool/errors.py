@@ -1,0 +1,59 @@
+"""One error hierarchy for loratool.
+
+Every error that a user can cause carries a message that names the file (or tensor, or module),
+what was found, what was expected and, where there is one, the fix. The CLI catches
+``LoratoolError`` once, prints ``loratool: error: <message>`` on one line and exits with
+``exit_code``; it never prints a traceback for these.
+
+Exit codes (stable, documented in README.md):
+  0  success
+  1  findings at error level (validate), parity failure
+  2  unreadable input or bad usage
+  3  base mismatch (manifest/fingerprint does not match the base given)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_INPUT = 2
+EXIT_BASE_MISMATCH = 3
+
+
+class LoratoolError(Exception):
+    """Base class: a problem the user can act on."""
+
+    exit_code = EXIT_INPUT
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = " ".join(str(message).split())  # always one line
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(LoratoolError):
+    """An input cannot be read: missing, truncated, corrupt, of an unknown or unsafe format."""
+
+
+class FormatError(InputError):
+    """The file is readable but its content does not follow the format it claims."""
+
+
+class UnsafeFormatError(InputError):
+    """A pickle-based checkpoint: refused, never unpickled."""
+
+
+class UsageError(LoratoolError):
+    """Bad arguments or options."""
+
+
+class BaseMismatchError(LoratoolError):
+    exit_code = EXIT_BASE_MISMATCH
+
+
+class OutputError(LoratoolError):
+    """An output cannot be written (exists, no space, permission)."""

@@ -1,0 +1,367 @@
+"""PEFT adapters: a directory with adapter_config.json and adapter_model.safetensors.
+
+Key layout written by PEFT's ``save_pretrained`` (adapter name removed):
+  base_model.model.<module>.lora_A.weight / .lora_B.weight   Linear, Conv1D, Conv2d
+  base_model.model.<module>.lora_B.bias                       lora_bias=True
+  base_model.model.<module>.lora_magnitude_vector             DoRA (older PEFT: ...vector.weight)
+  base_model.model.<module>.lora_embedding_A / _B             Embedding
+  base_model.model.<module>.weight                            modules_to_save (replacement)
+  base_model.model.<module>.base_layer.weight                 embedding layers saved beside
+                                                              (save_embedding_layers)
+A multi-component adapter (diffusers pipelines: unet + text_encoder) is a directory holding one
+PEFT directory per component; module names then carry the component as prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, shape_of
+from loratool.errors import FormatError, InputError
+from loratool.safetensors_io import (
+    PICKLE_SUFFIXES,
+    SafetensorsFile,
+    atomic_dir,
+    refuse_pickle,
+    write_safetensors,
+)
+
+NAME = "peft"
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_B.bias": "lora_B_bias",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_embedding_A": "emb_A",
+    ".lora_embedding_B": "emb_B",
+}
+
+
+def sniff_keys(keys: list[str]) -> bool:
+    return any(k.startswith(PREFIX) and (".lora_A." in k or ".lora_embedding_A" in k) for k in keys)
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """PEFT's rule (peft/utils/other.py) for rank_pattern/alpha_pattern: the first key, taken as a
+    regex, that matches the end of the module name at a dot boundary."""
+    for key in pattern_keys:
+        try:
+            if re.match(rf"(.*\.)?({key})$", key_to_match):
+                return key
+        except re.error:
+            if key_to_match == key or key_to_match.endswith("." + key):
+                return key
+    return key_to_match
+
+
+def config_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", 8))
+    return int(r), float(alpha)
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, role in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _strip_adapter_name(key: str) -> str:
+    """Tolerate files saved with the adapter name left in (``…lora_A.default.weight``)."""
+    return re.sub(r"\.(lora_A|lora_B)\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{cfg_path}: expected a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise FormatError(f"{cfg_path}: peft_type is {peft_type}, not LORA; loratool handles LoRA adapters only")
+    for field, typ in (("r", int), ("lora_alpha", (int, float))):
+        if field in config and (not isinstance(config[field], typ) or isinstance(config[field], bool) or config[field] <= 0):
+            raise FormatError(f"{cfg_path}: {field} must be a positive number, found {config[field]!r}")
+    return config
+
+
+def _weights_file(path: Path) -> Path:
+    st = path / WEIGHTS
+    if st.exists():
+        return st
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise refuse_pickle(pickles[0])
+    raise InputError(f"{path}: config without weights: {CONFIG} is here but {WEIGHTS} is missing")
+
+
+def read(path: Path, component: str = "") -> Adapter:
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not (path / CONFIG).exists():
+        subdirs = [p for p in sorted(path.iterdir()) if p.is_dir() and (p / CONFIG).exists()]
+        if subdirs:
+            return _read_multi(path, subdirs)
+        raise InputError(f"{path}: not a PEFT adapter: {CONFIG} is missing")
+    config = read_config(path)
+    weights = _weights_file(path)
+    st = SafetensorsFile(weights)
+    prefix = f"{component}." if component else ""
+
+    roles: dict[str, dict[str, TensorSource]] = {}
+    keys_of: dict[str, dict[str, str]] = {}
+    others: dict[str, TensorSource] = {}
+    for key in st.keys():
+        k = _strip_adapter_name(key)
+        k = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        split = _split_key(k)
+        if split is None:
+            others[k] = st.ref(key)
+            continue
+        module, role = split
+        roles.setdefault(module, {})[role] = st.ref(key)
+        keys_of.setdefault(module, {})[role] = key
+
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    use_rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoraModule] = {}
+    problems: list[str] = []
+    for module, parts in roles.items():
+        emb = "emb_A" in parts or "emb_B" in parts
+        a = parts.get("emb_A" if emb else "lora_A")
+        b = parts.get("emb_B" if emb else "lora_B")
+        label = f"{weights}: module {module!r}"
+        if a is None or b is None:
+            missing = "A" if a is None else "B"
+            problems.append(f"{label}: lora_{missing} is missing (only {sorted(keys_of[module].values())[0]!r})")
+            continue
+        sa, sb = shape_of(a), shape_of(b)
+        if len(sa) < 2 or len(sb) < 2:
+            problems.append(f"{label}: factors must have at least 2 dimensions, found A {list(sa)} and B {list(sb)}")
+            continue
+        if sa[0] != sb[1]:
+            problems.append(f"{label}: A/B rank mismatch: lora_A has rank {sa[0]} (shape {list(sa)}) but lora_B has {sb[1]} (shape {list(sb)})")
+            continue
+        if emb:
+            kind = LayerKind.EMBEDDING
+        elif len(sa) == 4:
+            kind = LayerKind.CONV2D
+        elif fan_in_fan_out:
+            kind = LayerKind.CONV1D
+        else:
+            kind = LayerKind.LINEAR
+        r, alpha = config_rank_alpha(config, module)
+        modules[prefix + module] = LoraModule(
+            name=prefix + module,
+            kind=kind,
+            lora_A=a,
+            lora_B=b,
+            alpha=alpha,
+            use_rslora=use_rslora,
+            magnitude=parts.get("magnitude"),
+            lora_B_bias=parts.get("lora_B_bias"),
+            source_keys=keys_of[module],
+            config_rank=r,
+            config_alpha=alpha,
+        )
+
+    mts_patterns = config.get("modules_to_save") or []
+    modules_to_save: dict[str, TensorSource] = {}
+    extra: dict[str, TensorSource] = {}
+    for k, ref in others.items():
+        k2 = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
+        mod = k2.rsplit(".", 1)[0]
+        if any(mod == p or mod.endswith("." + p) for p in mts_patterns) and ".base_layer." not in k2:
+            modules_to_save[prefix + k2] = ref
+        else:
+            extra[prefix + k2] = ref
+
+    return Adapter(
+        format=NAME,
+        modules=dict(sorted(modules.items())),
+        path=path,
+        files=[path / CONFIG, weights],
+        base_model=config.get("base_model_name_or_path"),
+        base_revision=config.get("revision"),
+        task_type=config.get("task_type"),
+        config=config,
+        metadata=dict(st.metadata),
+        modules_to_save=modules_to_save,
+        extra_tensors=extra,
+        problems=problems,
+    )
+
+
+def _read_multi(path: Path, subdirs: list[Path]) -> Adapter:
+    parts = [read(d, component=d.name) for d in subdirs]
+    first = parts[0]
+    adapter = Adapter(
+        format=NAME,
+        modules={},
+        path=path,
+        base_model=first.base_model,
+        base_revision=first.base_revision,
+        task_type=first.task_type,
+        config={"components": {d.name: p.config for d, p in zip(subdirs, parts)}},
+        metadata=first.metadata,
+        components=tuple(d.name for d in subdirs),
+    )
+    for p in parts:
+        adapter.modules.update(p.modules)
+        adapter.modules_to_save.update(p.modules_to_save)
+        adapter.extra_tensors.update(p.extra_tensors)
+        adapter.files.extend(p.files)
+        adapter.problems.extend(p.problems)
+    return adapter
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An adapter_config.json for ``modules``: the most common rank/alpha as r/lora_alpha, the rest
+    as rank_pattern/alpha_pattern keyed by full module name (PEFT's matcher anchors a pattern at a
+    dot boundary and the end of the name, so a full name matches that module only)."""
+    config: dict[str, Any] = dict(base or {})
+    ranks = {n: m.rank for n, m in modules.items()}
+    alphas = {n: m.alpha for n, m in modules.items()}
+    r = _most_common(ranks.values()) if ranks else 8
+    alpha = _most_common(alphas.values()) if alphas else 8
+    old_targets = config.get("target_modules")
+    config.update(
+        {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": _num(alpha),
+            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+            "alpha_pattern": {n: _num(v) for n, v in alphas.items() if v != alpha},
+            "use_rslora": any(m.use_rslora for m in modules.values()),
+            "use_dora": any(m.use_dora for m in modules.values()),
+            "lora_bias": any(m.lora_B_bias is not None for m in modules.values()),
+            "fan_in_fan_out": any(m.kind is LayerKind.CONV1D for m in modules.values()),
+            "base_model_name_or_path": adapter.base_model,
+            "revision": adapter.base_revision,
+            "task_type": adapter.task_type,
+            "inference_mode": True,
+        }
+    )
+    names = sorted(modules)
+    if not _targets_cover(old_targets, names):
+        config["target_modules"] = names
+    config.setdefault("bias", "none")
+    config.setdefault("lora_dropout", 0.0)
+    config.setdefault("init_lora_weights", True)
+    mts = sorted({k.rsplit(".", 1)[0] for k in adapter.modules_to_save})
+    config["modules_to_save"] = mts or config.get("modules_to_save") or None
+    return config
+
+
+def _targets_cover(targets, names: list[str]) -> bool:
+    """Whether a config's target_modules selects exactly ``names`` (PEFT's suffix rule), as far as
+    we can tell without the base: each name must be selected and every full name listed exists."""
+    if not targets or not names:
+        return False
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return False
+        try:
+            return all(re.fullmatch(targets, n) for n in names)
+        except re.error:
+            return False
+    targets = list(targets)
+    selected = all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
+    full = [t for t in targets if "." in t]
+    return selected and all(t in names for t in full)
+
+
+def peft_tensors(adapter: Adapter, modules: dict[str, LoraModule], component: str = ""):
+    strip = f"{component}." if component else ""
+
+    def key(name: str) -> str:
+        return PREFIX + (name[len(strip):] if strip and name.startswith(strip) else name)
+
+    for name, m in modules.items():
+        if m.kind is LayerKind.EMBEDDING:
+            yield key(name) + ".lora_embedding_A", m.lora_A
+            yield key(name) + ".lora_embedding_B", m.lora_B
+        else:
+            yield key(name) + ".lora_A.weight", m.lora_A
+            yield key(name) + ".lora_B.weight", m.lora_B
+        if m.lora_B_bias is not None:
+            yield key(name) + ".lora_B.bias", m.lora_B_bias
+        if m.magnitude is not None:
+            yield key(name) + ".lora_magnitude_vector", m.magnitude
+    for name, t in adapter.modules_to_save.items():
+        if not component or name.startswith(strip):
+            yield key(name), t
+    for name, t in adapter.extra_tensors.items():
+        if not component or name.startswith(strip):
+            yield key(name), t
+
+
+def components(adapter: Adapter) -> dict[str, dict[str, LoraModule]]:
+    """Group modules by component for multi-component (Stable Diffusion) adapters; "" otherwise."""
+    if not adapter.components:
+        return {"": adapter.modules}
+    groups: dict[str, dict[str, LoraModule]] = {c: {} for c in adapter.components}
+    for name, m in adapter.modules.items():
+        comp = name.split(".", 1)[0]
+        if comp not in groups:
+            raise FormatError(f"module {name!r} belongs to no component of {list(adapter.components)}")
+        groups[comp][name] = m
+    return {c: mods for c, mods in groups.items() if mods}
+
+
+def write(adapter: Adapter, out: Path, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
+    """Write a PEFT directory (atomically). Tensors keep their dtype; raw tensors are copied
+    byte for byte."""
+    groups = components(adapter)
+    base_config = adapter.config if adapter.format == NAME and "components" not in adapter.config else {}
+    md = {"format": "pt"}
+    md.update(metadata or {})
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for comp, modules in groups.items():
+            d = tmp / comp if comp else tmp
+            d.mkdir(exist_ok=True)
+            cfg_base = base_config
+            if comp and adapter.format == NAME and "components" in adapter.config:
+                cfg_base = adapter.config["components"].get(comp, {})
+            config = build_config(adapter, modules, cfg_base)
+            if comp:
+                strip = comp + "."
+                config["rank_pattern"] = {k[len(strip):]: v for k, v in config["rank_pattern"].items()}
+                config["alpha_pattern"] = {k[len(strip):]: v for k, v in config["alpha_pattern"].items()}
+                if isinstance(config.get("target_modules"), list):
+                    config["target_modules"] = [t[len(strip):] if t.startswith(strip) else t for t in config["target_modules"]]
+                if config.get("modules_to_save"):
+                    config["modules_to_save"] = [t[len(strip):] if t.startswith(strip) else t for t in config["modules_to_save"]]
+            (d / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_safetensors(d / WEIGHTS, list(peft_tensors(adapter, modules, comp)), md)
+    return out

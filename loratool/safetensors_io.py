@@ -1,0 +1,416 @@
+"""Safetensors reading and writing without trusting the file.
+
+* ``SafetensorsFile`` parses and checks the header (length, JSON, dtypes, shapes, offsets that
+  fit the file and match the byte size of each tensor) before anything else, so a truncated file
+  or a header that lies gives one clear error naming the file and the tensor. Tensors are read one
+  at a time with plain ``pread``-style reads (no mmap, so memory stays what we ask for).
+* ``write_safetensors`` streams tensors into a file whose header is planned up front; together
+  with ``atomic_path``/``atomic_dir`` the output appears at its destination only when complete.
+
+Pickle-based checkpoints (``.bin``, ``.pt``, ``.ckpt``) are recognised by their magic bytes and
+refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+from loratool.errors import FormatError, InputError, OutputError, UnsafeFormatError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+# safetensors dtype -> (itemsize in bytes, torch dtype name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+def torch_dtype(st_dtype: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, DTYPES[st_dtype][1])
+
+
+def st_dtype(dtype: "torch.dtype") -> str:
+    name = str(dtype).replace("torch.", "")
+    for key, (_, tname) in DTYPES.items():
+        if tname == name:
+            return key
+    raise FormatError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def sniff_pickle(path: Path) -> str | None:
+    """Return a reason if ``path`` looks like a pickle or a torch zip checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        return "it is a Python pickle"
+    if head == b"PK\x03\x04":
+        return "it is a PyTorch zip checkpoint (torch.save), which holds a pickle"
+    return None
+
+
+def refuse_pickle(path: Path, reason: str | None = None) -> UnsafeFormatError:
+    reason = reason or "it is a pickle-based PyTorch checkpoint"
+    return UnsafeFormatError(
+        f"{path}: refused: {reason}; loading it would run arbitrary code, so loratool never "
+        "unpickles files. Convert it to safetensors with a tool you trust "
+        "(e.g. safetensors.torch.save_file) and pass that file instead."
+    )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsFile:
+    """A checked, header-only view of a safetensors file; tensors are read on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, expected a .safetensors file")
+        reason = sniff_pickle(self.path)
+        if reason:
+            raise refuse_pickle(self.path, reason)
+        try:
+            self.size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw_len = f.read(8)
+                if len(raw_len) < 8:
+                    raise FormatError(
+                        f"{self.path}: truncated or not safetensors: {self.size} bytes, "
+                        "shorter than the 8-byte header length"
+                    )
+                (hlen,) = struct.unpack("<Q", raw_len)
+                if hlen > MAX_HEADER_BYTES:
+                    raise FormatError(
+                        f"{self.path}: corrupt safetensors header: header length field says "
+                        f"{hlen} bytes (limit {MAX_HEADER_BYTES}); not a safetensors file?"
+                    )
+                if 8 + hlen > self.size:
+                    raise FormatError(
+                        f"{self.path}: truncated: header length field says {hlen} bytes but the "
+                        f"file has only {self.size - 8} after it"
+                    )
+                raw = f.read(hlen)
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{self.path}: corrupt safetensors header: not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{self.path}: corrupt safetensors header: expected a JSON object")
+        self.header_size = hlen
+        self.data_start = 8 + hlen
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise FormatError(f"{self.path}: corrupt safetensors header: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = dict(meta)
+        self.tensors: dict[str, TensorInfo] = {}
+        data_len = self.size - self.data_start
+        for name, entry in header.items():
+            self.tensors[name] = self._check_entry(name, entry, data_len)
+
+    def _check_entry(self, name: str, entry: Any, data_len: int) -> TensorInfo:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise FormatError(f"{where}: corrupt header entry (expected an object)")
+        dtype = entry.get("dtype")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise FormatError(f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise FormatError(f"{where}: corrupt shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise FormatError(f"{where}: corrupt data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * DTYPES[dtype][0]
+        begin, end = offsets
+        if end - begin != expected:
+            raise FormatError(
+                f"{where}: header lies about its size: shape {shape} of {dtype} needs {expected} "
+                f"bytes, data_offsets give {end - begin}"
+            )
+        if end > data_len:
+            raise FormatError(
+                f"{where}: truncated: data ends at byte {end} of the data section but the file "
+                f"has only {data_len} bytes of data"
+            )
+        return TensorInfo(name, dtype, tuple(shape), self.data_start + begin, self.data_start + end)
+
+    # -- access -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def ref(self, name: str) -> "TensorRef":
+        return TensorRef(self, self.tensors[name])
+
+    def read_bytes(self, name: str) -> bytes:
+        info = self.tensors[name]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(info.start)
+                data = f.read(info.nbytes)
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read tensor {name!r}: {e.strerror or e}") from None
+        if len(data) != info.nbytes:
+            raise FormatError(f"{self.path}: truncated while reading tensor {name!r}")
+        return data
+
+    def read(self, name: str) -> "torch.Tensor":
+        import torch
+
+        info = self.tensors[name]
+        data = self.read_bytes(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor in a file: shape and dtype known from the header, data read by ``load()``."""
+
+    file: SafetensorsFile
+    info: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def load(self) -> "torch.Tensor":
+        return self.file.read(self.info.name)
+
+    def raw(self) -> bytes:
+        return self.file.read_bytes(self.info.name)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def _tensor_bytes(t: "torch.Tensor") -> bytes:
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    # view as bytes without going through numpy (bfloat16 has no numpy dtype)
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, "torch.Tensor | TensorRef"] | Iterable[tuple[str, "torch.Tensor | TensorRef"]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file, streaming one tensor at a time.
+
+    Values are torch tensors or ``TensorRef``s; a ``TensorRef`` is copied as raw bytes, never
+    decoded, so it is bit-exact whatever its dtype. The header is planned from shapes and dtypes
+    first. The file is written in place: wrap the call in ``atomic_path`` for an atomic output.
+    """
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, value in items:
+        if isinstance(value, TensorRef):
+            dtype, shape, nbytes = value.dtype, list(value.shape), value.nbytes
+        else:
+            dtype, shape = st_dtype(value.dtype), list(value.shape)
+            nbytes = value.numel() * value.element_size()
+        if name in header:
+            raise FormatError(f"{path}: duplicate tensor name {name!r}")
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, value in items:
+            data = value.raw() if isinstance(value, TensorRef) else _tensor_bytes(value)
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- atomic outputs -----------------------------------------------------------------------------
+
+class _Interrupted(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into an exception so cleanup runs (only in the main thread)."""
+
+    def handler(signum, frame):  # pragma: no cover - exercised by subprocess tests
+        raise _Interrupted()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    if dest.exists() and not overwrite:
+        raise OutputError(f"{dest}: already exists; choose another output or pass --overwrite")
+    if not dest.parent.exists():
+        raise OutputError(f"{dest.parent}: output folder does not exist")
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success only."""
+    dest = Path(dest)
+    _check_destination(dest, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        with _sigterm_raises():
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, dest)
+            _fsync_dir(dest.parent)
+    except _Interrupted:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; it becomes ``dest`` on success only.
+
+    On any failure (exception, Ctrl-C, SIGTERM) the temporary directory is removed. A kill -9
+    leaves only a hidden ``.NAME.*.tmp`` directory beside ``dest``, never a partial ``dest``.
+    """
+    dest = Path(dest)
+    _check_destination(dest, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        with _sigterm_raises():
+            yield tmp
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+                os.replace(dest, old / "x") if dest.is_dir() else os.replace(dest, old / "x")
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+    except _Interrupted:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
