@@ -1,0 +1,97 @@
+"""`inspect`: a format-neutral summary of an adapter, read from headers unless asked for spectra."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from loratool.adapter import Adapter, LoraModule, dtype_of, shape_of
+from loratool.schemas.reports import InspectReport, ModuleReport, Spectrum
+
+_METADATA_MAX = 200  # skip long metadata values (kohya's ss_tag_frequency, ss_dataset_dirs…)
+
+
+def _num_key(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def module_spectrum(m: LoraModule) -> Spectrum:
+    from loratool.lowrank import effective_rank, singular_values
+
+    import torch
+
+    from loratool.errors import FormatError
+
+    b2, a2 = m.factors_2d()
+    if not (bool(torch.isfinite(b2).all()) and bool(torch.isfinite(a2).all())):
+        raise FormatError(f"module {m.name}: factors hold NaN or Inf values, so no spectrum; run "
+                          "`loratool validate` for details")
+    s = singular_values(b2, a2, m.scale)
+    energy = s**2
+    total = float(energy.sum())
+    return Spectrum(
+        singular_values=[float(v) for v in s],
+        effective_rank_90=effective_rank(s, 0.90),
+        effective_rank_99=effective_rank(s, 0.99),
+        top_energy=float(energy[0]) / total if total > 0 and len(s) else 0.0,
+        frobenius_norm=total**0.5,
+    )
+
+
+def module_report(m: LoraModule, spectrum: bool = False) -> ModuleReport:
+    dtypes = sorted(m.dtypes())
+    return ModuleReport(
+        name=m.name,
+        kind=m.kind.value,
+        rank=m.rank,
+        alpha=m.alpha,
+        scale=m.scale,
+        a_shape=list(shape_of(m.lora_A)),
+        b_shape=list(shape_of(m.lora_B)),
+        base_shape=list(m.base_weight_shape),
+        dtype=dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
+        params=m.num_params,
+        dora=m.use_dora,
+        lora_bias=m.lora_B_bias is not None,
+        spectrum=module_spectrum(m) if spectrum else None,
+    )
+
+
+def inspect_adapter(adapter: Adapter, modules: bool = False, spectrum: bool = False) -> InspectReport:
+    """Summarise ``adapter``; per-module rows with ``modules`` (implied by ``spectrum``)."""
+    ranks = Counter(m.rank for m in adapter.modules.values())
+    alphas = Counter(m.alpha for m in adapter.modules.values())
+    scales = {m.scale for m in adapter.modules.values()}
+    kinds = Counter(m.kind.value for m in adapter.modules.values())
+    return InspectReport(
+        path=str(adapter.path),
+        format=adapter.format,
+        base_model=adapter.base_model,
+        base_revision=adapter.base_revision,
+        task_type=adapter.task_type,
+        components=list(adapter.components),
+        num_modules=len(adapter.modules),
+        targets=adapter.target_names(),
+        rank=next(iter(ranks)) if len(ranks) == 1 else None,
+        ranks={str(k): v for k, v in sorted(ranks.items())},
+        alpha=next(iter(alphas)) if len(alphas) == 1 else None,
+        alphas={_num_key(k): v for k, v in sorted(alphas.items())},
+        scale=next(iter(scales)) if len(scales) == 1 else None,
+        use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora,
+        lora_bias=adapter.lora_bias,
+        kinds=dict(sorted(kinds.items())),
+        dtypes=dict(sorted(adapter.dtypes().items())),
+        num_params=adapter.num_params,
+        file_size=adapter.file_size(),
+        modules_to_save=sorted(adapter.modules_to_save),
+        extra_tensors=sorted(adapter.extra_tensors),
+        metadata={k: v for k, v in sorted(adapter.metadata.items()) if len(v) <= _METADATA_MAX},
+        modules=[module_report(m, spectrum) for m in adapter.modules.values()] if (modules or spectrum) else None,
+    )
+
+
+def inspect_path(path: str | Path, format: str | None = None, modules: bool = False, spectrum: bool = False) -> InspectReport:
+    from loratool.formats import load_adapter
+
+    return inspect_adapter(load_adapter(path, format=format), modules=modules, spectrum=spectrum)

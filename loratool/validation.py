@@ -1,0 +1,303 @@
+"""`validate`: every finding about an adapter, each with a stable id and a severity.
+
+Check ids are stable (CI configurations may filter on them); never renumber, only add.
+
+  LT101 ab-rank-mismatch        error    lora_A and lora_B disagree on the rank
+  LT102 missing-factor          error    a module has only one of its two factors
+  LT103 config-rank-mismatch    error    the config's r/rank_pattern disagrees with the tensors
+  LT104 not-targeted            warning  weights for a module the config's target_modules skips
+  LT105 unused-pattern          warning  a rank_pattern/alpha_pattern key that matches no module
+  LT106 bad-factor-shape        error    factor dimensions that fit no layer kind
+  LT107 no-modules              error    no LoRA module at all
+  LT108 dora-magnitude-shape    error    DoRA magnitude length is not the output size
+  LT109 bias-shape              error    lora_B bias length is not the output size
+  LT201 non-finite              error    NaN or Inf values
+  LT202 zero-b                  warning  a module whose lora_B is all zero (contributes nothing)
+  LT203 never-trained           error    every lora_B is all zero: the adapter does nothing
+  LT204 exploding-norm          warning  a delta whose largest singular value is implausibly large
+  LT205 mixed-dtypes            warning  LoRA factors in more than one floating dtype
+  LT301 target-missing          error    (--base) a module has no weight in the base
+  LT302 shape-mismatch          error    (--base) the delta does not fit the base weight
+  LT303 fan-in-fan-out          error    (--base) Conv1D layout mismatch (fan_in_fan_out wrong)
+  LT304 modules-to-save-shape   error    (--base) a modules_to_save tensor does not fit
+  LT305 base-name-mismatch      warning  (--base) the adapter names another base model
+  LT306 base-dtype              info     (--base) the base's dtype differs from the adapter's
+  LT401 vllm-rank               error/info (--target vllm) rank above 512 / needs --max-lora-rank
+  LT402 vllm-dora               error    (--target vllm) DoRA is not supported by vLLM
+  LT403 vllm-lora-bias          error    (--target vllm) lora_bias is not supported by vLLM
+  LT404 vllm-modules-to-save    warning  (--target vllm) modules_to_save is loaded only for some layers
+  LT405 vllm-layer-kind         error    (--target vllm) conv layers are not supported
+  LT406 vllm-scale-patterns     error    (--target vllm) per-module scales (rank/alpha patterns) are
+                                         applied as one alpha/r by vLLM
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loratool.adapter import Adapter, LayerKind, LoraModule, dtype_of, shape_of
+from loratool.errors import EXIT_FINDINGS, EXIT_OK
+from loratool.safetensors_io import FLOAT_DTYPES
+from loratool.schemas.reports import Finding, Severity, ValidationReport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loratool.checkpoint import BaseCheckpoint
+
+CHECKS: dict[str, str] = {
+    "LT101": "ab-rank-mismatch", "LT102": "missing-factor", "LT103": "config-rank-mismatch",
+    "LT104": "not-targeted", "LT105": "unused-pattern", "LT106": "bad-factor-shape",
+    "LT107": "no-modules", "LT108": "dora-magnitude-shape", "LT109": "bias-shape",
+    "LT201": "non-finite", "LT202": "zero-b", "LT203": "never-trained", "LT204": "exploding-norm",
+    "LT205": "mixed-dtypes",
+    "LT301": "target-missing", "LT302": "shape-mismatch", "LT303": "fan-in-fan-out",
+    "LT304": "modules-to-save-shape", "LT305": "base-name-mismatch", "LT306": "base-dtype",
+    "LT401": "vllm-rank", "LT402": "vllm-dora", "LT403": "vllm-lora-bias",
+    "LT404": "vllm-modules-to-save", "LT405": "vllm-layer-kind", "LT406": "vllm-scale-patterns",
+}
+
+# vLLM's accepted values of --max-lora-rank (vllm/config/lora.py); any rank up to the chosen
+# maximum loads, padded.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+EXPLODING_SIGMA = 1e3  # largest singular value of scale·B@A above which we warn
+TARGETS = ("vllm",)
+
+
+class Findings:
+    def __init__(self, default_file: str | None = None):
+        self.items: list[Finding] = []
+        self.default_file = default_file
+
+    def add(self, check_id: str, severity: Severity, message: str, module: str | None = None,
+            file: str | None = None) -> None:
+        self.items.append(Finding(id=check_id, check=CHECKS[check_id], severity=severity,
+                                  message=" ".join(message.split()), module=module,
+                                  file=file or self.default_file))
+
+    def error(self, check_id, message, module=None, file=None):
+        self.add(check_id, Severity.ERROR, message, module, file)
+
+    def warning(self, check_id, message, module=None, file=None):
+        self.add(check_id, Severity.WARNING, message, module, file)
+
+    def info(self, check_id, message, module=None, file=None):
+        self.add(check_id, Severity.INFO, message, module, file)
+
+
+def _weights_file(adapter: Adapter) -> str | None:
+    st = [p for p in adapter.files if p.suffix == ".safetensors"]
+    return str(st[0]) if st else (str(adapter.path) if adapter.path else None)
+
+
+# -- structure and config ---------------------------------------------------------------------
+
+def _problem_id(problem: str) -> str:
+    return "LT101" if "rank mismatch" in problem else ("LT106" if "dimensions" in problem else "LT102")
+
+
+def _targeted(config: dict, name: str) -> bool | None:
+    """PEFT's rule (check_target_module_exists): a regex string must fullmatch the module name,
+    a list entry must equal it or be a dot-suffix of it. None when we cannot tell."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return None
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error:
+            return None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_structure(adapter: Adapter, f: Findings) -> None:
+    for p in adapter.problems:
+        mod = re.search(r"module '([^']+)'", p)
+        f.error(_problem_id(p), p, module=mod.group(1) if mod else None)
+    if not adapter.modules and not adapter.problems:
+        f.error("LT107", f"{adapter.path}: no LoRA modules found")
+    for m in adapter.modules.values():
+        sa, sb = shape_of(m.lora_A), shape_of(m.lora_B)
+        conv = m.kind is LayerKind.CONV2D
+        if (conv and (len(sa) != 4 or len(sb) != 4 or sb[2:] != (1, 1))) or (not conv and (len(sa) != 2 or len(sb) != 2)):
+            f.error("LT106", f"module {m.name}: factor shapes A {list(sa)} and B {list(sb)} fit no {m.kind.value} layer", m.name)
+        if m.magnitude is not None and shape_of(m.magnitude) not in ((m.out_features,), (1, m.out_features)):
+            f.error("LT108", f"module {m.name}: DoRA magnitude has shape {list(shape_of(m.magnitude))}, expected [{m.out_features}] (one per output row)", m.name)
+        if m.lora_B_bias is not None and shape_of(m.lora_B_bias) != (m.out_features,):
+            f.error("LT109", f"module {m.name}: lora_B bias has shape {list(shape_of(m.lora_B_bias))}, expected [{m.out_features}]", m.name)
+
+
+def check_config(adapter: Adapter, f: Findings) -> None:
+    config = adapter.config if adapter.format == "peft" else {}
+    if not config or "components" in config:
+        return
+    cfg_file = str(adapter.path / "adapter_config.json") if adapter.path else None
+    for m in adapter.modules.values():
+        if m.config_rank is not None and m.config_rank != m.rank:
+            f.error("LT103", f"module {m.name}: the config asks for rank {m.config_rank} (r / rank_pattern) "
+                    f"but the tensors have rank {m.rank}; PEFT will refuse to load it", m.name, cfg_file)
+        targeted = _targeted(config, m.name)
+        if targeted is False:
+            f.warning("LT104", f"module {m.name}: has weights but target_modules {config.get('target_modules')!r} "
+                      "does not select it; PEFT will ignore them", m.name, cfg_file)
+    names = list(adapter.modules)
+    from loratool.formats.peft import get_pattern_key
+
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field) or {}
+        used = {get_pattern_key(pattern.keys(), n) for n in names}
+        for key in pattern:
+            if key not in used:
+                f.warning("LT105", f"{field} key {key!r} matches no module of the adapter", file=cfg_file)
+
+
+# -- numbers ----------------------------------------------------------------------------------
+
+def check_values(adapter: Adapter, f: Findings) -> None:
+    import torch
+
+    from loratool.lowrank import singular_values
+
+    zero_b = 0
+    dtypes: set[str] = set()
+    for m in adapter.modules.values():
+        finite = True
+        for role, src in m.tensors().items():
+            dt = dtype_of(src)
+            if role in ("lora_A", "lora_B"):
+                dtypes.add(dt)
+            if dt not in FLOAT_DTYPES:
+                continue
+            t = src.load() if hasattr(src, "load") else src
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            if nan or inf:
+                finite = False
+                what = ", ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if x)
+                key = m.source_keys.get(role, role)
+                f.error("LT201", f"module {m.name}: {key} holds {what} of {t.numel()} values", m.name)
+        if not finite:
+            continue
+        b = m.B()
+        if not bool(b.any()):
+            zero_b += 1
+            f.warning("LT202", f"module {m.name}: lora_B is all zero, so the module changes nothing "
+                      "(initialised and never trained?)", m.name)
+            continue
+        b2, a2 = m.factors_2d()
+        sigma1 = float(singular_values(b2, a2, m.scale)[0])
+        if sigma1 > EXPLODING_SIGMA:
+            f.warning("LT204", f"module {m.name}: the delta's largest singular value is {sigma1:.3g} "
+                      f"(> {EXPLODING_SIGMA:g}); training may have diverged", m.name)
+    if adapter.modules and zero_b == len(adapter.modules):
+        f.error("LT203", f"{adapter.path}: every lora_B is all zero: the adapter does nothing (never trained)")
+    floats = sorted(d for d in dtypes if d in FLOAT_DTYPES)
+    if len(floats) > 1:
+        f.warning("LT205", f"LoRA factors mix dtypes {', '.join(floats)}; loaders cast them to one")
+
+
+# -- against a base ---------------------------------------------------------------------------
+
+def check_base(adapter: Adapter, base: "BaseCheckpoint", f: Findings) -> None:
+    base_dtypes: set[str] = set()
+    for m in adapter.modules.values():
+        wname = base.weight_name(m.name)
+        if wname is None:
+            f.error("LT301", f"module {m.name}: the base has no tensor {m.name}.weight", m.name, str(base.path))
+            continue
+        got = tuple(base.shape(wname))
+        base_dtypes.add(base.dtype(wname))
+        want = tuple(m.base_weight_shape)
+        if got == want:
+            continue
+        if m.kind in (LayerKind.LINEAR, LayerKind.CONV1D) and len(got) == 2 and got == want[::-1]:
+            if m.kind is LayerKind.LINEAR:
+                hint = ("the base stores it transposed (transformers Conv1D, as in GPT-2): the adapter "
+                        "needs fan_in_fan_out=True")
+            else:
+                hint = "the adapter has fan_in_fan_out=True but the base layer is a plain Linear"
+            f.error("LT303", f"module {m.name}: base weight {wname} has shape {list(got)}, the delta has "
+                    f"{list(want)}: {hint}", m.name, str(base.path))
+            continue
+        extra = ""
+        if m.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and len(got) == 2 and got[1] == want[1]:
+            extra = " (k/v projections: do the base's num_key_value_heads match the adapter's?)"
+        f.error("LT302", f"module {m.name}: shape mismatch: base weight {wname} is {list(got)}, the adapter's "
+                f"delta is {list(want)} (A {list(shape_of(m.lora_A))}, B {list(shape_of(m.lora_B))}){extra}",
+                m.name, str(base.path))
+    for name, src in adapter.modules_to_save.items():
+        if name not in base:
+            f.error("LT304", f"modules_to_save {name}: the base has no such tensor", name, str(base.path))
+        elif tuple(base.shape(name)) != shape_of(src):
+            f.error("LT304", f"modules_to_save {name}: base is {list(base.shape(name))}, the adapter's is "
+                    f"{list(shape_of(src))}", name, str(base.path))
+    base_name = base.config.get("_name_or_path") if base.config else None
+    if adapter.base_model and base_name and adapter.base_model != base_name:
+        f.warning("LT305", f"the adapter names base model {adapter.base_model!r} but {base.path} calls "
+                  f"itself {base_name!r}", file=str(base.path))
+    ad = {d for m in adapter.modules.values() for d in m.dtypes()}
+    if base_dtypes and ad and base_dtypes != ad:
+        f.info("LT306", f"base weights are {', '.join(sorted(base_dtypes))}, the adapter's factors "
+               f"{', '.join(sorted(ad))}; merges round to the base's dtype", file=str(base.path))
+
+
+# -- serving targets --------------------------------------------------------------------------
+
+def check_vllm(adapter: Adapter, f: Findings) -> None:
+    max_rank = max(adapter.ranks, default=0)
+    if max_rank > VLLM_MAX_LORA_RANKS[-1]:
+        f.error("LT401", f"rank {max_rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    elif max_rank:
+        need = next(r for r in VLLM_MAX_LORA_RANKS if r >= max_rank)
+        f.info("LT401", f"vLLM needs --max-lora-rank {need} or more for rank {max_rank}")
+    if adapter.use_dora:
+        f.error("LT402", "DoRA (lora_magnitude_vector) is not supported by vLLM; merge it into the base instead")
+    if adapter.lora_bias:
+        f.error("LT403", "lora_bias (lora_B.bias) is not supported by vLLM")
+    if adapter.modules_to_save:
+        f.warning("LT404", f"modules_to_save ({', '.join(sorted(adapter.modules_to_save))}): vLLM loads only "
+                  "embedding/lm_head replacements and only with extra-vocab support; check your model")
+    convs = [m.name for m in adapter.modules.values() if m.kind is LayerKind.CONV2D]
+    if convs:
+        f.error("LT405", f"{len(convs)} conv2d modules (e.g. {convs[0]}): vLLM supports linear and embedding LoRA only")
+    cfg = adapter.config if adapter.format == "peft" else {}
+    if cfg and "r" in cfg and "lora_alpha" in cfg:
+        from loratool.adapter import peft_scale
+
+        global_scale = peft_scale(float(cfg["lora_alpha"]), int(cfg["r"]), bool(cfg.get("use_rslora")))
+        off = [m for m in adapter.modules.values() if abs(m.scale - global_scale) > 1e-12 * max(1.0, abs(global_scale))]
+        if off:
+            f.error("LT406", f"{len(off)} modules (e.g. {off[0].name}: scale {off[0].scale:g}) have a scale other "
+                    f"than lora_alpha/r = {global_scale:g} through rank_pattern/alpha_pattern; vLLM applies one "
+                    "scale to all modules, so their outputs would be wrong (resize or re-save with uniform alpha/r)")
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def validate(path: str | Path, base: str | Path | None = None, target: str | None = None,
+             strict: bool = False, format: str | None = None) -> ValidationReport:
+    """Validate the adapter at ``path``. Unreadable input raises ``InputError`` (exit 2); every
+    other problem becomes a finding in the report."""
+    from loratool.formats import load_adapter
+
+    adapter = load_adapter(path, format=format, tolerant=True)
+    f = Findings(default_file=_weights_file(adapter))
+    check_structure(adapter, f)
+    check_config(adapter, f)
+    check_values(adapter, f)
+    if base is not None:
+        from loratool.checkpoint import BaseCheckpoint
+
+        check_base(adapter, BaseCheckpoint(base), f)
+    if target == "vllm":
+        check_vllm(adapter, f)
+    errors = sum(1 for x in f.items if x.severity is Severity.ERROR)
+    warnings = sum(1 for x in f.items if x.severity is Severity.WARNING)
+    failed = errors > 0 or (strict and warnings > 0)
+    return ValidationReport(
+        path=str(path), format=adapter.format, base=str(base) if base else None, target=target,
+        strict=strict, num_modules=len(adapter.modules), errors=errors, warnings=warnings,
+        passed=not failed, exit_code=EXIT_FINDINGS if failed else EXIT_OK, findings=f.items,
+    )
