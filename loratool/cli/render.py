@@ -24,7 +24,11 @@ def human_count(n: int) -> str:
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns, so
+    # tables are not squeezed into ellipses.
+    width = None if stream.isatty() else 200
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def print_json(model) -> None:

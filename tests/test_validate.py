@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from loratool.validation import CHECKS, validate
+
+CLEAN = ["llama_r8", "llama_r8_bf16", "llama_dora", "llama_rslora_patterns", "llama_bias",
+         "llama_embed_mts", "gpt2_conv1d"]
+
+
+@pytest.mark.parametrize("name", CLEAN)
+def test_clean_fixtures_pass(fixtures_dir, name):
+    base = "base_gpt2" if name.startswith("gpt2") else "base_llama"
+    r = validate(fixtures_dir / name, base=fixtures_dir / base, strict=True)
+    assert r.passed and r.exit_code == 0 and r.errors == 0 and r.warnings == 0, r.findings
+
+
+def test_wrong_base_names_module_and_both_shapes(cli, fixtures_dir):
+    p = cli("validate", fixtures_dir / "llama_r8", "--base", fixtures_dir / "base_llama_wrong")
+    assert p.returncode == 1
+    line = next(l for l in p.stdout.splitlines() if "model.layers.0.mlp.up_proj" in l)
+    assert "LT302" in line and "[96, 64]" in line and "[128, 64]" in line
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_conv1d_layout_mismatch(fixtures_dir, tmp_path):
+    import json as _json
+    import shutil
+
+    d = tmp_path / "no_fifo"
+    shutil.copytree(fixtures_dir / "gpt2_conv1d", d)
+    cfg = _json.loads((d / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = False
+    (d / "adapter_config.json").write_text(_json.dumps(cfg))
+    r = validate(d, base=fixtures_dir / "base_gpt2")
+    assert r.exit_code == 1
+    # c_fc is (32 -> 128): stored (32, 128) by Conv1D; only the non-square modules can tell
+    assert any(f.id == "LT303" and "fan_in_fan_out=True" in f.message for f in r.findings)
+
+
+def test_target_missing_in_base(fixtures_dir):
+    r = validate(fixtures_dir / "llama_r8", base=fixtures_dir / "base_gpt2")
+    assert r.exit_code == 1 and any(f.id == "LT301" for f in r.findings)
+
+
+def test_vllm_target(fixtures_dir):
+    ids = lambda r: {f.id for f in r.findings if f.severity.value == "error"}
+    assert ids(validate(fixtures_dir / "llama_dora", target="vllm")) == {"LT402"}
+    assert ids(validate(fixtures_dir / "llama_bias", target="vllm")) == {"LT403"}
+    assert ids(validate(fixtures_dir / "llama_rslora_patterns", target="vllm")) == {"LT406"}
+    r = validate(fixtures_dir / "llama_embed_mts", target="vllm")
+    assert r.exit_code == 0 and any(f.id == "LT404" for f in r.findings)
+    assert validate(fixtures_dir / "llama_embed_mts", target="vllm", strict=True).exit_code == 1
+    assert validate(fixtures_dir / "llama_r8", target="vllm", strict=True).exit_code == 0
+
+
+@pytest.mark.parametrize("case,check", [("nan_values", "LT201"), ("inf_values", "LT201"),
+                                        ("zero_B", "LT203"), ("rank_mismatch", "LT101"),
+                                        ("missing_B", "LT102"), ("config_rank_mismatch", "LT103")])
+def test_findings_have_stable_ids(fixtures_dir, case, check):
+    r = validate(fixtures_dir / "broken" / case)
+    assert r.exit_code == 1
+    assert check in {f.id for f in r.findings}
+    for f in r.findings:
+        assert CHECKS[f.id] == f.check
+
+
+def test_json_report(cli, fixtures_dir):
+    p = cli("validate", "--json", fixtures_dir / "broken" / "nan_values")
+    assert p.returncode == 1
+    data = json.loads(p.stdout)
+    assert data["passed"] is False and data["errors"] == 1
+    assert data["findings"][0]["id"] == "LT201" and data["findings"][0]["file"].endswith("adapter_model.safetensors")
