@@ -43,5 +43,9 @@ demo: fixtures
 test: fixtures
 	$(PY) -m pytest -q
 
+# Regenerate the JSON Schema files in schemas/ from the pydantic models (a test checks them).
+schemas: $(STAMP)
+	$(PY) -m loratool.schemas.export
+
 clean:
 	rm -rf $(VENV) $(FIX)

@@ -1,0 +1,481 @@
+"""Adapter manifests (``loratool.json``) and base enforcement.
+
+A manifest records what an adapter is (format, file digests, canonical config digest, tensors
+digest, rank/alpha/targets), which base it belongs to (``BaseFingerprint``), and how it was made
+(lineage). It lives beside the adapter (``<dir>/loratool.json``, or ``<file>.loratool.json`` for a
+single-file adapter), or inside the weights' safetensors ``__metadata__`` under
+``loratool.manifest`` (``manifest_metadata``).
+
+Commands that take an adapter and a base call ``check_base`` before they do anything else::
+
+    result = check_base(adapter_path, base, allow_mismatch=opts.allow_base_mismatch,
+                        require_manifest=opts.require_manifest)
+    entry = lineage_entry("merged", inputs=[adapter, result.base], params={...},
+                          base_mismatch=result.mismatch)
+
+Commands that write an adapter record its manifest after writing it (a file cannot hold its own
+digest; embedded manifests are built with ``files=False``)::
+
+    parent = load_manifest(src)
+    write_manifest(build_manifest(out, base_fp=parent.base if parent else None,
+                                  lineage=[*(parent.lineage if parent else []), entry]), out)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time as _time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Union
+
+from pydantic import ValidationError
+
+from loratool import __version__
+from loratool.errors import BaseMismatchError, FormatError, InputError
+from loratool.fingerprint import (
+    HashCache,
+    adapter_tensors_digest,
+    canonical_json,
+    config_digest,
+    fingerprint_base,
+    hash_files,
+    parse_hub_ref,
+)
+from loratool.schemas.manifest import (
+    SCHEMA_VERSION,
+    AdapterRecord,
+    BaseCheckResult,
+    BaseFingerprint,
+    FileDigest,
+    InputRef,
+    LineageEntry,
+    Manifest,
+    Summary,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loratool.adapter import Adapter
+    from loratool.checkpoint import BaseCheckpoint
+
+MANIFEST_FILE = "loratool.json"
+SIDECAR_SUFFIX = ".loratool.json"
+METADATA_KEY = "loratool.manifest"
+OVERRIDE_HINT = ("pass --allow-base-mismatch to use this base anyway (the mismatch is then recorded "
+                 "in the output's lineage)")
+_LIST_LIMIT = 3
+
+PathLike = Union[str, "os.PathLike[str]"]
+BaseLike = Union[str, "os.PathLike[str]", "BaseCheckpoint", BaseFingerprint]
+
+
+# -- where manifests live ---------------------------------------------------------------------------
+
+def manifest_path(adapter_path: PathLike) -> Path:
+    """``<dir>/loratool.json`` for an adapter directory (or a file inside a PEFT directory),
+    ``<file>.loratool.json`` for a single-file adapter."""
+    p = Path(adapter_path)
+    if p.is_dir():
+        return p / MANIFEST_FILE
+    if p.name == "adapter_config.json" or (p.parent / "adapter_config.json").exists():
+        return p.parent / MANIFEST_FILE
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def _weight_files(adapter_path: Path) -> list[Path]:
+    """Safetensors files that may carry an embedded manifest."""
+    if adapter_path.is_file():
+        if adapter_path.suffix == ".safetensors":
+            return [adapter_path]
+        adapter_path = adapter_path.parent
+    if not adapter_path.is_dir():
+        return []
+    return sorted(adapter_path.glob("*.safetensors")) + sorted(adapter_path.glob("*/adapter_model.safetensors"))
+
+
+def _parse(text: str, source: str) -> Manifest:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{source}: not a loratool manifest: invalid JSON ({e})") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise FormatError(f"{source}: manifest schema version {version} is newer than this loratool "
+                          f"understands ({SCHEMA_VERSION}); upgrade loratool")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        where = ".".join(str(x) for x in errors[0]["loc"]) or "(top level)"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise FormatError(f"{source}: not a valid loratool manifest: {where}: {errors[0]['msg']}{more}; "
+                          "regenerate it with `loratool manifest`") from None
+    return manifest
+
+
+def load_manifest(adapter: "PathLike | Adapter") -> Manifest | None:
+    """The adapter's manifest: ``loratool.json`` beside it, else the one embedded in its weights'
+    metadata; None when there is none."""
+    from loratool.adapter import Adapter
+
+    if isinstance(adapter, Adapter):
+        if METADATA_KEY in adapter.metadata and adapter.path is None:
+            return _parse(adapter.metadata[METADATA_KEY], "adapter metadata")
+        if adapter.path is None:
+            return None
+        adapter = adapter.path
+    path = Path(adapter)
+    sidecar = manifest_path(path)
+    if sidecar.is_file():
+        try:
+            return _parse(sidecar.read_text(encoding="utf-8"), str(sidecar))
+        except OSError as e:
+            raise InputError(f"{sidecar}: cannot read: {e.strerror or e}") from None
+    from loratool.safetensors_io import SafetensorsFile
+
+    for f in _weight_files(path):
+        meta = SafetensorsFile(f).metadata
+        if METADATA_KEY in meta:
+            return _parse(meta[METADATA_KEY], f"{f} (metadata {METADATA_KEY})")
+    return None
+
+
+def write_manifest(manifest: Manifest, adapter_path: PathLike) -> Path:
+    """Write the manifest beside the adapter, atomically (replacing an older one)."""
+    from loratool.safetensors_io import atomic_path
+
+    dest = manifest_path(adapter_path)
+    with atomic_path(dest, overwrite=True) as tmp:
+        tmp.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return dest
+
+
+def manifest_metadata(manifest: Manifest) -> dict[str, str]:
+    """For a safetensors ``__metadata__``: ``{"loratool.manifest": <compact JSON>}``."""
+    return {METADATA_KEY: manifest.model_dump_json()}
+
+
+# -- building -------------------------------------------------------------------------------------
+
+def _summary(values: Iterable[float]) -> Summary:
+    vals = sorted({int(v) if float(v).is_integer() else float(v) for v in values})
+    return Summary(min=vals[0], max=vals[-1], distinct=vals) if vals else Summary()
+
+
+def _adapter_root(adapter: "Adapter") -> Path | None:
+    if adapter.path is None:
+        return None
+    return adapter.path if adapter.path.is_dir() else adapter.path.parent
+
+
+def _as_adapter(adapter: "PathLike | Adapter") -> "Adapter":
+    from loratool.adapter import Adapter
+    from loratool.formats import load_adapter
+
+    return adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+
+
+def adapter_record(adapter: "PathLike | Adapter", files: bool = True, cache: HashCache | None = None) -> AdapterRecord:
+    """What the manifest says about the adapter itself. ``files=False`` skips file digests (for a
+    manifest that will be embedded in the file it describes)."""
+    adapter = _as_adapter(adapter)
+    digests: list[FileDigest] = []
+    root = _adapter_root(adapter)
+    if files and root is not None and adapter.files:
+        shas = hash_files(adapter.files, cache=cache)
+        digests = sorted(
+            (FileDigest(path=f.relative_to(root).as_posix(), size=f.stat().st_size, sha256=shas[f])
+             for f in adapter.files),
+            key=lambda d: d.path,
+        )
+    return AdapterRecord(
+        format=adapter.format,
+        files=digests,
+        config_digest=config_digest(adapter.config) if adapter.config else None,
+        tensors_digest=adapter_tensors_digest(adapter),
+        num_modules=len(adapter.modules),
+        num_params=adapter.num_params,
+        rank=_summary(adapter.ranks),
+        alpha=_summary(adapter.alphas),
+        targets=adapter.target_names(),
+        dtypes=dict(sorted(adapter.dtypes().items())),
+        use_dora=adapter.use_dora,
+        use_rslora=adapter.use_rslora,
+        components=list(adapter.components),
+        base_model=adapter.base_model,
+        base_revision=adapter.base_revision,
+    )
+
+
+def build_manifest(
+    adapter: "PathLike | Adapter",
+    base_fp: BaseFingerprint | None = None,
+    lineage: Iterable[LineageEntry] | None = None,
+    files: bool = True,
+    cache: HashCache | None = None,
+) -> Manifest:
+    """A manifest for ``adapter`` (an ``Adapter`` or a path), with the base's fingerprint and the
+    lineage entries given (oldest first)."""
+    return Manifest(adapter=adapter_record(adapter, files=files, cache=cache), base=base_fp,
+                    lineage=list(lineage or []))
+
+
+def _now(environ: dict[str, str] | None = None) -> str:
+    """UTC now, or ``SOURCE_DATE_EPOCH`` when set (reproducible output, as in reproducible builds)."""
+    env = os.environ if environ is None else environ
+    epoch = env.get("SOURCE_DATE_EPOCH")
+    t = int(epoch) if epoch and epoch.isdigit() else _time.time()
+    return _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(t))
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(canonical_json(obj))
+
+
+def input_ref(obj: "InputRef | Adapter | Manifest | BaseFingerprint | PathLike") -> InputRef:
+    """An operation input by digest: an adapter (object, manifest or path) or a base fingerprint."""
+    from loratool.adapter import Adapter
+
+    if isinstance(obj, InputRef):
+        return obj
+    if isinstance(obj, BaseFingerprint):
+        return InputRef(kind="base", name=obj.name, digest=obj.content or obj.structure)
+    if isinstance(obj, Manifest):
+        a = obj.adapter
+        return InputRef(kind="adapter", format=a.format, digest=a.tensors_digest, config_digest=a.config_digest)
+    adapter = obj if isinstance(obj, Adapter) else _as_adapter(obj)
+    return InputRef(
+        kind="adapter",
+        name=adapter.path.name if adapter.path else None,
+        format=adapter.format,
+        digest=adapter_tensors_digest(adapter),
+        config_digest=config_digest(adapter.config) if adapter.config else None,
+    )
+
+
+def lineage_entry(
+    operation: str,
+    inputs: Iterable[Any] = (),
+    params: dict[str, Any] | None = None,
+    base_mismatch: str | None = None,
+    time: str | None = None,
+) -> LineageEntry:
+    """One lineage step. ``operation``: created | converted | resized | composed | merged;
+    ``inputs``: adapters (objects, paths, manifests) and base fingerprints; ``params``: anything
+    JSON-able (sets and tuples become sorted/plain lists); ``base_mismatch``: the
+    ``BaseCheckResult.mismatch`` of a run with --allow-base-mismatch."""
+    return LineageEntry(
+        operation=operation,
+        inputs=[input_ref(i) for i in inputs],
+        params=_jsonable(params or {}),
+        loratool_version=__version__,
+        time=time or _now(),
+        base_mismatch=base_mismatch,
+    )
+
+
+def record_manifest(
+    adapter_path: PathLike,
+    base: BaseLike | None = None,
+    cache: HashCache | None = None,
+    refresh: bool = False,
+    api: Any = None,
+) -> tuple[Manifest, Path]:
+    """``loratool manifest``: fingerprint the base (if given), keep the lineage of an existing
+    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter."""
+    adapter = _as_adapter(adapter_path)
+    existing = load_manifest(adapter_path)
+    base_fp = _fingerprint(base, cache, True, refresh, api) if base is not None else (existing.base if existing else None)
+    lineage = existing.lineage if existing else [lineage_entry("created", inputs=[base_fp] if base_fp else [])]
+    manifest = build_manifest(adapter, base_fp=base_fp, lineage=lineage, cache=cache)
+    return manifest, write_manifest(manifest, adapter_path)
+
+
+# -- enforcement ------------------------------------------------------------------------------------
+
+def _fingerprint(base: BaseLike, cache: HashCache | None, content: bool, refresh: bool = False,
+                 api: Any = None) -> BaseFingerprint:
+    if isinstance(base, BaseFingerprint):
+        return base
+    return fingerprint_base(base, cache=cache, content=content, refresh=refresh, api=api)
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (and {len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
+    return "; ".join(items[:_LIST_LIMIT]) + more
+
+
+def _short(sha: str | None) -> str:
+    return f"{sha[:12]}…" if sha else "unknown"
+
+
+def _file_diffs(recorded: BaseFingerprint, found: BaseFingerprint, attr: str) -> list[str]:
+    """Files whose ``attr`` (sha256 or structure) differs, by path; missing and extra files."""
+    rec = {f.path: f for f in recorded.files}
+    now = {f.path: f for f in found.files}
+    out: list[str] = []
+    for path in sorted(rec.keys() & now.keys()):
+        a, b = getattr(rec[path], attr), getattr(now[path], attr)
+        if a and b and a != b:
+            if attr == "sha256":
+                out.append(f"{path} has sha256 {_short(b)}, the manifest records {_short(a)}")
+            else:
+                out.append(f"{path} holds different tensors ({now[path].num_tensors} now, "
+                           f"{rec[path].num_tensors} recorded)")
+    out += [f"{p} is recorded but missing" for p in sorted(rec.keys() - now.keys())]
+    out += [f"{p} is not in the manifest" for p in sorted(now.keys() - rec.keys())]
+    return out
+
+
+def _fit_problems(adapter: "Adapter", ckpt: "BaseCheckpoint") -> list[str]:
+    """Modules whose base tensor is missing from ``ckpt`` or has another shape."""
+    out: list[str] = []
+    for name, module in adapter.modules.items():
+        wname = ckpt.weight_name(name)
+        want = tuple(module.base_weight_shape)
+        if wname is None:
+            out.append(f"{name}.weight is missing from the base")
+        elif tuple(ckpt.shape(wname)) != want:
+            out.append(f"{wname} has shape {list(ckpt.shape(wname))}, the adapter needs {list(want)}")
+    for name, t in adapter.modules_to_save.items():
+        if name in ckpt and tuple(ckpt.shape(name)) != tuple(t.shape):
+            out.append(f"{name} has shape {list(ckpt.shape(name))}, modules_to_save holds {list(t.shape)}")
+    return out
+
+
+def _same_name(a: str, b: str) -> bool:
+    """Names as PEFT and transformers record them: Hub ids or local paths; compare the last part."""
+    def last(s: str) -> str:
+        return s.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return last(a) == last(b)
+
+
+def check_base(
+    manifest_or_adapter: "Manifest | Adapter | PathLike",
+    base: BaseLike,
+    allow_mismatch: bool = False,
+    require_manifest: bool = False,
+    cache: HashCache | None = None,
+    content: bool = True,
+    api: Any = None,
+) -> BaseCheckResult:
+    """Check that ``base`` is the base the adapter's manifest records.
+
+    Structure first (headers only), then content (per-file sha256, cached in ``cache``; skipped
+    with ``content=False``). A mismatch raises ``BaseMismatchError`` (exit 3) with one line naming
+    the files or tensors that differ, unless ``allow_mismatch``: then the result's ``mismatch``
+    says what differed, for the caller to record in lineage.
+
+    Without a manifest (or one without a base): ``require_manifest`` raises; otherwise the result
+    is "unverified", with a warning, and what can still be checked is: the adapter's modules fit
+    the base's tensor shapes (local bases), and the adapter's ``base_model_name_or_path`` against
+    the base's name (a warning only: names are often local paths, so they are weak evidence).
+    """
+    from loratool.adapter import Adapter
+    from loratool.checkpoint import BaseCheckpoint
+
+    manifest: Manifest | None
+    adapter: Adapter | None = None
+    adapter_path: Path | None = None
+    if isinstance(manifest_or_adapter, Manifest):
+        manifest = manifest_or_adapter
+    elif isinstance(manifest_or_adapter, Adapter):
+        adapter = manifest_or_adapter
+        adapter_path = adapter.path
+        manifest = load_manifest(adapter)
+    else:
+        adapter_path = Path(manifest_or_adapter)
+        manifest = load_manifest(adapter_path)
+    label = str(adapter_path) if adapter_path else "the adapter"
+
+    hub = isinstance(base, str) and parse_hub_ref(base) is not None
+    ckpt: BaseCheckpoint | None = None
+    if not hub and not isinstance(base, BaseFingerprint):
+        ckpt = base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
+    base_label = str(base) if isinstance(base, (str, os.PathLike)) else (
+        str(ckpt.path) if ckpt else (base.name or "the base"))
+
+    def load_adapter_lazily() -> Adapter | None:
+        nonlocal adapter
+        if adapter is None and adapter_path is not None:
+            from loratool.formats import load_adapter
+
+            adapter = load_adapter(adapter_path, tolerant=True)
+        return adapter
+
+    def fail(result: BaseCheckResult, what: str) -> BaseCheckResult:
+        text = f"base mismatch: {base_label} is not the base recorded for {label}: {what}"
+        if not allow_mismatch:
+            raise BaseMismatchError(f"{text}; {OVERRIDE_HINT}")
+        result.status = "mismatch"
+        result.mismatch = text
+        return result
+
+    if manifest is None or manifest.base is None:
+        why = "has no loratool manifest" if manifest is None else "has a manifest without a base fingerprint"
+        if require_manifest:
+            raise BaseMismatchError(
+                f"{label} {why}, so its base cannot be verified and --require-manifest is set; "
+                f"record one with `loratool manifest {adapter_path or 'ADAPTER'} --base BASE`"
+            )
+        result = BaseCheckResult(status="unverified", warnings=[
+            f"{label} {why}; the base is not verified by fingerprint "
+            f"(record one with `loratool manifest {adapter_path or 'ADAPTER'} --base BASE`)"])
+        if ckpt is not None or isinstance(base, BaseFingerprint):
+            result.base = _fingerprint(ckpt or base, cache, content=False)  # headers only
+        found_name = base.name if isinstance(base, BaseFingerprint) else (
+            parse_hub_ref(base)[0] if hub else ckpt.config.get("_name_or_path"))
+        declared = manifest.adapter.base_model if manifest else None
+        a = load_adapter_lazily()
+        declared = declared or (a.base_model if a else None)
+        if declared and found_name and not _same_name(declared, str(found_name)):
+            result.warnings.append(f"{label} names its base {declared!r}, but {base_label} is {found_name!r}")
+        if a is not None and ckpt is not None:
+            result.structure = "match"
+            problems = _fit_problems(a, ckpt)
+            if problems:
+                result.structure = "mismatch"
+                return fail(result, f"the adapter's modules do not fit its tensors: {_listed(problems)}")
+        return result
+
+    recorded = manifest.base
+    result = BaseCheckResult(status="unverified")
+    found = _fingerprint(ckpt or base, cache, content=hub, api=api)  # headers only for local bases
+    if recorded.structure and found.structure:
+        if recorded.structure != found.structure:
+            result.structure = "mismatch"
+            result.base = found
+            details = _file_diffs(recorded, found, "structure")
+            a = load_adapter_lazily()
+            if a is not None and ckpt is not None:
+                details = _fit_problems(a, ckpt) + details
+            counts = f"{found.num_tensors} tensors, the manifest records {recorded.num_tensors}"
+            return fail(result, f"different tensor names, shapes or dtypes ({counts})"
+                        + (f": {_listed(details)}" if details else ""))
+        result.structure = "match"
+    else:
+        result.warnings.append("structure not compared: "
+                               + ("the manifest records none" if not recorded.structure else f"unknown for {base_label}"))
+
+    if not content:
+        result.content = "skipped"
+    else:
+        if not hub and ckpt is not None:
+            found = _fingerprint(ckpt, cache, content=True)
+        if recorded.content and found.content:
+            if recorded.content != found.content:
+                result.content = "mismatch"
+                result.base = found
+                details = _file_diffs(recorded, found, "sha256")
+                what = ("same tensor names, shapes and dtypes but different values"
+                        if result.structure == "match" else "different file contents")
+                return fail(result, what + (f": {_listed(details)}" if details else ""))
+            result.content = "match"
+        else:
+            result.warnings.append("content not compared: "
+                                   + ("the manifest records none" if not recorded.content else f"unknown for {base_label}"))
+    result.base = found
+    compared = "match" in (result.structure, result.content)
+    result.status = "match" if compared else "unverified"
+    return result

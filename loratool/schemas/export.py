@@ -1,0 +1,77 @@
+"""Export the JSON Schema of loratool's models into the top-level ``schemas/`` directory.
+
+    python -m loratool.schemas.export            # regenerate schemas/*.json
+    python -m loratool.schemas.export --check    # exit 1 if a file is out of date
+
+``tests/test_schemas.py`` fails when a file is out of date. To publish a new model's schema, add
+it to ``SCHEMAS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from loratool.schemas.manifest import BaseFingerprint, Manifest
+from loratool.schemas.reports import InspectReport, ValidationReport
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "manifest.schema.json": Manifest,
+    "fingerprint.schema.json": BaseFingerprint,
+    "inspect-report.schema.json": InspectReport,
+    "validation-report.schema.json": ValidationReport,
+}
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def render() -> dict[str, str]:
+    """file name -> the exact text of its schema file."""
+    out = {}
+    for name, model in SCHEMAS.items():
+        schema = {"$schema": DIALECT, "$id": name, **model.model_json_schema()}
+        out[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def stale(directory: Path = SCHEMA_DIR) -> list[str]:
+    """Schema files that are missing or differ from what the models export."""
+    bad = []
+    for name, text in render().items():
+        path = directory / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            bad.append(name)
+    return bad
+
+
+def write(directory: Path = SCHEMA_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render().items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loratool.schemas.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=SCHEMA_DIR, help="directory (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="report out-of-date files, write nothing")
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = stale(args.out)
+        for name in bad:
+            print(f"{args.out / name}: out of date; run `python -m loratool.schemas.export`", file=sys.stderr)
+        return 1 if bad else 0
+    for path in write(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
