@@ -22,6 +22,8 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT304 modules-to-save-shape   error    (--base) a modules_to_save tensor does not fit
   LT305 base-name-mismatch      warning  (--base) the adapter names another base model
   LT306 base-dtype              info     (--base) the base's dtype differs from the adapter's
+  LT307 no-manifest             warning  (--base) no manifest records the base: checked by shape only
+  LT308 base-mismatch-allowed   warning  (--base --allow-base-mismatch) the manifest's base differs
   LT401 vllm-rank               error/info (--target vllm) rank above 512 / needs --max-lora-rank
   LT402 vllm-dora               error    (--target vllm) DoRA is not supported by vLLM
   LT403 vllm-lora-bias          error    (--target vllm) lora_bias is not supported by vLLM
@@ -53,6 +55,7 @@ CHECKS: dict[str, str] = {
     "LT205": "mixed-dtypes",
     "LT301": "target-missing", "LT302": "shape-mismatch", "LT303": "fan-in-fan-out",
     "LT304": "modules-to-save-shape", "LT305": "base-name-mismatch", "LT306": "base-dtype",
+    "LT307": "no-manifest", "LT308": "base-mismatch-allowed",
     "LT401": "vllm-rank", "LT402": "vllm-dora", "LT403": "vllm-lora-bias",
     "LT404": "vllm-modules-to-save", "LT405": "vllm-layer-kind", "LT406": "vllm-scale-patterns",
 }
@@ -276,10 +279,34 @@ def check_vllm(adapter: Adapter, f: Findings) -> None:
 
 # -- entry point ------------------------------------------------------------------------------
 
+def check_manifest(adapter: Adapter, base: "BaseCheckpoint", f: Findings, allow_mismatch: bool,
+                   require_manifest: bool) -> None:
+    """Base identity (issue 4): with a manifest, its recorded base must be this one, by structure
+    and then by content; a mismatch raises BaseMismatchError (exit 3) unless allowed. Without one,
+    the shape checks above are all we have (and PEFT's base name, LT305)."""
+    from loratool.errors import BaseMismatchError
+    from loratool.manifest import check_base as check_manifest_base
+    from loratool.manifest import load_manifest
+
+    manifest = load_manifest(adapter)
+    if manifest is None or manifest.base is None:
+        if require_manifest:
+            raise BaseMismatchError(f"{adapter.path}: no manifest records its base (--require-manifest); "
+                                    "write one with `loratool manifest ADAPTER --base BASE`")
+        f.warning("LT307", f"{adapter.path}: no manifest records the base it was trained on, so the base is "
+                  "checked by tensor shapes only; `loratool manifest ADAPTER --base BASE` pins it by content")
+        return
+    result = check_manifest_base(manifest, base, allow_mismatch=allow_mismatch)
+    if result.mismatch:
+        f.warning("LT308", f"{result.mismatch} (allowed by --allow-base-mismatch)")
+
+
 def validate(path: str | Path, base: str | Path | None = None, target: str | None = None,
-             strict: bool = False, format: str | None = None) -> ValidationReport:
-    """Validate the adapter at ``path``. Unreadable input raises ``InputError`` (exit 2); every
-    other problem becomes a finding in the report."""
+             strict: bool = False, format: str | None = None, allow_base_mismatch: bool = False,
+             require_manifest: bool = False) -> ValidationReport:
+    """Validate the adapter at ``path``. Unreadable input raises ``InputError`` (exit 2), a base
+    that its manifest does not match raises ``BaseMismatchError`` (exit 3); every other problem
+    becomes a finding in the report."""
     from loratool.formats import load_adapter
 
     adapter = load_adapter(path, format=format, tolerant=True)
@@ -290,7 +317,9 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
     if base is not None:
         from loratool.checkpoint import BaseCheckpoint
 
-        check_base(adapter, BaseCheckpoint(base), f)
+        ckpt = BaseCheckpoint(base)
+        check_base(adapter, ckpt, f)
+        check_manifest(adapter, ckpt, f, allow_base_mismatch, require_manifest)
     if target == "vllm":
         check_vllm(adapter, f)
     errors = sum(1 for x in f.items if x.severity is Severity.ERROR)

@@ -14,15 +14,22 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
               help="Override format detection.")
-def validate_cmd(adapter, base, target, strict, as_json, fmt):
+@click.option("--allow-base-mismatch", is_flag=True,
+              help="Report a base that differs from the adapter's manifest as a warning, not exit 3.")
+@click.option("--require-manifest", is_flag=True, help="With --base: a missing manifest is an error (exit 3).")
+def validate_cmd(adapter, base, target, strict, as_json, fmt, allow_base_mismatch, require_manifest):
     """Check an ADAPTER: structure, config against tensors, values, and fit to a base.
 
     Exit 0 when clean (warnings allowed unless --strict), 1 when there are findings at error
-    level, 2 when the input cannot be read or the usage is wrong.
+    level, 2 when the input cannot be read or the usage is wrong, 3 when the base is not the one
+    the adapter's manifest records.
     """
     from loratool.validation import validate
 
-    report = validate(adapter, base=base, target=target, strict=strict, format=fmt)
+    if (allow_base_mismatch or require_manifest) and not base:
+        raise click.UsageError("--allow-base-mismatch and --require-manifest need --base")
+    report = validate(adapter, base=base, target=target, strict=strict, format=fmt,
+                      allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
     if as_json:
         from loratool.cli.render import print_json
 
