@@ -87,8 +87,17 @@ def inspect_adapter(adapter: Adapter, modules: bool = False, spectrum: bool = Fa
         modules_to_save=sorted(adapter.modules_to_save),
         extra_tensors=sorted(adapter.extra_tensors),
         metadata={k: v for k, v in sorted(adapter.metadata.items()) if len(v) <= _METADATA_MAX},
-        modules=[module_report(m, spectrum) for m in adapter.modules.values()] if (modules or spectrum) else None,
+        modules=_module_reports(adapter, spectrum) if (modules or spectrum) else None,
     )
+
+
+def _module_reports(adapter: Adapter, spectrum: bool) -> list[ModuleReport]:
+    if not spectrum:
+        return [module_report(m) for m in adapter.modules.values()]
+    from loratool._threads import single_threaded
+
+    with single_threaded():
+        return [module_report(m, True) for m in adapter.modules.values()]
 
 
 def inspect_path(path: str | Path, format: str | None = None, modules: bool = False, spectrum: bool = False) -> InspectReport:

@@ -311,9 +311,12 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
 
     adapter = load_adapter(path, format=format, tolerant=True)
     f = Findings(default_file=_weights_file(adapter))
+    from loratool._threads import single_threaded
+
     check_structure(adapter, f)
     check_config(adapter, f)
-    check_values(adapter, f)
+    with single_threaded():
+        check_values(adapter, f)
     if base is not None:
         from loratool.checkpoint import BaseCheckpoint
 
