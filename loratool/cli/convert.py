@@ -1,0 +1,27 @@
+"""`loratool convert`: write an adapter in another format."""
+
+from __future__ import annotations
+
+import click
+
+FORMATS = ["peft", "kohya", "diffusers"]
+
+
+@click.command("convert")
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("--to", "to", required=True, type=click.Choice(FORMATS), help="Format to write.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Where to write: a directory (peft, diffusers) or a .safetensors file (kohya, diffusers).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Override format detection of ADAPTER.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def convert_cmd(adapter, to, out, fmt, overwrite):
+    """Convert ADAPTER (PEFT directory, kohya or diffusers file) to another format.
+
+    Tensors are copied bit for bit; alpha, ranks and kohya's ss_* metadata are kept. What the
+    target cannot hold (DoRA in kohya, an LLM adapter in kohya/diffusers) is refused with the reason.
+    """
+    from loratool.convert import convert
+
+    result = convert(adapter, to, out, format=fmt, overwrite=overwrite)
+    click.echo(result.describe())
+    return 0

@@ -1,0 +1,67 @@
+"""Convert an adapter between formats: PEFT, kohya (sd-scripts) and diffusers.
+
+Reading gives the format-neutral ``Adapter``; the target format's writer lays it out again. Factor
+tensors are copied raw, so every conversion is lossless in the tensors; what a target cannot hold
+(DoRA or modules_to_save in a kohya file, an LLM adapter in the diffusers or kohya format) is
+refused with the reason, never dropped. Metadata (kohya's ss_* training notes) travels along, and
+so does the kohya layout that dotted names cannot express (see ``formats/kohya.py``), so kohya ->
+PEFT -> kohya and kohya -> diffusers -> kohya give back the original file's keys and bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratool.errors import UsageError
+
+TARGETS = ("peft", "kohya", "diffusers")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    source: str
+    source_format: str
+    format: str
+    output: Path
+    num_modules: int
+    components: tuple[str, ...]
+
+    def describe(self) -> str:
+        comps = f" ({', '.join(self.components)})" if self.components else ""
+        return (f"wrote {self.num_modules} modules{comps} as {self.format} to {self.output} "
+                f"(from {self.source_format} {self.source})")
+
+
+def convert(
+    src: str | os.PathLike,
+    to: str,
+    out: str | os.PathLike,
+    format: str | None = None,
+    overwrite: bool = False,
+) -> ConvertResult:
+    """Read the adapter at ``src`` (format detected unless ``format`` is given) and write it to
+    ``out`` in the ``to`` format, atomically."""
+    from loratool.formats import kohya, load_adapter, write_adapter
+    from loratool.formats import peft
+
+    if to not in TARGETS:
+        raise UsageError(f"unknown target format {to!r}; choose one of: {', '.join(TARGETS)}")
+    adapter = load_adapter(src, format=format)
+    if not adapter.modules:
+        raise UsageError(f"{src}: holds no LoRA modules; nothing to convert")
+    if to == "peft":
+        # PEFT's writer keeps only the metadata it is given: pass the source's (ss_* notes, kohya
+        # layout) so that a later conversion back can restore them.
+        path = peft.write(adapter, Path(out), overwrite=overwrite, metadata=kohya.carry_metadata(adapter))
+    else:
+        path = write_adapter(adapter, out, to, overwrite=overwrite)
+    return ConvertResult(
+        source=str(src),
+        source_format=adapter.format,
+        format=to,
+        output=Path(path),
+        num_modules=len(adapter.modules),
+        components=adapter.components,
+    )

@@ -1,0 +1,329 @@
+"""diffusers LoRA files: ``pytorch_lora_weights.safetensors`` (or any one .safetensors file).
+
+Keys carry the pipeline component as prefix (``unet.``, ``text_encoder.``, ``text_encoder_2.``,
+``transformer.``) followed by the module's path in that component. Three generations exist:
+
+  PEFT-style (diffusers >= 0.22)    unet.<module>.lora_A.weight / .lora_B.weight
+                                    (+ .lora_magnitude_vector, .lora_B.bias, lora_embedding_A/B)
+  LoRACompatibleLinear (0.19-0.21)  unet.<module>.lora.down.weight / .lora.up.weight
+                                    text_encoder.<module>.lora_linear_layer.down.weight / .up.weight
+  attention processors (<= 0.18)    unet.<…>.attn1.processor.to_q_lora.down.weight / .up.weight
+                                    (to_out_lora means to_out.0 in the UNet, out_proj in CLIP;
+                                    diffusers' UNET_TO_DIFFUSERS / DIFFUSERS_OLD_TO_PEFT tables)
+
+All are read; the PEFT-style one is written.
+
+Alpha. diffusers' training scripts save no alpha: without more information its loader builds a
+``LoraConfig`` with lora_alpha = r per module (scale 1; utils/peft_utils.py ``get_peft_kwargs``).
+Since diffusers 0.34 the file may carry the LoraConfig of each component in the safetensors
+metadata: key ``lora_adapter_metadata``, a JSON object whose keys are ``<component>.<LoraConfig
+field>`` (``"unet.r"``, ``"unet.lora_alpha"``, ``"unet.alpha_pattern"``; loaders/lora_base.py
+``_pack_dict_with_prefix``); the loader strips the prefix and calls ``LoraConfig(**fields)``
+instead of guessing. A model-level save (``ModelMixin.save_lora_adapter``) has no prefixes, in
+keys or metadata. We read alpha from that metadata, else from ``<module>.alpha`` tensors where a
+converter left them, else alpha = r; and we always write the metadata (r, lora_alpha,
+rank_pattern, alpha_pattern, target_modules for every component), so diffusers applies exactly
+our scale.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LayerKind, LoraModule
+from loratool.errors import FormatError, InputError, OutputError, UsageError
+from loratool.formats import kohya, sdnames
+from loratool.formats.peft import config_rank_alpha
+from loratool.safetensors_io import SafetensorsFile, atomic_dir, atomic_path, write_safetensors
+
+NAME = "diffusers"
+WEIGHTS = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2", "prior")
+
+# suffix -> role, tried in this order (longest first where one ends another)
+_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_B.bias", "B_bias"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".lora_embedding_A", "emb_A"),
+    (".lora_embedding_B", "emb_B"),
+    (".lora_linear_layer.down.weight", "A"),
+    (".lora_linear_layer.up.weight", "B"),
+    (".lora.down.weight", "A"),
+    (".lora.up.weight", "B"),
+    ("_lora.down.weight", "A"),  # attention processors: to_q_lora.down.weight
+    ("_lora.up.weight", "B"),
+    (".alpha", "alpha"),
+)
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora.down.weight", "_lora.down.weight", ".lora_linear_layer.down.weight",
+                    ".lora_embedding_A")
+_ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "emb_A": "lora_A", "emb_B": "lora_B", "B_bias": "lora_B_bias"}
+# old attention-processor names: last word -> (UNet name, text encoder name)
+_PROCESSOR = {"to_q": ("to_q", "q_proj"), "to_k": ("to_k", "k_proj"), "to_v": ("to_v", "v_proj"),
+              "to_out": ("to_out.0", "out_proj")}
+
+
+def sniff_keys(keys: list[str]) -> bool:
+    return any(k.split(".", 1)[0] in COMPONENTS and k.endswith(_FACTOR_SUFFIXES) for k in keys)
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """key -> (component or "", module path inside it, role)."""
+    head, _, rest = key.partition(".")
+    comp, rest = (head, rest) if head in COMPONENTS and rest else ("", key)
+    for suffix, role in _SUFFIXES:
+        if rest.endswith(suffix):
+            module = rest[: -len(suffix)]
+            processor = suffix.startswith("_lora.")
+            module = module.replace(".processor.", ".")
+            if processor:
+                head_path, _, last = module.rpartition(".")
+                names = _PROCESSOR.get(last)
+                if names is None:
+                    return None
+                last = names[1] if comp.startswith("text_encoder") else names[0]
+                module = f"{head_path}.{last}" if head_path else last
+            return comp, module, role
+    return None
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    st = path / WEIGHTS
+    if st.exists():
+        return st
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    more = f" and {len(files)} other .safetensors files; pass the file" if files else ""
+    raise InputError(f"{path}: no {WEIGHTS} here{more}")
+
+
+def parse_metadata(md: dict[str, str], where: Path) -> dict[str, dict[str, Any]]:
+    """``lora_adapter_metadata`` -> {component: LoraConfig fields} ("" for unprefixed fields)."""
+    raw = md.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"{where}: metadata {METADATA_KEY!r} must be a JSON object, found {type(flat).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        comp, _, field = key.partition(".")
+        if comp in COMPONENTS and field:
+            out.setdefault(comp, {})[field] = value
+        else:
+            out.setdefault("", {})[key] = value
+    return out
+
+
+def read(path: Path) -> Adapter:
+    path = Path(path)
+    weights = _weights_file(path)
+    st = SafetensorsFile(weights)
+    configs = parse_metadata(st.metadata, weights)
+
+    roles: dict[tuple[str, str], dict[str, str]] = {}
+    problems: list[str] = []
+    for key in st.keys():
+        split = _split(key)
+        if split is None or not split[1]:
+            problems.append(f"{weights}: tensor {key!r} is not a LoRA factor (expected <component>.<module>"
+                            ".lora_A.weight / .lora_B.weight, or the older .lora.down/.lora.up names)")
+            continue
+        comp, module, role = split
+        if comp.startswith("text_encoder"):
+            module = sdnames.canonical_text_encoder_path(module)
+        slot = roles.setdefault((comp, module), {})
+        if role in slot:
+            problems.append(f"{weights}: tensors {slot[role]!r} and {key!r} are the same factor of module "
+                            f"{(comp + '.' if comp else '') + module!r}")
+            continue
+        slot[role] = key
+
+    modules: dict[str, LoraModule] = {}
+    for (comp, module), keys in sorted(roles.items()):
+        name = f"{comp}.{module}" if comp else module
+        label = f"{weights}: module {name!r}"
+        emb = "emb_A" in keys or "emb_B" in keys
+        a_key, b_key = keys.get("emb_A" if emb else "A"), keys.get("emb_B" if emb else "B")
+        if a_key is None or b_key is None:
+            missing = "lora_A" if a_key is None else "lora_B"
+            problems.append(f"{label}: {missing} is missing (only {sorted(keys.values())})")
+            continue
+        a, b = st.ref(a_key), st.ref(b_key)
+        sa, sb = a.shape, b.shape
+        if len(sa) < 2 or len(sb) < 2:
+            problems.append(f"{label}: factors must have at least 2 dimensions, found A {list(sa)} and B {list(sb)}")
+            continue
+        if sa[0] != sb[1]:
+            problems.append(f"{label}: A/B rank mismatch: lora_A has rank {sa[0]} (shape {list(sa)}) but lora_B "
+                            f"has {sb[1]} (shape {list(sb)})")
+            continue
+        cfg = configs.get(comp)
+        config_rank = config_alpha = None
+        use_rslora = False
+        if cfg:
+            config_rank, alpha = config_rank_alpha(cfg, module)
+            config_alpha = alpha
+            use_rslora = bool(cfg.get("use_rslora", False))
+        elif "alpha" in keys:
+            alpha = float(st.ref(keys["alpha"]).load().reshape(-1)[0].item())
+        else:
+            alpha = float(sa[0])  # diffusers' default: lora_alpha = r per module
+        if emb:
+            kind = LayerKind.EMBEDDING
+        elif len(sa) == 4:
+            kind = LayerKind.CONV2D
+        elif cfg and cfg.get("fan_in_fan_out"):
+            kind = LayerKind.CONV1D
+        else:
+            kind = LayerKind.LINEAR
+        source_keys = {_ROLE_NAMES.get(r, r): k for r, k in keys.items()}
+        modules[name] = LoraModule(
+            name=name,
+            kind=kind,
+            lora_A=a,
+            lora_B=b,
+            alpha=alpha,
+            use_rslora=use_rslora,
+            magnitude=st.ref(keys["magnitude"]) if "magnitude" in keys else None,
+            lora_B_bias=st.ref(keys["B_bias"]) if "B_bias" in keys else None,
+            config_rank=config_rank,
+            config_alpha=config_alpha,
+            source_keys=source_keys,
+        )
+
+    present = {comp for comp, _ in roles}
+    components = tuple(c for c in COMPONENTS if c in present)
+    if components and "" in present:
+        bare = sorted(m for c, m in roles if c == "")[0]
+        problems.append(f"{weights}: module {bare!r} has no component prefix while others have one "
+                        f"({', '.join(components)}); cannot tell which model it belongs to")
+        modules = {n: m for n, m in modules.items() if n.split(".", 1)[0] in components}
+    return Adapter(
+        format=NAME,
+        modules=dict(sorted(modules.items())),
+        path=path,
+        files=[weights],
+        config={"components": configs} if configs else {},
+        metadata=dict(st.metadata),
+        problems=problems,
+        components=components,
+    )
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def component_config(modules: dict[str, LoraModule], strip: str) -> dict[str, Any]:
+    """The LoraConfig fields diffusers needs to rebuild these modules with their exact scale:
+    the most common rank/alpha, the others as patterns keyed by full module name (PEFT anchors a
+    pattern at a dot boundary and the end of the name, so a full name matches that module only).
+
+    Text encoder names lose their leading ``text_model.``: PEFT then finds them both in a
+    transformers 4 CLIPTextModel (``text_model.encoder…``) and in a transformers 5 one, whose
+    modules are ``encoder…`` (the tensors keep ``text_model.`` in their keys; transformers maps
+    those on load)."""
+    key = sdnames.version_neutral_text_encoder_target if strip.startswith("text_encoder") else (lambda n: n)
+    ranks = {key(n[len(strip):]): m.rank for n, m in modules.items()}
+    alphas = {key(n[len(strip):]): m.alpha for n, m in modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg: dict[str, Any] = {
+        "r": r,
+        "lora_alpha": _num(alpha),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: _num(v) for n, v in alphas.items() if v != alpha},
+        "target_modules": sorted(ranks),
+    }
+    # Only fields that differ from LoraConfig's defaults, so that older PEFT versions load it too.
+    if any(m.use_rslora for m in modules.values()):
+        cfg["use_rslora"] = True
+    if any(m.use_dora for m in modules.values()):
+        cfg["use_dora"] = True
+    if any(m.lora_B_bias is not None for m in modules.values()):
+        cfg["lora_bias"] = True
+    if any(m.kind is LayerKind.CONV1D for m in modules.values()):
+        cfg["fan_in_fan_out"] = True
+    return cfg
+
+
+def check_writable(adapter: Adapter) -> None:
+    where = f"{adapter.path}: " if adapter.path else ""
+    if not adapter.components:
+        raise UsageError(f"{where}cannot write as diffusers: the adapter has no pipeline components (unet, "
+                         "text_encoder, transformer); diffusers keys start with the component each module "
+                         "belongs to, so only adapters of diffusers pipelines can be written; use --to peft")
+    unknown = [c for c in adapter.components if c not in COMPONENTS]
+    if unknown:
+        raise UsageError(f"{where}cannot write as diffusers: component {unknown[0]!r} is not a diffusers "
+                         f"LoRA component (known: {', '.join(COMPONENTS)})")
+    orphans = [n for n in adapter.modules if n.split(".", 1)[0] not in adapter.components or "." not in n]
+    if orphans:
+        raise UsageError(f"{where}cannot write as diffusers: module {orphans[0]!r} belongs to no component of "
+                         f"{list(adapter.components)}")
+    extra = list(adapter.modules_to_save) + list(adapter.extra_tensors)
+    if extra:
+        raise UsageError(f"{where}cannot write as diffusers: {len(extra)} tensors that are not LoRA factors "
+                         f"(modules_to_save/extra, e.g. {extra[0]!r}) have no place in a diffusers LoRA file")
+    rslora = {m.use_rslora for m in adapter.modules.values()}
+    if len(rslora) > 1:
+        raise UsageError(f"{where}cannot write as diffusers: some modules use rsLoRA scaling and some do not; "
+                         "one LoraConfig per component cannot say that")
+
+
+def tensors(adapter: Adapter):
+    for name, m in adapter.modules.items():
+        comp, _, path = name.partition(".")
+        if comp.startswith("text_encoder"):  # checkpoint naming (text_model.…) loads under transformers 4 and 5
+            name = f"{comp}.{sdnames.canonical_text_encoder_path(path)}"
+        if m.kind is LayerKind.EMBEDDING:
+            yield f"{name}.lora_embedding_A", m.lora_A
+            yield f"{name}.lora_embedding_B", m.lora_B
+        else:
+            yield f"{name}.lora_A.weight", m.lora_A
+            yield f"{name}.lora_B.weight", m.lora_B
+        if m.lora_B_bias is not None:
+            yield f"{name}.lora_B.bias", m.lora_B_bias
+        if m.magnitude is not None:
+            yield f"{name}.lora_magnitude_vector", m.magnitude
+
+
+def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
+    """Write ``out/pytorch_lora_weights.safetensors`` (or the file ``out`` itself when it ends in
+    .safetensors), atomically. Tensors keep their dtype; raw tensors are copied byte for byte."""
+    out = Path(out)
+    check_writable(adapter)
+    flat: dict[str, Any] = {}
+    for comp in adapter.components:
+        mods = {n: m for n, m in adapter.modules.items() if n.startswith(comp + ".")}
+        if mods:
+            for field, value in component_config(mods, comp + ".").items():
+                flat[f"{comp}.{field}"] = value
+    metadata = {"format": "pt", **kohya.carry_metadata(adapter)}
+    metadata[METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
+    items = list(tensors(adapter))
+    if out.suffix == ".safetensors":
+        if out.is_dir():
+            raise OutputError(f"{out}: is a directory; give a new file name or a directory name without .safetensors")
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            write_safetensors(tmp, items, metadata)
+    else:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            write_safetensors(tmp / WEIGHTS, items, metadata)
+    return out
+

@@ -1,0 +1,358 @@
+"""kohya / sd-scripts LoRA files: one .safetensors with underscore module names.
+
+Key layout (sd-scripts networks/lora.py, ``LoRANetwork`` / ``LoRAModule``):
+  lora_unet_<path>.lora_down.weight   A: (r, in) or (r, in, kh, kw)
+  lora_unet_<path>.lora_up.weight     B: (out, r) or (out, r, 1, 1)
+  lora_unet_<path>.alpha              scalar; scale = alpha / r; absent means alpha = r
+with ``<path>`` the module's path in the model, dots replaced by underscores, and the component
+in the prefix: ``lora_unet_`` (UNet), ``lora_te_`` (SD 1.x/2.x text encoder), ``lora_te1_`` /
+``lora_te2_`` (SDXL's two text encoders), ``lora_te3_`` (SD3's T5), ``lora_transformer_``
+(OneTrainer's name for a diffusers transformer). Training metadata (``ss_*``, ``modelspec.*``)
+lives in the safetensors ``__metadata__`` and is kept as it is.
+
+Reading maps names to dotted diffusers names (``formats/sdnames.py``); SDXL files from sd-scripts
+use the original Stability UNet names (``input_blocks_4_1_…``), which are mapped onto
+``UNet2DConditionModel`` names too. What cannot be recovered from the dotted names alone — SGM
+naming, ``lora_te1_`` without a second text encoder, the alpha dtype when it is not the factors'
+dtype, modules written without alpha — is the file's *layout*: kept in ``adapter.config`` and,
+when the adapter is written in another format, in the metadata key ``loratool.kohya_layout``
+(``carry_metadata``), so that kohya -> PEFT/diffusers -> kohya gives back the same keys and bytes.
+
+Writing follows sd-scripts: alpha is a scalar in the dtype of the saved weights (sd-scripts casts
+every tensor of the state dict to the save dtype, alpha included), unless the layout says
+otherwise or the value is not exact in that dtype (then float32, else float64: the scale never
+changes). An adapter read from a kohya file that is still there gets its alpha tensors copied raw
+when their value is unchanged. rsLoRA modules are written with alpha·sqrt(r), kohya's scale being
+alpha/r.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of
+from loratool.errors import InputError, OutputError, UsageError
+from loratool.formats import sdnames
+from loratool.safetensors_io import SafetensorsFile, TensorRef, atomic_path, torch_dtype, write_safetensors
+
+NAME = "kohya"
+LAYOUT_KEY = "loratool.kohya_layout"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+# kohya prefix -> component; lora_te1_ must be tried before lora_te_ is (it is not a prefix of it,
+# but keep the specific ones first anyway).
+PREFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te3_", "text_encoder_3"),
+    ("lora_te_", "text_encoder"),
+    ("lora_transformer_", "transformer"),
+)
+COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+_ROLES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+# Tensors of other networks that share the prefixes (LyCORIS, DoRA): named in the error.
+_FOREIGN = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon Tucker",
+            "diff": "full weight difference", "oft_": "OFT"}
+
+
+def sniff_keys(keys: list[str]) -> bool:
+    return any(k.endswith(".lora_down.weight") and k.startswith(tuple(p for p, _ in PREFIXES)) for k in keys)
+
+
+def split_prefix(lora_name: str) -> tuple[str, str, str] | None:
+    """``lora_te1_text_model_…`` -> ("lora_te1_", "text_encoder", "text_model_…")."""
+    for prefix, comp in PREFIXES:
+        if lora_name.startswith(prefix):
+            return prefix, comp, lora_name[len(prefix):]
+    return None
+
+
+def module_name(lora_name: str) -> tuple[str, bool] | None:
+    """kohya module name -> (dotted name with component, whether it used SGM UNet names)."""
+    split = split_prefix(lora_name)
+    if split is None:
+        return None
+    _, comp, rest = split
+    dotted = sdnames.from_kohya(rest)
+    sgm = False
+    if comp == "unet" and sdnames.is_sgm(dotted):
+        mapped = sdnames.sgm_to_diffusers(dotted)
+        sgm = mapped != dotted
+        dotted = mapped
+    return f"{comp}.{dotted}", sgm
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def _file(path: Path) -> Path:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise InputError(f"{path}: a kohya LoRA is one .safetensors file; found {len(files)} here, pass the file")
+        return files[0]
+    return path
+
+
+def _foreign(key: str) -> str | None:
+    rest = key.split(".", 1)[1] if "." in key else key
+    for marker, what in _FOREIGN.items():
+        if rest.startswith(marker):
+            return what
+    return None
+
+
+def read(path: Path) -> Adapter:
+    path = _file(Path(path))
+    st = SafetensorsFile(path)
+    groups: dict[str, dict[str, str]] = {}
+    problems: list[str] = []
+    for key in st.keys():
+        lora_name, _, role = key.partition(".")
+        if role not in _ROLES or split_prefix(lora_name) is None:
+            what = _foreign(key)
+            why = (f"{what} tensors are not LoRA factors; loratool reads plain LoRA (lora_down/lora_up/alpha)"
+                   if what else "not a kohya LoRA key (expected lora_unet_/lora_te…_<module>.lora_down.weight, "
+                                ".lora_up.weight or .alpha)")
+            problems.append(f"{path}: tensor {key!r}: {why}")
+            continue
+        groups.setdefault(lora_name, {})[_ROLES[role]] = key
+
+    modules: dict[str, LoraModule] = {}
+    origin: dict[str, str] = {}
+    sgm = False
+    te_prefixes: Counter[str] = Counter()
+    alpha_dtypes: Counter[str] = Counter()
+    alpha_shapes: Counter[tuple[int, ...]] = Counter()
+    mismatched_alpha_dtype = False
+    no_alpha: list[str] = []
+    for lora_name, keys in sorted(groups.items()):
+        label = f"{path}: module {lora_name!r}"
+        a_key, b_key, alpha_key = keys.get("A"), keys.get("B"), keys.get("alpha")
+        if a_key is None or b_key is None:
+            missing = "lora_down" if a_key is None else "lora_up"
+            problems.append(f"{label}: {missing}.weight is missing (only {sorted(keys.values())})")
+            continue
+        a, b = st.ref(a_key), st.ref(b_key)
+        sa, sb = a.shape, b.shape
+        if len(sa) not in (2, 4) or len(sb) != len(sa):
+            problems.append(f"{label}: lora_down {list(sa)} and lora_up {list(sb)}: expected two 2-D (Linear) "
+                            "or two 4-D (Conv2d) factors")
+            continue
+        if sa[0] != sb[1]:
+            problems.append(f"{label}: A/B rank mismatch: lora_down has rank {sa[0]} (shape {list(sa)}) but "
+                            f"lora_up has {sb[1]} (shape {list(sb)})")
+            continue
+        name, from_sgm = module_name(lora_name) or (lora_name, False)  # the prefix was checked above
+        if name in modules:
+            problems.append(f"{label}: maps to module {name!r}, like {origin[name]!r}; the file holds the same "
+                            "module twice")
+            continue
+        sgm |= from_sgm
+        if lora_name.startswith(("lora_te_", "lora_te1_")):
+            te_prefixes[split_prefix(lora_name)[0]] += 1
+        rank = sa[0]
+        if alpha_key is not None:
+            ref = st.ref(alpha_key)
+            if math.prod(ref.shape) != 1:
+                problems.append(f"{label}: alpha must be one number, found shape {list(ref.shape)}")
+                continue
+            alpha = float(ref.load().reshape(-1)[0].item())
+            alpha_dtypes[ref.dtype] += 1
+            alpha_shapes[ref.shape] += 1
+            mismatched_alpha_dtype |= ref.dtype != a.dtype
+        else:
+            alpha = float(rank)
+            no_alpha.append(name)
+        source_keys = {"lora_A": a_key, "lora_B": b_key}
+        if alpha_key is not None:
+            source_keys["alpha"] = alpha_key
+        modules[name] = LoraModule(
+            name=name,
+            kind=LayerKind.CONV2D if len(sa) == 4 else LayerKind.LINEAR,
+            lora_A=a,
+            lora_B=b,
+            alpha=alpha,
+            source_keys=source_keys,
+        )
+        origin[name] = lora_name
+
+    layout: dict[str, Any] = {}
+    if sgm:
+        layout["unet_names"] = "sgm"
+    if te_prefixes:  # the first text encoder's prefix, where the writer would not guess it
+        used = te_prefixes.most_common(1)[0][0]
+        if used != default_te_prefix(n.split(".", 1)[0] for n in modules):
+            layout["te_prefix"] = used
+    if mismatched_alpha_dtype and alpha_dtypes:
+        layout["alpha_dtype"] = alpha_dtypes.most_common(1)[0][0]
+    if alpha_shapes and alpha_shapes.most_common(1)[0][0] != ():
+        layout["alpha_shape"] = list(alpha_shapes.most_common(1)[0][0])  # e.g. [1] instead of a 0-d scalar
+    if no_alpha:
+        layout["no_alpha"] = "all" if len(no_alpha) == len(modules) else sorted(no_alpha)
+    if "format" not in st.metadata:
+        layout["no_format_metadata"] = True
+
+    present = {n.split(".", 1)[0] for n in modules}
+    return Adapter(
+        format=NAME,
+        modules=dict(sorted(modules.items())),
+        path=path,
+        files=[path],
+        config={"kohya_layout": layout},
+        metadata=dict(st.metadata),
+        problems=problems,
+        components=tuple(c for c in COMPONENT_ORDER if c in present),
+    )
+
+
+# -- layout that survives other formats ----------------------------------------------------------
+
+def layout_of(adapter: Adapter) -> dict[str, Any]:
+    """The kohya layout of an adapter: its own when read from kohya, else the one a kohya source
+    left in the metadata of the file it was converted to (``carry_metadata``), else {}."""
+    if adapter.format == NAME and "kohya_layout" in adapter.config:
+        return dict(adapter.config["kohya_layout"])
+    raw = adapter.metadata.get(LAYOUT_KEY)
+    if raw:
+        try:
+            layout = json.loads(raw)
+        except json.JSONDecodeError:
+            return {}
+        return layout if isinstance(layout, dict) else {}
+    return {}
+
+
+def carry_metadata(adapter: Adapter) -> dict[str, str]:
+    """Metadata to write when ``adapter`` goes into another format: its own (ss_* and the like),
+    without keys that describe the old file only, plus the kohya layout when there is one."""
+    md = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY)}
+    layout = layout_of(adapter)
+    if layout:
+        md[LAYOUT_KEY] = json.dumps(layout, sort_keys=True, separators=(",", ":"))
+    return md
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def default_te_prefix(components) -> str:
+    """sd-scripts: ``lora_te_`` for one text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two."""
+    return "lora_te1_" if "text_encoder_2" in set(components) else "lora_te_"
+
+
+def _refuse(adapter: Adapter, what: str) -> None:
+    where = f"{adapter.path}: " if adapter.path else ""
+    raise UsageError(f"{where}cannot write as kohya: {what}")
+
+
+def check_writable(adapter: Adapter) -> None:
+    if not adapter.components:
+        _refuse(adapter, "the adapter has no model components (unet, text_encoder); kohya keys name the "
+                         "component of each module (lora_unet_, lora_te_), so only Stable Diffusion-style "
+                         "adapters can be written; use --to peft")
+    unknown = [c for c in adapter.components if c not in COMPONENT_ORDER]
+    if unknown:
+        _refuse(adapter, f"component {unknown[0]!r} has no kohya prefix (known: {', '.join(COMPONENT_ORDER)})")
+    orphans = [n for n in adapter.modules if n.split(".", 1)[0] not in adapter.components or "." not in n]
+    if orphans:
+        _refuse(adapter, f"module {orphans[0]!r} belongs to no component of {list(adapter.components)}")
+    for m in adapter.modules.values():
+        if m.use_dora:
+            _refuse(adapter, f"module {m.name!r} is DoRA (magnitude vector); a kohya LoRA file has no place for it")
+        if m.lora_B_bias is not None:
+            _refuse(adapter, f"module {m.name!r} has a lora_B bias (lora_bias=True); a kohya LoRA file has no "
+                             "place for it")
+        if m.kind not in (LayerKind.LINEAR, LayerKind.CONV2D):
+            _refuse(adapter, f"module {m.name!r} is a {m.kind.value} layer; kohya LoRA holds Linear and Conv2d "
+                             "layers only")
+    extra = list(adapter.modules_to_save) + list(adapter.extra_tensors)
+    if extra:
+        _refuse(adapter, f"{len(extra)} tensors that are not LoRA factors (modules_to_save/extra, e.g. "
+                         f"{extra[0]!r}) have no place in a kohya file")
+
+
+def _alpha_tensor(value: float, dtype: str) -> "Any":
+    """A scalar holding exactly ``value``: in ``dtype`` if it can, else in float32/float64."""
+    import torch
+
+    for d in (dtype, "F32", "F64"):
+        try:
+            t = torch.tensor(value, dtype=torch_dtype(d))
+        except (TypeError, RuntimeError, KeyError):
+            continue
+        if float(t.item()) == value:
+            return t
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
+    """Write one kohya .safetensors file (atomically). Factors are copied raw, byte for byte."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; a kohya LoRA is one file: give a path ending in .safetensors")
+    check_writable(adapter)
+    layout = layout_of(adapter)
+    sgm = layout.get("unet_names") == "sgm"
+    te_prefix = layout.get("te_prefix") or default_te_prefix(adapter.components)
+    prefix_of = {"unet": "lora_unet_", "text_encoder": te_prefix, "text_encoder_2": "lora_te2_",
+                 "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
+    no_alpha = layout.get("no_alpha") or []
+    alpha_dtype = layout.get("alpha_dtype")
+    alpha_shape = tuple(layout.get("alpha_shape") or ())
+    up_attn = {int(n.split(".")[2]) for n in adapter.modules
+               if n.startswith("unet.up_blocks.") and ".attentions." in n}
+    if not any(".attentions." in n for n in adapter.modules if n.startswith("unet.")):
+        up_attn = None  # no attention modules at all: assume SDXL's up blocks
+
+    # Raw alpha tensors of the kohya file the adapter was read from, when it is still there.
+    source: SafetensorsFile | None = None
+    if adapter.format == NAME and adapter.path is not None and Path(adapter.path).is_file():
+        try:
+            source = SafetensorsFile(adapter.path)
+        except InputError:
+            source = None
+
+    items: list[tuple[str, TensorSource]] = []
+    written: dict[str, str] = {}
+    for name, m in adapter.modules.items():
+        comp, path = name.split(".", 1)
+        if comp == "unet" and sgm:
+            path = sdnames.diffusers_to_sgm(path, up_attn)
+        elif comp.startswith("text_encoder"):
+            path = sdnames.canonical_text_encoder_path(path)  # lora_te_text_model_…, whatever transformers made it
+        lora_name = prefix_of[comp] + sdnames.to_kohya(path)
+        if lora_name in written:
+            raise OutputError(f"{out}: modules {written[lora_name]!r} and {name!r} both become {lora_name!r} "
+                              "in kohya naming")
+        written[lora_name] = name
+        items.append((f"{lora_name}.lora_down.weight", m.lora_A))
+        items.append((f"{lora_name}.lora_up.weight", m.lora_B))
+        alpha = m.alpha * math.sqrt(m.rank) if m.use_rslora else m.alpha  # kohya's scale is alpha/r
+        if (no_alpha == "all" or name in no_alpha) and alpha == m.rank:
+            continue
+        ref = _source_alpha(source, m, alpha)
+        if ref is None:
+            ref = _alpha_tensor(alpha, alpha_dtype or dtype_of(m.lora_A)).reshape(alpha_shape)
+        items.append((f"{lora_name}.alpha", ref))
+
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY)}
+    if layout.get("no_format_metadata"):
+        metadata.pop("format", None)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        write_safetensors(tmp, sorted(items, key=lambda kv: kv[0]), metadata or None)
+    return out
+
+
+def _source_alpha(source: SafetensorsFile | None, m: LoraModule, alpha: float) -> TensorRef | None:
+    key = m.source_keys.get("alpha")
+    if source is None or key is None or key not in source:
+        return None
+    ref = source.ref(key)
+    if math.prod(ref.shape) != 1 or float(ref.load().reshape(-1)[0].item()) != alpha:
+        return None
+    return ref
+
