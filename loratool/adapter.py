@@ -255,8 +255,13 @@ class Adapter:
         return out
 
     def target_names(self) -> list[str]:
-        """Short target names (last path component), sorted: q_proj, v_proj, ..."""
-        return sorted({n.rsplit(".", 1)[-1] for n in self.modules})
+        """Short target names, sorted: q_proj, v_proj, ... (the last path component, or the last
+        two when the last is an index, as in to_out.0 or ff.net.2)."""
+        out = set()
+        for n in self.modules:
+            parts = n.split(".")
+            out.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+        return sorted(out)
 
     def file_size(self) -> int:
         return sum(p.stat().st_size for p in self.files if p.exists())
