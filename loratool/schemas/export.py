@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loratool.schemas.manifest import BaseFingerprint, Manifest
+from loratool.schemas.lowrank import ComposeReport, ResizeReport
 from loratool.schemas.reports import InspectReport, ValidationReport
 
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -24,6 +25,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "fingerprint.schema.json": BaseFingerprint,
     "inspect-report.schema.json": InspectReport,
     "validation-report.schema.json": ValidationReport,
+    "resize-report.schema.json": ResizeReport,
+    "compose-report.schema.json": ComposeReport,
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"

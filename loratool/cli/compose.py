@@ -1,0 +1,71 @@
+"""`loratool compose`."""
+
+from __future__ import annotations
+
+import click
+
+from loratool.cli.resize import rank_rule_options, warn
+
+METHOD_CHOICE = click.Choice(["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+
+
+@click.command("compose")
+@click.option("--adapters", "specs", required=True, multiple=True, metavar="PATH[:WEIGHT],...",
+              help="Adapters and weights, comma-separated (weight 1 when omitted; negative weights allowed). "
+                   "The weight is the last ':number' of an entry.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Where to write the composed adapter.")
+@click.option("--method", default="linear", show_default=True, type=METHOD_CHOICE,
+              help="linear: exact weighted sum, optimally truncated; cat: exact, rank Σrᵢ; ties, dare_linear, "
+                   "dare_ties, magnitude_prune: PEFT's delta-domain merges, then a seeded randomized SVD.")
+@click.option("--density", type=float, default=None, help="Share of entries each delta keeps (ties, dare_*, magnitude_prune).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's masks and the randomized SVD.")
+@rank_rule_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank,
+                as_json, overwrite):
+    """Combine adapters into one: Σ wᵢ·ΔWᵢ per module over the union of their targets.
+
+    The default rank is the largest input rank (linear, ties, dare_*, magnitude_prune). The output
+    has scale 1 (alpha = rank) and the inputs' common format (PEFT when they differ).
+    """
+    from loratool.compose import compose_paths, parse_adapter_specs
+    from loratool.lowrank import RankRule
+
+    parsed = parse_adapter_specs(specs)
+    options = (rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank)
+    rule = RankRule.from_options(*options) if any(v is not None for v in options) else None
+    report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite)
+    warn(report.warnings)
+    if as_json:
+        from loratool.cli.render import print_json
+
+        print_json(report)
+    else:
+        render(report)
+    return 0
+
+
+def render(r) -> None:
+    from rich.table import Table
+
+    from loratool.cli.render import console, fmt_num, human_count
+
+    con = console()
+    it = Table(header_style="bold")
+    for col in ("#", "adapter", "weight", "format", "modules", "ranks"):
+        it.add_column(col, justify="right" if col in ("#", "weight", "modules") else "left")
+    for i, a in enumerate(r.inputs):
+        it.add_row(str(i), a.path, fmt_num(a.weight), a.format, str(a.num_modules), ", ".join(map(str, a.ranks)))
+    con.print(it)
+    t = Table(header_style="bold")
+    for col in ("module", "kind", "inputs", "ranks in", "rank", "energy kept", "rel. error"):
+        t.add_column(col, no_wrap=(col == "module"), justify="left" if col in ("module", "kind") else "right")
+    for m in r.modules:
+        t.add_row(m.name, m.kind, ",".join(map(str, m.inputs)), "+".join(map(str, m.input_ranks)), str(m.new_rank),
+                  "-" if m.energy_kept is None else f"{m.energy_kept:.4%}", f"{m.relative_error:.3e}")
+    con.print(t)
+    extra = f", density {fmt_num(r.density)}, seed {r.seed}" if r.density is not None else ""
+    con.print(f"{r.method}{extra} ({r.rule or 'every component'}): {r.num_modules} modules, "
+              f"{human_count(r.num_params)} parameters, max relative error {r.max_relative_error:.3e}; "
+              f"wrote {r.output} ({r.format})")

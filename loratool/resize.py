@@ -1,0 +1,127 @@
+"""Resize an adapter: optimal rank truncation of every module, computed on the r×r core.
+
+Each module's delta scale·B@A is decomposed with ``lowrank.core_svd`` (QR of the factors, SVD of
+the r×r core, float64) and cut to the rank a ``RankRule`` picks; by Eckart–Young that is the best
+rank-k approximation, and its error follows from the singular values alone.
+
+Alpha policy: the module's alpha is kept and the new scale is PEFT's for the new rank
+(alpha/k, or alpha/√k with rsLoRA); the factors carry the rest, √(σ/scale) in each. So a PEFT
+config changes only in rank_pattern (lora_alpha stays what the user chose), a kohya file keeps its
+``.alpha`` values, and ``LoraModule.delta()`` of the output is the truncated delta whatever the
+reader. A ``lora_B.bias`` (PEFT lora_bias) is multiplied by scale_old/scale_new so that its
+contribution, scale·bias, is unchanged. DoRA: the low-rank part is truncated and the magnitude
+vector kept as it is.
+
+Modules the rule would keep whole (and modules asked for a rank above their own, with a warning)
+are left untouched: their tensors are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+from loratool.adapter import Adapter, LoraModule, dtype_of, load_tensor, peft_scale, shape_of
+from loratool.lowrank import (
+    RankRule,
+    core_svd,
+    energy_kept,
+    numerical_rank,
+    single_thread,
+    split_factors,
+    truncation_error,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loratool.schemas.lowrank import ModuleResize, ResizeReport
+
+ALPHA_POLICY = ("alpha kept; scale = alpha/new_rank (alpha/sqrt(new_rank) with rsLoRA); singular values "
+                "split evenly between the factors as sqrt(sigma/scale)")
+
+
+def resize_module(m: LoraModule, rule: RankRule) -> tuple[LoraModule, "ModuleResize", str | None, float]:
+    """Truncate one module. Returns (new module, its report row, a warning or None, ‖ΔW‖²_F)."""
+    import torch
+
+    from loratool.safetensors_io import torch_dtype
+    from loratool.schemas.lowrank import ModuleResize
+
+    r = m.rank
+    b2, a2 = m.factors_2d()
+    U, S, Vh = core_svd(b2, a2, m.scale)
+    shape = (b2.shape[0], a2.shape[1])
+    n = numerical_rank(S, shape)
+    total = float((S ** 2).sum())
+    warning = None
+    k = rule.choose(S, shape)
+    row = dict(name=m.name, kind=m.kind.value, old_rank=r, old_alpha=m.alpha, singular_values=n)
+    if rule.rank is not None and k > r:
+        warning = f"module {m.name!r}: asked rank {k} is above its rank {r}; left as it is"
+        return m, ModuleResize(**row, new_rank=r, new_alpha=m.alpha, energy_kept=1.0, relative_error=0.0,
+                               status="kept"), warning, total
+    k = min(k, r)
+    if k >= r:
+        return m, ModuleResize(**row, new_rank=r, new_alpha=m.alpha, energy_kept=1.0, relative_error=0.0,
+                               status="unchanged"), None, total
+
+    new_scale = peft_scale(m.alpha, k, m.use_rslora)
+    B, A = split_factors(U, S, Vh, k, new_scale)
+    a_shape, b_shape = shape_of(m.lora_A), shape_of(m.lora_B)
+    A = A.reshape(k, *a_shape[1:]).to(torch_dtype(dtype_of(m.lora_A))).contiguous()
+    B = B.reshape(b_shape[0], k, *b_shape[2:]).to(torch_dtype(dtype_of(m.lora_B))).contiguous()
+    bias = m.lora_B_bias
+    if bias is not None:
+        t = load_tensor(bias)
+        bias = (t.to(torch.float64) * (m.scale / new_scale)).to(t.dtype)
+    new = dataclasses.replace(m, lora_A=A, lora_B=B, lora_B_bias=bias, config_rank=k, config_alpha=m.alpha,
+                              source_keys={})
+    report = ModuleResize(**row, new_rank=k, new_alpha=m.alpha, energy_kept=energy_kept(S, k),
+                          relative_error=truncation_error(S, k), status="resized")
+    return new, report, warning, total
+
+
+def resize_adapter(adapter: Adapter, rule: RankRule) -> tuple[Adapter, "ResizeReport"]:
+    """Resize every module of ``adapter`` (no I/O beyond reading its tensors)."""
+    from loratool.schemas.lowrank import ResizeReport
+
+    modules: dict[str, LoraModule] = {}
+    rows, warnings = [], []
+    total = kept = 0.0
+    for name, m in adapter.modules.items():
+        with single_thread():
+            new, row, warning, energy = resize_module(m, rule)
+        modules[name] = new
+        rows.append(row)
+        if warning:
+            warnings.append(warning)
+        total += energy
+        kept += energy * row.energy_kept
+    out = dataclasses.replace(adapter, modules=modules, files=[], problems=[])
+    report = ResizeReport(
+        input=str(adapter.path) if adapter.path else "",
+        format=adapter.format,
+        rule=rule.describe(),
+        alpha_policy=ALPHA_POLICY,
+        num_modules=len(rows),
+        num_resized=sum(r.status == "resized" for r in rows),
+        old_params=adapter.num_params,
+        new_params=out.num_params,
+        energy_kept=1.0 if total == 0 else kept / total,
+        max_relative_error=max((r.relative_error for r in rows), default=0.0),
+        modules=rows,
+        warnings=warnings,
+    )
+    return out, report
+
+
+def resize_path(path: str | os.PathLike, out: str | os.PathLike, rule: RankRule, format: str | None = None,
+                overwrite: bool = False) -> "ResizeReport":
+    """Read the adapter at ``path``, resize it, write it to ``out`` in the same format."""
+    from loratool.formats import load_adapter, write_adapter
+
+    adapter = load_adapter(path, format=format)
+    resized, report = resize_adapter(adapter, rule)
+    write_adapter(resized, out, adapter.format, overwrite=overwrite)
+    report.output = str(out)
+    return report

@@ -1,0 +1,177 @@
+"""loratool.lowrank: QR-core SVD, rank rules, randomized SVD and PEFT's delta merges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loratool.errors import UsageError
+from loratool.lowrank import (
+    RankRule,
+    core_svd,
+    effective_rank,
+    energy_kept,
+    merge_deltas,
+    numerical_rank,
+    randomized_svd,
+    singular_values,
+    split_factors,
+    stack_factors,
+    truncation_error,
+)
+
+
+def factors(d=37, k=23, r=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, r, generator=g, dtype=dtype), torch.randn(r, k, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(37, 23, 6), (5, 40, 8), (40, 5, 8), (64, 64, 16)])
+@pytest.mark.parametrize("scale", [1.0, 0.37, -2.0])
+def test_core_svd_is_the_svd_of_the_delta(shape, scale):
+    d, k, r = shape
+    B, A = factors(d, k, r)
+    M = (B.double() @ A.double()) * scale
+    U, S, Vh = core_svd(B, A, scale)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float64
+    p = min(d, k, r)
+    assert U.shape == (d, p) and S.shape == (p,) and Vh.shape == (p, k)
+    Sd = torch.linalg.svdvals(M)
+    torch.testing.assert_close(S, Sd[:p], rtol=1e-10, atol=1e-12)
+    assert float(Sd[p:].sum()) < 1e-10 * float(Sd[0])
+    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(U.T @ U, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(singular_values(B, A, scale), S, rtol=1e-10, atol=1e-12)
+
+
+def test_core_svd_signs_are_deterministic():
+    B, A = factors()
+    U, S, Vh = core_svd(B, A)
+    idx = U.abs().argmax(dim=0)
+    assert bool((U[idx, torch.arange(U.shape[1])] > 0).all())
+    # the same delta from other factors (B·T, T⁻¹·A) gives the same U and Vh
+    T = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    U2, S2, Vh2 = core_svd(B.double() @ T, T.T @ A.double())
+    torch.testing.assert_close(U2, U, rtol=0, atol=1e-10)
+    torch.testing.assert_close(Vh2, Vh, rtol=0, atol=1e-10)
+
+
+def test_rank_deficient_and_zero_modules():
+    B, A = factors(r=8)
+    B[:, 3:] = B[:, [0, 1, 2, 0, 1]] * 2.0  # dependent columns: rank(B) = 3
+    U, S, Vh = core_svd(B, A)
+    M = B.double() @ A.double()
+    assert numerical_rank(S, M.shape) == 3 == int(torch.linalg.matrix_rank(M))
+    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-10, atol=1e-10)
+    assert RankRule(energy=1.0).choose(S, M.shape) == 3
+    assert RankRule(sv_ratio=1e6).choose(S, M.shape) == 3
+    assert truncation_error(S, 3) < 1e-12
+
+    Z = torch.zeros(20, 4), torch.zeros(4, 9)
+    U, S, Vh = core_svd(*Z)
+    assert bool((S == 0).all()) and not U.isnan().any() and not Vh.isnan().any()
+    assert numerical_rank(S) == 0 and effective_rank(S, 0.9) == 0
+    assert RankRule(energy=0.9).choose(S) == 1  # min_rank: a module keeps rank 1 (zero factors)
+    assert truncation_error(S, 1) == 0.0 and energy_kept(S, 1) == 1.0
+    Bk, Ak = split_factors(U, S, Vh, 1)
+    assert bool((Bk == 0).all()) and bool((Ak == 0).all())
+
+
+def test_stacked_factors_give_the_weighted_sum():
+    (B1, A1), (B2, A2) = factors(r=4, seed=1), factors(r=7, seed=2)
+    B, A = stack_factors([(0.7 * 2.0, B1, A1), (-0.3 * 0.5, B2, A2)])
+    M = 1.4 * B1.double() @ A1.double() - 0.15 * B2.double() @ A2.double()
+    torch.testing.assert_close(B @ A, M, rtol=1e-12, atol=1e-12)
+    U, S, Vh = core_svd(B, A)
+    for k in (1, 5, 11):
+        Bk, Ak = split_factors(U, S, Vh, k, scale=0.25)
+        # optimal error from the singular values == the error of the factors == full SVD of the delta
+        Sd = torch.linalg.svdvals(M)
+        opt = math.sqrt(float((Sd[k:] ** 2).sum() / (Sd ** 2).sum()))
+        assert truncation_error(S, k) == pytest.approx(opt, rel=1e-9, abs=1e-12)
+        assert float(torch.linalg.norm(M - 0.25 * Bk @ Ak) / torch.linalg.norm(M)) == pytest.approx(opt, rel=1e-9, abs=1e-12)
+        # balanced split: the columns of B and rows of A have equal norms
+        torch.testing.assert_close(Bk.norm(dim=0), Ak.norm(dim=1), rtol=1e-10, atol=1e-12)
+
+
+def test_rank_rules():
+    S = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    e = S ** 2 / (S ** 2).sum()  # cumulative: 0.7507, 0.9384, 0.9853, 0.9971, 1
+    assert RankRule(rank=3).choose(S) == 3
+    assert RankRule(rank=9).choose(S) == 9  # not capped here; callers decide
+    assert RankRule(energy=0.75).choose(S) == 1
+    assert RankRule(energy=0.9).choose(S) == 2
+    assert RankRule(energy=float(e[:3].sum())).choose(S) == 3  # exactly at a boundary: keep 3
+    assert RankRule(energy=1.0).choose(S) == 5  # never the zero component
+    assert RankRule(sv_ratio=4).choose(S) == 3  # σ ≥ 8/4 = 2, inclusive: 8, 4, 2
+    assert RankRule(sv_ratio=3.9).choose(S) == 2
+    assert RankRule(sv_ratio=1).choose(S) == 1
+    # Σσ = 15.5; cumulative shares 0.516, 0.774, 0.903, 0.968, 1
+    assert RankRule(sv_cumulative=8 / 15.5).choose(S) == 1
+    assert RankRule(sv_cumulative=0.8).choose(S) == 3
+    assert RankRule(sv_cumulative=1.0).choose(S) == 5
+    assert RankRule(energy=0.5, min_rank=2).choose(S) == 2
+    assert RankRule(energy=1.0, max_rank=2).choose(S) == 2
+
+
+def test_rank_rule_options_collect_every_problem():
+    with pytest.raises(UsageError) as e:
+        RankRule.from_options(rank=0, energy=1.5, min_rank=4, max_rank=2)
+    msg = str(e.value)
+    assert "give one rank rule" in msg and "--rank must be at least 1" in msg and "--energy must be in (0, 1]" in msg
+    assert "--min-rank 4 is above --max-rank 2" in msg and "\n" not in msg
+    with pytest.raises(UsageError, match="give a rank rule"):
+        RankRule.from_options()
+    assert RankRule.from_options(default_rank=16) == RankRule(rank=16)
+    assert RankRule.from_options(energy=0.9, max_rank=8).describe() == "energy 0.9, max rank 8"
+
+
+def test_randomized_svd_matches_the_top_of_the_spectrum():
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 300, 200, 10
+    # decaying spectrum plus noise, like a pruned sum of low-rank deltas
+    U0 = torch.linalg.qr(torch.randn(m, 40, generator=g, dtype=torch.float64))[0]
+    V0 = torch.linalg.qr(torch.randn(n, 40, generator=g, dtype=torch.float64))[0]
+    M = (U0 * (0.8 ** torch.arange(40, dtype=torch.float64))) @ V0.T
+    M += 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    U, S, Vh = randomized_svd(M, k, generator=torch.Generator().manual_seed(1))
+    Sx = torch.linalg.svdvals(M)
+    torch.testing.assert_close(S, Sx[:k], rtol=1e-6, atol=0)
+    err = float(torch.linalg.norm(M - (U * S) @ Vh))
+    opt = float(torch.sqrt((Sx[k:] ** 2).sum()))
+    assert err == pytest.approx(opt, rel=1e-6)
+    # the projection identity the compose report relies on
+    assert err ** 2 == pytest.approx(float((M ** 2).sum() - (S ** 2).sum()), rel=1e-6)
+    # seeded: identical bits
+    U2, S2, Vh2 = randomized_svd(M, k, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(U, U2) and torch.equal(S, S2) and torch.equal(Vh, Vh2)
+
+
+def test_randomized_svd_falls_back_to_the_exact_svd_on_small_matrices():
+    M = torch.randn(30, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    U, S, Vh = randomized_svd(M, 20)
+    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_merge_deltas_match_peft(method, density):
+    from peft.utils import merge_utils
+
+    g = torch.Generator().manual_seed(7)
+    deltas = [torch.randn(12, 9, generator=g) for _ in range(3)]
+    weights = [0.7, -0.2, 0.5]
+    w = torch.tensor(weights)
+    # DARE draws its masks from the global RNG in PEFT; with generator=None so do we
+    torch.manual_seed(11)
+    if method in ("ties", "dare_ties"):
+        expected = getattr(merge_utils, method)(deltas, w, density, "total")
+    else:
+        expected = getattr(merge_utils, method)(deltas, w, density)
+    torch.manual_seed(11)
+    got = merge_deltas(deltas, weights, method, density)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
