@@ -34,8 +34,13 @@ demo: fixtures
 	$(LT) validate $(FIX)/llama_r8 --base $(FIX)/base_llama
 	@echo "== validate a broken adapter (expected to fail with one line) =="
 	-$(LT) validate $(FIX)/broken/nan_values
-	@echo "== convert kohya -> peft -> kohya =="
 	rm -rf $(FIX)/demo_out && mkdir -p $(FIX)/demo_out
+	@echo "== resize: keep 99% of each module's energy =="
+	$(LT) resize $(FIX)/llama_r8 --energy 0.99 -o $(FIX)/demo_out/llama_e99 | tail -5
+	@echo "== compose 0.7/0.3, optimally truncated to rank 8 =="
+	$(LT) compose --adapters $(FIX)/llama_r8:0.7,$(FIX)/llama_rslora_patterns:0.3 --rank 8 -o $(FIX)/demo_out/composed | tail -5
+	$(LT) validate $(FIX)/demo_out/composed --base $(FIX)/base_llama
+	@echo "== convert kohya -> peft -> kohya =="
 	$(LT) convert $(FIX)/kohya_sd.safetensors --to peft -o $(FIX)/demo_out/kohya_as_peft
 	$(LT) convert $(FIX)/demo_out/kohya_as_peft --to kohya -o $(FIX)/demo_out/roundtrip.safetensors
 	$(LT) inspect $(FIX)/demo_out/roundtrip.safetensors

@@ -344,8 +344,15 @@ def compose_paths(specs: Sequence[tuple[str, float]], out: str | os.PathLike, me
     """Read the adapters of ``specs`` ((path, weight) pairs), compose them, write ``out``."""
     from loratool.formats import load_adapter, write_adapter
 
+    from loratool.manifest import finish_output, stamp_adapter
+    from loratool.resize import _rule_params
+
     adapters = [load_adapter(p) for p, _ in specs]
     composed, report = compose_adapters(adapters, [w for _, w in specs], method, rule, density, seed)
+    params = {"method": method, "weights": [w for _, w in specs], "density": density, "seed": seed,
+              "rule": _rule_params(rule) if rule is not None else None}
+    manifest = stamp_adapter(composed, "composed", adapters, params)
     write_adapter(composed, out, composed.format, overwrite=overwrite)
+    finish_output(manifest, out)
     report.output = str(out)
     return report

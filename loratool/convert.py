@@ -51,12 +51,16 @@ def convert(
     adapter = load_adapter(src, format=format)
     if not adapter.modules:
         raise UsageError(f"{src}: holds no LoRA modules; nothing to convert")
+    from loratool.manifest import finish_output, stamp_adapter
+
+    manifest = stamp_adapter(adapter, "converted", [adapter], {"from": adapter.format, "to": to})
     if to == "peft":
         # PEFT's writer keeps only the metadata it is given: pass the source's (ss_* notes, kohya
         # layout) so that a later conversion back can restore them.
         path = peft.write(adapter, Path(out), overwrite=overwrite, metadata=kohya.carry_metadata(adapter))
     else:
         path = write_adapter(adapter, out, to, overwrite=overwrite)
+    finish_output(manifest, path)
     return ConvertResult(
         source=str(src),
         source_format=adapter.format,

@@ -479,3 +479,38 @@ def check_base(
     compared = "match" in (result.structure, result.content)
     result.status = "match" if compared else "unverified"
     return result
+
+
+# -- outputs ------------------------------------------------------------------------------------
+# Every adapter that loratool writes (convert, resize, compose) carries a manifest: embedded in
+# its safetensors __metadata__ (written with the file, so never out of step) and as loratool.json
+# beside it (with the digests of the files, which a file cannot hold about itself).
+
+def stamp_adapter(
+    adapter: "Adapter",
+    operation: str,
+    inputs: "Iterable[Adapter]",
+    params: dict[str, Any] | None = None,
+    base_mismatch: str | None = None,
+) -> Manifest:
+    """Before writing ``adapter``: build its manifest (base: the one the inputs' manifests agree
+    on; lineage: the first input's lineage plus this step) and put it in ``adapter.metadata``."""
+    inputs = list(inputs)
+    parents = [load_manifest(a) for a in inputs]
+    bases = {}
+    for p in parents:
+        if p is not None and p.base is not None:
+            bases[p.base.content or p.base.structure] = p.base
+    base_fp = next(iter(bases.values())) if len(bases) == 1 else None
+    first = parents[0] if parents else None
+    lineage = list(first.lineage) if first is not None else []
+    lineage.append(lineage_entry(operation, inputs=inputs, params=params, base_mismatch=base_mismatch))
+    manifest = build_manifest(adapter, base_fp=base_fp, lineage=lineage, files=False)
+    adapter.metadata = {**adapter.metadata, **manifest_metadata(manifest)}
+    return manifest
+
+
+def finish_output(manifest: Manifest, out_path: PathLike) -> Path:
+    """After writing: ``loratool.json`` beside the output, with its file digests."""
+    final = build_manifest(out_path, base_fp=manifest.base, lineage=manifest.lineage)
+    return write_manifest(final, out_path)

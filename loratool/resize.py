@@ -120,8 +120,20 @@ def resize_path(path: str | os.PathLike, out: str | os.PathLike, rule: RankRule,
     """Read the adapter at ``path``, resize it, write it to ``out`` in the same format."""
     from loratool.formats import load_adapter, write_adapter
 
+    from loratool.manifest import finish_output, stamp_adapter
+
     adapter = load_adapter(path, format=format)
     resized, report = resize_adapter(adapter, rule)
+    manifest = stamp_adapter(resized, "resized", [adapter], {"rule": _rule_params(rule)})
     write_adapter(resized, out, adapter.format, overwrite=overwrite)
+    finish_output(manifest, out)
     report.output = str(out)
     return report
+
+
+def _rule_params(rule) -> dict:
+    import dataclasses
+
+    if dataclasses.is_dataclass(rule):
+        return dataclasses.asdict(rule)
+    return {k: v for k, v in vars(rule).items() if not k.startswith("_")}

@@ -345,6 +345,8 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False, metadata: dict[s
     groups = components(adapter)
     base_config = adapter.config if adapter.format == NAME and "components" not in adapter.config else {}
     md = {"format": "pt"}
+    if "loratool.manifest" in adapter.metadata:  # the output's own manifest (loratool.manifest)
+        md["loratool.manifest"] = adapter.metadata["loratool.manifest"]
     md.update(metadata or {})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for comp, modules in groups.items():
