@@ -1,0 +1,566 @@
+"""The local adapter registry: a content-addressed blob store with a SQLite index.
+
+An adapter is stored as blobs (one per file: config, weights, ``loratool.json``) plus a *tree*
+blob, the canonical JSON listing its files and their blobs; the sha256 of the tree is the
+adapter's digest, so the same content is stored once and has one digest whatever its name.
+Names carry versions 1, 2, … and movable tags (``prod``); moving a tag to an older version is a
+rollback.
+
+Order of writes (crash safety): blobs first (each complete before it is renamed into place), the
+tree blob next, the index row last, in one transaction. A kill at any point leaves at worst
+unreferenced blobs and temporary files, which ``gc`` removes; never a row whose blobs are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from loratool.errors import InputError, UsageError
+from loratool.registry.index import Index
+from loratool.registry.models import (
+    AddResult,
+    BaseInfo,
+    CorruptBlob,
+    Details,
+    Entry,
+    GcResult,
+    LineageEdge,
+    ListReport,
+    RemoveResult,
+    Source,
+    TagResult,
+    Tree,
+    TreeFile,
+    VerifyReport,
+)
+from loratool.registry.refs import Ref, parse_ref, validate_name, validate_tag
+from loratool.registry.store import READ_ONLY, BlobStore
+
+DB_FILE = "registry.db"
+MATERIALIZED = "materialized"
+_LIST_LIMIT = 8
+
+
+class NotInRegistryError(InputError):
+    """A well-formed reference that matches nothing in the registry."""
+
+
+class AmbiguousRefError(UsageError):
+    """A reference that matches more than one adapter; the message lists them."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _listed(items: list[str], limit: int = _LIST_LIMIT) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _ref(row: sqlite3.Row) -> str:
+    return f"{row['name']}@{row['version']}"
+
+
+def _adapter_manifest(sidecar: Path, files: list[Path]):
+    """The manifest beside the adapter, else embedded in its own weight files. (Unlike
+    ``load_manifest`` on a directory, other ``.safetensors`` files there are never opened: a Hub
+    snapshot may also hold a full model.)"""
+    from loratool.manifest import METADATA_KEY, _parse
+    from loratool.safetensors_io import SafetensorsFile
+
+    if sidecar.is_file():
+        try:
+            return _parse(sidecar.read_text(encoding="utf-8"), str(sidecar))
+        except OSError as e:
+            raise InputError(f"{sidecar}: cannot read: {e.strerror or e}") from None
+    for f in files:
+        if f.suffix == ".safetensors":
+            meta = SafetensorsFile(f).metadata
+            if METADATA_KEY in meta:
+                return _parse(meta[METADATA_KEY], f"{f} (metadata {METADATA_KEY})")
+    return None
+
+
+class Registry:
+    """The registry under ``home`` (default ``$LORATOOL_HOME``, see ``default_home``).
+
+    ``create=False`` opens an existing registry only (reference lookups must not create one).
+    Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, home: str | os.PathLike | None = None, create: bool = True):
+        from loratool.fingerprint import default_home
+
+        self.home = Path(home) if home is not None else default_home()
+        self.store = BlobStore(self.home)
+        self.materialized = self.home / MATERIALIZED
+        self._create = create
+        self._index: Index | None = None
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            db = self.home / DB_FILE
+            if not self._create and not db.exists():
+                raise NotInRegistryError(f"there is no registry at {self.home} yet (add adapters with "
+                                         "`loratool registry add PATH --name NAME`)")
+            self._index = Index(db)
+        return self._index
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- adding -------------------------------------------------------------------------------
+    def add(self, path: str | os.PathLike, name: str, tags: Iterable[str] = (),
+            source: Source | None = None) -> AddResult:
+        """Store the adapter at ``path`` as the next version of ``name`` (or return the latest
+        version when it already holds the same content) and point ``tags`` at it."""
+        from loratool.fingerprint import HashCache, adapter_tensors_digest, config_digest, hash_files
+        from loratool.formats import load_adapter
+        from loratool.manifest import manifest_path
+
+        validate_name(name)
+        tags = list(dict.fromkeys(validate_tag(t) for t in tags))
+        adapter = load_adapter(path)
+        src = Path(adapter.path or path)
+        root = src if src.is_dir() else src.parent
+        entry = "." if src.is_dir() else src.name
+        files = list(dict.fromkeys(Path(f) for f in adapter.files))
+        sidecar = manifest_path(src)
+        manifest = _adapter_manifest(sidecar, files)
+        if sidecar.is_file() and sidecar not in files:
+            files.append(sidecar)
+        rel = {f: f.relative_to(root).as_posix() for f in files}
+        shas = hash_files(files, cache=HashCache(self.home))
+        tensors = adapter_tensors_digest(adapter)
+        base = manifest.base if manifest else None
+        source = source or Source(kind="path", location=str(Path(path).resolve()))
+
+        with self.store.lock():
+            new_bytes = 0
+            tree_files = []
+            for f in files:
+                present = self.store.has(shas[f], f.stat().st_size)
+                digest, size = self.store.put_file(f, expected=shas[f])
+                new_bytes += 0 if present else size
+                tree_files.append(TreeFile(path=rel[f], sha256=digest, size=size))
+            tree = Tree(format=adapter.format, entry=entry, files=sorted(tree_files, key=lambda t: t.path))
+            digest = self.store.put_bytes(tree.canonical(), "tree")
+            row = {
+                "digest": digest,
+                "format": adapter.format,
+                "entry": entry,
+                "size": sum(t.size for t in tree_files),
+                "tensors_digest": tensors,
+                "config_digest": config_digest(adapter.config) if adapter.config else None,
+                "num_modules": len(adapter.modules),
+                "num_params": adapter.num_params,
+                "ranks": json.dumps(sorted({_num(r) for r in adapter.ranks})),
+                "alphas": json.dumps(sorted({_num(a) for a in adapter.alphas})),
+                "targets": json.dumps(adapter.target_names()),
+                "base_model": adapter.base_model,
+                "manifest_path": rel[sidecar] if sidecar in rel else None,
+                "base_name": base.name if base else None,
+                "base_repo": base.repo_id if base else None,
+                "base_revision": base.revision if base else None,
+                "base_structure": base.structure if base else None,
+                "base_content": base.content if base else None,
+                "created_at": _now(),
+            }
+            edges = [(digest, step, e.operation, i.digest)
+                     for step, e in enumerate(manifest.lineage if manifest else [])
+                     for i in e.inputs if i.kind == "adapter" and i.digest]
+
+            def insert(c: sqlite3.Connection) -> AddResult:
+                cols = ", ".join(row)
+                c.execute(f"INSERT OR IGNORE INTO adapters ({cols}) VALUES ({', '.join('?' * len(row))})",
+                          list(row.values()))
+                c.executemany("INSERT OR IGNORE INTO files (digest, path, blob, size) VALUES (?, ?, ?, ?)",
+                              [(digest, t.path, t.sha256, t.size) for t in tree_files])
+                c.executemany("INSERT OR IGNORE INTO lineage (digest, step, operation, parent) VALUES (?, ?, ?, ?)",
+                              edges)
+                latest = c.execute("SELECT id, version, digest FROM versions WHERE name = ? "
+                                   "ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+                if latest is not None and latest["digest"] == digest:
+                    vid, version, created = latest["id"], latest["version"], False
+                else:
+                    c.execute("INSERT INTO names (name, next_version) VALUES (?, 1) ON CONFLICT (name) DO NOTHING",
+                              (name,))
+                    version = c.execute("SELECT next_version FROM names WHERE name = ?", (name,)).fetchone()[0]
+                    c.execute("UPDATE names SET next_version = ? WHERE name = ?", (version + 1, name))
+                    vid = c.execute(
+                        "INSERT INTO versions (name, version, digest, source_kind, source, source_revision, added_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, version, digest, source.kind, source.location, source.revision, _now()),
+                    ).lastrowid
+                    created = True
+                for t in tags:
+                    self._set_tag(c, name, t, vid)
+                return AddResult(name=name, version=version, digest=digest, created=created, tags=tags,
+                                 new_bytes=new_bytes)
+
+            return self.index.write(insert)
+
+    @staticmethod
+    def _set_tag(c: sqlite3.Connection, name: str, tag: str, version_id: int) -> None:
+        c.execute("INSERT INTO tags (name, tag, version_id) VALUES (?, ?, ?) "
+                  "ON CONFLICT (name, tag) DO UPDATE SET version_id = excluded.version_id",
+                  (name, tag, version_id))
+
+    # -- resolving references -----------------------------------------------------------------
+    def _names_hint(self) -> str:
+        names = [r["name"] for r in self.index.query("SELECT DISTINCT name FROM versions ORDER BY name")]
+        return f"registered: {_listed(names)}" if names else "the registry is empty"
+
+    def _digests(self, prefix: str) -> list[str]:
+        return [r["digest"] for r in self.index.query(
+            "SELECT digest FROM adapters WHERE digest >= ? AND digest < ? ORDER BY digest",
+            (prefix, prefix + "g"))]  # 'g' sorts after every hex digit
+
+    def resolve_digest(self, ref: Ref | str) -> str:
+        """The digest a registry reference points at (not for paths or Hub references)."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.kind == "digest":
+            found = self._digests(ref.digest)
+            if not found:
+                raise NotInRegistryError(f"no adapter in the registry at {self.home} has a digest starting "
+                                         f"with {ref.digest}")
+            if len(found) > 1:
+                labels = []
+                for d in found:
+                    names = [_ref(r) for r in self.index.query(
+                        "SELECT name, version FROM versions WHERE digest = ? ORDER BY name, version", (d,))]
+                    labels.append(f"sha256:{d[:16]} ({', '.join(names) or 'unnamed'})")
+                raise AmbiguousRefError(f"{ref.text} is ambiguous: {len(found)} adapters match: "
+                                        f"{_listed(labels)}; give more digits")
+            return found[0]
+        return self.find_version(ref)["digest"]
+
+    def find_versions(self, ref: Ref | str) -> list[sqlite3.Row]:
+        """Every version a reference names: one for name, name@N, name:tag; all versions holding
+        the content for sha256:…"""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.kind == "hub":
+            raise UsageError(f"{ref.text} is a Hub reference; `loratool registry pull {ref.text}` adds it")
+        if ref.kind == "digest":
+            digest = self.resolve_digest(ref)
+            return self.index.query("SELECT * FROM versions WHERE digest = ? ORDER BY name, version", (digest,))
+        if ref.kind == "name":
+            row = self.index.one("SELECT * FROM versions WHERE name = ? ORDER BY version DESC LIMIT 1", (ref.name,))
+            if row is None:
+                raise NotInRegistryError(f"no adapter named {ref.name!r} in the registry at {self.home} "
+                                         f"({self._names_hint()})")
+            return [row]
+        if ref.kind == "version":
+            row = self.index.one("SELECT * FROM versions WHERE name = ? AND version = ?", (ref.name, ref.version))
+            if row is None:
+                have = [str(r["version"]) for r in self.index.query(
+                    "SELECT version FROM versions WHERE name = ? ORDER BY version", (ref.name,))]
+                why = (f"{ref.name} has versions {_listed(have)}" if have
+                       else f"no adapter named {ref.name!r}; {self._names_hint()}")
+                raise NotInRegistryError(f"no version {ref.version} of {ref.name!r} in the registry at "
+                                         f"{self.home} ({why})")
+            return [row]
+        row = self.index.one("SELECT v.* FROM tags t JOIN versions v ON v.id = t.version_id "
+                             "WHERE t.name = ? AND t.tag = ?", (ref.name, ref.tag))
+        if row is None:
+            have = [r["tag"] for r in self.index.query("SELECT tag FROM tags WHERE name = ? ORDER BY tag", (ref.name,))]
+            why = f"its tags: {_listed(have)}" if have else "it has no tags"
+            raise NotInRegistryError(f"no tag {ref.tag!r} on {ref.name!r} in the registry at {self.home} ({why})")
+        return [row]
+
+    def find_version(self, ref: Ref | str) -> sqlite3.Row:
+        """Exactly one version; a digest held by several versions is ambiguous."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        rows = self.find_versions(ref)
+        if len(rows) > 1:
+            raise AmbiguousRefError(f"{ref.text} is ambiguous: {len(rows)} versions hold this content: "
+                                    f"{_listed([_ref(r) for r in rows])}; name one of them")
+        return rows[0]
+
+    # -- reading ------------------------------------------------------------------------------
+    def tree(self, digest: str) -> Tree:
+        data = self.store.read_bytes(digest, what=f"adapter sha256:{digest[:12]}…")
+        return Tree.model_validate_json(data)
+
+    def manifest(self, digest: str):
+        """The stored manifest (``loratool.json``) of an adapter, else None."""
+        from loratool.manifest import _parse
+
+        row = self.index.one("SELECT manifest_path FROM adapters WHERE digest = ?", (digest,))
+        if row is None or row["manifest_path"] is None:
+            return None
+        blob = self.index.one("SELECT blob FROM files WHERE digest = ? AND path = ?", (digest, row["manifest_path"]))
+        text = self.store.read_bytes(blob["blob"], what=f"manifest of sha256:{digest[:12]}…").decode("utf-8")
+        return _parse(text, f"registry manifest of sha256:{digest[:12]}…")
+
+    def _entries(self, where: str = "", params: tuple = ()) -> list[Entry]:
+        rows = self.index.query(
+            "SELECT v.id AS vid, v.name, v.version, v.source_kind, v.source, v.source_revision, v.added_at, a.* "
+            f"FROM versions v JOIN adapters a ON a.digest = v.digest {where} ORDER BY v.name, v.version", params)
+        tags: dict[int, list[str]] = {}
+        for t in self.index.query("SELECT tag, version_id FROM tags ORDER BY tag"):
+            tags.setdefault(t["version_id"], []).append(t["tag"])
+        latest = {r["name"]: r["v"] for r in self.index.query("SELECT name, max(version) AS v FROM versions GROUP BY name")}
+        out = []
+        for r in rows:
+            base = None
+            if any(r[k] for k in ("base_name", "base_repo", "base_structure", "base_content")):
+                base = BaseInfo(name=r["base_name"], repo_id=r["base_repo"], revision=r["base_revision"],
+                                structure=r["base_structure"], content=r["base_content"])
+            out.append(Entry(
+                name=r["name"], version=r["version"], ref=_ref(r), tags=tags.get(r["vid"], []),
+                latest=latest.get(r["name"]) == r["version"], digest=r["digest"], format=r["format"],
+                size=r["size"], num_modules=r["num_modules"], num_params=r["num_params"],
+                ranks=json.loads(r["ranks"]), alphas=json.loads(r["alphas"]), targets=json.loads(r["targets"]),
+                base_model=r["base_model"], base=base, has_manifest=r["manifest_path"] is not None,
+                source=Source(kind=r["source_kind"], location=r["source"], revision=r["source_revision"]),
+                added_at=r["added_at"],
+            ))
+        return out
+
+    def entries(self, name: str | None = None, fits: Any = None, api: Any = None) -> ListReport:
+        """Every version (of ``name``). ``fits``: a base (path, ``hf://`` reference or
+        ``BaseFingerprint``): only adapters whose manifest records that base's content
+        fingerprint, or at least its structure fingerprint (headers only for a local base)."""
+        where, params = ("WHERE v.name = ?", (validate_name(name),)) if name else ("", ())
+        entries = self._entries(where, params)
+        if fits is None:
+            return ListReport(adapters=entries)
+        from loratool.fingerprint import HashCache, fingerprint_base
+        from loratool.schemas.manifest import BaseFingerprint
+
+        fp = fits if isinstance(fits, BaseFingerprint) else fingerprint_base(
+            fits, cache=HashCache(self.home), content=False, api=api)
+        kept = []
+        for e in entries:
+            if e.base is None:
+                continue
+            if fp.content and e.base.content == fp.content:
+                kept.append(e.model_copy(update={"fits": "content"}))
+            elif fp.structure and e.base.structure == fp.structure:
+                kept.append(e.model_copy(update={"fits": "structure"}))
+        return ListReport(adapters=kept)
+
+    def details(self, ref: str) -> Details:
+        rows = self.find_versions(ref)
+        first = rows[0]
+        entry = self._entries("WHERE v.id = ?", (first["id"],))[0]
+        digest = entry.digest
+        same = [_ref(r) for r in self.index.query(
+            "SELECT name, version FROM versions WHERE digest = ? AND id != ? ORDER BY name, version",
+            (digest, first["id"]))]
+        adapter = self.index.one("SELECT tensors_digest FROM adapters WHERE digest = ?", (digest,))
+        tensors = adapter["tensors_digest"]
+
+        def holders(tensors_digest: str) -> list[str]:
+            return [_ref(r) for r in self.index.query(
+                "SELECT v.name, v.version FROM versions v JOIN adapters a ON a.digest = v.digest "
+                "WHERE a.tensors_digest = ? ORDER BY v.name, v.version", (tensors_digest,))]
+
+        lineage = [LineageEdge(step=r["step"], operation=r["operation"], parent=r["parent"],
+                               in_registry=holders(r["parent"]))
+                   for r in self.index.query("SELECT * FROM lineage WHERE digest = ? ORDER BY step, parent", (digest,))]
+        children = [_ref(r) for r in self.index.query(
+            "SELECT DISTINCT v.name, v.version FROM lineage l JOIN versions v ON v.digest = l.digest "
+            "WHERE l.parent = ? AND l.digest != ? ORDER BY v.name, v.version", (tensors, digest))] if tensors else []
+        tree = self.tree(digest)
+        return Details(entry=entry, files=tree.files, same_content=same, tensors_digest=tensors,
+                       lineage=lineage, children=children, manifest=self.manifest(digest))
+
+    # -- tags and removal ---------------------------------------------------------------------
+    def tag(self, ref: str, tag: str) -> TagResult:
+        """Point ``name:tag`` at the version ``ref`` names (moving it if it exists: a rollback
+        when the version is older)."""
+        validate_tag(tag)
+        row = self.find_version(ref)
+
+        def move(c: sqlite3.Connection) -> TagResult:
+            prev = c.execute("SELECT v.version FROM tags t JOIN versions v ON v.id = t.version_id "
+                             "WHERE t.name = ? AND t.tag = ?", (row["name"], tag)).fetchone()
+            if c.execute("SELECT 1 FROM versions WHERE id = ?", (row["id"],)).fetchone() is None:
+                raise NotInRegistryError(f"{_ref(row)} was removed meanwhile")
+            self._set_tag(c, row["name"], tag, row["id"])
+            return TagResult(name=row["name"], tag=tag, version=row["version"],
+                             previous=prev["version"] if prev else None)
+
+        return self.index.write(move)
+
+    def remove(self, ref: str) -> RemoveResult:
+        """Remove what ``ref`` names: a bare name removes every version of it; ``name@N`` and
+        ``name:tag`` that version; ``sha256:…`` every version holding that content. Tags on removed
+        versions go with them; blobs stay until ``gc``. Version numbers are never reused."""
+        parsed = parse_ref(ref)
+        if parsed.kind == "name":
+            rows = self.index.query("SELECT * FROM versions WHERE name = ? ORDER BY version", (parsed.name,))
+            if not rows:
+                self.find_versions(parsed)  # raises with the names that exist
+        else:
+            rows = self.find_versions(parsed)
+        ids = [r["id"] for r in rows]
+
+        def delete(c: sqlite3.Connection) -> RemoveResult:
+            c.executemany("DELETE FROM versions WHERE id = ?", [(i,) for i in ids])
+            c.execute("DELETE FROM adapters WHERE digest NOT IN (SELECT digest FROM versions)")
+            return RemoveResult(removed=[_ref(r) for r in rows])
+
+        return self.index.write(delete)
+
+    # -- maintenance --------------------------------------------------------------------------
+    def _referenced_blobs(self) -> set[str]:
+        rows = self.index.query("SELECT blob FROM files UNION SELECT digest FROM adapters")
+        return {r[0] for r in rows}
+
+    def gc(self) -> GcResult:
+        """Delete blobs no adapter references, leftovers of interrupted adds and materialized
+        copies of removed adapters. Holds the store lock exclusively: adds wait."""
+        result = GcResult()
+        with self.store.lock(exclusive=True):
+            keep = self._referenced_blobs()
+            for digest, _ in list(self.store.digests()):
+                if digest not in keep:
+                    result.bytes_freed += self.store.remove(digest)
+                    result.blobs_removed += 1
+            for t in self.store.temp_files():
+                with contextlib.suppress(OSError):
+                    t.unlink()
+                    result.temp_files_removed += 1
+            adapters = {r[0] for r in self.index.query("SELECT digest FROM adapters")}
+            if self.materialized.is_dir():
+                for d in self.materialized.iterdir():
+                    if d.name not in adapters:
+                        shutil.rmtree(d, ignore_errors=True)
+                        result.materialized_removed += 1
+        return result
+
+    def verify(self, workers: int | None = None) -> VerifyReport:
+        """Re-hash every blob the index references (files and trees)."""
+        from loratool.fingerprint import hash_files
+
+        blobs: dict[str, list[str]] = {}
+        for r in self.index.query(
+                "SELECT f.blob AS blob, v.name, v.version FROM files f JOIN versions v ON v.digest = f.digest "
+                "UNION SELECT v.digest AS blob, v.name, v.version FROM versions v ORDER BY 2, 3"):
+            blobs.setdefault(r["blob"], []).append(_ref(r))
+        for r in self.index.query("SELECT blob FROM files UNION SELECT digest FROM adapters"):
+            blobs.setdefault(r[0], [])
+        corrupt: list[CorruptBlob] = []
+        present: dict[Path, str] = {}
+        for digest, refs in sorted(blobs.items()):
+            p = self.store.path(digest)
+            if p.is_file():
+                present[p] = digest
+            else:
+                corrupt.append(CorruptBlob(blob=digest, problem="missing", adapters=sorted(set(refs))))
+        found = hash_files(list(present), cache=None, workers=workers)
+        checked = 0
+        for p, digest in present.items():
+            checked += p.stat().st_size
+            if found[p] != digest:
+                corrupt.append(CorruptBlob(blob=digest, problem="corrupt", adapters=sorted(set(blobs[digest]))))
+        corrupt.sort(key=lambda c: c.blob)
+        return VerifyReport(blobs_checked=len(blobs), bytes_checked=checked, corrupt=corrupt,
+                            temp_files=len(self.store.temp_files()))
+
+    # -- getting adapters out -----------------------------------------------------------------
+    def _valid_materialization(self, dest: Path, tree: Tree) -> bool:
+        try:
+            return all(os.path.samefile(dest / f.path, self.store.path(f.sha256)) for f in tree.files)
+        except OSError:
+            return False
+
+    def materialize(self, digest: str) -> Path:
+        """A read-only directory holding the adapter's files, made of hard links to its blobs
+        (copies where links are impossible) under ``materialized/<digest>/``; the directory is
+        reused while every file is still a link to its blob. Blobs are re-hashed when it is made.
+        Returns the directory, or the file inside it for a single-file adapter."""
+        tree = self.tree(digest)
+        dest = self.materialized / digest
+        target = dest if tree.entry == "." else dest / tree.entry
+        if self._valid_materialization(dest, tree):
+            return target
+        with self.store.lock():
+            if self._valid_materialization(dest, tree):
+                return target
+            names = ", ".join(_ref(r) for r in self.index.query(
+                "SELECT name, version FROM versions WHERE digest = ? ORDER BY name, version", (digest,))) \
+                if (self.home / DB_FILE).exists() else ""
+            what = names or f"adapter sha256:{digest[:12]}…"
+            for f in tree.files:
+                self.store.check(f.sha256, what=f"{what}: {f.path}")
+            self.materialized.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=self.materialized))
+            try:
+                for f in tree.files:
+                    out = tmp / f.path
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(self.store.path(f.sha256), out)
+                    except OSError:  # no hard links here (some network or FUSE filesystems)
+                        self.store.copy_to(f.sha256, out, what=f"{what}: {f.path}")
+                        os.chmod(out, READ_ONLY)
+                if self._valid_materialization(dest, tree):  # another process made it meanwhile
+                    return target
+                if dest.exists():  # stale: a blob was stored again since
+                    aside = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.old.", dir=self.materialized))
+                    with contextlib.suppress(OSError):
+                        os.replace(dest, aside / "old")
+                    shutil.rmtree(aside, ignore_errors=True)
+                try:
+                    os.replace(tmp, dest)
+                except OSError:  # another process made it first
+                    if not self._valid_materialization(dest, tree):
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def export(self, ref: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the adapter as a normal PEFT directory at ``out``: PEFT adapters byte for byte
+        (with their ``loratool.json``), others converted (the manifest then gains a "converted"
+        lineage step)."""
+        from loratool.safetensors_io import atomic_dir
+
+        digest = self.resolve_digest(parse_ref(ref))
+        tree = self.tree(digest)
+        out = Path(out)
+        if tree.format == "peft":
+            with atomic_dir(out, overwrite=overwrite) as tmp:
+                for f in tree.files:
+                    dest = tmp / f.path
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    self.store.copy_to(f.sha256, dest, what=f"{ref}: {f.path}")
+            return out
+        from loratool.formats import load_adapter, write_adapter
+        from loratool.manifest import build_manifest, lineage_entry, load_manifest, write_manifest
+
+        src = self.materialize(digest)
+        adapter = load_adapter(src)
+        parent = load_manifest(src)
+        write_adapter(adapter, out, "peft", overwrite=overwrite)
+        step = lineage_entry("converted", inputs=[adapter], params={"from": tree.format, "to": "peft"})
+        write_manifest(build_manifest(out, base_fp=parent.base if parent else None,
+                                      lineage=[*(parent.lineage if parent else []), step]), out)
+        return out
+

@@ -1,0 +1,229 @@
+"""The content-addressed blob store under ``$LORATOOL_HOME``.
+
+Layout (``home`` is ``loratool.fingerprint.default_home()`` unless given)::
+
+    blobs/sha256/ab/cdef…     one file per distinct content, named by its sha256 (2 + 62 hex)
+    blobs/tmp/                blobs being written (a kill -9 leaves them here; ``gc`` removes them)
+    materialized/<digest>/    read-only adapter directories made of hard links to blobs
+    registry.db               the SQLite index (``loratool.registry.index``)
+    registry.lock             ``flock``: writers of blobs hold it shared, ``gc`` exclusive
+
+A blob is written to a temporary file in ``blobs/tmp`` while it is hashed, fsynced, made read-only
+and renamed into place, so a blob path only ever holds complete content (the rename is atomic and
+the temporary file is on the same filesystem). Readers check the digest of what they read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from loratool.errors import InputError, OutputError
+
+CHUNK = 8 * 1024 * 1024
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+READ_ONLY = 0o444
+
+
+class CorruptBlobError(InputError):
+    """A blob's bytes no longer hash to its name (or it is missing)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
+    """Copy a stream, returning (sha256, size) of what was copied."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        dst.write(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+class BlobStore:
+    def __init__(self, home: str | os.PathLike):
+        self.home = Path(home)
+        self.root = self.home / "blobs" / "sha256"
+        self.tmp = self.home / "blobs" / "tmp"
+        self.lock_file = self.home / "registry.lock"
+
+    # -- paths --------------------------------------------------------------------------------
+    def path(self, digest: str) -> Path:
+        if not DIGEST_RE.match(digest):
+            raise InputError(f"{digest!r} is not a sha256 digest (64 lowercase hex characters)")
+        return self.root / digest[:2] / digest[2:]
+
+    def has(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = self.path(digest).stat()
+        except OSError:
+            return False
+        return size is None or st.st_size == size
+
+    def digests(self) -> Iterator[tuple[str, Path]]:
+        """Every blob on disk: (digest, path). Names that are not digests are skipped."""
+        if not self.root.is_dir():
+            return
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir() or not re.fullmatch(r"[0-9a-f]{2}", sub.name):
+                continue
+            for f in sorted(sub.iterdir()):
+                digest = sub.name + f.name
+                if DIGEST_RE.match(digest) and f.is_file():
+                    yield digest, f
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
+
+    # -- locking ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool = False) -> Iterator[None]:
+        """Writers of blobs (add, materialize) hold the store lock shared; ``gc`` holds it
+        exclusive, so it never deletes a blob that an add has written but not yet indexed. The
+        kernel releases an ``flock`` when its process dies, kill -9 included."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+            yield
+            return
+        with open(self.lock_file, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    # -- writing ------------------------------------------------------------------------------
+    def _commit_temp(self, tmp: Path, digest: str) -> None:
+        dest = self.path(digest)
+        if dest.exists():  # same content already stored (by us or a concurrent add)
+            tmp.unlink(missing_ok=True)
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, READ_ONLY)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+
+    def _temp(self, label: str) -> tuple[int, Path]:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", label)[:60]
+        fd, name = tempfile.mkstemp(prefix=f"{safe}.", suffix=".tmp", dir=self.tmp)
+        return fd, Path(name)
+
+    def put_file(self, src: str | os.PathLike, expected: str | None = None) -> tuple[str, int]:
+        """Store a file's bytes; return (sha256, size). With ``expected`` (the digest found by an
+        earlier hash) a blob already present is not written again, and a file that changed since
+        is refused."""
+        src = Path(src)
+        if expected and self.has(expected, src.stat().st_size):
+            return expected, src.stat().st_size
+        fd, tmp = self._temp(src.name)
+        try:
+            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                digest, size = copy_hashed(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+            if expected and digest != expected:
+                raise InputError(f"{src}: changed while it was being added (sha256 {digest[:12]}…, "
+                                 f"was {expected[:12]}…); add it again once nothing writes to it")
+            self._commit_temp(tmp, digest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{self.root}: cannot store {src}: {e.strerror or e}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest, size
+
+    def put_bytes(self, data: bytes, label: str = "blob") -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if self.has(digest, len(data)):
+            return digest
+        fd, tmp = self._temp(label)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._commit_temp(tmp, digest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{self.root}: cannot store a blob: {e.strerror or e}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest
+
+    # -- reading (every read checks the digest) ----------------------------------------------
+    def _missing(self, digest: str, what: str) -> CorruptBlobError:
+        return CorruptBlobError(f"{what}: blob sha256:{digest[:12]}… is missing from {self.root}; "
+                                "run `loratool registry verify`")
+
+    def _corrupt(self, digest: str, found: str, what: str) -> CorruptBlobError:
+        return CorruptBlobError(f"{what}: blob {self.path(digest)} is corrupt: its bytes hash to "
+                                f"{found[:12]}…, not {digest[:12]}…; run `loratool registry verify`")
+
+    def read_bytes(self, digest: str, what: str = "registry") -> bytes:
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise self._missing(digest, what) from None
+        found = hashlib.sha256(data).hexdigest()
+        if found != digest:
+            raise self._corrupt(digest, found, what)
+        return data
+
+    def check(self, digest: str, what: str = "registry") -> None:
+        """Re-hash a blob; raise ``CorruptBlobError`` when it is missing or its bytes changed."""
+        from loratool.fingerprint import sha256_file
+
+        p = self.path(digest)
+        if not p.is_file():
+            raise self._missing(digest, what)
+        found = sha256_file(p)
+        if found != digest:
+            raise self._corrupt(digest, found, what)
+
+    def copy_to(self, digest: str, dest: Path, what: str = "registry") -> None:
+        """Copy a blob to ``dest`` (a new, writable file), checking its digest on the way."""
+        try:
+            with open(self.path(digest), "rb") as fin, open(dest, "wb") as fout:
+                found, _ = copy_hashed(fin, fout)
+        except FileNotFoundError:
+            raise self._missing(digest, what) from None
+        if found != digest:
+            dest.unlink(missing_ok=True)
+            raise self._corrupt(digest, found, what)
+
+    # -- removal ------------------------------------------------------------------------------
+    def remove(self, digest: str) -> int:
+        """Delete a blob; return the bytes freed (0 when it was not there)."""
+        p = self.path(digest)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            return 0
+        with contextlib.suppress(OSError):
+            p.parent.rmdir()  # only when empty
+        return size
+

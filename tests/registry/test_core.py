@@ -1,0 +1,251 @@
+"""The registry's operations, in process: add, versions, tags, rm, gc, verify, export, --fits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from tinybase import base_tensors, save_base
+
+from loratool.errors import InputError, OutputError, UsageError
+from loratool.formats import load_adapter
+from loratool.manifest import build_manifest, lineage_entry, load_manifest, record_manifest, write_manifest
+from loratool.registry.core import Registry
+from loratool.registry.store import CorruptBlobError
+
+
+def flip_byte(path, offset: int = -1) -> None:
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_same_content_is_stored_once(make_adapter, reg, blobs):
+    src = make_adapter("a")
+    first = reg.add(src, "llama")
+    assert (first.version, first.created) == (1, True) and first.new_bytes > 0
+    n = len(blobs())
+    assert n == 3  # config, weights, tree
+    again = reg.add(src, "llama")
+    assert (again.version, again.created, again.new_bytes, again.digest) == (1, False, 0, first.digest)
+    other = reg.add(make_adapter("copy-of-a"), "other-name")  # same bytes elsewhere, another name
+    assert other.digest == first.digest and other.new_bytes == 0 and other.version == 1
+    assert len(blobs()) == n
+    for p in blobs():  # blobs are read-only and named by their sha256
+        assert p.stat().st_mode & 0o222 == 0
+        import hashlib
+
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.parent.name + p.name
+
+
+def test_versions_count_up_and_are_never_reused(make_adapter, reg):
+    a, b, c = (make_adapter(n, seed=i) for i, n in enumerate("abc"))
+    assert [reg.add(p, "llama").version for p in (a, b)] == [1, 2]
+    assert reg.add(a, "llama").version == 3  # older content again is a new latest version
+    reg.remove("llama@3")
+    assert reg.add(c, "llama").version == 4
+    assert [e.ref for e in reg.entries().adapters] == ["llama@1", "llama@2", "llama@4"]
+    assert [e.latest for e in reg.entries().adapters] == [False, False, True]
+
+
+def test_tags_move_and_roll_back(make_adapter, reg):
+    v1 = reg.add(make_adapter("a", seed=1), "llama", tags=["prod"])
+    v2 = reg.add(make_adapter("b", seed=2), "llama")
+    r = reg.tag("llama@2", "prod")
+    assert (r.version, r.previous) == (2, 1)
+    assert reg.resolve_digest("llama:prod") == v2.digest
+    r = reg.tag("llama@1", "prod")  # rollback
+    assert (r.version, r.previous) == (1, 2)
+    assert reg.resolve_digest("llama:prod") == v1.digest
+    assert reg.resolve_digest("llama") == v2.digest  # latest is unaffected
+    assert {e.ref: e.tags for e in reg.entries().adapters} == {"llama@1": ["prod"], "llama@2": []}
+    with pytest.raises(UsageError, match="tag"):
+        reg.tag("llama@1", "7")
+
+
+@pytest.mark.parametrize("ref, left", [
+    ("llama", ["other@1"]),
+    ("llama@1", ["llama@2", "other@1"]),
+    ("llama:prod", ["llama@2", "other@1"]),
+])
+def test_rm(make_adapter, reg, ref, left):
+    reg.add(make_adapter("a", seed=1), "llama", tags=["prod"])
+    reg.add(make_adapter("b", seed=2), "llama")
+    reg.add(make_adapter("c", seed=3), "other")
+    reg.remove(ref)
+    assert [e.ref for e in reg.entries().adapters] == left
+    # no dangling tags, no orphan adapters
+    assert reg.index.one("SELECT count(*) FROM tags t LEFT JOIN versions v ON v.id = t.version_id "
+                         "WHERE v.id IS NULL")[0] == 0
+    assert reg.index.one("SELECT count(*) FROM adapters")[0] == len(left)
+
+
+def test_rm_by_digest_removes_every_version_holding_it(make_adapter, reg):
+    a = reg.add(make_adapter("a"), "one")
+    reg.add(make_adapter("a"), "two")
+    assert reg.remove(f"sha256:{a.digest[:10]}").removed == ["one@1", "two@1"]
+    with pytest.raises(InputError, match="no adapter named 'one'"):
+        reg.remove("one")
+
+
+def test_gc_keeps_what_is_referenced(make_adapter, reg, home, blobs):
+    keep = make_adapter("keep", seed=1)
+    reg.add(keep, "keep")
+    reg.add(make_adapter("drop", seed=2), "drop")
+    reg.materialize(reg.resolve_digest("drop"))
+    (home / "blobs" / "tmp" / "adapter_model.safetensors.x.tmp").write_bytes(b"partial")
+    before = len(blobs())
+    reg.remove("drop")
+    r = reg.gc()
+    # the config is the same bytes in both (same rank, alpha, targets), so it stays
+    assert (r.blobs_removed, r.temp_files_removed, r.materialized_removed) == (2, 1, 1)
+    assert len(blobs()) == before - 2 and r.bytes_freed > 0
+    assert reg.verify().ok
+    assert len(load_adapter(reg.materialize(reg.resolve_digest("keep"))).modules) == 4
+    assert reg.gc().blobs_removed == 0
+
+
+def test_verify_names_corrupt_and_missing_adapters(make_adapter, reg):
+    a = reg.add(make_adapter("a", seed=1), "llama")
+    reg.add(make_adapter("b", seed=2), "other")
+    assert reg.verify().ok
+    weights = next(f for f in reg.tree(a.digest).files if f.path == "adapter_model.safetensors")
+    flip_byte(reg.store.path(weights.sha256))
+    report = reg.verify()
+    assert not report.ok and report.bad_adapters == ["llama@1"]
+    assert report.corrupt[0].problem == "corrupt" and report.corrupt[0].blob == weights.sha256
+    reg.store.path(weights.sha256).unlink()
+    assert reg.verify().corrupt[0].problem == "missing"
+
+
+def test_reading_a_blob_checks_its_digest(make_adapter, reg, tmp_path):
+    a = reg.add(make_adapter("a"), "llama")
+    weights = next(f for f in reg.tree(a.digest).files if f.path == "adapter_model.safetensors")
+    flip_byte(reg.store.path(weights.sha256), offset=200)
+    with pytest.raises(CorruptBlobError, match="llama@1: adapter_model.safetensors: blob .* is corrupt"):
+        reg.materialize(a.digest)
+    with pytest.raises(CorruptBlobError, match="corrupt"):
+        reg.export("llama", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    flip_byte(reg.store.path(a.digest))  # the tree blob
+    with pytest.raises(CorruptBlobError, match="corrupt"):
+        reg.tree(a.digest)
+
+
+def test_stale_materialization_is_rebuilt(make_adapter, reg, home):
+    a = reg.add(make_adapter("a"), "llama")
+    path = reg.materialize(a.digest)
+    weights = next(f for f in reg.tree(a.digest).files if f.path == "adapter_model.safetensors")
+    blob = reg.store.path(weights.sha256)
+    # a lost blob stored again by a later add: a new inode, so the old links are stale
+    blob.unlink()
+    assert not reg.verify().ok
+    reg.add(make_adapter("a"), "llama")
+    assert reg.verify().ok
+    assert not os.path.samefile(path / "adapter_model.safetensors", blob)
+    assert reg.materialize(a.digest) == path
+    assert os.path.samefile(path / "adapter_model.safetensors", blob)
+    assert sorted(p.name for p in (home / "materialized").iterdir()) == [a.digest]  # no leftovers
+
+
+def test_export_is_byte_exact_peft(make_adapter, reg, tmp_path):
+    src = make_adapter("a")
+    reg.add(src, "llama")
+    out = reg.export("llama", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+        assert os.access(out / name, os.W_OK)
+    with pytest.raises(OutputError, match="already exists"):
+        reg.export("llama", out)
+    reg.export("llama", out, overwrite=True)
+
+
+def test_export_converts_single_file_adapters_to_peft(tmp_path, reg):
+    import torch
+    from safetensors.torch import save_file
+
+    t = {}
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        k = f"lora_te_text_model_encoder_layers_{i}_self_attn_q_proj"
+        t[k + ".lora_down.weight"] = torch.randn(4, 16, generator=g)
+        t[k + ".lora_up.weight"] = torch.randn(16, 4, generator=g)
+        t[k + ".alpha"] = torch.tensor(2.0)
+    src = tmp_path / "style.safetensors"
+    save_file(t, str(src))
+    reg.add(src, "style")
+    out = reg.export("style", tmp_path / "out")
+    peft = load_adapter(out)
+    kohya = load_adapter(src)
+    assert peft.format == "peft" and sorted(peft.modules) == sorted(kohya.modules)
+    for name, m in kohya.modules.items():
+        assert torch.equal(peft.modules[name].delta(), m.delta())
+    manifest = load_manifest(out)
+    assert manifest.lineage[-1].operation == "converted"
+
+
+def test_manifest_base_lineage_and_fits(tmp_path, make_adapter, reg):
+    base = save_base(tmp_path / "base", base_tensors())
+    other = save_base(tmp_path / "other", base_tensors(inter=40))  # another structure
+    resaved = save_base(tmp_path / "resaved", base_tensors(seed=5))  # same structure, other content
+    parent = make_adapter("parent", seed=1)
+    record_manifest(parent, base)
+    child = make_adapter("child", seed=2)
+    pm = load_manifest(parent)
+    write_manifest(build_manifest(child, base_fp=pm.base, lineage=[
+        *pm.lineage, lineage_entry("resized", inputs=[pm], params={"rank": 4})]), child)
+    reg.add(parent, "parent")
+    reg.add(child, "child")
+    reg.add(make_adapter("plain", seed=3), "plain")  # no manifest: fits nothing
+
+    e = {x.name: x for x in reg.entries().adapters}
+    assert e["parent"].base.name == "tiny-org/tiny-llama" and e["parent"].has_manifest
+    assert e["plain"].base is None and not e["plain"].has_manifest
+
+    from loratool.fingerprint import fingerprint_base
+
+    fits = reg.entries(fits=fingerprint_base(base, content=True)).adapters
+    assert [(x.name, x.fits) for x in fits] == [("child", "content"), ("parent", "content")]
+    fits = reg.entries(fits=str(base)).adapters  # a path: headers only
+    assert [(x.name, x.fits) for x in fits] == [("child", "structure"), ("parent", "structure")]
+    assert [x.name for x in reg.entries(fits=str(resaved)).adapters] == ["child", "parent"]
+    assert reg.entries(fits=str(other)).adapters == []
+    assert [x.ref for x in reg.entries(name="child").adapters] == ["child@1"]
+
+    d = reg.details("child")
+    assert d.lineage[-1].operation == "resized" and d.lineage[-1].in_registry == ["parent@1"]
+    assert d.manifest is not None and d.manifest.base.structure == pm.base.structure
+    assert reg.details("parent").children == ["child@1"]
+    # the manifest is part of the content, and export gives it back
+    assert "loratool.json" in [f.path for f in d.files]
+    out = reg.export("child", tmp_path / "out")
+    assert json.loads((out / "loratool.json").read_text()) == json.loads((child / "loratool.json").read_text())
+
+
+def test_add_refuses_bad_names_before_writing(make_adapter, reg, home, blobs):
+    with pytest.raises(UsageError, match="registry name"):
+        reg.add(make_adapter("a"), "../evil")
+    with pytest.raises(UsageError, match="tag"):
+        reg.add(make_adapter("a"), "ok", tags=["1"])
+    assert blobs() == []
+
+
+def test_add_of_a_broken_adapter_stores_nothing(tmp_path, reg, blobs):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{}")
+    with pytest.raises(InputError, match="adapter_model.safetensors is missing"):
+        reg.add(bad, "bad")
+    assert blobs() == [] and reg.entries().adapters == []
+
+
+def test_registry_from_default_home(make_adapter, tmp_path):
+    from loratool.fingerprint import default_home
+
+    home = default_home({"LORATOOL_HOME": str(tmp_path / "env-home")})
+    with Registry(home) as r:
+        r.add(make_adapter("a"), "x")
+    assert (tmp_path / "env-home" / "registry.db").exists()
