@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import math
 import os
-import re
 from typing import TYPE_CHECKING, Sequence
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, dtype_of, load_tensor, shape_of
@@ -54,7 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 METHODS = ("linear", "cat") + DELTA_METHODS
 
-_WEIGHT = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)$")
 
 
 def parse_adapter_specs(text: str | Sequence[str]) -> list[tuple[str, float]]:
@@ -67,14 +65,16 @@ def parse_adapter_specs(text: str | Sequence[str]) -> list[tuple[str, float]]:
             item = item.strip()
             if not item:
                 raise UsageError(f"--adapters {chunk!r}: empty entry; expected PATH[:WEIGHT],PATH[:WEIGHT],...")
-            m = _WEIGHT.match(item)
-            if m:
-                weight = float(m.group("weight"))
-                if not math.isfinite(weight):
-                    raise UsageError(f"--adapters: weight of {m.group('path')!r} is not finite: {m.group('weight')}")
-                specs.append((m.group("path"), weight))
+            # an existing path is never split; `sha256:1234` is a digest, not a weight
+            from loratool.registry.refs import split_weight
+
+            ref, weight = split_weight(item)
+            if weight is None:
+                specs.append((ref, 1.0))
             else:
-                specs.append((item, 1.0))
+                if not math.isfinite(weight):
+                    raise UsageError(f"--adapters: weight of {ref!r} is not finite: {weight}")
+                specs.append((ref, weight))
     if not specs:
         raise UsageError("--adapters: give at least one adapter, as PATH[:WEIGHT],PATH[:WEIGHT],...")
     return specs

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from loratool.adapter import Adapter, LoraModule, dtype_of, shape_of
+from loratool.adapter import Adapter, LoraModule, shape_of
 from loratool.schemas.reports import InspectReport, ModuleReport, Spectrum
 
 _METADATA_MAX = 200  # skip long metadata values (kohya's ss_tag_frequency, ss_dataset_dirs…)

@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, dtype_of, shape_of
+from loratool.adapter import Adapter, LayerKind, dtype_of, shape_of
 from loratool.errors import EXIT_FINDINGS, EXIT_OK
 from loratool.safetensors_io import FLOAT_DTYPES
 from loratool.schemas.reports import Finding, Severity, ValidationReport

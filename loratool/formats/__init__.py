@@ -88,17 +88,28 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
+def resolve_adapter(ref: str | os.PathLike) -> Path:
+    """The local path of an adapter reference: an existing path as it is; otherwise a registry
+    reference (``name``, ``name@3``, ``name:prod``, ``sha256:…``) or ``hf://owner/repo[@rev]``,
+    materialized locally (see ``loratool.registry.refs``)."""
+    text = os.fspath(ref)
+    if os.path.exists(text):
+        return Path(text)
+    from loratool.registry.refs import resolve_adapter_ref
+
+    return resolve_adapter_ref(text)
+
+
 def load_adapter(path: str | os.PathLike, format: str | None = None, tolerant: bool = False) -> Adapter:
-    """Read an adapter lazily (headers only; tensors load on demand).
+    """Read an adapter lazily (headers only; tensors load on demand). ``path`` may also be a
+    registry or Hub reference (``resolve_adapter``).
 
     With ``tolerant=True`` structural problems of single modules (a missing factor, an A/B rank
     mismatch) are recorded in ``adapter.problems`` instead of raising, so ``validate`` can report
     all of them.
     """
-    path = Path(path)
+    path = resolve_adapter(path)
     fmt = format or detect_format(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
     adapter = _module(fmt).read(path)
     if adapter.problems and not tolerant:
         first = adapter.problems[0]
