@@ -90,7 +90,10 @@ def _weight_files(adapter_path: Path) -> list[Path]:
         adapter_path = adapter_path.parent
     if not adapter_path.is_dir():
         return []
-    return sorted(adapter_path.glob("*.safetensors")) + sorted(adapter_path.glob("*/adapter_model.safetensors"))
+    # only an adapter's own weight files: a directory may hold other safetensors (a Hub snapshot
+    # with a full model beside the adapter)
+    own = [adapter_path / n for n in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")]
+    return [p for p in own if p.is_file()] + sorted(adapter_path.glob("*/adapter_model.safetensors"))
 
 
 def _parse(text: str, source: str) -> Manifest:
@@ -119,10 +122,9 @@ def load_manifest(adapter: "PathLike | Adapter") -> Manifest | None:
     from loratool.adapter import Adapter
 
     if isinstance(adapter, Adapter):
-        if METADATA_KEY in adapter.metadata and adapter.path is None:
-            return _parse(adapter.metadata[METADATA_KEY], "adapter metadata")
-        if adapter.path is None:
-            return None
+        embedded = adapter.metadata.get(METADATA_KEY)
+        if adapter.path is None or (embedded and not manifest_path(adapter.path).is_file()):
+            return _parse(embedded, f"{adapter.path or 'adapter'} (metadata {METADATA_KEY})") if embedded else None
         adapter = adapter.path
     path = Path(adapter)
     sidecar = manifest_path(path)
