@@ -72,12 +72,16 @@ def sniff_pickle(path: Path) -> str | None:
     """Return a reason if ``path`` looks like a pickle or a torch zip checkpoint."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
+        return None
+    # A safetensors file starts with its header length (u64, little-endian) and then "{": a
+    # header of 640, 896, 1152 or 1408 bytes begins with the same two bytes as a pickle.
+    if len(head) == 9 and head[8:9] == b"{":
         return None
     if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         return "it is a Python pickle"
-    if head == b"PK\x03\x04":
+    if head[:4] == b"PK\x03\x04":
         return "it is a PyTorch zip checkpoint (torch.save), which holds a pickle"
     return None
 
@@ -271,6 +275,37 @@ def _tensor_bytes(t: "torch.Tensor") -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def encode_header(
+    entries: Iterable[tuple[str, str, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+    where: str = "safetensors header",
+) -> bytes:
+    """The 8-byte length plus the JSON header of a safetensors file whose tensors, given as
+    ``(name, dtype, shape)`` with safetensors dtype strings, follow in that order.
+
+    Planning the header from shapes and dtypes alone lets a writer stream the data afterwards
+    (``write_safetensors``, and the merge executor, which writes row blocks as they are computed).
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in DTYPES:
+            raise FormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+        if name in header:
+            raise FormatError(f"{where}: duplicate tensor name {name!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * DTYPES[dtype][0]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, "torch.Tensor | TensorRef"] | Iterable[tuple[str, "torch.Tensor | TensorRef"]],
@@ -283,25 +318,15 @@ def write_safetensors(
     first. The file is written in place: wrap the call in ``atomic_path`` for an atomic output.
     """
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
+    entries = []
     for name, value in items:
         if isinstance(value, TensorRef):
-            dtype, shape, nbytes = value.dtype, list(value.shape), value.nbytes
+            entries.append((name, value.dtype, value.shape))
         else:
-            dtype, shape = st_dtype(value.dtype), list(value.shape)
-            nbytes = value.numel() * value.element_size()
-        if name in header:
-            raise FormatError(f"{path}: duplicate tensor name {name!r}")
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+            entries.append((name, st_dtype(value.dtype), tuple(value.shape)))
+    head = encode_header(entries, metadata, where=str(path))
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(head)
         for name, value in items:
             data = value.raw() if isinstance(value, TensorRef) else _tensor_bytes(value)
             f.write(data)

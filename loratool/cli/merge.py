@@ -1,0 +1,193 @@
+"""`loratool merge`, `loratool parity` and `loratool unmerge`: adapters into base checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import click
+
+ADAPTERS_HELP = ("Adapters as PATH[:WEIGHT], comma-separated or repeated (the weight is the last "
+                 ":number, default 1.0), e.g. a:0.7,b:0.3.")
+DTYPE_CHOICE = click.Choice(["keep", "bf16", "fp16", "fp32"])
+DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _warn(messages) -> None:
+    for m in messages:
+        click.echo(f"loratool: warning: {m}", err=True)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, what: str):
+    """A rich progress bar over bytes on stderr; None (no bar) when quiet or not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from loratool.cli.render import console
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=console(stderr=True),
+                  transient=True) as bar:
+        task = bar.add_task(what, total=None)
+
+        def advance(n: int, total: int) -> None:  # called from the writer thread
+            bar.update(task, advance=n, total=total)
+
+        yield advance
+
+
+def _report(result, as_json: bool) -> None:
+    if as_json:
+        from loratool.cli.render import print_json
+
+        print_json(result)
+    else:
+        click.echo(result.describe())
+
+
+@click.command("merge")
+@click.option("--base", required=True, type=click.Path(path_type=str),
+              help="Base model directory (one or many safetensors shards) or one .safetensors file.")
+@click.option("--adapters", "adapters", required=True, multiple=True, help=ADAPTERS_HELP)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Output directory (a file when BASE is a file); written atomically.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True,
+              help="Output dtype of floating-point tensors.")
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
+              help="Where the math runs: the CPU (PEFT's arithmetic, bit for bit) or CUDA (Triton).")
+@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB); default: keep the base's shards.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, quiet, as_json):
+    """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, float32 accumulation, one rounding.
+
+    The output keeps BASE's shard layout, index, metadata, config and tokenizer files; tensors no
+    adapter touches are copied as raw bytes. On the CPU one adapter with weight 1.0 gives exactly
+    PEFT's merge_and_unload.
+    """
+    from loratool.merge import merge
+
+    # HOOK(manifest): --allow-base-mismatch / --require-manifest go here, passed to merge() as
+    # check_base=lambda adapter, ckpt: loratool.manifest.check_base(adapter, ckpt, ...), and the
+    # output's lineage as before_commit=...
+    with _progress(quiet, "merging") as cb:
+        result = merge(base, list(adapters), out, dtype=dtype, device=device,
+                       max_shard_size=max_shard_size, overwrite=overwrite, progress=cb)
+    _warn(result.warnings)
+    _report(result, as_json)
+    return 0
+
+
+@click.command("unmerge")
+@click.option("--merged", required=True, type=click.Path(path_type=str), help="The merged checkpoint.")
+@click.option("--adapters", "adapters", required=True, multiple=True, help=ADAPTERS_HELP)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Output directory.")
+@click.option("--base", default=None, type=click.Path(path_type=str),
+              help="The original base: modules_to_save are restored from it, and the result is compared with it.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True)
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as_json):
+    """Subtract adapters from a merged checkpoint: round(M − Σ wᵢ·sᵢ·ΔWᵢ).
+
+    The merge rounded once, so the result is within about one ulp of the original base, not
+    equal to it. DoRA adapters are refused (their per-row rescaling cannot be undone).
+    """
+    from loratool.merge import unmerge
+
+    with _progress(quiet, "unmerging") as cb:
+        result = unmerge(merged, list(adapters), out, base=base, dtype=dtype, device=device,
+                         overwrite=overwrite, progress=cb)
+    _warn(result.warnings)
+    _report(result, as_json)
+    if not as_json and result.distance:
+        worst = max(result.distance, key=lambda d: d.max_ulp)
+        differing = sum(d.differing for d in result.distance)
+        numel = sum(d.numel for d in result.distance)
+        click.echo(f"distance to {base}: {differing} of {numel} elements differ ({differing / max(1, numel):.2%}); "
+                   f"max {result.max_ulp:.2f} ulp ({worst.name}), max abs {result.max_abs:.3g}")
+    return 0
+
+
+@click.command("parity")
+@click.option("--base", required=True, type=click.Path(path_type=str), help="The base checkpoint.")
+@click.option("--merged", required=True, type=click.Path(path_type=str), help="The merged checkpoint to check.")
+@click.option("--adapters", "adapters", required=True, multiple=True, help=ADAPTERS_HELP)
+@click.option("--forward", is_flag=True,
+              help="Also compare logits: PEFT with the adapters unmerged against the merged model (transformers).")
+@click.option("--min-top1", type=float, default=0.95, show_default=True,
+              help="With --forward: the share of positions whose top-1 token must agree.")
+@click.option("--all", "show_all", is_flag=True, help="List every checked tensor, not only failures and the worst.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_json):
+    """Check that MERGED equals BASE plus the adapters' deltas within one rounding, layer by layer.
+
+    Exit 0 when every tensor passes, 1 when one does not.
+    """
+    from loratool.parity import check_parity
+
+    with _progress(quiet, "checking") as cb:
+        report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb)
+    if as_json:
+        from loratool.cli.render import print_json
+
+        print_json(report)
+    else:
+        _render_parity(report, show_all)
+    return 0 if report.ok else 1
+
+
+def _render_parity(r, show_all: bool) -> None:
+    from rich.table import Table
+
+    from loratool.cli.render import console
+
+    con = console()
+    worst = sorted(r.layers, key=lambda lay: -lay.max_err_over_tol)
+    layers = r.layers if show_all else ([lay for lay in worst if not lay.ok] or worst[:10])
+    if layers:
+        t = Table(header_style="bold")
+        for col in ("tensor", "kind", "dtype", "max abs err", "max err (ulp)", "err/tol", "bad", ""):
+            left = col in ("tensor", "kind", "dtype", "")
+            t.add_column(col, no_wrap=(col == "tensor"), justify="left" if left else "right")
+        for lay in layers:
+            kind = (lay.kind or lay.action) + (" dora" if lay.dora else "")
+            t.add_row(lay.name, kind, lay.dtype, f"{lay.max_abs_err:.3g}", f"{lay.max_ulp_err:.3g}",
+                      f"{lay.max_err_over_tol:.3f}", str(lay.bad), "ok" if lay.ok else "[red]FAIL[/red]")
+        con.print(t)
+        con.print("tolerance: 1 ulp of the float64 value X plus the float32 accumulation bound "
+                  "(err/tol ≤ 1 passes; ulps of X grow where W and ΔW cancel)")
+        if not show_all and len(layers) < len(r.layers):
+            con.print(f"({len(r.layers) - len(layers)} more passing tensors; --all lists them)")
+    for name in r.untouched_mismatched[:10]:
+        con.print(f"[red]FAIL[/red] untouched tensor {name} differs from the base")
+    for name in r.missing[:10]:
+        con.print(f"[red]FAIL[/red] {name} is missing from {r.merged}")
+    for name in r.unexpected[:10]:
+        con.print(f"[red]FAIL[/red] {name} is in {r.merged} but not in the base")
+    for p in r.problems[:10]:
+        con.print(f"[red]FAIL[/red] {p}")
+    if r.forward is not None:
+        f = r.forward
+        con.print(f"forward ({f.model_class}, {f.batch}×{f.seq_len} tokens): max |Δlogit| {f.max_abs_diff:.3g} "
+                  f"(max |logit| {f.max_abs_logit:.3g}), top-1 agreement {f.top1_agreement:.2%} "
+                  f"(need {f.min_top1:.0%}): {'ok' if f.ok else 'FAIL'}")
+    merged_ok = sum(1 for lay in r.layers if lay.ok)
+    verdict = "PASS" if r.ok else "FAIL"
+    con.print(f"{verdict}: {merged_ok} of {len(r.layers)} changed tensors within one rounding "
+              f"(max err/tol {r.max_err_over_tol:.3f}); {r.untouched - len(r.untouched_mismatched)} of {r.untouched} "
+              "untouched tensors identical to the base")

@@ -1,0 +1,1330 @@
+"""Merge LoRA adapters into a base checkpoint: the plan (what changes, what is copied raw) and a
+streaming executor.
+
+    W' = round(W + Σᵢ wᵢ · sᵢ · ΔWᵢ)     ΔWᵢ = Bᵢ @ Aᵢ in the base weight's layout, sᵢ = PEFT's scale
+
+accumulated in float32 and rounded once to the output dtype. The plan is built from headers only
+(``BaseCheckpoint`` and the lazy ``Adapter``): every base tensor gets one ``TensorPlan`` with an
+``Action``; tensors no adapter touches are copied as raw bytes (``os.copy_file_range``: never
+decoded, never in our memory). The output keeps the base's shard layout, index, safetensors
+metadata and the other files of the model directory (config, tokenizer, generation config), and
+appears at OUT only when complete (``atomic_dir``).
+
+Bit-exactness with PEFT (one adapter, weight 1.0, on the CPU). PEFT 0.21's ``Linear.merge``
+(peft/tuners/lora/layer.py, ``safe_merge=False``, which ``merge_and_unload`` uses) computes
+``get_delta_weight`` = ``(B @ A) * scaling`` in float32 (``PeftModel.from_pretrained`` upcasts
+bf16/fp16 factors to float32, ``autocast_adapter_dtype=True``; with half-precision factors on the
+CPU it upcasts for the matmul too) and adds it in place to the bf16 weight: the add runs in float32
+and rounds once. We do the same arithmetic in row blocks that stay in cache: ``mm`` of a block of
+B's rows with A, ``mul_`` by the scale, ``add_`` into a float32 copy of the same rows of W, one
+rounding. Two details keep the bits equal to PEFT's whole-matrix product:
+
+* ``addmm_(B, A, alpha=s)`` (one pass instead of three) only when s is a power of two: MKL fuses
+  alpha·(BA) + W into one FMA rounding, which equals PEFT's ``(B@A) * s`` then ``+ W`` when the
+  product by s is exact, and differs otherwise. Merges that have no PEFT bits to match (several
+  adapters, a weight ≠ 1, unmerge) always take ``addmm_``: it rounds less;
+* row spans are multiples of 64 rows with the remainder folded into the last span (a separate
+  block of a few tail rows takes another MKL kernel whose summation order differs from the tail
+  of the whole product).
+
+Conv1D (GPT-2, ``fan_in_fan_out``) and Embedding deltas are ``(B @ A).T``: row blocks of W are
+``(B @ A[:, rows]).T``, the same bits by the same argument. Conv2d is computed whole, as PEFT does
+(``conv2d(A.transpose(0, 1), B)`` for k×k kernels). PEFT's ``Embedding.merge`` rounds the delta to
+the weight's dtype before adding it (a second rounding); we round once, so embeddings are within
+1 ulp of PEFT and closer to the exact value. DoRA (peft/tuners/lora/variants.py,
+``DoraLinearVariant.merge_unsafe``): W' = m / ‖W + ΔW‖ · (W + ΔW) with the norm per output row
+(per column for Conv1D and Embedding, over the (in, kh, kw) dims for Conv2d), all in float32.
+
+On CUDA the Triton kernel of ``loratool.kernels.merge`` does the linear cases (float32
+accumulation, one rounding; not bit-equal to PEFT's CPU merge, which is a CPU promise).
+
+Memory and time: base tensors are read with ``pread`` in blocks of about 1 MB (no mmap, whose pages
+would count as ours) into reused buffers; a reader thread prefetches blocks, the math runs on one
+torch thread (the I/O threads need the other cores; OpenMP workers spinning between small calls
+would take them), and a writer thread writes blocks and ``copy_file_range``s raw tensors in file
+order, starting write-back every 256 MB so that the final fsync has little left. Reads, math and
+writes overlap and the peak stays flat however large the model (bench/bench_merge.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+
+from pydantic import BaseModel
+
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, load_tensor, shape_of
+from loratool.errors import BaseMismatchError, InputError, OutputError, UsageError
+from loratool.safetensors_io import (
+    DTYPES,
+    PICKLE_SUFFIXES,
+    SafetensorsFile,
+    TensorRef,
+    atomic_dir,
+    atomic_path,
+    encode_header,
+    torch_dtype,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from loratool.checkpoint import BaseCheckpoint
+
+DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32",
+                 "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+CONVERTIBLE = {"F32", "F16", "BF16"}  # --dtype converts these; other dtypes are kept as they are
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+ROW_ALIGN = 64  # row spans are multiples of this (see the module docstring)
+BLOCK_BYTES = 2 << 20  # float32 bytes of one row block: stays in L2 with its delta
+GPU_BLOCK_BYTES = 256 << 20  # a block for the Triton kernel: large enough to fill the GPU
+CAST_BLOCK_BYTES = 8 << 20  # source bytes of one block of a dtype conversion
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (progress and Ctrl-C granularity)
+SYNC_EVERY = 256 << 20  # start write-back every this many bytes written
+QUEUE_DEPTH = 6
+POOL_MAX_BYTES = 16 << 20  # read buffers up to this size are reused
+
+
+# -- adapters on the command line ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One ``PATH[:WEIGHT]`` of ``--adapters``."""
+
+    path: Path
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.weight:g}"
+
+
+_WEIGHT = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+
+
+def parse_adapter_specs(values: str | Iterable[str]) -> list[AdapterSpec]:
+    """Parse ``a:0.7,b:0.3`` (or several such strings): the weight is the last ``:number``, 1.0
+    when absent, so paths that hold colons still work."""
+    if isinstance(values, str):
+        values = [values]
+    specs: list[AdapterSpec] = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            m = _WEIGHT.match(part)
+            path, weight = (m.group(1), float(m.group(2))) if m else (part, 1.0)
+            if not path:
+                raise UsageError(f"--adapters: {part!r} has a weight but no path; expected PATH[:WEIGHT]")
+            if not math.isfinite(weight):
+                raise UsageError(f"--adapters: weight of {path} is {weight}; expected a finite number")
+            specs.append(AdapterSpec(Path(path), weight))
+    if not specs:
+        raise UsageError("--adapters: no adapter given; expected PATH[:WEIGHT][,PATH[:WEIGHT]...]")
+    return specs
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``200KB``, ``5GB``, ``1GiB`` or a byte count (transformers' convention: KB = 1000 bytes)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-shard-size: cannot read {text!r}; expected e.g. 200KB, 500MB, 5GB or bytes")
+    num, unit = float(m.group(1)), m.group(2).upper().rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    size = int(num * mult)
+    if size <= 0:
+        raise UsageError(f"--max-shard-size: {text!r} is not a positive size")
+    return size
+
+
+def parse_dtype(dtype: str | None) -> str | None:
+    """``keep``/None -> None, else the safetensors dtype (``bf16`` -> ``BF16``)."""
+    if dtype is None:
+        return None
+    key = str(dtype).lower()
+    if key not in DTYPE_CHOICES:
+        raise UsageError(f"--dtype: unknown dtype {dtype!r}; choose keep, bf16, fp16 or fp32")
+    return DTYPE_CHOICES[key]
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+class Action(str, Enum):
+    COPY = "copy"  # raw bytes, never decoded
+    CAST = "cast"  # dtype conversion only (--dtype)
+    MERGE = "merge"  # W + Σ coef·ΔW (a LoRA weight) or b + Σ coef·bias (PEFT lora_bias)
+    REPLACE = "replace"  # modules_to_save (or, in unmerge, the base's tensor restored)
+
+
+@dataclass
+class Term:
+    """One adapter's contribution to one base tensor."""
+
+    module: LoraModule
+    coef: float  # sign · weight · scale
+    weight: float
+    adapter: str  # the adapter's path, for reports
+    part: str = "weight"  # "weight": the LoRA delta; "bias": lora_B.bias (PEFT lora_bias=True)
+
+    @property
+    def dora(self) -> bool:
+        return self.part == "weight" and self.module.use_dora
+
+
+@dataclass
+class TensorPlan:
+    name: str  # the checkpoint's name (component-prefixed in pipelines)
+    src: TensorRef
+    dtype: str  # output safetensors dtype
+    action: Action
+    terms: list[Term] = field(default_factory=list)
+    replacement: TensorSource | None = None
+
+    @property
+    def key(self) -> str:
+        """The name inside its safetensors file."""
+        return self.src.info.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.src.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.src.info.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][0]
+
+    @property
+    def kind(self) -> LayerKind | None:
+        return self.terms[0].module.kind if self.terms and self.terms[0].part == "weight" else None
+
+    @property
+    def dora(self) -> bool:
+        return any(t.dora for t in self.terms)
+
+
+@dataclass
+class ShardPlan:
+    rel: str  # path of the output file relative to the output root ("" for a single-file base)
+    tensors: list[TensorPlan]
+    metadata: dict[str, str]
+
+    def header(self) -> bytes:
+        return encode_header([(t.key, t.dtype, t.shape) for t in self.tensors], self.metadata,
+                             where=self.rel or "output")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header()) + sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class LoadedAdapter:
+    spec: AdapterSpec
+    adapter: Adapter
+
+
+@dataclass
+class MergePlan:
+    base: "BaseCheckpoint"
+    adapters: list[LoadedAdapter]
+    shards: list[ShardPlan]
+    dtype: str | None  # --dtype (None: keep)
+    sign: int = 1  # -1: unmerge
+    single_file: bool = False  # the base is one .safetensors file: so is the output
+    indexes: dict[str, bytes] = field(default_factory=dict)  # rel -> content
+    copies: list[tuple[Path, str]] = field(default_factory=list)  # other files: source -> rel
+    json_updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> keys to set
+    warnings: list[str] = field(default_factory=list)
+
+    def tensors(self) -> Iterator[TensorPlan]:
+        for shard in self.shards:
+            yield from shard.tensors
+
+    def count(self, action: Action) -> int:
+        return sum(1 for t in self.tensors() if t.action is action)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the safetensors files written (the progress total)."""
+        return sum(s.nbytes for s in self.shards)
+
+
+def _module_problems(module: LoraModule) -> str | None:
+    a, b = shape_of(module.lora_A), shape_of(module.lora_B)
+    if module.kind is LayerKind.CONV2D:
+        if len(a) != 4 or len(b) != 4 or tuple(b[2:]) != (1, 1):
+            return f"Conv2d factors A {list(a)} and B {list(b)}; expected A (r, in, kh, kw) and B (out, r, 1, 1)"
+    elif len(a) != 2 or len(b) != 2:
+        return f"{module.kind.value} factors A {list(a)} and B {list(b)}; expected 2-D factors"
+    return None
+
+
+def _resolve(base: "BaseCheckpoint", name: str) -> str | None:
+    """A tensor name of an adapter (modules_to_save) in the base, tolerating the ``model.``
+    prefix difference that ``BaseCheckpoint.weight_name`` tolerates for modules."""
+    if name in base:
+        return name
+    alt = name[len("model."):] if name.startswith("model.") else "model." + name
+    return alt if alt in base else None
+
+
+def _listed(problems: list[str], limit: int = 4) -> str:
+    shown = "; ".join(problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def plan_merge(
+    base: "BaseCheckpoint",
+    adapters: Sequence[LoadedAdapter],
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    sign: int = 1,
+    restore: "BaseCheckpoint | None" = None,
+) -> MergePlan:
+    """Decide, from headers only, what happens to every base tensor.
+
+    ``sign=-1`` plans an unmerge (deltas subtracted); ``restore`` is then the original base, from
+    which modules_to_save tensors are restored. Problems (a module without a base tensor, shapes
+    that do not fit, a weighted DoRA merge) are collected and raised together.
+    """
+    out_dtype = parse_dtype(dtype)
+    terms: dict[str, list[Term]] = {}
+    replacements: dict[str, tuple[TensorSource, str]] = {}
+    fit: list[str] = []  # adapter and base do not fit (exit 3)
+    usage: list[str] = []  # the request cannot be done (exit 2)
+
+    for la in adapters:
+        a, w, label = la.adapter, la.spec.weight, str(la.spec.path)
+        for module in a.modules.values():
+            where = f"{label}: module {module.name!r}"
+            target = base.weight_name(module.name)
+            if target is None:
+                fit.append(f"{where} has no base tensor ({module.name}.weight is not in {base.path})")
+                continue
+            bad = _module_problems(module)
+            if bad:
+                fit.append(f"{where}: {bad}")
+                continue
+            found, expected = tuple(base.shape(target)), tuple(module.base_weight_shape)
+            if found != expected and module.kind in (LayerKind.LINEAR, LayerKind.CONV1D) \
+                    and found == expected[::-1]:
+                # PEFT decides Linear vs Conv1D per layer from the base module's type and flips
+                # fan_in_fan_out itself (with a warning), so one saved config can cover both kinds
+                # (peft/tuners/lora/layer.py, dispatch_default); the base's layout decides here.
+                other = LayerKind.LINEAR if module.kind is LayerKind.CONV1D else LayerKind.CONV1D
+                module = dataclasses.replace(module, kind=other)
+                expected = found
+            if found != expected:
+                fit.append(f"{where}: base tensor {target!r} has shape {list(found)}, the adapter's "
+                           f"{module.kind.value} delta has {list(expected)}")
+                continue
+            if base.dtype(target) not in CONVERTIBLE:
+                fit.append(f"{where}: base tensor {target!r} is {base.dtype(target)}; merging needs "
+                           "a bf16/fp16/fp32 base (dequantize it first)")
+                continue
+            if module.use_dora and sign < 0:
+                usage.append(f"{where} is DoRA: its merge rescales each row by m / ‖W + ΔW‖, which "
+                             "cannot be undone without the base; unmerge refuses DoRA adapters")
+                continue
+            if module.use_dora and w != 1.0:
+                usage.append(f"{where} is DoRA and has weight {w:g}: the magnitude vector rescales "
+                             "whole rows, so a weighted DoRA merge has no single meaning; give it "
+                             "weight 1.0")
+                continue
+            terms.setdefault(target, []).append(Term(module, sign * w * module.scale, w, label))
+            if module.lora_B_bias is not None:
+                bias = target[: -len("weight")] + "bias"
+                if bias not in base:
+                    fit.append(f"{where} has lora_bias but the base layer has no bias ({bias!r} "
+                               "is missing); PEFT refuses this merge too")
+                elif tuple(base.shape(bias)) != tuple(shape_of(module.lora_B_bias)):
+                    fit.append(f"{where}: lora_B.bias has shape {list(shape_of(module.lora_B_bias))}, "
+                               f"base {bias!r} has {list(base.shape(bias))}")
+                else:
+                    terms.setdefault(bias, []).append(
+                        Term(module, sign * w * module.scale, w, label, part="bias"))
+        for name, src in a.modules_to_save.items():
+            target = _resolve(base, name)
+            where = f"{label}: modules_to_save tensor {name!r}"
+            if target is None:
+                fit.append(f"{where} has no counterpart in the base")
+                continue
+            if tuple(shape_of(src)) != tuple(base.shape(target)):
+                fit.append(f"{where} has shape {list(shape_of(src))}, base {target!r} has "
+                           f"{list(base.shape(target))}")
+                continue
+            if target in replacements:
+                usage.append(f"{where}: {replacements[target][1]} also carries a replacement for "
+                             f"{target!r}; two adapters cannot both replace one tensor (merge them "
+                             "one at a time, or drop one)")
+                continue
+            replacements[target] = (src, label)
+
+    for name, ts in terms.items():
+        if any(t.dora for t in ts) and len(ts) > 1:
+            usage.append(f"base tensor {name!r}: a DoRA module ({ts[0].adapter}) and another "
+                         "adapter both change it; DoRA's per-row rescaling is defined for one "
+                         "adapter, merge them one at a time")
+        if name in replacements:
+            usage.append(f"base tensor {name!r} is replaced by modules_to_save of "
+                         f"{replacements[name][1]} and changed by a LoRA module of {ts[0].adapter}; "
+                         "the two cannot be combined")
+    if usage:
+        raise UsageError(f"cannot merge: {_listed(usage)}")
+    if fit:
+        raise BaseMismatchError(f"adapter and base do not fit: {_listed(fit)}; is {base.path} the "
+                                "base these adapters were trained on?")
+
+    warnings: list[str] = []
+    plans: dict[str, TensorPlan] = {}
+    for name, ref in base.items():
+        dt = out_dtype if (out_dtype and ref.dtype in CONVERTIBLE) else ref.dtype
+        if name in replacements:
+            src, label = replacements[name]
+            if sign < 0:
+                if restore is not None and name in restore:
+                    plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=restore.ref(name))
+                else:
+                    plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
+                    warnings.append(f"{name}: replaced by modules_to_save of {label}; the original is "
+                                    "not in the merged checkpoint, so it stays as merged (pass --base "
+                                    "to restore it)")
+            else:
+                plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=src)
+        elif name in terms:
+            plans[name] = TensorPlan(name, ref, dt, Action.MERGE, terms=terms[name])
+        else:
+            plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
+
+    plan = MergePlan(base=base, adapters=list(adapters), shards=[], dtype=out_dtype, sign=sign,
+                     warnings=warnings)
+    _plan_layout(plan, plans, max_shard_size)
+    return plan
+
+
+def _data_order(refs: Iterable[TensorRef]) -> list[TensorRef]:
+    return sorted(refs, key=lambda r: r.info.start)
+
+
+def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: int | None) -> None:
+    """Output files: the base's shards (or new ones of at most ``max_shard_size``), indexes, and
+    the other files of the model directory."""
+    base = plan.base
+    root = base.path
+    if base.path.is_file():
+        plan.single_file = True
+        st = SafetensorsFile(base.path)
+        tensors = [plans[r.info.name] for r in _data_order(st.ref(n) for n in st.keys())]
+        if max_shard_size:
+            raise UsageError("--max-shard-size needs a model directory; the base is a single file")
+        plan.shards.append(ShardPlan("", tensors, dict(st.metadata)))
+        return
+
+    by_file: dict[Path, list[TensorPlan]] = {}
+    for t in plans.values():
+        by_file.setdefault(t.src.file.path, []).append(t)
+    index_of = {idx.parent: idx for idx in base.index_files}
+    groups: dict[Path, list[Path]] = {}  # model directory (root or component) -> its files
+    for f in base.files:
+        groups.setdefault(f.parent, []).append(f)
+    for d, files in groups.items():
+        rel_dir = d.relative_to(root)
+        idx = index_of.get(d)
+        if max_shard_size:
+            _reshard(plan, d, files, by_file, idx, max_shard_size)
+            continue
+        for f in files:
+            tensors = sorted(by_file.get(f, []), key=lambda t: t.src.info.start)
+            meta = dict(tensors[0].src.file.metadata) if tensors else dict(SafetensorsFile(f).metadata)
+            plan.shards.append(ShardPlan(str(rel_dir / f.name), tensors, meta))
+        if idx is not None:
+            rel = str(idx.relative_to(root))
+            if plan.dtype is None:
+                plan.indexes[rel] = idx.read_bytes()  # unchanged: copied byte for byte
+            else:
+                data = json.loads(idx.read_text(encoding="utf-8"))
+                total = sum(t.nbytes for f in files for t in by_file.get(f, []))
+                data.setdefault("metadata", {})["total_size"] = total
+                plan.indexes[rel] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+    weights = set(base.files) | set(base.index_files)
+    for src in sorted(root.rglob("*")):
+        rel = src.relative_to(root)
+        if any(p.startswith(".") for p in rel.parts) or not src.is_file() or src in weights:
+            continue
+        stale = src.suffix in PICKLE_SUFFIXES or src.suffix == ".safetensors" \
+            or src.name.endswith(".safetensors.index.json")
+        if stale:
+            plan.warnings.append(f"{rel}: not copied: weights that are not part of the checkpoint "
+                                 "(they would not hold the merge)")
+            continue
+        plan.copies.append((src, str(rel)))
+        if plan.dtype is not None and src.name == "config.json" and src.parent in groups:
+            try:
+                cfg = json.loads(src.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] if isinstance(cfg, dict) else []
+            if keys:
+                plan.json_updates[str(rel)] = {k: TORCH_NAMES[plan.dtype] for k in keys}
+
+
+def _reshard(plan: MergePlan, d: Path, files: list[Path], by_file: dict[Path, list[TensorPlan]],
+             idx: Path | None, limit: int) -> None:
+    """transformers' rule: tensors in the base's order, a new shard when the next tensor would go
+    past the limit (a tensor larger than the limit gets a shard of its own)."""
+    root = plan.base.path
+    rel_dir = d.relative_to(root)
+    order = [t for f in files for t in sorted(by_file.get(f, []), key=lambda t: t.src.info.start)]
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in order:
+        if groups[-1] and size + t.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    stem = "diffusion_pytorch_model" if files[0].name.startswith("diffusion_pytorch_model") else "model"
+    meta = dict(SafetensorsFile(files[0]).metadata) or {"format": "pt"}
+    if len(groups) == 1:
+        plan.shards.append(ShardPlan(str(rel_dir / f"{stem}.safetensors"), groups[0], meta))
+        return
+    weight_map: dict[str, str] = {}
+    for i, g in enumerate(groups, 1):
+        fname = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+        plan.shards.append(ShardPlan(str(rel_dir / fname), g, meta))
+        weight_map.update({t.key: fname for t in g})
+    extra: dict[str, Any] = {}
+    if idx is not None:
+        old = json.loads(idx.read_text(encoding="utf-8"))
+        extra = {k: v for k, v in (old.get("metadata") or {}).items() if k != "total_size"}
+    index = {"metadata": {**extra, "total_size": sum(t.nbytes for t in order)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    plan.indexes[str(rel_dir / f"{stem}.safetensors.index.json")] = (json.dumps(index, indent=2) + "\n").encode()
+
+
+# -- the arithmetic -----------------------------------------------------------------------------
+
+def row_spans(rows: int, block: int) -> list[tuple[int, int]]:
+    """[0, rows) in spans of ``block`` rows, the remainder folded into the last span."""
+    if rows <= block:
+        return [(0, rows)]
+    spans = []
+    i = 0
+    while i < rows:
+        j = i + block
+        if rows - j < block:
+            j = rows
+        spans.append((i, j))
+        i = j
+    return spans
+
+
+def block_rows(cols: int, itemsize: int = 4, target: int = BLOCK_BYTES) -> int:
+    """Rows per block: about ``target`` bytes, a multiple of ROW_ALIGN, at least ROW_ALIGN."""
+    rows = target // max(1, cols * itemsize)
+    return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
+
+
+def tensor_spans(t: TensorPlan, device: str = "cpu", block_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Row spans in which ``t`` is read, computed and written (``block_bytes``: the float32 size
+    of a block, BLOCK_BYTES by default; tests make it small to get many blocks from tiny models)."""
+    shape = t.shape
+    rows = shape[0] if shape else 1
+    cols = t.numel // max(1, rows)
+    if t.action is Action.CAST:
+        return row_spans(rows, max(1, CAST_BLOCK_BYTES // max(1, cols * DTYPES[t.src.dtype][0])))
+    if t.action is not Action.MERGE or len(shape) < 2:
+        return [(0, rows)]
+    if t.kind is LayerKind.CONV2D or (t.dora and t.kind is not LayerKind.LINEAR):
+        return [(0, rows)]  # computed whole, as PEFT does (DoRA's norm spans the columns here)
+    target = block_bytes or (BLOCK_BYTES if device == "cpu" else GPU_BLOCK_BYTES)
+    return row_spans(rows, block_rows(cols, target=target))
+
+
+class TensorMath:
+    """The merged value of one base tensor, one row span at a time.
+
+    ``dtype`` float32 gives the executor's arithmetic (PEFT's, see the module docstring); float64
+    gives parity's reference (same formula, exact products and sums up to float64 rounding).
+    """
+
+    def __init__(self, t: TensorPlan, dtype: "torch.dtype", device: str = "cpu", reuse: bool = False):
+        import torch
+
+        self.t = t
+        self.dtype = dtype
+        self.device = device
+        # reuse: ``rows`` returns the same buffer every time (the caller copies it out before the
+        # next call): no fresh pages to fault in for every block
+        self.reuse = reuse
+        self._acc: "torch.Tensor | None" = None
+        self.factors: list[tuple[Term, Any, Any]] = []
+        for term in t.terms:
+            if term.part == "bias":
+                self.factors.append((term, load_tensor(term.module.lora_B_bias).to(device, dtype), None))
+            elif term.module.kind is LayerKind.CONV2D:
+                self.factors.append((term, term.module.B().to(device, dtype), term.module.A().to(device, dtype)))
+            else:
+                b2, a2 = term.module.factors_2d(dtype)
+                self.factors.append((term, b2.to(device), a2.to(device)))
+        # One adapter at weight 1 (a plain merge): PEFT's bits are the promise, see ``_fused``.
+        self.peft_exact = len(t.terms) == 1 and t.terms[0].coef == t.terms[0].module.scale
+        self.magnitude = None
+        if t.dora:
+            self.magnitude = load_tensor(t.terms[0].module.magnitude).to(device, dtype).reshape(-1)
+        self._tmp: "torch.Tensor | None" = None
+
+    def delta(self, term: Term, b, a, i: int, j: int) -> "torch.Tensor":
+        """coef · ΔW for rows [i, j) of the base tensor, in its layout."""
+        import torch
+        import torch.nn.functional as F
+
+        kind = term.module.kind
+        if term.part == "bias":
+            return (b * term.coef)[i:j]
+        if kind is LayerKind.LINEAR:
+            n = j - i
+            if self._tmp is None or self._tmp.numel() < n * a.shape[1]:
+                self._tmp = torch.empty(n * a.shape[1], dtype=self.dtype, device=self.device)
+            d = torch.mm(b[i:j], a, out=self._tmp[: n * a.shape[1]].view(n, a.shape[1]))
+            return d.mul_(term.coef)
+        if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
+            return torch.mm(b, a[:, i:j]).mul_(term.coef).T
+        # Conv2d, whole, as PEFT's Conv2d.get_delta_weight computes it
+        shape = self.t.shape
+        if tuple(shape[2:4]) == (1, 1):
+            d = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            d = F.conv2d(a.transpose(0, 1), b).transpose(0, 1)
+        return (d * term.coef)[i:j]
+
+    def values(self, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """V = W + Σ coef·ΔW for rows [i, j), from the base rows ``w``; not rounded."""
+        import torch
+
+        if self.reuse:
+            n = w.numel()
+            if self._acc is None or self._acc.numel() < n:
+                self._acc = torch.empty(n, dtype=self.dtype, device=self.device)
+            acc = self._acc[:n].view(w.shape)
+            acc.copy_(w)
+        else:
+            acc = w.to(self.device, self.dtype, copy=True)
+        for term, b, a in self.factors:
+            if not self._fused(term, b):
+                acc.add_(self.delta(term, b, a, i, j))
+            elif term.module.kind is LayerKind.LINEAR:
+                acc.addmm_(b[i:j], a, alpha=term.coef)
+            else:  # rows of (B @ A).T
+                acc.addmm_(a[:, i:j].T, b.T, alpha=term.coef)
+        return acc
+
+    def _fused(self, term: Term, b) -> bool:
+        """Whether ``addmm_(…, alpha=coef)`` may replace mm, mul_ and add_ (one pass, one FMA
+        rounding per product instead of two roundings: at least as accurate).
+
+        For PEFT's bits (``peft_exact``) only when coef = 2^k, a Linear, and r ≤ 128: then
+        coef·(B@A) is exact and MKL's fused alpha·(B@A) + V rounds like PEFT's (B@A)·s, + W."""
+        import torch
+
+        if self.dtype != torch.float32 or self.device != "cpu" or term.part != "weight":
+            return False
+        if term.module.kind is LayerKind.CONV2D:
+            return False
+        if not self.peft_exact:
+            return True
+        return (term.module.kind is LayerKind.LINEAR and b.shape[1] <= 128 and term.coef != 0
+                and abs(math.frexp(term.coef)[0]) == 0.5)
+
+    def dora_factor(self, v: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """m / ‖V‖, shaped to broadcast over V's rows [i, j)."""
+        import torch
+
+        kind = self.t.kind
+        if kind is LayerKind.LINEAR:
+            return (self.magnitude[i:j] / torch.linalg.norm(v, dim=1)).view(-1, 1)
+        if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
+            # PEFT: the norm of transpose(W) + delta.T along dim 1, i.e. per column of W
+            return (self.magnitude / torch.linalg.norm(v.T, dim=1)).view(1, -1)
+        # Conv2d: over (in, kh, kw) of each output channel
+        norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
+        return (self.magnitude[i:j] / norm.reshape(-1)).view(-1, *([1] * (v.dim() - 1)))
+
+    def rows(self, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """The merged rows [i, j) (in ``self.dtype``, not rounded) from the base rows ``w``."""
+        acc = self.values(w, i, j)
+        if self.magnitude is not None:
+            acc.mul_(self.dora_factor(acc, i, j))
+        return acc
+
+
+class _CudaMath(TensorMath):
+    """The linear kinds through the Triton kernel (whole tensors on the GPU); the rest in torch."""
+
+    def rows(self, w, i, j):
+        import torch
+
+        from loratool.kernels import merge as kernels
+
+        kind = self.t.kind
+        if kind not in (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING) or \
+                any(term.part == "bias" for term, _, _ in self.factors) or \
+                (self.t.dora and kind is not LayerKind.LINEAR):
+            return super().rows(w, i, j)
+        w = w.to(self.device)
+        if kind is LayerKind.LINEAR:
+            bs, as_ = [b[i:j] for _, b, _ in self.factors], [a for _, _, a in self.factors]
+        else:  # rows of (B @ A).T = A[:, rows].T @ B.T
+            bs, as_ = [a[:, i:j].T for _, _, a in self.factors], [b.T for _, b, _ in self.factors]
+        coeffs = [term.coef for term, _, _ in self.factors]
+        # rounded once, by the kernel, to the output dtype (the executor's cast is then a no-op)
+        out = torch.empty(w.shape, dtype=torch_dtype(self.t.dtype), device=self.device)
+        if self.magnitude is not None:
+            return kernels.dora_merge(w, bs, as_, coeffs, self.magnitude[i:j], out=out)
+        return kernels.merge(w, bs, as_, coeffs, out=out)
+
+
+# -- the executor -------------------------------------------------------------------------------
+
+class MergeResult(BaseModel):
+    """What ``merge``/``unmerge`` wrote."""
+
+    operation: str  # "merge" | "unmerge"
+    out: str
+    base: str
+    adapters: list[str]  # PATH:WEIGHT
+    device: str
+    dtype: str  # "keep" or the output dtype
+    tensors: int
+    merged: int  # tensors changed by LoRA deltas (weights and lora_bias biases)
+    replaced: int  # modules_to_save (merge) or restored from the base (unmerge)
+    copied: int  # raw bytes, never decoded
+    cast: int  # converted to --dtype only
+    files: int  # safetensors files written
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = []
+
+    def describe(self) -> str:
+        verb = "merged" if self.operation == "merge" else "unmerged"
+        parts = [f"{self.merged} {verb}"]
+        if self.replaced:
+            parts.append(f"{self.replaced} {'replaced' if self.operation == 'merge' else 'restored'}")
+        parts.append(f"{self.copied} copied raw")
+        if self.cast:
+            parts.append(f"{self.cast} cast to {self.dtype}")
+        return (f"wrote {self.out}: {self.tensors} tensors ({', '.join(parts)}) in {self.files} "
+                f"file(s), {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}")
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Worker:
+    """A thread fed through a bounded queue; errors surface in the caller at the next put/close."""
+
+    _END = object()
+
+    def __init__(self, name: str, depth: int = QUEUE_DEPTH):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "_Worker":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.q.get()
+                if item is self._END or self.stop.is_set():
+                    return
+                self.handle(item)
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            self.stop.set()
+
+    def handle(self, item) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise OutputError("internal error: the writer thread stopped") from self.error
+
+    def close(self) -> None:
+        self.put(self._END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.stop.set()
+        while True:  # unblock the thread and let it see the stop flag
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self.q.put_nowait(self._END)
+        except queue.Full:
+            pass
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class _Open:
+    path: Path
+
+
+@dataclass
+class _Copy:
+    src: Path
+    offset: int
+    nbytes: int
+
+
+class _Close:
+    pass
+
+
+class _Writer(_Worker):
+    """Writes the output files in order: headers, computed blocks (tensors) and raw copies."""
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        super().__init__("loratool-writer")
+        self.progress = progress
+        self.fd: int | None = None
+        self.sources: dict[Path, int] = {}
+        self.written = 0
+        self._fast_copy = hasattr(os, "copy_file_range")
+        self._unsynced = 0
+        self._syncs: list[threading.Thread] = []
+
+    def _src(self, path: Path) -> int:
+        fd = self.sources.get(path)
+        if fd is None:
+            fd = self.sources[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+        return fd
+
+    def _advance(self, n: int) -> None:
+        self.written += n
+        self._unsynced += n
+        if self._unsynced >= SYNC_EVERY:
+            self._sync_behind()
+        if self.progress is not None and n:
+            self.progress(n)
+
+    def _sync_behind(self) -> None:
+        """Start writing back what is written so far, in the background: the fsync at the end
+        (atomic_dir) then finds little left to do. One at a time; a dup'd descriptor, so that
+        closing the file does not race with it."""
+        self._unsynced = 0
+        if self._syncs and self._syncs[-1].is_alive():
+            return
+        fd = os.dup(self.fd)
+
+        def sync() -> None:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass  # the final fsync reports real errors
+            finally:
+                os.close(fd)
+
+        t = threading.Thread(target=sync, name="loratool-sync", daemon=True)
+        t.start()
+        self._syncs.append(t)
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self._advance(n)
+
+    def handle(self, item) -> None:
+        import torch
+
+        if isinstance(item, _Open):
+            self.fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        elif isinstance(item, _Close):
+            os.close(self.fd)
+            self.fd = None
+        elif isinstance(item, _Copy):
+            self._copy(item)
+        elif isinstance(item, torch.Tensor):
+            if item.numel():
+                self._write(item.contiguous().view(-1).view(torch.uint8).numpy())
+        else:
+            self._write(item)
+
+    def _copy(self, c: _Copy) -> None:
+        src = self._src(c.src)
+        off, left = c.offset, c.nbytes
+        while left and self._fast_copy:
+            if self.stop.is_set():
+                raise _Stop()
+            try:
+                n = os.copy_file_range(src, self.fd, min(left, COPY_CHUNK), off)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    self._fast_copy = False  # e.g. across filesystems on old kernels: copy by hand
+                    break
+                raise
+            if n == 0:
+                raise InputError(f"{c.src}: truncated while copying (expected {left} more bytes)")
+            off += n
+            left -= n
+            self._advance(n)
+        while left:
+            if self.stop.is_set():
+                raise _Stop()
+            data = os.pread(src, min(left, 8 << 20), off)
+            if not data:
+                raise InputError(f"{c.src}: truncated while copying (expected {left} more bytes)")
+            self._write(data)
+            off += len(data)
+            left -= len(data)
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+            for fd in self.sources.values():
+                os.close(fd)
+            for t in self._syncs:
+                t.join()
+
+
+class _Reader:
+    """Reads the row blocks of the tensors to compute, ahead of the math, in a thread."""
+
+    _END = object()
+
+    def __init__(self, jobs: list[tuple[TensorPlan, list[tuple[int, int]]]]):
+        self.jobs = jobs
+        self.out: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        # buffers handed back by ``release``: reused, so that blocks do not fault in fresh pages
+        self.free: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH + 2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="loratool-reader", daemon=True)
+
+    def start(self) -> "_Reader":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        fds: dict[Path, int] = {}
+        try:
+            item: Any = self._END
+            try:
+                for block in self._blocks(fds):
+                    self._put(block)
+            except _Stop:
+                return
+            except BaseException as e:  # handed to the main thread
+                item = e
+            self._put(item)
+        except _Stop:
+            pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _blocks(self, fds: dict[Path, int]) -> Iterator[tuple]:
+        import torch
+
+        for t, spans in self.jobs:
+            path = t.src.file.path
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+            rows = t.shape[0] if t.shape else 1
+            row_bytes = t.src.nbytes // max(1, rows)
+            dt = torch_dtype(t.src.dtype)
+            for i, j in spans:
+                n = (j - i) * row_bytes
+                buf = self._buffer(n)
+                view, off, got = memoryview(buf)[:n], t.src.info.start + i * row_bytes, 0
+                while got < n:
+                    k = os.preadv(fd, [view[got:]], off + got)
+                    if k == 0:
+                        raise InputError(f"{path}: truncated while reading tensor {t.key!r}")
+                    got += k
+                w = torch.frombuffer(buf, dtype=dt, count=n // dt.itemsize) if n else torch.empty(0, dtype=dt)
+                yield t, i, j, w.reshape((j - i,) + t.shape[1:] if t.shape else ()), buf
+
+    def _buffer(self, n: int) -> bytearray:
+        try:
+            buf = self.free.get_nowait()
+            if len(buf) >= n:
+                return buf
+        except queue.Empty:
+            pass
+        return bytearray(max(n, 1))
+
+    def release(self, buf: bytearray) -> None:
+        """The main thread is done with a block's buffer (no tensor may view it any more)."""
+        if len(buf) <= POOL_MAX_BYTES:
+            try:
+                self.free.put_nowait(buf)
+            except queue.Full:
+                pass
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop()
+
+    def get(self):
+        while True:
+            try:
+                item = self.out.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.out.empty():
+                    raise OutputError("internal error: the reader thread stopped") from None
+        if item is self._END:
+            raise OutputError("internal error: the reader ran out of blocks")
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def abort(self) -> None:
+        self.stop.set()
+        while True:
+            try:
+                self.out.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join(timeout=10)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device: unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def _compute_block(t: TensorPlan, math_: TensorMath | None, w, i: int, j: int):
+    import torch
+
+    out = torch_dtype(t.dtype)
+    if t.action is Action.CAST:
+        return w.to(out)
+    acc = math_.rows(w, i, j)
+    # a fresh tensor for the writer: acc is reused for the next block
+    return torch.empty(acc.shape, dtype=out).copy_(acc)
+
+
+def _replacement_bytes(t: TensorPlan):
+    src = t.replacement
+    if isinstance(src, TensorRef) and src.dtype == t.dtype:
+        return _Copy(src.file.path, src.info.start, src.nbytes)
+    return load_tensor(src).to(torch_dtype(t.dtype)).reshape(t.shape)
+
+
+def execute(
+    plan: MergePlan,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    before_commit: Callable[[Path, MergePlan], None] | None = None,
+    fail_after_tensors: int | None = None,
+    block_bytes: int | None = None,
+) -> int:
+    """Write ``plan`` to ``out`` atomically; return the bytes of safetensors data written.
+
+    ``progress(n)`` is called from the writer thread with each number of bytes written.
+    ``before_commit(tmp_dir, plan)`` runs when everything is written, before the rename (a place
+    to add files, e.g. a manifest, that must appear together with the output).
+    ``fail_after_tensors``: a testing hook, raises after that many tensors have been queued.
+    """
+    out = Path(out)
+    ctx = atomic_path(out, overwrite=overwrite) if plan.single_file else atomic_dir(out, overwrite=overwrite)
+    with ctx as tmp:
+        root = tmp
+        if not plan.single_file:
+            for src, rel in plan.copies:
+                dest = root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if rel in plan.json_updates:
+                    data = json.loads(src.read_text(encoding="utf-8"))
+                    data.update(plan.json_updates[rel])
+                    dest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                else:
+                    shutil.copyfile(src, dest)
+            for rel, content in plan.indexes.items():
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(content)
+        written = _stream(plan, root, device, progress, fail_after_tensors, block_bytes)
+        if before_commit is not None:
+            before_commit(root, plan)
+    return written
+
+
+def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int | None,
+            block_bytes: int | None = None) -> int:
+    import torch
+
+    jobs = [(t, tensor_spans(t, device, block_bytes)) for t in plan.tensors()
+            if t.action in (Action.MERGE, Action.CAST)]
+    spans = {id(t): s for t, s in jobs}
+    writer = _Writer(progress).start()
+    reader = _Reader(jobs).start()
+    done = 0
+    threads = torch.get_num_threads()
+    # One math thread: the reader and the writer need the other cores, and torch's OpenMP workers
+    # spin between the many small calls and take the cores the I/O threads need.
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for shard in plan.shards:
+                path = root if plan.single_file else root / shard.rel
+                if plan.single_file:
+                    # atomic_path created the temporary file: write it from scratch
+                    os.unlink(path)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                writer.put(_Open(path))
+                writer.put(shard.header())
+                for t in shard.tensors:
+                    if fail_after is not None and done >= fail_after:
+                        raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
+                    if t.action is Action.COPY:
+                        writer.put(_Copy(t.src.file.path, t.src.info.start, t.src.nbytes))
+                    elif t.action is Action.REPLACE:
+                        writer.put(_replacement_bytes(t))
+                    else:
+                        engine = None
+                        if t.action is Action.MERGE:
+                            engine = (_CudaMath if device == "cuda" else TensorMath)(t, torch.float32, device,
+                                                                                      reuse=True)
+                        for _ in spans[id(t)]:
+                            bt, i, j, w, buf = reader.get()
+                            assert bt is t, "reader and executor disagree on the order of blocks"
+                            block = _compute_block(t, engine, w, i, j)
+                            del w
+                            reader.release(buf)
+                            writer.put(block)
+                    done += 1
+                writer.put(_Close())
+        writer.close()
+        reader.thread.join()
+    except BaseException:
+        reader.abort()
+        writer.abort()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    return writer.written
+
+
+# -- the entry points ---------------------------------------------------------------------------
+
+def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:
+    from loratool.formats import load_adapter
+
+    loaded = []
+    for spec in specs:
+        adapter = load_adapter(spec.path)
+        if not adapter.modules and not adapter.modules_to_save:
+            raise InputError(f"{spec.path}: holds no LoRA modules and no modules_to_save; nothing to merge")
+        loaded.append(LoadedAdapter(spec, adapter))
+    return loaded
+
+
+def _check_paths(out: Path, inputs: Sequence[Path]) -> None:
+    o = out.resolve()
+    for p in inputs:
+        r = Path(p).resolve()
+        if o == r or r in o.parents or o in r.parents:
+            raise UsageError(f"{out}: the output overlaps the input {p}; choose an output outside "
+                             "the inputs (inputs are never modified)")
+
+
+def _specs(adapters) -> list[AdapterSpec]:
+    """``"a:0.7,b:0.3"``, or a list of such strings, paths and ``AdapterSpec``s."""
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    specs: list[AdapterSpec] = []
+    for a in adapters:
+        specs.extend([a] if isinstance(a, AdapterSpec) else parse_adapter_specs(os.fspath(a)))
+    if not specs:
+        raise UsageError("no adapter given; expected PATH[:WEIGHT][,PATH[:WEIGHT]...]")
+    return specs
+
+
+def merge(
+    base: str | os.PathLike,
+    adapters: str | Sequence[AdapterSpec | str],
+    out: str | os.PathLike,
+    dtype: str | None = "keep",
+    device: str | None = "auto",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    check_base: Callable[[Adapter, "BaseCheckpoint"], None] | None = None,
+    before_commit: Callable[[Path, MergePlan], None] | None = None,
+    fail_after_tensors: int | None = None,
+    block_bytes: int | None = None,
+) -> MergeResult:
+    """Merge ``adapters`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s) into the checkpoint at ``base``
+    and write the result to ``out`` (same layout, atomically).
+
+    ``progress(advance, total)``: bytes written so far are reported as they go.
+    ``check_base(adapter, base)``: called for each adapter before anything is planned; raise
+    ``BaseMismatchError`` to refuse (see HOOK(manifest) below).
+    """
+    from loratool.checkpoint import BaseCheckpoint
+
+    t0 = time.perf_counter()
+    specs = _specs(adapters)
+    out = Path(out)
+    _check_paths(out, [Path(base), *(s.path for s in specs)])
+    ckpt = BaseCheckpoint(base)
+    loaded = load_adapters(specs)
+    # HOOK(manifest): base-hash enforcement. The CLI passes loratool.manifest.check_base here
+    # (with --allow-base-mismatch / --require-manifest); lineage for the output goes through
+    # ``before_commit``, which runs inside the temporary output directory before the rename.
+    if check_base is not None:
+        for la in loaded:
+            check_base(la.adapter, ckpt)
+    plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype,
+                      max_shard_size=parse_size(max_shard_size))
+    return _run(plan, "merge", out, overwrite, device, progress, before_commit, fail_after_tensors, t0,
+                block_bytes)
+
+
+def _run(plan, operation, out, overwrite, device, progress, before_commit, fail_after, t0,
+         block_bytes=None) -> MergeResult:
+    dev = resolve_device(device)
+    total = plan.nbytes
+    cb = (lambda n: progress(n, total)) if progress is not None else None
+    written = execute(plan, out, overwrite=overwrite, device=dev, progress=cb,
+                      before_commit=before_commit, fail_after_tensors=fail_after, block_bytes=block_bytes)
+    return MergeResult(
+        operation=operation,
+        out=str(out),
+        base=str(plan.base.path),
+        adapters=[str(la.spec) for la in plan.adapters],
+        device=dev,
+        dtype=TORCH_NAMES.get(plan.dtype, "keep") if plan.dtype else "keep",
+        tensors=sum(1 for _ in plan.tensors()),
+        merged=plan.count(Action.MERGE),
+        replaced=plan.count(Action.REPLACE),
+        copied=plan.count(Action.COPY),
+        cast=plan.count(Action.CAST),
+        files=len(plan.shards),
+        bytes_written=written,
+        seconds=round(time.perf_counter() - t0, 3),
+        warnings=plan.warnings,
+    )
+
+
+class LayerDistance(BaseModel):
+    """How far one tensor is from another (``unmerge --base``: the result from the original)."""
+
+    name: str
+    dtype: str
+    numel: int
+    differing: int  # elements that are not bit-equal
+    max_abs: float
+    max_ulp: float  # in ulps of the reference tensor's dtype at the reference value
+
+
+class UnmergeResult(MergeResult):
+    """``unmerge`` output, with the distance to the original base when it was given."""
+
+    distance: list[LayerDistance] = []
+    max_ulp: float | None = None
+    max_abs: float | None = None
+
+
+def unmerge(
+    merged: str | os.PathLike,
+    adapters: str | Sequence[AdapterSpec | str],
+    out: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    dtype: str | None = "keep",
+    device: str | None = "auto",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    check_base: Callable[[Adapter, "BaseCheckpoint"], None] | None = None,
+    before_commit: Callable[[Path, MergePlan], None] | None = None,
+) -> UnmergeResult:
+    """Subtract the adapters' deltas from ``merged``: round(M − Σ wᵢ sᵢ ΔWᵢ). DoRA is refused
+    (its per-row rescaling needs the original norms). With ``base`` the modules_to_save tensors
+    are restored from it and the result is compared with it (``distance``)."""
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.parity import tensor_distance
+
+    t0 = time.perf_counter()
+    specs = _specs(adapters)
+    out = Path(out)
+    _check_paths(out, [Path(merged), *(s.path for s in specs), *([Path(base)] if base else [])])
+    ckpt = BaseCheckpoint(merged)
+    original = BaseCheckpoint(base) if base is not None else None
+    loaded = load_adapters(specs)
+    # HOOK(manifest): as in ``merge``; the merged checkpoint stands in for the base here.
+    if check_base is not None:
+        for la in loaded:
+            check_base(la.adapter, original or ckpt)
+    plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype, sign=-1, restore=original)
+    result = _run(plan, "unmerge", out, overwrite, device, progress, before_commit, None, t0)
+    res = UnmergeResult(**result.model_dump())
+    if original is not None:
+        restored = BaseCheckpoint(out)
+        for t in plan.tensors():
+            if t.action is Action.MERGE and t.name in original:
+                res.distance.append(tensor_distance(t.name, restored.ref(t.name), original.ref(t.name),
+                                                     scale=ckpt.ref(t.name)))
+        if res.distance:
+            res.max_ulp = max(d.max_ulp for d in res.distance)
+            res.max_abs = max(d.max_abs for d in res.distance)
+    return res

@@ -1,0 +1,383 @@
+"""Parity: does a merged checkpoint hold base + the adapters' deltas, within one rounding?
+
+``check_parity`` streams the base and the merged checkpoint side by side, tensor by tensor and row
+block by row block, and recomputes each touched tensor in float64 with the merge's formula
+(``merge.TensorMath``: the same terms, coefficients, DoRA rescaling). A merged value M passes when
+
+    |M − X| ≤ ulp(X) + bound          X = the float64 value, ulp in M's dtype
+
+one rounding to M's dtype (≤ ½ ulp) with room for the float32 accumulation before it (PEFT's
+Embedding merge rounds twice, which stays within 1 ulp). ``bound`` is the float32 accumulation
+error bound γ·(|W| + Σ|c|·|B|·|A|) (γ = (r + 4)·2⁻²⁴, more for DoRA's norm): where the delta
+cancels W (or its r products cancel each other) X is small, and a correct float32 merge can be a few
+ulps of X away from it, in any output dtype.
+Untouched tensors must be byte-identical (or equal to the base cast to M's dtype after --dtype);
+modules_to_save tensors equal to the replacement.
+
+``forward_parity`` runs the model through transformers on fixed token ids twice: the base with the
+adapters applied unmerged by PEFT, and the merged checkpoint, and compares the logits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from pydantic import BaseModel
+
+from loratool.errors import UsageError
+from loratool.merge import (
+    CONVERTIBLE,
+    Action,
+    LayerDistance,
+    LoadedAdapter,
+    TensorMath,
+    TensorPlan,
+    _specs,
+    load_adapters,
+    plan_merge,
+    row_spans,
+    tensor_spans,
+)
+from loratool.safetensors_io import TensorRef, torch_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+U32 = 2.0**-24  # float32 unit roundoff
+# safetensors dtype -> (mantissa bits, smallest normal exponent)
+FLOAT_FORMATS = {"BF16": (7, -126), "F16": (10, -14), "F32": (23, -126), "F64": (52, -1022)}
+TOLERANCE = "|M - X| <= 1 ulp(X) + float32 accumulation bound; X computed in float64"
+
+
+def ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """The spacing of ``dtype`` values around each (float64) value of ``x``."""
+    import torch
+
+    mant, emin = FLOAT_FORMATS[dtype]
+    _, e = torch.frexp(x)  # x = m·2^e, ½ ≤ |m| < 1
+    exp = torch.where(x == 0, emin, torch.clamp(e.to(torch.int64) - 1, min=emin))
+    return torch.ldexp(torch.ones_like(x), exp - mant)
+
+
+class LayerParity(BaseModel):
+    name: str
+    action: str  # merge | replace
+    kind: str | None  # linear | conv1d | conv2d | embedding | bias
+    dora: bool = False
+    dtype: str
+    numel: int
+    adapters: list[str]
+    max_abs_err: float
+    max_ulp_err: float  # |M − X| / ulp(X)
+    max_err_over_tol: float  # |M − X| / tolerance: ≤ 1 passes
+    bad: int  # elements outside the tolerance
+    ok: bool
+
+
+class ForwardParity(BaseModel):
+    model_class: str
+    batch: int
+    seq_len: int
+    max_abs_diff: float
+    max_abs_logit: float
+    top1_agreement: float
+    min_top1: float
+    ok: bool
+
+
+class ParityReport(BaseModel):
+    base: str
+    merged: str
+    adapters: list[str]
+    ok: bool
+    tolerance: str = TOLERANCE
+    layers: list[LayerParity]  # the touched tensors, in checkpoint order
+    untouched: int  # tensors checked for byte (or cast) equality
+    untouched_mismatched: list[str] = []
+    missing: list[str] = []  # in the base, not in the merged checkpoint
+    unexpected: list[str] = []  # in the merged checkpoint, not in the base
+    problems: list[str] = []  # shape or dtype disagreements
+    max_ulp_err: float = 0.0
+    max_err_over_tol: float = 0.0
+    forward: ForwardParity | None = None
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+class _Rows:
+    """Row blocks of tensors, read with pread (files opened read-only, kept open)."""
+
+    def __init__(self):
+        self.fds: dict[Path, int] = {}
+
+    def __enter__(self) -> "_Rows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def raw(self, ref: TensorRef, start: int, n: int) -> bytes:
+        path = ref.file.path
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        out = bytearray()
+        while len(out) < n:
+            data = os.pread(fd, n - len(out), ref.info.start + start + len(out))
+            if not data:
+                raise UsageError(f"{path}: truncated while reading tensor {ref.info.name!r}")
+            out += data
+        return bytes(out)
+
+    def rows(self, ref: TensorRef, i: int, j: int) -> "torch.Tensor":
+        import torch
+
+        shape = tuple(ref.shape)
+        rows = shape[0] if shape else 1
+        row_bytes = ref.nbytes // max(1, rows)
+        data = self.raw(ref, i * row_bytes, (j - i) * row_bytes)
+        dt = torch_dtype(ref.dtype)
+        t = torch.frombuffer(bytearray(data), dtype=dt) if data else torch.empty(0, dtype=dt)
+        return t.reshape((j - i,) + shape[1:] if shape else ())
+
+
+def _spans_of(ref: TensorRef, block_bytes: int = 8 << 20) -> list[tuple[int, int]]:
+    rows = ref.shape[0] if ref.shape else 1
+    row_bytes = max(1, ref.nbytes // max(1, rows))
+    return row_spans(rows, max(1, block_bytes // row_bytes))
+
+
+# -- per-tensor checks --------------------------------------------------------------------------
+
+def _bound(math64: TensorMath, w: "torch.Tensor", exact: "torch.Tensor", i: int, j: int):
+    """The float32 accumulation error bound for rows [i, j) (see the module docstring)."""
+    import torch
+    from dataclasses import replace
+
+    mag = w.to(torch.float64).abs()
+    r = 0
+    for term, b, a in math64.factors:
+        mag.add_(math64.delta(replace(term, coef=abs(term.coef)), b.abs(), a.abs() if a is not None else None, i, j))
+        r += term.module.rank if term.part == "weight" else 1
+    gamma = (r + 4) * U32
+    if math64.magnitude is None:
+        return gamma * mag
+    # DoRA: V's error is scaled by m/‖V‖; the norm (a float32 sum over the row), the division
+    # and the product add a relative error
+    factor = math64.dora_factor(math64.values(w, i, j), i, j).abs()
+    n = max(exact.shape) if exact.dim() else 1  # the length of the norm's sum, or more
+    return gamma * mag * factor + (n + r + 8) * U32 * exact.abs()
+
+
+def _check_merge(t: TensorPlan, m: TensorRef, rows: _Rows, progress) -> LayerParity:
+    import torch
+
+    math64 = TensorMath(t, torch.float64)
+    max_abs = max_ulp = max_ratio = 0.0
+    bad = 0
+    for i, j in tensor_spans(t):
+        w = rows.rows(t.src, i, j)
+        got = rows.rows(m, i, j).to(torch.float64)
+        exact = math64.rows(w, i, j)
+        err = (got - exact).abs()
+        u = ulp(exact, m.dtype)
+        tol = u + _bound(math64, w, exact, i, j)
+        bad += int((~(err <= tol)).sum())  # NaN counts as bad
+        if err.numel():
+            finite = torch.nan_to_num(err, nan=float("inf"))
+            max_abs = max(max_abs, float(finite.max()))
+            max_ulp = max(max_ulp, float((finite / u).max()))
+            max_ratio = max(max_ratio, float((finite / tol).max()))
+        if progress:
+            progress(2 * (j - i) * (m.nbytes // max(1, m.shape[0] if m.shape else 1)))
+    kind = "bias" if t.terms[0].part == "bias" else t.kind.value
+    return LayerParity(name=t.name, action="merge", kind=kind, dora=t.dora, dtype=m.dtype, numel=t.numel,
+                       adapters=sorted({term.adapter for term in t.terms}), max_abs_err=max_abs,
+                       max_ulp_err=max_ulp, max_err_over_tol=max_ratio, bad=bad, ok=bad == 0)
+
+
+def _check_replace(t: TensorPlan, m: TensorRef, rows: _Rows) -> LayerParity:
+    import torch
+
+    from loratool.adapter import load_tensor
+
+    want = load_tensor(t.replacement).to(torch_dtype(m.dtype)).reshape(t.shape)
+    got = rows.rows(m, 0, m.shape[0] if m.shape else 1)
+    same = torch.equal(want.view(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)) if want.numel() else True
+    err = (got.to(torch.float64) - want.to(torch.float64)).abs()
+    max_abs = float(err.max()) if err.numel() else 0.0
+    return LayerParity(name=t.name, action="replace", kind=None, dtype=m.dtype, numel=t.numel,
+                       adapters=[], max_abs_err=max_abs, max_ulp_err=0.0 if same else float("inf"),
+                       max_err_over_tol=0.0 if same else float("inf"),
+                       bad=0 if same else int((err != 0).sum()), ok=same)
+
+
+def _same_untouched(t: TensorPlan, m: TensorRef, rows: _Rows) -> bool:
+    """Byte equality with the base (or with the base cast to the merged dtype)."""
+    import torch
+
+    if m.dtype == t.src.dtype:
+        step = 16 << 20
+        for off in range(0, t.src.nbytes, step):
+            n = min(step, t.src.nbytes - off)
+            if rows.raw(t.src, off, n) != rows.raw(m, off, n):
+                return False
+        return True
+    for i, j in _spans_of(t.src):
+        want = rows.rows(t.src, i, j).to(torch_dtype(m.dtype))
+        got = rows.rows(m, i, j)
+        if not torch.equal(want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)):
+            return False
+    return True
+
+
+def tensor_distance(name: str, got: TensorRef, ref: TensorRef, scale: TensorRef | None = None) -> LayerDistance:
+    """How far ``got`` is from ``ref``, element-wise. Ulps are those of ``ref``'s dtype at the
+    largest magnitude among got, ref and ``scale`` (for an unmerge: the merged tensor, whose
+    rounding sets the error)."""
+    import torch
+
+    differing = 0
+    max_abs = max_ulp = 0.0
+    with _Rows() as rows:
+        for i, j in _spans_of(ref):
+            a = rows.rows(got, i, j).to(torch.float64)
+            b = rows.rows(ref, i, j).to(torch.float64)
+            err = (a - b).abs()
+            differing += int((err != 0).sum())
+            if err.numel():
+                max_abs = max(max_abs, float(err.max()))
+                mag = torch.maximum(a.abs(), b.abs())
+                if scale is not None:
+                    mag = torch.maximum(mag, rows.rows(scale, i, j).to(torch.float64).abs())
+                u = ulp(mag, ref.dtype) if ref.dtype in FLOAT_FORMATS else torch.ones_like(b)
+                max_ulp = max(max_ulp, float((err / u).max()))
+    return LayerDistance(name=name, dtype=ref.dtype, numel=ref.info.numel, differing=differing,
+                         max_abs=max_abs, max_ulp=max_ulp)
+
+
+# -- the entry points ---------------------------------------------------------------------------
+
+def check_parity(
+    base: str | os.PathLike,
+    merged: str | os.PathLike,
+    adapters,
+    forward: bool = False,
+    min_top1: float = 0.95,
+    progress: Callable[[int, int], None] | None = None,
+) -> ParityReport:
+    """Check that ``merged`` is ``base`` with ``adapters`` (``"a:0.7,b:0.3"`` or specs) merged,
+    tensor by tensor; with ``forward`` also compare logits through transformers + PEFT."""
+    import torch
+
+    from loratool.checkpoint import BaseCheckpoint
+
+    specs = _specs(adapters)
+    base_ck = BaseCheckpoint(base)
+    merged_ck = BaseCheckpoint(merged)
+    loaded = load_adapters(specs)
+    plan = plan_merge(base_ck, loaded)
+    report = ParityReport(base=str(base), merged=str(merged), adapters=[str(s) for s in specs],
+                          ok=True, layers=[], untouched=0)
+    merged_names = set(merged_ck.names())
+    report.unexpected = sorted(merged_names - set(base_ck.names()))
+    total = sum(t.src.nbytes for t in plan.tensors() if t.name in merged_names) * 2
+    cb = (lambda n: progress(n, total)) if progress else None
+    with torch.inference_mode(), _Rows() as rows:
+        for t in plan.tensors():
+            if t.name not in merged_names:
+                report.missing.append(t.name)
+                continue
+            m = merged_ck.ref(t.name)
+            if tuple(m.shape) != t.shape:
+                report.problems.append(f"{t.name}: shape {list(m.shape)} in {merged}, {list(t.shape)} in {base}")
+                continue
+            if m.dtype != t.src.dtype and not {m.dtype, t.src.dtype} <= CONVERTIBLE:
+                report.problems.append(f"{t.name}: dtype {m.dtype} in {merged}, {t.src.dtype} in {base}")
+                continue
+            t.dtype = m.dtype
+            if t.action is Action.MERGE:
+                report.layers.append(_check_merge(t, m, rows, cb))
+            elif t.action is Action.REPLACE:
+                report.layers.append(_check_replace(t, m, rows))
+            else:
+                report.untouched += 1
+                if not _same_untouched(t, m, rows):
+                    report.untouched_mismatched.append(t.name)
+                if cb:
+                    cb(2 * t.src.nbytes)
+    report.max_ulp_err = max((lay.max_ulp_err for lay in report.layers), default=0.0)
+    report.max_err_over_tol = max((lay.max_err_over_tol for lay in report.layers), default=0.0)
+    if forward:
+        report.forward = forward_parity(base, merged, loaded, min_top1=min_top1)
+    report.ok = (all(lay.ok for lay in report.layers) and not report.untouched_mismatched
+                 and not report.missing and not report.unexpected and not report.problems
+                 and (report.forward is None or report.forward.ok))
+    return report
+
+
+def forward_parity(
+    base: str | os.PathLike,
+    merged: str | os.PathLike,
+    adapters: Sequence[LoadedAdapter],
+    min_top1: float = 0.95,
+    batch: int = 2,
+    seq_len: int = 32,
+    seed: int = 0,
+) -> ForwardParity:
+    """Logits of the base with the adapters applied unmerged (PEFT, weights as scaling factors)
+    against the merged checkpoint's, both in float32 on the CPU, on fixed token ids."""
+    import torch
+
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    except ImportError as e:
+        raise UsageError(f"--forward needs transformers and peft ({e}); install them or drop --forward") from None
+    for la in adapters:
+        if la.adapter.format != "peft" or la.adapter.components:
+            raise UsageError(f"--forward: {la.spec.path} is a {la.adapter.format} adapter; PEFT applies "
+                             "PEFT adapters of transformers models only (convert it with "
+                             "`loratool convert --to peft`)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(str(base))
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    cls = AutoModelForCausalLM if causal else AutoModel
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab <= 0:
+        raise UsageError(f"--forward: {base}/config.json has no vocab_size; cannot make token ids")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+
+    def logits(model) -> "torch.Tensor":
+        out = model(input_ids=ids)
+        return (out.logits if hasattr(out, "logits") else out.last_hidden_state).detach().float()
+
+    with torch.no_grad():
+        model = cls.from_pretrained(str(base), dtype=torch.float32).eval()
+        names = [f"adapter{i}" for i in range(len(adapters))]
+        pm = PeftModel.from_pretrained(model, str(adapters[0].spec.path), adapter_name=names[0])
+        for name, la in zip(names[1:], adapters[1:]):
+            pm.load_adapter(str(la.spec.path), adapter_name=name)
+        for mod in pm.modules():  # an adapter's weight multiplies its scale, as in the merge
+            if isinstance(mod, LoraLayer):
+                for name, la in zip(names, adapters):
+                    if name in mod.scaling:
+                        mod.scaling[name] *= la.spec.weight
+        pm.base_model.set_adapter(names if len(names) > 1 else names[0])
+        pm.eval()
+        want = logits(pm)
+        del pm, model
+        got = logits(cls.from_pretrained(str(merged), dtype=torch.float32).eval())
+    diff = float((got - want).abs().max())
+    top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    return ForwardParity(model_class=cls.__name__, batch=batch, seq_len=seq_len, max_abs_diff=diff,
+                         max_abs_logit=float(want.abs().max()), top1_agreement=top1, min_top1=min_top1,
+                         ok=top1 >= min_top1 and diff == diff)

@@ -1,0 +1,147 @@
+"""`loratool parity`: passes on good merges (ours and PEFT's own), fails on tampered ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from test_merge import KIND_CASES, _edit_mts, kinds_model, save_adapter, tiny_llama
+
+from loratool.cli import main
+from loratool.merge import merge
+from loratool.parity import check_parity, ulp
+from loratool.safetensors_io import SafetensorsFile
+
+TOUCHED = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model = tiny_llama(dtype)
+        base = root / f"base_{name}"
+        model.save_pretrained(str(base), max_shard_size="200KB")
+        a = save_adapter(model, root / f"a_{name}", 1, r=8, lora_alpha=12, target_modules="all-linear")
+        b = save_adapter(model, root / f"b_{name}", 2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+        merged = root / f"merged_{name}"
+        merge(base, f"{a}:0.7,{b}:0.3", merged, device="cpu")
+        out[name] = dict(base=base, a=a, b=b, merged=merged, spec=f"{a}:0.7,{b}:0.3", model=model)
+    return out
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(["parity", *map(str, args)])
+    return e.value.code, capsys.readouterr().out
+
+
+def shift_element(path, name: str, index: int, ulps: int) -> None:
+    """Add ``ulps`` units in the last place to one element of a tensor, in place (bf16/fp32)."""
+    st = SafetensorsFile(path)
+    info = st.info(name)
+    size = {"BF16": 2, "F32": 4}[info.dtype]
+    with open(path, "r+b") as f:
+        f.seek(info.start + index * size)
+        raw = f.read(size)
+        fmt = "<H" if size == 2 else "<I"
+        (bits,) = struct.unpack(fmt, raw)
+        f.seek(info.start + index * size)
+        f.write(struct.pack(fmt, bits + ulps))  # same sign and exponent: |x| grows by `ulps` ulps
+
+
+def shard_of(d, name: str):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return d / index["weight_map"][name]
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp32"])
+def test_parity_passes_on_a_good_merge(setup, capsys, name):
+    s = setup[name]
+    code, out = run(capsys, "--base", s["base"], "--merged", s["merged"], "--adapters", s["spec"], "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"]
+    assert len(report["layers"]) == 14 and report["untouched"] == 7
+    assert report["max_err_over_tol"] <= 1.0
+    code, out = run(capsys, "--base", s["base"], "--merged", s["merged"], "--adapters", s["spec"])
+    assert code == 0 and "PASS: 14 of 14 changed tensors" in out
+
+
+def test_parity_fails_on_a_tampered_merge(setup, tmp_path, capsys):
+    s = setup["bf16"]
+    bad = tmp_path / "bad"
+    shutil.copytree(s["merged"], bad)
+    shift_element(shard_of(bad, TOUCHED), TOUCHED, 17, 3)
+    code, out = run(capsys, "--base", s["base"], "--merged", bad, "--adapters", s["spec"])
+    assert code == 1
+    assert TOUCHED in out and "FAIL" in out
+    report = check_parity(s["base"], bad, s["spec"])
+    failed = [lay for lay in report.layers if not lay.ok]
+    assert [lay.name for lay in failed] == [TOUCHED] and failed[0].bad == 1 and failed[0].max_err_over_tol > 1
+
+
+def test_parity_fails_on_a_changed_untouched_tensor(setup, tmp_path, capsys):
+    s = setup["bf16"]
+    bad = tmp_path / "bad"
+    shutil.copytree(s["merged"], bad)
+    name = "model.norm.weight"
+    shift_element(shard_of(bad, name), name, 0, 1)
+    code, out = run(capsys, "--base", s["base"], "--merged", bad, "--adapters", s["spec"], "--json")
+    assert code == 1 and json.loads(out)["untouched_mismatched"] == [name]
+
+
+def test_parity_fails_with_other_weights(setup, capsys):
+    s = setup["bf16"]
+    code, _ = run(capsys, "--base", s["base"], "--merged", s["merged"], "--adapters", f"{s['a']}:0.5,{s['b']}:0.5")
+    assert code == 1
+
+
+def test_parity_accepts_peft_merge_and_unload(setup, tmp_path, capsys):
+    """PEFT's own merged checkpoint passes: the tolerance is one rounding, not our bits."""
+    from peft import PeftModel
+
+    s = setup["bf16"]
+    model = tiny_llama(torch.bfloat16)
+    model.load_state_dict(s["model"].state_dict())
+    PeftModel.from_pretrained(model, str(s["a"])).merge_and_unload().save_pretrained(str(tmp_path / "peft"))
+    code, out = run(capsys, "--base", s["base"], "--merged", tmp_path / "peft", "--adapters", s["a"])
+    assert code == 0, out
+
+
+def test_parity_forward(setup, tmp_path, capsys):
+    s = setup["bf16"]
+    merge(s["base"], str(s["a"]), tmp_path / "merged", device="cpu")
+    code, out = run(capsys, "--base", s["base"], "--merged", tmp_path / "merged", "--adapters", s["a"],
+                    "--forward", "--json")
+    forward = json.loads(out)["forward"]
+    assert code == 0, out
+    assert forward["top1_agreement"] >= 0.95 and forward["max_abs_diff"] < 0.05 * forward["max_abs_logit"]
+
+
+@pytest.mark.parametrize("case", ["dora", "lora_bias", "modules_to_save", "rslora_patterns"])
+def test_parity_on_every_layer_kind(tmp_path, case):
+    from safetensors.torch import save_file
+
+    model = kinds_model(torch.bfloat16)
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    config = dict(KIND_CASES[case])
+    if "c1d" in config["target_modules"]:
+        config["fan_in_fan_out"] = True
+    a = save_adapter(model, tmp_path / "a", 5, edit=_edit_mts if case == "modules_to_save" else None, **config)
+    merge(tmp_path / "base", str(a), tmp_path / "merged", device="cpu")
+    report = check_parity(tmp_path / "base", tmp_path / "merged", str(a))
+    assert report.ok, [lay for lay in report.layers if not lay.ok]
+    assert {lay.action for lay in report.layers} == ({"merge", "replace"} if case == "modules_to_save" else {"merge"})
+
+
+def test_ulp():
+    x = torch.tensor([1.0, 1.5, 2.0, -3.0, 0.0, 1e-40], dtype=torch.float64)
+    assert ulp(x, "BF16").tolist()[:4] == [2**-7, 2**-7, 2**-6, 2**-6]
+    assert ulp(x, "F32").tolist()[0] == 2**-23
+    assert ulp(x, "F16").tolist()[4] == 2**-24  # subnormal spacing
+    assert ulp(x, "BF16").tolist()[5] == 2**-133
