@@ -516,3 +516,54 @@ def finish_output(manifest: Manifest, out_path: PathLike) -> Path:
     """After writing: ``loratool.json`` beside the output, with its file digests."""
     final = build_manifest(out_path, base_fp=manifest.base, lineage=manifest.lineage)
     return write_manifest(final, out_path)
+
+
+# -- merged checkpoints ---------------------------------------------------------------------------
+
+class BaseGuard:
+    """What ``merge``/``unmerge``/``parity`` call per adapter before touching a base: the manifest
+    check (exit 3 on a mismatch unless allowed), remembering what it found for the lineage."""
+
+    def __init__(self, allow_mismatch: bool = False, require_manifest: bool = False,
+                 cache: HashCache | None = None):
+        self.allow_mismatch = allow_mismatch
+        self.require_manifest = require_manifest
+        self.cache = cache if cache is not None else HashCache.default()
+        self.results: list[tuple["Adapter", BaseCheckResult]] = []
+
+    def __call__(self, adapter: "Adapter", ckpt: Any) -> None:
+        result = check_base(adapter, ckpt, allow_mismatch=self.allow_mismatch,
+                            require_manifest=self.require_manifest, cache=self.cache)
+        self.results.append((adapter, result))
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for _, r in self.results for w in r.warnings]
+
+    @property
+    def mismatch(self) -> str | None:
+        found = [r.mismatch for _, r in self.results if r.mismatch]
+        return "; ".join(found) if found else None
+
+    @property
+    def base(self) -> BaseFingerprint | None:
+        for _, r in self.results:
+            if r.base is not None:
+                return r.base
+        return None
+
+
+def merged_manifest(operation: str, base: BaseFingerprint | None, adapters: Iterable["Adapter"],
+                    params: dict[str, Any], base_mismatch: str | None = None) -> "MergedManifest":
+    from loratool.schemas.manifest import MergedManifest
+
+    inputs: list[Any] = ([base] if base is not None else []) + list(adapters)
+    entry = lineage_entry(operation, inputs=inputs, params=params, base_mismatch=base_mismatch)
+    return MergedManifest(base=base, lineage=[entry])
+
+
+def write_merged_manifest(manifest: "MergedManifest", directory: PathLike) -> Path:
+    """``loratool.json`` inside a merged checkpoint directory (called before its atomic rename)."""
+    path = Path(directory) / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path

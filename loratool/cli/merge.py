@@ -46,6 +46,37 @@ def _progress(quiet: bool, what: str):
         yield advance
 
 
+BASE_OPTIONS = [
+    click.option("--allow-base-mismatch", is_flag=True,
+                 help="Go on when the base is not the one an adapter's manifest records (recorded in the "
+                      "output's lineage)."),
+    click.option("--require-manifest", is_flag=True,
+                 help="Refuse adapters without a manifest recording their base (exit 3)."),
+]
+
+
+def base_options(f):
+    for opt in reversed(BASE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _lineage_writer(guard, operation: str, params: dict):
+    """``before_commit`` for merge/unmerge: loratool.json inside the output, with the base's
+    fingerprint and the step that made it."""
+
+    def write(root, plan) -> None:
+        from loratool.manifest import merged_manifest, write_merged_manifest
+
+        if not root.is_dir():  # a single-file output has no place for it
+            return
+        adapters = [la.adapter for la in plan.adapters]
+        manifest = merged_manifest(operation, guard.base, adapters, params, guard.mismatch)
+        write_merged_manifest(manifest, root)
+
+    return write
+
+
 def _report(result, as_json: bool) -> None:
     if as_json:
         from loratool.cli.render import print_json
@@ -69,21 +100,27 @@ def _report(result, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, quiet, as_json):
+@base_options
+def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, quiet, as_json,
+              allow_base_mismatch, require_manifest):
     """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, float32 accumulation, one rounding.
 
     The output keeps BASE's shard layout, index, metadata, config and tokenizer files; tensors no
     adapter touches are copied as raw bytes. On the CPU one adapter with weight 1.0 gives exactly
     PEFT's merge_and_unload.
     """
+    from loratool.manifest import BaseGuard
     from loratool.merge import merge
 
-    # HOOK(manifest): --allow-base-mismatch / --require-manifest go here, passed to merge() as
-    # check_base=lambda adapter, ckpt: loratool.manifest.check_base(adapter, ckpt, ...), and the
-    # output's lineage as before_commit=...
+    # Base identity first: an adapter whose manifest records another base is refused (exit 3)
+    # before anything is written, unless --allow-base-mismatch; the lineage records it.
+    guard = BaseGuard(allow_base_mismatch, require_manifest)
+    params = {"adapters": list(adapters), "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     with _progress(quiet, "merging") as cb:
         result = merge(base, list(adapters), out, dtype=dtype, device=device,
-                       max_shard_size=max_shard_size, overwrite=overwrite, progress=cb)
+                       max_shard_size=max_shard_size, overwrite=overwrite, progress=cb,
+                       check_base=guard, before_commit=_lineage_writer(guard, "merged", params))
+    _warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
     _warn(result.warnings)
     _report(result, as_json)
     return 0
@@ -106,11 +143,15 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
     The merge rounded once, so the result is within about one ulp of the original base, not
     equal to it. DoRA adapters are refused (their per-row rescaling cannot be undone).
     """
+    from loratool.manifest import BaseGuard
     from loratool.merge import unmerge
 
+    # no base check here: the merged checkpoint is by design not the adapters' base
+    params = {"adapters": list(adapters), "dtype": dtype, "device": device}
     with _progress(quiet, "unmerging") as cb:
         result = unmerge(merged, list(adapters), out, base=base, dtype=dtype, device=device,
-                         overwrite=overwrite, progress=cb)
+                         overwrite=overwrite, progress=cb,
+                         before_commit=_lineage_writer(BaseGuard(), "unmerged", params))
     _warn(result.warnings)
     _report(result, as_json)
     if not as_json and result.distance:
@@ -133,13 +174,24 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
 @click.option("--all", "show_all", is_flag=True, help="List every checked tensor, not only failures and the worst.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_json):
+@base_options
+def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_json, allow_base_mismatch,
+               require_manifest):
     """Check that MERGED equals BASE plus the adapters' deltas within one rounding, layer by layer.
 
     Exit 0 when every tensor passes, 1 when one does not.
     """
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.formats import load_adapter
+    from loratool.manifest import BaseGuard
+    from loratool.merge import parse_adapter_specs
     from loratool.parity import check_parity
 
+    guard = BaseGuard(allow_base_mismatch, require_manifest)
+    ckpt = BaseCheckpoint(base)
+    for spec in parse_adapter_specs(list(adapters)):
+        guard(load_adapter(spec.path), ckpt)
+    _warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
     with _progress(quiet, "checking") as cb:
         report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb)
     if as_json:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loratool.schemas.manifest import BaseFingerprint, Manifest
+from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
 from loratool.schemas.lowrank import ComposeReport, ResizeReport
 from loratool.schemas.reports import InspectReport, ValidationReport
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "manifest.schema.json": Manifest,
     "fingerprint.schema.json": BaseFingerprint,
+    "merged-manifest.schema.json": MergedManifest,
     "inspect-report.schema.json": InspectReport,
     "validation-report.schema.json": ValidationReport,
     "resize-report.schema.json": ResizeReport,

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 MANIFEST_KIND = "loratool.manifest"
 
-Operation = Literal["created", "converted", "resized", "composed", "merged"]
+Operation = Literal["created", "converted", "resized", "composed", "merged", "unmerged"]
 # lowercase hex sha256
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -150,6 +150,17 @@ class Manifest(_Model):
     kind: Literal["loratool.manifest"] = MANIFEST_KIND
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
     adapter: AdapterRecord
+    base: BaseFingerprint | None = None
+    lineage: list[LineageEntry] = Field(default_factory=list)
+
+
+class MergedManifest(_Model):
+    """``loratool.json`` of a merged (or unmerged) checkpoint: the base it was made from and the
+    step that made it (inputs: the base and each adapter by digest; params: weights, dtype, device;
+    ``base_mismatch`` when it ran with --allow-base-mismatch)."""
+
+    kind: Literal["loratool.merged"] = "loratool.merged"
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
     base: BaseFingerprint | None = None
     lineage: list[LineageEntry] = Field(default_factory=list)
 
