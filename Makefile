@@ -40,6 +40,14 @@ demo: fixtures
 	@echo "== compose 0.7/0.3, optimally truncated to rank 8 =="
 	$(LT) compose --adapters $(FIX)/llama_r8:0.7,$(FIX)/llama_rslora_patterns:0.3 --rank 8 -o $(FIX)/demo_out/composed | tail -5
 	$(LT) validate $(FIX)/demo_out/composed --base $(FIX)/base_llama
+	@echo "== manifest: pin the adapter to its base by content =="
+	cp -r $(FIX)/llama_r8 $(FIX)/demo_out/pinned
+	$(LT) manifest $(FIX)/demo_out/pinned --base $(FIX)/base_llama
+	@echo "== merge 0.7/0.3 into the sharded bf16 base, then check parity =="
+	$(LT) merge --base $(FIX)/base_llama --adapters $(FIX)/demo_out/pinned:0.7,$(FIX)/llama_rslora_patterns:0.3 -o $(FIX)/demo_out/merged --quiet
+	$(LT) parity --base $(FIX)/base_llama --merged $(FIX)/demo_out/merged --adapters $(FIX)/demo_out/pinned:0.7,$(FIX)/llama_rslora_patterns:0.3 --forward | tail -4
+	@echo "== a base with the right shapes but other weights is refused (exit 3) =="
+	-$(LT) merge --base $(FIX)/base_llama_other --adapters $(FIX)/demo_out/pinned -o $(FIX)/demo_out/refused --quiet
 	@echo "== convert kohya -> peft -> kohya =="
 	$(LT) convert $(FIX)/kohya_sd.safetensors --to peft -o $(FIX)/demo_out/kohya_as_peft
 	$(LT) convert $(FIX)/demo_out/kohya_as_peft --to kohya -o $(FIX)/demo_out/roundtrip.safetensors
