@@ -371,6 +371,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; an output gets the usual mode under the umask."""
+    try:
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    except OSError:
+        pass
+
+
 def _check_destination(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not overwrite:
         raise OutputError(f"{dest}: already exists; choose another output or pass --overwrite")
@@ -391,6 +405,7 @@ def atomic_path(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             yield tmp_path
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
+            _publish_mode(tmp_path, directory=False)
             os.replace(tmp_path, dest)
             _fsync_dir(dest.parent)
     except _Interrupted:
@@ -422,6 +437,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
             _fsync_dir(tmp)
+            _publish_mode(tmp, directory=True)
             if dest.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
                 os.replace(dest, old / "x") if dest.is_dir() else os.replace(dest, old / "x")
