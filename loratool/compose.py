@@ -25,7 +25,6 @@ differ.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -40,7 +39,6 @@ from loratool.lowrank import (
     energy_kept,
     merge_deltas,
     randomized_svd,
-    single_thread,
     split_factors,
     stack_factors,
     truncation_error,
@@ -284,12 +282,21 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
     names = sorted({n for a in adapters for n in a.modules})
     with_bias = any(a.lora_bias for a in adapters)
     modules, rows = {}, []
-    for name in names:
+
+    def one(name):
         owners = [(i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules]
-        # the factor-space methods are small tall-skinny work: one thread (see single_thread)
-        with single_thread() if method in ("linear", "cat") else contextlib.nullcontext():
-            modules[name], row = compose_module(name, owners, weights, method, rule, density, seed, dtype,
-                                                with_bias, majority_sign_method)
+        return compose_module(name, owners, weights, method, rule, density, seed, dtype, with_bias,
+                              majority_sign_method)
+
+    if method in ("linear", "cat"):
+        # small tall-skinny work in factor space: modules spread over threads, one torch thread each
+        from loratool._threads import map_modules
+
+        results = map_modules(one, names)
+    else:  # dense d×k deltas: one module at a time (memory bounded by one module), torch threaded
+        results = [one(name) for name in names]
+    for name, (module, row) in zip(names, results):
+        modules[name] = module
         rows.append(row)
 
     warnings = []

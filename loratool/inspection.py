@@ -94,10 +94,9 @@ def inspect_adapter(adapter: Adapter, modules: bool = False, spectrum: bool = Fa
 def _module_reports(adapter: Adapter, spectrum: bool) -> list[ModuleReport]:
     if not spectrum:
         return [module_report(m) for m in adapter.modules.values()]
-    from loratool._threads import single_threaded
+    from loratool._threads import map_modules
 
-    with single_threaded():
-        return [module_report(m, True) for m in adapter.modules.values()]
+    return map_modules(lambda m: module_report(m, True), adapter.modules.values())
 
 
 def inspect_path(path: str | Path, format: str | None = None, modules: bool = False, spectrum: bool = False) -> InspectReport:

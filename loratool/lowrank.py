@@ -14,7 +14,6 @@ need the dense delta of one module at a time, which ``randomized_svd`` then trun
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -27,26 +26,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # -- the QR-core SVD ------------------------------------------------------------------------------
 
-@contextlib.contextmanager
 def single_thread():
-    """Run torch on one thread inside the block (restored after).
+    """Run torch on one thread inside the block (see ``loratool._threads``): the QR of a
+    tall-skinny d×r factor and the r×r SVD gain nothing from OpenMP threads, and on shared cores
+    the threads' barriers cost 10-50×. Dense work (randomized SVD of a d×k delta) stays threaded."""
+    from loratool._threads import single_threaded
 
-    The QR of a tall-skinny d×r factor and the r×r SVD gain nothing from OpenMP threads, and when
-    the cores are shared with other processes the threads' barriers cost 10-50× (measured on a
-    2-core machine: 5632×64 float64 QR, 10 ms on one thread, 200-600 ms on two under load). Wrap
-    loops over modules in this; dense work (randomized SVD of a d×k delta) stays threaded.
-    """
-    import torch
-
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return single_threaded()
 
 
 def _fix_signs(U: "torch.Tensor", Vh: "torch.Tensor"):

@@ -28,7 +28,6 @@ from loratool.lowrank import (
     core_svd,
     energy_kept,
     numerical_rank,
-    single_thread,
     split_factors,
     truncation_error,
 )
@@ -88,9 +87,10 @@ def resize_adapter(adapter: Adapter, rule: RankRule) -> tuple[Adapter, "ResizeRe
     modules: dict[str, LoraModule] = {}
     rows, warnings = [], []
     total = kept = 0.0
-    for name, m in adapter.modules.items():
-        with single_thread():
-            new, row, warning, energy = resize_module(m, rule)
+    from loratool._threads import map_modules
+
+    results = map_modules(lambda m: resize_module(m, rule), adapter.modules.values())
+    for name, (new, row, warning, energy) in zip(adapter.modules, results):
         modules[name] = new
         rows.append(row)
         if warning:
