@@ -65,6 +65,29 @@ def nbytes_of(src: TensorSource) -> int:
     return src.numel() * src.element_size()
 
 
+def factor_problem(a: TensorSource, b: TensorSource, names: tuple[str, str] = ("lora_A", "lora_B"),
+                   embedding: bool = False) -> str | None:
+    """What makes a pair of factors unusable, or None: the readers of every format call this and
+    record the answer as a problem of the module (validate reports it; other commands refuse)."""
+    from loratool.safetensors_io import FLOAT_DTYPES
+
+    sa, sb = shape_of(a), shape_of(b)
+    na, nb = names
+    if len(sa) != len(sb) or len(sa) not in (2, 4) or (embedding and len(sa) != 2):
+        return (f"factor dimensions fit no layer: {na} {list(sa)} and {nb} {list(sb)} (expected two 2-D "
+                "factors, or two 4-D conv factors)")
+    if sa[0] != sb[1]:
+        return f"A/B rank mismatch: {na} has rank {sa[0]} (shape {list(sa)}) but {nb} has {sb[1]} (shape {list(sb)})"
+    if sa[0] == 0:
+        return f"rank 0: {na} {list(sa)} and {nb} {list(sb)} hold no component"
+    if len(sb) == 4 and tuple(sb[2:]) != (1, 1):
+        return f"factor dimensions fit no layer: conv {nb} must be 1×1, found kernel {list(sb[2:])}"
+    bad = [f"{n} is {dtype_of(t)}" for n, t in ((na, a), (nb, b)) if dtype_of(t) not in FLOAT_DTYPES]
+    if bad:
+        return f"factors must be floating point: {', '.join(bad)}"
+    return None
+
+
 def peft_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """PEFT's scaling: alpha/r, or alpha/sqrt(r) with rsLoRA (peft/tuners/lora/layer.py)."""
     if rank <= 0:
@@ -265,3 +288,26 @@ class Adapter:
 
     def file_size(self) -> int:
         return sum(p.stat().st_size for p in self.files if p.exists())
+
+
+def require_usable(adapter: "Adapter") -> None:
+    """Refuse (one line, naming the module) an adapter whose values would make any arithmetic on
+    it meaningless: NaN/Inf in a factor, or a scale that is not a positive finite number.
+    ``validate`` reports the same as findings; resize, compose and merge call this first."""
+    import math
+
+    import torch
+
+    from loratool.errors import FormatError
+
+    where = adapter.path or "adapter"
+    for m in adapter.modules.values():
+        if not (math.isfinite(m.alpha) and m.alpha > 0 and math.isfinite(m.scale)):
+            raise FormatError(f"{where}: module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; a LoRA "
+                              "scale must be a positive finite number")
+        for role, src in m.tensors().items():
+            t = load_tensor(src)
+            if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
+                key = m.source_keys.get(role, role)
+                raise FormatError(f"{where}: module {m.name}: {key} holds NaN or Inf values; run "
+                                  "`loratool validate` for details")

@@ -354,7 +354,11 @@ def compose_paths(specs: Sequence[tuple[str, float]], out: str | os.PathLike, me
     from loratool.manifest import finish_output, stamp_adapter
     from loratool.resize import _rule_params
 
+    from loratool.adapter import require_usable
+
     adapters = [load_adapter(p) for p, _ in specs]
+    for a in adapters:
+        require_usable(a)
     composed, report = compose_adapters(adapters, [w for _, w in specs], method, rule, density, seed)
     params = {"method": method, "weights": [w for _, w in specs], "density": density, "seed": seed,
               "rule": _rule_params(rule) if rule is not None else None}

@@ -57,6 +57,7 @@ from loratool.schemas.manifest import (
 if TYPE_CHECKING:  # pragma: no cover
     from loratool.adapter import Adapter
     from loratool.checkpoint import BaseCheckpoint
+    from loratool.schemas.manifest import MergedManifest
 
 MANIFEST_FILE = "loratool.json"
 SIDECAR_SUFFIX = ".loratool.json"

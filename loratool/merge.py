@@ -38,12 +38,15 @@ the weight's dtype before adding it (a second rounding); we round once, so embed
 On CUDA the Triton kernel of ``loratool.kernels.merge`` does the linear cases (float32
 accumulation, one rounding; not bit-equal to PEFT's CPU merge, which is a CPU promise).
 
-Memory and time: base tensors are read with ``pread`` in blocks of about 1 MB (no mmap, whose pages
-would count as ours) into reused buffers; a reader thread prefetches blocks, the math runs on one
-torch thread (the I/O threads need the other cores; OpenMP workers spinning between small calls
-would take them), and a writer thread writes blocks and ``copy_file_range``s raw tensors in file
-order, starting write-back every 256 MB so that the final fsync has little left. Reads, math and
-writes overlap and the peak stays flat however large the model (bench/bench_merge.py).
+Memory and time: ``import torch`` takes a second or more on one core, so the output files, their
+headers and the raw copies of untouched tensors are written first, in a thread, while it runs
+(``_Prefill``: no torch needed). Base tensors are read with ``pread`` in blocks of about 1 MB (no
+mmap, whose pages would count as ours) into reused buffers; a reader thread prefetches blocks, the
+math runs on one torch thread (the I/O threads need the other cores; OpenMP workers spinning
+between small calls would take them), and a writer thread writes the blocks at their offsets,
+starting write-back every 256 MB (``sync_file_range``) so that the final fsync has little left.
+Reads, math and writes overlap and the peak stays flat however large the model
+(bench/bench_merge.py).
 """
 
 from __future__ import annotations
@@ -814,21 +817,194 @@ class _Copy:
     nbytes: int
 
 
+@dataclass
+class _Skip:
+    """Bytes the prefill wrote (the header, raw copies): the writer moves past them."""
+
+    nbytes: int
+
+
 class _Close:
     pass
 
 
-class _Writer(_Worker):
-    """Writes the output files in order: headers, computed blocks (tensors) and raw copies."""
+def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``: start writing a range back
+    without waiting for it (Linux; None elsewhere: the final fsync then does all the work)."""
+    try:
+        import ctypes
 
-    def __init__(self, progress: Callable[[int], None] | None):
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; errors surface at the final fsync
+
+    return start
+
+
+_WRITE_BEHIND = _libc_sync_file_range()
+
+
+def _copy_range(src: int, dst: int, src_off: int, dst_off: int, nbytes: int, stop: threading.Event,
+                advance: Callable[[int], None], where: Path, chunk: int = COPY_CHUNK,
+                fast: bool = True) -> bool:
+    """Copy ``nbytes`` from ``src`` at ``src_off`` to ``dst`` at ``dst_off``: in the kernel
+    (``copy_file_range``: the bytes never enter our memory) or, where the filesystem refuses that,
+    through a small buffer. Returns whether the kernel copy still works (the caller's ``fast``)."""
+    while nbytes and fast:
+        if stop.is_set():
+            raise _Stop()
+        try:
+            n = os.copy_file_range(src, dst, min(nbytes, chunk), src_off, dst_off)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                fast = False  # e.g. across filesystems on old kernels: copy by hand
+                break
+            raise
+        if n == 0:
+            raise InputError(f"{where}: truncated while copying (expected {nbytes} more bytes)")
+        src_off, dst_off, nbytes = src_off + n, dst_off + n, nbytes - n
+        advance(n)
+    while nbytes:
+        if stop.is_set():
+            raise _Stop()
+        data = os.pread(src, min(nbytes, 8 << 20), src_off)
+        if not data:
+            raise InputError(f"{where}: truncated while copying (expected {nbytes} more bytes)")
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(dst, view, dst_off)
+            view, dst_off = view[n:], dst_off + n
+            advance(n)
+        src_off, nbytes = src_off + len(data), nbytes - len(data)
+    return fast
+
+
+class _Prefill:
+    """Writes what needs no torch while torch is imported (a second or more on one core, during
+    which the other cores would idle; ``copy_file_range`` releases the GIL): creates the output
+    files, writes their headers and copies the untouched tensors raw, starting their write-back.
+    The writer waits for a file to exist before writing the computed tensors into it, at their
+    offsets; the two write different ranges of the same files.
+
+    (Copying the base bytes of the tensors to merge into place too, for the merge to overwrite,
+    was tried: it made the import slower and the stream no faster.)"""
+
+    def __init__(self, plan: MergePlan, root: Path, progress: Callable[[int], None] | None):
+        self.plan = plan
+        self.root = root
+        self.progress = progress
+        self.written = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.created: dict[Path, threading.Event] = {self.path(s): threading.Event() for s in plan.shards}
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="loratool-prefill", daemon=True)
+
+    def path(self, shard: ShardPlan) -> Path:
+        return self.root if self.plan.single_file else self.root / shard.rel
+
+    def start(self) -> "_Prefill":
+        self.thread.start()
+        return self
+
+    def _advance(self, n: int) -> None:
+        with self._lock:
+            self.written += n
+        if self.progress is not None and n:
+            self.progress(n)
+
+    def _run(self) -> None:
+        fds: dict[Path, int] = {}
+        outs: list[tuple[ShardPlan, int]] = []
+        try:
+            fast = hasattr(os, "copy_file_range")
+            for shard in self.plan.shards:
+                path = self.path(shard)
+                if self.plan.single_file:
+                    os.unlink(path)  # atomic_path created the temporary file: write it from scratch
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                outs.append((shard, fd))
+                self.created[path].set()
+            for shard, fd in outs:
+                header = shard.header()
+                os.pwrite(fd, header, 0)
+                self._advance(len(header))
+                for t, offset in _offsets(shard, len(header)):
+                    if t.action is Action.COPY:
+                        src = self._src(fds, t.src.file.path)
+                        fast = _copy_range(src, fd, t.src.info.start, offset, t.src.nbytes, self.stop,
+                                           self._advance, t.src.file.path, fast=fast)
+                        if _WRITE_BEHIND is not None:
+                            _WRITE_BEHIND(fd, offset, t.src.nbytes)
+        except _Stop:
+            pass
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            for _, fd in outs:
+                os.close(fd)
+            for ev in self.created.values():
+                ev.set()  # never leave the writer waiting (it sees ``error``)
+
+    @staticmethod
+    def _src(fds: dict[Path, int], path: Path) -> int:
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+        return fd
+
+    def wait_created(self, path: Path) -> None:
+        self.created[path].wait()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> int:
+        self.thread.join()
+        self.check()
+        return self.written
+
+    def abort(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _offsets(shard: ShardPlan, start: int) -> Iterator[tuple[TensorPlan, int]]:
+    """Each tensor of ``shard`` with its offset in the output file (data after the header)."""
+    offset = start
+    for t in shard.tensors:
+        yield t, offset
+        offset += t.nbytes
+
+
+class _Writer(_Worker):
+    """Writes the computed tensors (row blocks) and replacements into the files the prefill
+    created, at their offsets, in file order; starts write-back of what is final every 256 MB,
+    so that the final fsync has little left."""
+
+    def __init__(self, progress: Callable[[int], None] | None, prefill: _Prefill):
         super().__init__("loratool-writer")
         self.progress = progress
+        self.prefill = prefill
         self.fd: int | None = None
+        self.pos = 0  # where the next byte goes in the open file
         self.sources: dict[Path, int] = {}
         self.written = 0
         self._fast_copy = hasattr(os, "copy_file_range")
         self._unsynced = 0
+        self._synced_to = 0
         self._syncs: list[threading.Thread] = []
 
     def _src(self, path: Path) -> int:
@@ -838,6 +1014,7 @@ class _Writer(_Worker):
         return fd
 
     def _advance(self, n: int) -> None:
+        self.pos += n
         self.written += n
         self._unsynced += n
         if self._unsynced >= SYNC_EVERY:
@@ -846,19 +1023,19 @@ class _Writer(_Worker):
             self.progress(n)
 
     def _sync_behind(self) -> None:
-        """Start writing back what is written so far, in the background: the fsync at the end
-        (atomic_dir) then finds little left to do. One at a time; a dup'd descriptor, so that
-        closing the file does not race with it."""
-        self._unsynced = 0
-        if self._syncs and self._syncs[-1].is_alive():
+        """Start writing back [where the last call stopped, here) in the background, without
+        waiting for it (``sync_file_range``; an ``fdatasync`` here waited for the whole file and
+        slowed the stream by what it saved the final fsync). One at a time; a dup'd descriptor,
+        so that closing the file does not race with it."""
+        if _WRITE_BEHIND is None or (self._syncs and self._syncs[-1].is_alive()):
             return
-        fd = os.dup(self.fd)
+        self._unsynced = 0
+        fd, off, n = os.dup(self.fd), self._synced_to, self.pos - self._synced_to
+        self._synced_to = self.pos
 
         def sync() -> None:
             try:
-                os.fdatasync(fd)
-            except OSError:
-                pass  # the final fsync reports real errors
+                _WRITE_BEHIND(fd, off, n)
             finally:
                 os.close(fd)
 
@@ -869,7 +1046,7 @@ class _Writer(_Worker):
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            n = os.write(self.fd, view)
+            n = os.pwrite(self.fd, view, self.pos)
             view = view[n:]
             self._advance(n)
 
@@ -877,45 +1054,22 @@ class _Writer(_Worker):
         import torch
 
         if isinstance(item, _Open):
-            self.fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.prefill.wait_created(item.path)
+            self.fd = os.open(item.path, os.O_WRONLY)
+            self.pos = self._synced_to = 0
         elif isinstance(item, _Close):
             os.close(self.fd)
             self.fd = None
+        elif isinstance(item, _Skip):
+            self.pos += item.nbytes
         elif isinstance(item, _Copy):
-            self._copy(item)
+            self._fast_copy = _copy_range(self._src(item.src), self.fd, item.offset, self.pos, item.nbytes,
+                                          self.stop, self._advance, item.src, fast=self._fast_copy)
         elif isinstance(item, torch.Tensor):
             if item.numel():
                 self._write(item.contiguous().view(-1).view(torch.uint8).numpy())
         else:
             self._write(item)
-
-    def _copy(self, c: _Copy) -> None:
-        src = self._src(c.src)
-        off, left = c.offset, c.nbytes
-        while left and self._fast_copy:
-            if self.stop.is_set():
-                raise _Stop()
-            try:
-                n = os.copy_file_range(src, self.fd, min(left, COPY_CHUNK), off)
-            except OSError as e:
-                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                    self._fast_copy = False  # e.g. across filesystems on old kernels: copy by hand
-                    break
-                raise
-            if n == 0:
-                raise InputError(f"{c.src}: truncated while copying (expected {left} more bytes)")
-            off += n
-            left -= n
-            self._advance(n)
-        while left:
-            if self.stop.is_set():
-                raise _Stop()
-            data = os.pread(src, min(left, 8 << 20), off)
-            if not data:
-                raise InputError(f"{c.src}: truncated while copying (expected {left} more bytes)")
-            self._write(data)
-            off += len(data)
-            left -= len(data)
 
     def _run(self) -> None:
         try:
@@ -1038,15 +1192,15 @@ class _Reader:
 
 
 def resolve_device(device: str | None) -> str:
+    device = (device or "auto").lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device: unknown device {device!r}; choose auto, cpu or cuda")
     import torch
 
-    device = (device or "auto").lower()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available to torch here; use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device: unknown device {device!r}; choose auto, cpu or cuda")
     return device
 
 
@@ -1080,42 +1234,61 @@ def execute(
 ) -> int:
     """Write ``plan`` to ``out`` atomically; return the bytes of safetensors data written.
 
-    ``progress(n)`` is called from the writer thread with each number of bytes written.
+    ``progress(n)`` is called from the writer threads with each number of bytes written.
     ``before_commit(tmp_dir, plan)`` runs when everything is written, before the rename (a place
     to add files, e.g. a manifest, that must appear together with the output).
     ``fail_after_tensors``: a testing hook, raises after that many tensors have been queued.
     """
+    return _execute(plan, out, overwrite, device, progress, before_commit, fail_after_tensors, block_bytes)[0]
+
+
+def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, fail_after,
+             block_bytes) -> tuple[int, str]:
+    """``execute``, with ``device`` resolved (torch imported) only once the prefill runs; returns
+    (bytes written, the device)."""
     out = Path(out)
     ctx = atomic_path(out, overwrite=overwrite) if plan.single_file else atomic_dir(out, overwrite=overwrite)
     with ctx as tmp:
         root = tmp
-        if not plan.single_file:
-            for src, rel in plan.copies:
-                dest = root / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if rel in plan.json_updates:
-                    data = json.loads(src.read_text(encoding="utf-8"))
-                    data.update(plan.json_updates[rel])
-                    dest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-                else:
-                    shutil.copyfile(src, dest)
-            for rel, content in plan.indexes.items():
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / rel).write_bytes(content)
-        written = _stream(plan, root, device, progress, fail_after_tensors, block_bytes)
+        prefill = _Prefill(plan, root, progress).start()
+        try:
+            if not plan.single_file:
+                _write_other_files(plan, root)
+            dev = resolve_device(device)  # imports torch: a second or so, which the prefill uses
+            written = _stream(plan, root, dev, progress, fail_after, block_bytes, prefill)
+            written += prefill.finish()
+        except BaseException:
+            prefill.abort()  # before atomic_dir removes the directory it writes into
+            raise
         if before_commit is not None:
             before_commit(root, plan)
-    return written
+    return written, dev
+
+
+def _write_other_files(plan: MergePlan, root: Path) -> None:
+    """Config, tokenizer and the other files of the model directory, and the indexes."""
+    for src, rel in plan.copies:
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if rel in plan.json_updates:
+            data = json.loads(src.read_text(encoding="utf-8"))
+            data.update(plan.json_updates[rel])
+            dest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, dest)
+    for rel, content in plan.indexes.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
 
 
 def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int | None,
-            block_bytes: int | None = None) -> int:
+            block_bytes: int | None, prefill: _Prefill) -> int:
     import torch
 
     jobs = [(t, tensor_spans(t, device, block_bytes)) for t in plan.tensors()
             if t.action in (Action.MERGE, Action.CAST)]
     spans = {id(t): s for t, s in jobs}
-    writer = _Writer(progress).start()
+    writer = _Writer(progress, prefill).start()
     reader = _Reader(jobs).start()
     done = 0
     threads = torch.get_num_threads()
@@ -1125,19 +1298,13 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
     try:
         with torch.inference_mode():
             for shard in plan.shards:
-                path = root if plan.single_file else root / shard.rel
-                if plan.single_file:
-                    # atomic_path created the temporary file: write it from scratch
-                    os.unlink(path)
-                else:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                writer.put(_Open(path))
-                writer.put(shard.header())
+                writer.put(_Open(prefill.path(shard)))
+                writer.put(_Skip(len(shard.header())))  # the prefill wrote it
                 for t in shard.tensors:
                     if fail_after is not None and done >= fail_after:
                         raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
                     if t.action is Action.COPY:
-                        writer.put(_Copy(t.src.file.path, t.src.info.start, t.src.nbytes))
+                        writer.put(_Skip(t.nbytes))  # the prefill copies it
                     elif t.action is Action.REPLACE:
                         writer.put(_replacement_bytes(t))
                     else:
@@ -1243,11 +1410,9 @@ def merge(
 
 def _run(plan, operation, out, overwrite, device, progress, before_commit, fail_after, t0,
          block_bytes=None) -> MergeResult:
-    dev = resolve_device(device)
     total = plan.nbytes
     cb = (lambda n: progress(n, total)) if progress is not None else None
-    written = execute(plan, out, overwrite=overwrite, device=dev, progress=cb,
-                      before_commit=before_commit, fail_after_tensors=fail_after, block_bytes=block_bytes)
+    written, dev = _execute(plan, out, overwrite, device, cb, before_commit, fail_after, block_bytes)
     return MergeResult(
         operation=operation,
         out=str(out),

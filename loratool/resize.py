@@ -118,11 +118,13 @@ def resize_adapter(adapter: Adapter, rule: RankRule) -> tuple[Adapter, "ResizeRe
 def resize_path(path: str | os.PathLike, out: str | os.PathLike, rule: RankRule, format: str | None = None,
                 overwrite: bool = False) -> "ResizeReport":
     """Read the adapter at ``path``, resize it, write it to ``out`` in the same format."""
+    from loratool.adapter import require_usable
     from loratool.formats import load_adapter, write_adapter
 
     from loratool.manifest import finish_output, stamp_adapter
 
     adapter = load_adapter(path, format=format)
+    require_usable(adapter)
     resized, report = resize_adapter(adapter, rule)
     manifest = stamp_adapter(resized, "resized", [adapter], {"rule": _rule_params(rule)})
     write_adapter(resized, out, adapter.format, overwrite=overwrite)

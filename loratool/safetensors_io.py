@@ -71,6 +71,8 @@ def st_dtype(dtype: "torch.dtype") -> str:
 def sniff_pickle(path: Path) -> str | None:
     """Return a reason if ``path`` looks like a pickle or a torch zip checkpoint."""
     try:
+        if not Path(path).is_file():
+            return None
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError:
@@ -93,6 +95,19 @@ def refuse_pickle(path: Path, reason: str | None = None) -> UnsafeFormatError:
         "unpickles files. Convert it to safetensors with a tool you trust "
         "(e.g. safetensors.torch.save_file) and pass that file instead."
     )
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,8 @@ class SafetensorsFile:
             raise InputError(f"{self.path}: no such file")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, expected a .safetensors file")
+        if not self.path.is_file():  # a FIFO, a device: reading it could block or never end
+            raise InputError(f"{self.path}: not a regular file")
         reason = sniff_pickle(self.path)
         if reason:
             raise refuse_pickle(self.path, reason)
@@ -151,14 +168,19 @@ class SafetensorsFile:
         except OSError as e:
             raise InputError(f"{self.path}: cannot read: {e.strerror or e}") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{self.path}: corrupt safetensors header: not valid JSON ({e})") from None
+        except _DuplicateKey as e:
+            raise FormatError(f"{self.path}: corrupt safetensors header: key {e.args[0]!r} appears twice") from None
+        except RecursionError:
+            raise FormatError(f"{self.path}: corrupt safetensors header: nested too deeply") from None
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: corrupt safetensors header: expected a JSON object")
         self.header_size = hlen
         self.data_start = 8 + hlen
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise FormatError(f"{self.path}: corrupt safetensors header: __metadata__ must map strings to strings")
         self.metadata: dict[str, str] = dict(meta)
@@ -166,6 +188,18 @@ class SafetensorsFile:
         data_len = self.size - self.data_start
         for name, entry in header.items():
             self.tensors[name] = self._check_entry(name, entry, data_len)
+        # As safetensors itself requires: the tensors tile the data section exactly, with no
+        # overlap, no hole and nothing after the last one.
+        end = 0
+        for info in sorted(self.tensors.values(), key=lambda i: (i.start, i.end)):
+            if info.start - self.data_start != end:
+                what = "overlaps the tensor before it" if info.start - self.data_start < end else "leaves a gap before it"
+                raise FormatError(f"{self.path}: corrupt safetensors header: tensor {info.name!r} {what} "
+                                  f"(data_offsets start at {info.start - self.data_start}, expected {end})")
+            end = info.end - self.data_start
+        if end != data_len:
+            raise FormatError(f"{self.path}: corrupt safetensors file: {data_len - end} bytes after the last tensor's "
+                              "data (the header does not describe the whole file)")
 
     def _check_entry(self, name: str, entry: Any, data_len: int) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"
@@ -439,9 +473,16 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             _fsync_dir(tmp)
             _publish_mode(tmp, directory=True)
             if dest.exists():
+                # a directory cannot be renamed over a non-empty one: move the old output aside,
+                # put the new one in place, and put the old one back if that fails
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-                os.replace(dest, old / "x") if dest.is_dir() else os.replace(dest, old / "x")
-                os.replace(tmp, dest)
+                os.replace(dest, old / "x")
+                try:
+                    os.replace(tmp, dest)
+                except BaseException:
+                    os.replace(old / "x", dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dest)

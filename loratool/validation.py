@@ -11,11 +11,13 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT107 no-modules              error    no LoRA module at all
   LT108 dora-magnitude-shape    error    DoRA magnitude length is not the output size
   LT109 bias-shape              error    lora_B bias length is not the output size
+  LT110 unknown-tensor          warning  a tensor that is neither a factor nor modules_to_save
   LT201 non-finite              error    NaN or Inf values
   LT202 zero-b                  warning  a module whose lora_B is all zero (contributes nothing)
   LT203 never-trained           error    every lora_B is all zero: the adapter does nothing
   LT204 exploding-norm          warning  a delta whose largest singular value is implausibly large
   LT205 mixed-dtypes            warning  LoRA factors in more than one floating dtype
+  LT206 bad-scale               error    alpha/scale that is not a positive finite number
   LT301 target-missing          error    (--base) a module has no weight in the base
   LT302 shape-mismatch          error    (--base) the delta does not fit the base weight
   LT303 fan-in-fan-out          error    (--base) Conv1D layout mismatch (fan_in_fan_out wrong)
@@ -50,9 +52,9 @@ if TYPE_CHECKING:  # pragma: no cover
 CHECKS: dict[str, str] = {
     "LT101": "ab-rank-mismatch", "LT102": "missing-factor", "LT103": "config-rank-mismatch",
     "LT104": "not-targeted", "LT105": "unused-pattern", "LT106": "bad-factor-shape",
-    "LT107": "no-modules", "LT108": "dora-magnitude-shape", "LT109": "bias-shape",
+    "LT107": "no-modules", "LT108": "dora-magnitude-shape", "LT109": "bias-shape", "LT110": "unknown-tensor",
     "LT201": "non-finite", "LT202": "zero-b", "LT203": "never-trained", "LT204": "exploding-norm",
-    "LT205": "mixed-dtypes",
+    "LT205": "mixed-dtypes", "LT206": "bad-scale",
     "LT301": "target-missing", "LT302": "shape-mismatch", "LT303": "fan-in-fan-out",
     "LT304": "modules-to-save-shape", "LT305": "base-name-mismatch", "LT306": "base-dtype",
     "LT307": "no-manifest", "LT308": "base-mismatch-allowed",
@@ -130,6 +132,10 @@ def check_structure(adapter: Adapter, f: Findings) -> None:
             f.error("LT108", f"module {m.name}: DoRA magnitude has shape {list(shape_of(m.magnitude))}, expected [{m.out_features}] (one per output row)", m.name)
         if m.lora_B_bias is not None and shape_of(m.lora_B_bias) != (m.out_features,):
             f.error("LT109", f"module {m.name}: lora_B bias has shape {list(shape_of(m.lora_B_bias))}, expected [{m.out_features}]", m.name)
+    for name in adapter.extra_tensors:
+        if not name.endswith(".base_layer.weight"):  # PEFT's saved embedding layers are expected
+            f.warning("LT110", f"tensor {name}: neither a LoRA factor nor a modules_to_save tensor of the config; "
+                      "loaders ignore it (a modules_to_save entry missing from the config?)")
 
 
 def check_config(adapter: Adapter, f: Findings) -> None:
@@ -165,7 +171,13 @@ def check_values(adapter: Adapter, f: Findings) -> None:
 
     zero_b = 0
     dtypes: set[str] = set()
+    import math
+
     for m in adapter.modules.values():
+        if not (math.isfinite(m.alpha) and m.alpha > 0 and math.isfinite(m.scale)):
+            f.error("LT206", f"module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; it must be a positive "
+                    "finite number", m.name)
+            continue
         finite = True
         for role, src in m.tensors().items():
             dt = dtype_of(src)
@@ -174,6 +186,8 @@ def check_values(adapter: Adapter, f: Findings) -> None:
             if dt not in FLOAT_DTYPES:
                 continue
             t = src.load() if hasattr(src, "load") else src
+            if t.element_size() == 1:  # float8: isnan/isinf are not implemented for it
+                t = t.float()
             nan = int(torch.isnan(t).sum())
             inf = int(torch.isinf(t).sum())
             if nan or inf:

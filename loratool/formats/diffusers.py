@@ -33,10 +33,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule
+from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem
 from loratool.errors import FormatError, InputError, OutputError, UsageError
 from loratool.formats import kohya, sdnames
-from loratool.formats.peft import config_rank_alpha
+from loratool.formats.peft import build_pattern, check_config_fields, config_rank_alpha
 from loratool.safetensors_io import SafetensorsFile, atomic_dir, atomic_path, write_safetensors
 
 NAME = "diffusers"
@@ -115,6 +115,8 @@ def parse_metadata(md: dict[str, str], where: Path) -> dict[str, dict[str, Any]]
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{where}: metadata {METADATA_KEY!r} is nested too deeply") from None
     if not isinstance(flat, dict):
         raise FormatError(f"{where}: metadata {METADATA_KEY!r} must be a JSON object, found {type(flat).__name__}")
     out: dict[str, dict[str, Any]] = {}
@@ -124,6 +126,8 @@ def parse_metadata(md: dict[str, str], where: Path) -> dict[str, dict[str, Any]]
             out.setdefault(comp, {})[field] = value
         else:
             out.setdefault("", {})[key] = value
+    for comp, cfg in out.items():
+        check_config_fields(cfg, f"{where}: metadata {METADATA_KEY!r}" + (f" ({comp})" if comp else ""))
     return out
 
 
@@ -162,13 +166,10 @@ def read(path: Path) -> Adapter:
             problems.append(f"{label}: {missing} is missing (only {sorted(keys.values())})")
             continue
         a, b = st.ref(a_key), st.ref(b_key)
-        sa, sb = a.shape, b.shape
-        if len(sa) < 2 or len(sb) < 2:
-            problems.append(f"{label}: factors must have at least 2 dimensions, found A {list(sa)} and B {list(sb)}")
-            continue
-        if sa[0] != sb[1]:
-            problems.append(f"{label}: A/B rank mismatch: lora_A has rank {sa[0]} (shape {list(sa)}) but lora_B "
-                            f"has {sb[1]} (shape {list(sb)})")
+        sa = a.shape
+        why = factor_problem(a, b, embedding=emb)
+        if why:
+            problems.append(f"{label}: {why}")
             continue
         cfg = configs.get(comp)
         config_rank = config_alpha = None
@@ -246,8 +247,8 @@ def component_config(modules: dict[str, LoraModule], strip: str) -> dict[str, An
     cfg: dict[str, Any] = {
         "r": r,
         "lora_alpha": _num(alpha),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: _num(v) for n, v in alphas.items() if v != alpha},
+        "rank_pattern": build_pattern(ranks, r),
+        "alpha_pattern": {n: _num(v) for n, v in build_pattern(alphas, alpha).items()},
         "target_modules": sorted(ranks),
     }
     # Only fields that differ from LoraConfig's defaults, so that older PEFT versions load it too.

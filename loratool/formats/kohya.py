@@ -34,10 +34,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, factor_problem
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
-from loratool.safetensors_io import SafetensorsFile, TensorRef, atomic_path, torch_dtype, write_safetensors
+from loratool.safetensors_io import FLOAT_DTYPES, SafetensorsFile, TensorRef, atomic_path, torch_dtype, write_safetensors
 
 NAME = "kohya"
 LAYOUT_KEY = "loratool.kohya_layout"
@@ -138,14 +138,10 @@ def read(path: Path) -> Adapter:
             problems.append(f"{label}: {missing}.weight is missing (only {sorted(keys.values())})")
             continue
         a, b = st.ref(a_key), st.ref(b_key)
-        sa, sb = a.shape, b.shape
-        if len(sa) not in (2, 4) or len(sb) != len(sa):
-            problems.append(f"{label}: lora_down {list(sa)} and lora_up {list(sb)}: expected two 2-D (Linear) "
-                            "or two 4-D (Conv2d) factors")
-            continue
-        if sa[0] != sb[1]:
-            problems.append(f"{label}: A/B rank mismatch: lora_down has rank {sa[0]} (shape {list(sa)}) but "
-                            f"lora_up has {sb[1]} (shape {list(sb)})")
+        sa = a.shape
+        why = factor_problem(a, b, ("lora_down", "lora_up"))
+        if why:
+            problems.append(f"{label}: {why}")
             continue
         name, from_sgm = module_name(lora_name) or (lora_name, False)  # the prefix was checked above
         if name in modules:
@@ -161,7 +157,13 @@ def read(path: Path) -> Adapter:
             if math.prod(ref.shape) != 1:
                 problems.append(f"{label}: alpha must be one number, found shape {list(ref.shape)}")
                 continue
+            if ref.dtype not in FLOAT_DTYPES:
+                problems.append(f"{label}: alpha must be a floating-point number, found {ref.dtype}")
+                continue
             alpha = float(ref.load().reshape(-1)[0].item())
+            if not math.isfinite(alpha) or alpha <= 0:
+                problems.append(f"{label}: alpha must be a positive finite number, found {alpha}")
+                continue
             alpha_dtypes[ref.dtype] += 1
             alpha_shapes[ref.shape] += 1
             mismatched_alpha_dtype |= ref.dtype != a.dtype

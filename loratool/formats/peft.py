@@ -15,12 +15,13 @@ PEFT directory per component; module names then carry the component as prefix.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, shape_of
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, factor_problem, shape_of
 from loratool.errors import FormatError, InputError
 from loratool.safetensors_io import (
     PICKLE_SUFFIXES,
@@ -63,6 +64,45 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     return key_to_match
 
 
+def _positive(x, integer: bool = False) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    if integer and not (isinstance(x, int) or float(x).is_integer()):
+        return False
+    return math.isfinite(x) and x > 0
+
+
+def check_config_fields(config: dict[str, Any], where: str) -> None:
+    """Refuse a config whose LoRA fields PEFT could not use, with one line naming the field."""
+    def bad(field, why):
+        raise FormatError(f"{where}: {field} {why}, found {config.get(field)!r}")
+
+    if "r" in config and not _positive(config["r"], integer=True):
+        bad("r", "must be a positive integer")
+    if "lora_alpha" in config and not _positive(config["lora_alpha"]):
+        bad("lora_alpha", "must be a positive finite number")
+    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            bad(field, "must map module-name patterns to numbers")
+        for key, value in pattern.items():
+            if not _positive(value, integer=integer):
+                raise FormatError(f"{where}: {field}[{key!r}] must be a positive "
+                                  f"{'integer' if integer else 'finite number'}, found {value!r}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        bad("target_modules", "must be a module name, a regex string or a list of names")
+    mts = config.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) for t in mts)):
+        bad("modules_to_save", "must be a list of module names")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if flag in config and config[flag] is not None and not isinstance(config[flag], bool):
+            bad(flag, "must be true or false")
+
+
 def config_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -80,7 +120,9 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 def _strip_adapter_name(key: str) -> str:
     """Tolerate files saved with the adapter name left in (``…lora_A.default.weight``)."""
-    return re.sub(r"\.(lora_A|lora_B)\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
+    key = re.sub(r"\.(lora_A|lora_B)\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
+    key = re.sub(r"\.lora_magnitude_vector\.(?!weight$)[^.]+(\.weight)?$", ".lora_magnitude_vector", key)
+    return re.sub(r"\.(lora_embedding_A|lora_embedding_B)\.[^.]+$", r".\1", key)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -89,18 +131,20 @@ def read_config(path: Path) -> dict[str, Any]:
         text = cfg_path.read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{cfg_path}: not valid JSON (not UTF-8 text)") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise FormatError(f"{cfg_path}: peft_type is {peft_type}, not LORA; loratool handles LoRA adapters only")
-    for field, typ in (("r", int), ("lora_alpha", (int, float))):
-        if field in config and (not isinstance(config[field], typ) or isinstance(config[field], bool) or config[field] <= 0):
-            raise FormatError(f"{cfg_path}: {field} must be a positive number, found {config[field]!r}")
+    check_config_fields(config, str(cfg_path))
     return config
 
 
@@ -155,13 +199,11 @@ def read(path: Path, component: str = "") -> Adapter:
             missing = "A" if a is None else "B"
             problems.append(f"{label}: lora_{missing} is missing (only {sorted(keys_of[module].values())[0]!r})")
             continue
-        sa, sb = shape_of(a), shape_of(b)
-        if len(sa) < 2 or len(sb) < 2:
-            problems.append(f"{label}: factors must have at least 2 dimensions, found A {list(sa)} and B {list(sb)}")
+        why = factor_problem(a, b, ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B"), emb)
+        if why:
+            problems.append(f"{label}: {why}")
             continue
-        if sa[0] != sb[1]:
-            problems.append(f"{label}: A/B rank mismatch: lora_A has rank {sa[0]} (shape {list(sa)}) but lora_B has {sb[1]} (shape {list(sb)})")
-            continue
+        sa = shape_of(a)
         if emb:
             kind = LayerKind.EMBEDDING
         elif len(sa) == 4:
@@ -191,7 +233,8 @@ def read(path: Path, component: str = "") -> Adapter:
     for k, ref in others.items():
         k2 = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
         mod = k2.rsplit(".", 1)[0]
-        if any(mod == p or mod.endswith("." + p) for p in mts_patterns) and ".base_layer." not in k2:
+        # PEFT's rule (_set_trainable): the module name ends with the entry, no dot boundary
+        if any(mod.endswith(p) for p in mts_patterns) and ".base_layer." not in k2:
             modules_to_save[prefix + k2] = ref
         else:
             extra[prefix + k2] = ref
@@ -237,6 +280,28 @@ def _read_multi(path: Path, subdirs: list[Path]) -> Adapter:
 
 # -- writing ------------------------------------------------------------------------------------
 
+def build_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """rank_pattern/alpha_pattern entries, keyed by full module name, such that PEFT's matcher
+    (first key, in order, that matches the end of a name at a dot boundary) gives every module of
+    ``values`` its own value: keys longest first, so that a module's own key is tried before a
+    shorter key that is a dot-suffix of it (``model.layers.0.mlp`` inside
+    ``vision.model.layers.0.mlp``), plus explicit entries for default-valued modules that such a
+    shorter key would otherwise catch."""
+    pattern = {n: v for n, v in values.items() if v != default}
+    while True:
+        caught = {n: v for n, v in values.items()
+                  if n not in pattern and get_pattern_key(list(pattern), n) in pattern}
+        if not caught:
+            break
+        pattern.update(caught)
+    ordered = dict(sorted(pattern.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+    for n, v in values.items():  # what PEFT will compute, module by module
+        got = ordered.get(get_pattern_key(list(ordered), n), default)
+        if got != v:  # pragma: no cover - a bug of ours, never a user's input
+            raise FormatError(f"internal: pattern for module {n!r} gives {got!r}, expected {v!r}")
+    return ordered
+
+
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
@@ -250,6 +315,12 @@ def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[st
     as rank_pattern/alpha_pattern keyed by full module name (PEFT's matcher anchors a pattern at a
     dot boundary and the end of the name, so a full name matches that module only)."""
     config: dict[str, Any] = dict(base or {})
+    for flag, on in (("use_rslora", [m.use_rslora for m in modules.values()]),
+                     ("use_dora", [m.use_dora for m in modules.values()])):
+        if any(on) and not all(on):
+            example = next(n for n, x in zip(modules, on) if not x)
+            raise FormatError(f"{adapter.path or 'adapter'}: {flag} is set for some modules but not for others "
+                              f"(e.g. {example!r}); a PEFT config applies it to every module")
     ranks = {n: m.rank for n, m in modules.items()}
     alphas = {n: m.alpha for n, m in modules.items()}
     r = _most_common(ranks.values()) if ranks else 8
@@ -260,8 +331,8 @@ def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[st
             "peft_type": "LORA",
             "r": r,
             "lora_alpha": _num(alpha),
-            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-            "alpha_pattern": {n: _num(v) for n, v in alphas.items() if v != alpha},
+            "rank_pattern": build_pattern(ranks, r),
+            "alpha_pattern": {n: _num(v) for n, v in build_pattern(alphas, alpha).items()},
             "use_rslora": any(m.use_rslora for m in modules.values()),
             "use_dora": any(m.use_dora for m in modules.values()),
             "lora_bias": any(m.lora_B_bias is not None for m in modules.values()),
