@@ -114,7 +114,6 @@ class AdapterSpec:
         return f"{self.path}:{self.weight:g}"
 
 
-_WEIGHT = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 
 
 def parse_adapter_specs(values: str | Iterable[str]) -> list[AdapterSpec]:
@@ -128,8 +127,13 @@ def parse_adapter_specs(values: str | Iterable[str]) -> list[AdapterSpec]:
             part = part.strip()
             if not part:
                 continue
-            m = _WEIGHT.match(part)
-            path, weight = (m.group(1), float(m.group(2))) if m else (part, 1.0)
+            # the registry's rule: an existing path is never split, `sha256:1234` is a digest
+            from loratool.registry.refs import split_weight
+
+            path, w = split_weight(part)
+            weight = 1.0 if w is None else w
+            if path.startswith(":"):
+                path = ""
             if not path:
                 raise UsageError(f"--adapters: {part!r} has a weight but no path; expected PATH[:WEIGHT]")
             if not math.isfinite(weight):
@@ -279,6 +283,13 @@ def _module_problems(module: LoraModule) -> str | None:
             return f"Conv2d factors A {list(a)} and B {list(b)}; expected A (r, in, kh, kw) and B (out, r, 1, 1)"
     elif len(a) != 2 or len(b) != 2:
         return f"{module.kind.value} factors A {list(a)} and B {list(b)}; expected 2-D factors"
+    out = module.out_features
+    mag = shape_of(module.magnitude) if module.magnitude is not None else None
+    # one value per output row: (out,) for Linear, (1, out, 1, 1) for Conv2d
+    if mag is not None and [d for d in mag if d != 1] not in ([out], [] if out == 1 else [None]):
+        return f"DoRA magnitude has shape {list(shape_of(module.magnitude))}, expected [{out}] (one per output row)"
+    if module.lora_B_bias is not None and shape_of(module.lora_B_bias) != (out,):
+        return f"lora_B bias has shape {list(shape_of(module.lora_B_bias))}, expected [{out}]"
     return None
 
 
@@ -1337,11 +1348,22 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
 def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:
     from loratool.formats import load_adapter
 
+    from loratool.adapter import require_usable
+
     loaded = []
     for spec in specs:
         adapter = load_adapter(spec.path)
         if not adapter.modules and not adapter.modules_to_save:
             raise InputError(f"{spec.path}: holds no LoRA modules and no modules_to_save; nothing to merge")
+        # NaN/Inf or a non-finite scale would be written into the model: refuse before anything is
+        require_usable(adapter)
+        # A tensor we cannot place (a modules_to_save entry missing from the config, trainable
+        # tokens…) would silently be left out of the merge: refuse instead.
+        unknown = sorted(n for n in adapter.extra_tensors if not n.endswith(".base_layer.weight"))
+        if unknown:
+            raise InputError(f"{spec.path}: holds tensors that are neither LoRA factors nor modules_to_save of its "
+                             f"config ({', '.join(unknown[:3])}{' …' if len(unknown) > 3 else ''}); merging would "
+                             "leave them out (add them to modules_to_save in the config if they replace base tensors)")
         loaded.append(LoadedAdapter(spec, adapter))
     return loaded
 

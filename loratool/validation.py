@@ -117,6 +117,13 @@ def _targeted(config: dict, name: str) -> bool | None:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _magnitude_numel(shape) -> int | None:
+    """The length of a DoRA magnitude, one value per output row: (out,) for Linear, (1, out, 1, 1)
+    for Conv2d; None when it has more than one non-unit dimension."""
+    big = [d for d in shape if d != 1]
+    return None if len(big) > 1 else (big[0] if big else 1)
+
+
 def check_structure(adapter: Adapter, f: Findings) -> None:
     for p in adapter.problems:
         mod = re.search(r"module '([^']+)'", p)
@@ -128,7 +135,7 @@ def check_structure(adapter: Adapter, f: Findings) -> None:
         conv = m.kind is LayerKind.CONV2D
         if (conv and (len(sa) != 4 or len(sb) != 4 or sb[2:] != (1, 1))) or (not conv and (len(sa) != 2 or len(sb) != 2)):
             f.error("LT106", f"module {m.name}: factor shapes A {list(sa)} and B {list(sb)} fit no {m.kind.value} layer", m.name)
-        if m.magnitude is not None and shape_of(m.magnitude) not in ((m.out_features,), (1, m.out_features)):
+        if m.magnitude is not None and _magnitude_numel(shape_of(m.magnitude)) != m.out_features:
             f.error("LT108", f"module {m.name}: DoRA magnitude has shape {list(shape_of(m.magnitude))}, expected [{m.out_features}] (one per output row)", m.name)
         if m.lora_B_bias is not None and shape_of(m.lora_B_bias) != (m.out_features,):
             f.error("LT109", f"module {m.name}: lora_B bias has shape {list(shape_of(m.lora_B_bias))}, expected [{m.out_features}]", m.name)
