@@ -7,7 +7,7 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT103 config-rank-mismatch    error    the config's r/rank_pattern disagrees with the tensors
   LT104 not-targeted            warning  weights for a module the config's target_modules skips
   LT105 unused-pattern          warning  a rank_pattern/alpha_pattern key that matches no module
-  LT106 bad-factor-shape        error    factor dimensions that fit no layer kind
+  LT106 bad-factor-shape        error    factors that fit no layer kind (dimensions, rank 0, dtype)
   LT107 no-modules              error    no LoRA module at all
   LT108 dora-magnitude-shape    error    DoRA magnitude length is not the output size
   LT109 bias-shape              error    lora_B bias length is not the output size
@@ -98,7 +98,13 @@ def _weights_file(adapter: Adapter) -> str | None:
 # -- structure and config ---------------------------------------------------------------------
 
 def _problem_id(problem: str) -> str:
-    return "LT101" if "rank mismatch" in problem else ("LT106" if "dimensions" in problem else "LT102")
+    if "rank mismatch" in problem:
+        return "LT101"
+    if "missing" in problem:
+        return "LT102"
+    if "alpha" in problem:
+        return "LT206"
+    return "LT106"  # factor shapes or dtypes that fit no layer, rank 0, unknown tensors
 
 
 def _targeted(config: dict, name: str) -> bool | None:
