@@ -1215,6 +1215,20 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def _cpu_dtype(t: TensorPlan, device: str):
+    """The accumulation dtype of one merged tensor. One adapter at weight 1 on the CPU: float32,
+    PEFT's arithmetic, for PEFT's bits. Anything else (weights, several adapters, unmerge) has no
+    PEFT result to match, and float32 is exact only to the size of the terms where W and ΔW
+    cancel: float64 then, so that every element is the exact value rounded once (to within the
+    one-ulp slack of torch's float64 → float32 → bf16 conversion)."""
+    import torch
+
+    if device != "cpu" or t.dora:
+        return torch.float32
+    plain = len(t.terms) == 1 and t.terms[0].coef == t.terms[0].module.scale
+    return torch.float32 if plain else torch.float64
+
+
 def _compute_block(t: TensorPlan, math_: TensorMath | None, w, i: int, j: int):
     import torch
 
@@ -1321,8 +1335,8 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
                     else:
                         engine = None
                         if t.action is Action.MERGE:
-                            engine = (_CudaMath if device == "cuda" else TensorMath)(t, torch.float32, device,
-                                                                                      reuse=True)
+                            engine = (_CudaMath if device == "cuda" else TensorMath)(
+                                t, _cpu_dtype(t, device), device, reuse=True)
                         for _ in spans[id(t)]:
                             bt, i, j, w, buf = reader.get()
                             assert bt is t, "reader and executor disagree on the order of blocks"

@@ -192,9 +192,8 @@ def test_weighted_adapters_within_one_ulp_of_float64(llama, tmp_path, capsys):
     pm.set_adapter("ab")
     peft_sd = pm.merge_and_unload().state_dict()
 
-    # Errors in ulps of the output dtype. Where W and the delta cancel, X is far smaller than the
-    # terms and float32 accumulation (the arithmetic, PEFT's and the CUDA kernel's) is only
-    # exact to float32 precision of the terms, i.e. to ulps of max(|X|, |W|), not of X itself.
+    # Errors in ulps of the output dtype, at max(|X|, |W|) and at |X| itself (PEFT's route rounds
+    # the combined factors to bf16 first, so it is far off where W and the delta cancel).
     ours_err, peft_err, ours_x, peft_x, beyond = 0.0, 0.0, 0.0, 0.0, 0
     for n, x in exact.items():
         got = ours.read(n)
@@ -207,11 +206,13 @@ def test_weighted_adapters_within_one_ulp_of_float64(llama, tmp_path, capsys):
         ours_x, peft_x = max(ours_x, max_ulp(got, x)), max(peft_x, max_ulp(peft_sd[n], x))
         far = (got.double() - x).abs() > ulp(x, "BF16")
         beyond += int(far.sum())
-        assert bool((x.abs()[far] < orig[n].double().abs()[far] / 64).all()), "only where W and ΔW cancel"
     with capsys.disabled():
         print(f"\n  a:0.7,b:0.3 (bf16) vs float64, max error in ulps at max(|X|,|W|) [at |X|]: "
               f"ours {ours_err:.3f} [{ours_x:.1f}], PEFT add_weighted_adapter(cat)+merge_and_unload "
               f"{peft_err:.3f} [{peft_x:.1f}]; {beyond} elements of ours beyond 1 ulp of X (cancellation)")
+    # weighted merges accumulate in float64 (no PEFT bits to match): every element is the exact
+    # value rounded once, give or take one ulp of X itself, even where W and ΔW cancel
+    assert beyond == 0 and ours_x <= 1.0
     assert ours_err <= 1.0
     assert ours_err <= peft_err
 
