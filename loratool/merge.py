@@ -1220,12 +1220,15 @@ def _cpu_dtype(t: TensorPlan, device: str):
     PEFT's arithmetic, for PEFT's bits. Anything else (weights, several adapters, unmerge) has no
     PEFT result to match, and float32 is exact only to the size of the terms where W and ΔW
     cancel: float64 then, so that every element is the exact value rounded once (to within the
-    one-ulp slack of torch's float64 → float32 → bf16 conversion)."""
+    one-ulp slack of torch's float64 → float32 → bf16 conversion). Unmerging one adapter at weight
+    1 repeats the merge's float32 arithmetic, which lands back on the base's bits most often."""
     import torch
 
     if device != "cpu" or t.dora:
         return torch.float32
-    plain = len(t.terms) == 1 and t.terms[0].coef == t.terms[0].module.scale
+    # ±1 · scale: a plain merge, or the unmerge of one (which must repeat the merge's float32
+    # arithmetic to land back on the base's bits)
+    plain = len(t.terms) == 1 and abs(t.terms[0].coef) == t.terms[0].module.scale
     return torch.float32 if plain else torch.float64
 
 
