@@ -180,7 +180,7 @@ def compose_module(name: str, owners: list[tuple[int, LoraModule]], weights: Seq
         k, error, energy = A2.shape[0], 0.0, 1.0
     elif method == "linear":
         B, A = stack_factors([(weights[i] * m.scale, b, a) for i, m, b, a in factors])
-        U, S, Vh = core_svd(B, A)
+        U, S, Vh = core_svd(B, A, keep=lambda S: max(1, min(rule.choose(S, (d_out, d_in)), S.shape[0])))
         k = max(1, min(rule.choose(S, (d_out, d_in)), S.shape[0]))
         B2, A2 = split_factors(U, S, Vh, k)
         error, energy = truncation_error(S, k), energy_kept(S, k)

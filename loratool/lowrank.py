@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from loratool.errors import UsageError
 
@@ -48,13 +48,18 @@ def _fix_signs(U: "torch.Tensor", Vh: "torch.Tensor"):
     return U * signs, Vh * signs[:, None]
 
 
-def core_svd(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0):
+def core_svd(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0,
+             keep: "int | Callable[[torch.Tensor], int] | None" = None):
     """Thin SVD of scale·B@A from its factors: returns (U, S, Vh), float64, with U d×p, S p,
     Vh p×k and p = min(d, r, k) ≤ r. S is descending.
 
     B is (d, r), A is (r, k); higher-dimensional factors (conv) must be reshaped to 2-D first.
     Correct for rank-deficient and all-zero factors (their singular values are 0, and U/Vh stay
     orthonormal). Signs follow ``_fix_signs``.
+
+    ``keep`` (a count, or a function of S giving one): only that many leading columns of U and
+    rows of Vh are formed (S stays whole); the d×p and p×k products are most of the cost when a
+    truncation keeps few components.
     """
     import torch
 
@@ -64,8 +69,11 @@ def core_svd(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0):
     Qa, Ra = torch.linalg.qr(A.T, mode="reduced")  # Qa k×min(k,r), Ra min(k,r)×r
     core = (Rb @ Ra.T) * scale
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
-    U = Qb @ Uc
-    Vh = Vhc @ Qa.T
+    n = S.shape[0]
+    if keep is not None:
+        n = max(0, min(n, keep(S) if callable(keep) else int(keep)))
+    U = Qb @ Uc[:, :n]
+    Vh = Vhc[:n] @ Qa.T
     U, Vh = _fix_signs(U, Vh)
     return U, S, Vh
 

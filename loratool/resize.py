@@ -48,8 +48,8 @@ def resize_module(m: LoraModule, rule: RankRule) -> tuple[LoraModule, "ModuleRes
 
     r = m.rank
     b2, a2 = m.factors_2d()
-    U, S, Vh = core_svd(b2, a2, m.scale)
     shape = (b2.shape[0], a2.shape[1])
+    U, S, Vh = core_svd(b2, a2, m.scale, keep=lambda S: min(rule.choose(S, shape), r))
     n = numerical_rank(S, shape)
     total = float((S ** 2).sum())
     warning = None
