@@ -65,17 +65,34 @@ def core_svd(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0,
 
     B = B.to(torch.float64)
     A = A.to(torch.float64)
-    Qb, Rb = torch.linalg.qr(B, mode="reduced")  # Qb d×min(d,r), Rb min(d,r)×r
-    Qa, Ra = torch.linalg.qr(A.T, mode="reduced")  # Qa k×min(k,r), Ra min(k,r)×r
+    # Householder QR without forming Q (geqrf): Q is applied to the few kept columns only
+    # (ormqr), which is half the work of forming Q and multiplying by it.
+    hb, tb = torch.geqrf(B)  # B = Qb Rb, Qb d×p_b
+    ha, ta = torch.geqrf(A.T.contiguous())  # Aᵀ = Qa Ra, Qa k×p_a
+    Rb = torch.triu(hb[: tb.shape[0]])
+    Ra = torch.triu(ha[: ta.shape[0]])
     core = (Rb @ Ra.T) * scale
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
     n = S.shape[0]
     if keep is not None:
         n = max(0, min(n, keep(S) if callable(keep) else int(keep)))
-    U = Qb @ Uc[:, :n]
-    Vh = Vhc[:n] @ Qa.T
+    U = _apply_q(hb, tb, Uc[:, :n])
+    Vh = _apply_q(ha, ta, Vhc[:n].T).T
     U, Vh = _fix_signs(U, Vh)
     return U, S, Vh
+
+
+def _apply_q(h: "torch.Tensor", tau: "torch.Tensor", Y: "torch.Tensor") -> "torch.Tensor":
+    """Q @ Y for the thin Q (m×p) of a geqrf factorization and Y (p×n): the full Householder
+    product applied to Y padded with zero rows."""
+    import torch
+
+    m, p = h.shape[0], tau.shape[0]
+    Z = torch.zeros(m, Y.shape[1], dtype=h.dtype)
+    Z[:p] = Y
+    if p == 0 or Y.shape[1] == 0:
+        return Z
+    return torch.ormqr(h, tau, Z)
 
 
 def singular_values(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0) -> "torch.Tensor":
@@ -84,8 +101,10 @@ def singular_values(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0) ->
 
     B = B.to(torch.float64)
     A = A.to(torch.float64)
-    Rb = torch.linalg.qr(B, mode="r")[1]
-    Ra = torch.linalg.qr(A.T, mode="r")[1]
+    hb, tb = torch.geqrf(B)
+    ha, ta = torch.geqrf(A.T.contiguous())
+    Rb = torch.triu(hb[: tb.shape[0]])
+    Ra = torch.triu(ha[: ta.shape[0]])
     return torch.linalg.svdvals((Rb @ Ra.T) * abs(scale))
 
 
