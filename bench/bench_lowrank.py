@@ -89,6 +89,8 @@ def child_peft_svd(base: str, a: str, b: str) -> dict:
 
 
 def child_resize(a: str) -> dict:
+    import torch  # noqa: F401  (imported before the clock starts, as in child_compose)
+
     from loratool.formats import load_adapter
     from loratool.lowrank import RankRule
     from loratool.resize import resize_adapter
