@@ -1376,6 +1376,14 @@ def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:
         require_usable(adapter)
         # A tensor we cannot place (a modules_to_save entry missing from the config, trainable
         # tokens…) would silently be left out of the merge: refuse instead.
+        if adapter.format == "peft" and adapter.config and "components" not in adapter.config:
+            from loratool.formats.peft import targeted
+
+            skipped = [n for n in adapter.modules if targeted(adapter.config, n) is False]
+            if skipped:
+                raise InputError(f"{spec.path}: module {skipped[0]} (and {len(skipped) - 1} more) has weights but the "
+                                 "config's target_modules/exclude_modules leave it out, so PEFT would not apply it; "
+                                 "fix adapter_config.json so that the merge and PEFT agree")
         unknown = sorted(n for n in adapter.extra_tensors if not n.endswith(".base_layer.weight"))
         if unknown:
             raise InputError(f"{spec.path}: holds tensors that are neither LoRA factors nor modules_to_save of its "

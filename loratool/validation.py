@@ -108,19 +108,9 @@ def _problem_id(problem: str) -> str:
 
 
 def _targeted(config: dict, name: str) -> bool | None:
-    """PEFT's rule (check_target_module_exists): a regex string must fullmatch the module name,
-    a list entry must equal it or be a dot-suffix of it. None when we cannot tell."""
-    targets = config.get("target_modules")
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return None
-        try:
-            return re.fullmatch(targets, name) is not None
-        except re.error:
-            return None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    from loratool.formats.peft import targeted
+
+    return targeted(config, name)
 
 
 def _magnitude_numel(shape) -> int | None:
@@ -163,7 +153,8 @@ def check_config(adapter: Adapter, f: Findings) -> None:
         targeted = _targeted(config, m.name)
         if targeted is False:
             f.warning("LT104", f"module {m.name}: has weights but target_modules {config.get('target_modules')!r} "
-                      "does not select it; PEFT will ignore them", m.name, cfg_file)
+                      f"(exclude_modules {config.get('exclude_modules')!r}) does not select it; PEFT will ignore "
+                      "them, and merge refuses the adapter", m.name, cfg_file)
     names = list(adapter.modules)
     from loratool.formats.peft import get_pattern_key
 

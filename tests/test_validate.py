@@ -118,3 +118,19 @@ def test_json_report(cli, fixtures_dir):
     data = json.loads(p.stdout)
     assert data["passed"] is False and data["errors"] == 1
     assert data["findings"][0]["id"] == "LT201" and data["findings"][0]["file"].endswith("adapter_model.safetensors")
+
+
+def test_modules_the_config_leaves_out(cli, fixtures_dir, tmp_path):
+    """Weights for a module that target_modules/exclude_modules leave out: PEFT ignores them, so
+    validate warns and merge refuses rather than give a model PEFT would not."""
+    import shutil
+
+    d = tmp_path / "excluded"
+    shutil.copytree(fixtures_dir / "llama_r8", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["exclude_modules"] = ["layers.1.mlp.down_proj"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    r = validate(d)
+    assert [f.module for f in r.findings if f.id == "LT104"] == ["model.layers.1.mlp.down_proj"]
+    p = cli("merge", "--base", fixtures_dir / "base_llama", "--adapters", d, "-o", tmp_path / "out")
+    assert p.returncode == 2 and "model.layers.1.mlp.down_proj" in p.stderr and not (tmp_path / "out").exists()

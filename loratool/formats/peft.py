@@ -111,6 +111,30 @@ def config_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
     return int(r), float(alpha)
 
 
+def _selects(spec, name: str) -> bool | None:
+    """PEFT's matching for target_modules/exclude_modules: a string is a regex that must match
+    the whole name; a list entry must equal the name or be a dot-suffix of it."""
+    if isinstance(spec, str):
+        try:
+            return re.fullmatch(spec, name) is not None
+        except re.error:
+            return None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def targeted(config: dict[str, Any], name: str) -> bool | None:
+    """Whether PEFT creates a LoRA layer for module ``name`` under this config (so that it loads
+    the module's weights); None when that cannot be told without the model (``all-linear``, no
+    target_modules)."""
+    exclude = config.get("exclude_modules")
+    if exclude and _selects(exclude, name):
+        return False
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return None
+    return _selects(targets, name)
+
+
 def _split_key(key: str) -> tuple[str, str] | None:
     for suffix, role in _SUFFIXES.items():
         if key.endswith(suffix):
