@@ -392,7 +392,8 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename in it is durable (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -441,7 +442,7 @@ def atomic_path(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
                 os.fsync(f.fileno())
             _publish_mode(tmp_path, directory=False)
             os.replace(tmp_path, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
     except _Interrupted:
         tmp_path.unlink(missing_ok=True)
         raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
@@ -470,7 +471,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
                 if p.is_file():
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _publish_mode(tmp, directory=True)
             if dest.exists():
                 # a directory cannot be renamed over a non-empty one: move the old output aside,
@@ -486,7 +487,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
     except _Interrupted:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None

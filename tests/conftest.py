@@ -46,3 +46,4 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli():
     return run_cli
+

@@ -7,6 +7,7 @@ import shutil
 
 import jsonschema
 
+from tinybase import base_with_one_changed_tensor
 from loratool.manifest import record_manifest
 from loratool.schemas.export import SCHEMA_DIR
 
@@ -14,19 +15,6 @@ from loratool.schemas.export import SCHEMA_DIR
 def _tree_digest(path):
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _changed_base(src, dst):
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    shard = sorted(dst.glob("model-*.safetensors"))[-1]
-    t = load_file(str(shard))
-    name = sorted(t)[0]
-    t[name] = t[name].clone()
-    t[name].view(-1)[0] += 1
-    save_file(t, str(shard), metadata={"format": "pt"})
-    return dst
 
 
 def test_merge_refuses_a_changed_base_and_records_an_allowed_one(cli, fixtures_dir, tmp_path):
@@ -41,7 +29,7 @@ def test_merge_refuses_a_changed_base_and_records_an_allowed_one(cli, fixtures_d
     assert manifest["lineage"][0]["operation"] == "merged" and manifest["lineage"][0]["base_mismatch"] is None
     assert {i["kind"] for i in manifest["lineage"][0]["inputs"]} == {"base", "adapter"}
 
-    other = _changed_base(fixtures_dir / "base_llama", tmp_path / "other")
+    other = base_with_one_changed_tensor(fixtures_dir / "base_llama", tmp_path / "other")
     before = _tree_digest(other), _tree_digest(adapter)
     out = tmp_path / "m2"
     p = cli("merge", "--base", other, "--adapters", adapter, "-o", out)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from tinybase import base_with_one_changed_tensor
 from loratool.validation import CHECKS, validate
 
 CLEAN = ["llama_r8", "llama_r8_bf16", "llama_dora", "llama_rslora_patterns", "llama_bias",
@@ -28,26 +29,11 @@ def _copy_with_manifest(src, dst, base):
     return dst
 
 
-def _base_with_one_changed_tensor(src, dst):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    shard = sorted(dst.glob("model-*.safetensors"))[-1]
-    t = load_file(str(shard))
-    name = sorted(t)[0]
-    t[name] = t[name].clone()
-    t[name].view(-1)[0] += 1
-    save_file(t, str(shard), metadata={"format": "pt"})
-    return dst
-
-
 def test_manifest_pins_the_base_by_content(cli, fixtures_dir, tmp_path):
     adapter = _copy_with_manifest(fixtures_dir / "llama_r8", tmp_path / "a", fixtures_dir / "base_llama")
     r = validate(adapter, base=fixtures_dir / "base_llama", strict=True)
     assert r.exit_code == 0 and r.warnings == 0, r.findings
-    other = _base_with_one_changed_tensor(fixtures_dir / "base_llama", tmp_path / "other_base")
+    other = base_with_one_changed_tensor(fixtures_dir / "base_llama", tmp_path / "other_base")
     p = cli("validate", adapter, "--base", other)
     assert p.returncode == 3, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()

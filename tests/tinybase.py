@@ -108,3 +108,20 @@ class FakeHubApi:
             weight_map.update({n: p.name for n in st.tensors})
         return SafetensorsRepoMetadata(metadata=None, sharded=len(files) > 1, weight_map=weight_map,
                                        files_metadata=files)
+
+
+def base_with_one_changed_tensor(src, dst):
+    """A copy of the sharded base at ``src`` whose last shard has one element changed: same
+    names, shapes and dtypes (same structure fingerprint), other content."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    shard = sorted(dst.glob("model-*.safetensors"))[-1]
+    t = load_file(str(shard))
+    name = sorted(t)[0]
+    t[name] = t[name].clone()
+    t[name].view(-1)[0] += 1
+    save_file(t, str(shard), metadata={"format": "pt"})
+    return dst

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from loratool.errors import InputError, OutputError
+from loratool.safetensors_io import fsync_dir
 
 CHUNK = 8 * 1024 * 1024
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -32,19 +33,6 @@ READ_ONLY = 0o444
 
 class CorruptBlobError(InputError):
     """A blob's bytes no longer hash to its name (or it is missing)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
@@ -121,7 +109,7 @@ class BlobStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp, READ_ONLY)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def _temp(self, label: str) -> tuple[int, Path]:
         self.tmp.mkdir(parents=True, exist_ok=True)
