@@ -95,6 +95,8 @@ def resolve_adapter(ref: str | os.PathLike) -> Path:
     text = os.fspath(ref)
     if os.path.exists(text):
         return Path(text)
+    if os.path.lexists(text):
+        raise InputError(f"{text}: broken symbolic link (its target is missing, or links loop)")
     from loratool.registry.refs import resolve_adapter_ref
 
     return resolve_adapter_ref(text)
