@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -176,6 +177,8 @@ def _weights_file(path: Path) -> Path:
     st = path / WEIGHTS
     if st.exists():
         return st
+    if os.path.lexists(st):
+        raise InputError(f"{st}: broken symbolic link (its target is missing, or links loop)")
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise refuse_pickle(pickles[0])
