@@ -35,8 +35,9 @@ demo: fixtures
 	@echo "== validate a broken adapter (expected to fail with one line) =="
 	-$(LT) validate $(FIX)/broken/nan_values
 	rm -rf $(FIX)/demo_out && mkdir -p $(FIX)/demo_out
-	@echo "== resize: keep 99% of each module's energy =="
-	$(LT) resize $(FIX)/llama_r8 --energy 0.99 -o $(FIX)/demo_out/llama_e99 | tail -5
+	@echo "== resize: keep 90% of each module's energy (ranks differ per module) =="
+	$(LT) resize $(FIX)/llama_r8 --energy 0.9 -o $(FIX)/demo_out/llama_e90 | tail -5
+	$(LT) inspect $(FIX)/demo_out/llama_e90 | grep -E "^(rank|alpha)"
 	@echo "== compose 0.7/0.3, optimally truncated to rank 8 =="
 	$(LT) compose --adapters $(FIX)/llama_r8:0.7,$(FIX)/llama_rslora_patterns:0.3 --rank 8 -o $(FIX)/demo_out/composed | tail -5
 	$(LT) validate $(FIX)/demo_out/composed --base $(FIX)/base_llama
