@@ -103,11 +103,12 @@ def _report(result, as_json: bool) -> None:
 @base_options
 def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, quiet, as_json,
               allow_base_mismatch, require_manifest):
-    """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, float32 accumulation, one rounding.
+    """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, rounded once.
 
     The output keeps BASE's shard layout, index, metadata, config and tokenizer files; tensors no
-    adapter touches are copied as raw bytes. On the CPU one adapter with weight 1.0 gives exactly
-    PEFT's merge_and_unload.
+    adapter touches are copied as raw bytes. On the CPU one adapter with weight 1.0 follows PEFT's
+    float32 arithmetic and gives exactly merge_and_unload's bits; weighted merges accumulate in
+    float64. A base other than the one an adapter's manifest records is refused (exit 3).
     """
     from loratool.manifest import BaseGuard
     from loratool.merge import merge
