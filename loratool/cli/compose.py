@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.resize import rank_rule_options, warn
+from loratool.cli.render import emit, warn
+from loratool.cli.resize import rank_rule_options
 
 METHOD_CHOICE = click.Choice(["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
 
@@ -37,12 +38,7 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
     rule = RankRule.from_options(*options) if any(v is not None for v in options) else None
     report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite)
     warn(report.warnings)
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(report)
-    else:
-        render(report)
+    emit(report, as_json, render)
     return 0
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
-FORMATS = ["peft", "kohya", "diffusers"]
+from loratool.cli.render import FORMAT_CHOICE
 
 
 @click.command("convert")
 @click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--to", "to", required=True, type=click.Choice(FORMATS), help="Format to write.")
+@click.option("--to", "to", required=True, type=FORMAT_CHOICE, help="Format to write.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Where to write: a directory (peft, diffusers) or a .safetensors file (kohya, diffusers).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Override format detection of ADAPTER.")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None, help="Override format detection of ADAPTER.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def convert_cmd(adapter, to, out, fmt, overwrite):
     """Convert ADAPTER (PEFT directory, kohya or diffusers file) to another format.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from loratool.cli.render import emit
+
 BASE_HELP = "A base model: a directory or .safetensors file, or hf://owner/name[@revision]."
 
 
@@ -28,12 +30,7 @@ def fingerprint_cmd(base, as_json, no_cache):
     t0 = time.perf_counter()
     fp = fingerprint_base(base, cache=cache, refresh=no_cache)
     elapsed = time.perf_counter() - t0
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(fp)
-    else:
-        _render(base, fp, cache, elapsed)
+    emit(fp, as_json, lambda r: _render(base, r, cache, elapsed))
     return 0
 
 

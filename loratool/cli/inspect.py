@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-FORMAT_CHOICE = click.Choice(["peft", "kohya", "diffusers"])
+from loratool.cli.render import FORMAT_CHOICE, emit
 
 
 @click.command("inspect")
@@ -18,12 +18,7 @@ def inspect_cmd(adapter, as_json, modules, spectrum, fmt):
     from loratool.inspection import inspect_path
 
     report = inspect_path(adapter, format=fmt, modules=modules, spectrum=spectrum)
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(report)
-    else:
-        render(report)
+    emit(report, as_json, render)
     return 0
 
 

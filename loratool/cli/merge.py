@@ -7,15 +7,12 @@ import sys
 
 import click
 
+from loratool.cli.render import emit, warn
+
 ADAPTERS_HELP = ("Adapters as PATH[:WEIGHT], comma-separated or repeated (the weight is the last "
                  ":number, default 1.0), e.g. a:0.7,b:0.3.")
 DTYPE_CHOICE = click.Choice(["keep", "bf16", "fp16", "fp32"])
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
-
-
-def _warn(messages) -> None:
-    for m in messages:
-        click.echo(f"loratool: warning: {m}", err=True)
 
 
 @contextlib.contextmanager
@@ -78,12 +75,7 @@ def _lineage_writer(guard, operation: str, params: dict):
 
 
 def _report(result, as_json: bool) -> None:
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(result)
-    else:
-        click.echo(result.describe())
+    emit(result, as_json, lambda r: click.echo(r.describe()))
 
 
 @click.command("merge")
@@ -121,8 +113,8 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, qui
         result = merge(base, list(adapters), out, dtype=dtype, device=device,
                        max_shard_size=max_shard_size, overwrite=overwrite, progress=cb,
                        check_base=guard, before_commit=_lineage_writer(guard, "merged", params))
-    _warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
-    _warn(result.warnings)
+    warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
+    warn(result.warnings)
     _report(result, as_json)
     return 0
 
@@ -153,7 +145,7 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
         result = unmerge(merged, list(adapters), out, base=base, dtype=dtype, device=device,
                          overwrite=overwrite, progress=cb,
                          before_commit=_lineage_writer(BaseGuard(), "unmerged", params))
-    _warn(result.warnings)
+    warn(result.warnings)
     _report(result, as_json)
     if not as_json and result.distance:
         worst = max(result.distance, key=lambda d: d.max_ulp)
@@ -192,15 +184,10 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_js
     ckpt = BaseCheckpoint(base)
     for spec in parse_adapter_specs(list(adapters)):
         guard(load_adapter(spec.path), ckpt)
-    _warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
+    warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
     with _progress(quiet, "checking") as cb:
         report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb)
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(report)
-    else:
-        _render_parity(report, show_all)
+    emit(report, as_json, lambda r: _render_parity(r, show_all))
     return 0 if report.ok else 1
 
 

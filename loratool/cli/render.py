@@ -4,6 +4,27 @@ from __future__ import annotations
 
 import sys
 
+import click
+
+from loratool.formats import FORMATS
+
+# --format / --to: the formats loratool reads and writes
+FORMAT_CHOICE = click.Choice(list(FORMATS))
+
+
+def warn(messages) -> None:
+    """Warnings on stderr, one line each."""
+    for m in messages:
+        click.echo(f"loratool: warning: {m}", err=True)
+
+
+def emit(report, as_json: bool, render) -> None:
+    """A command's result: ``--json`` from its pydantic model, else ``render(report)``."""
+    if as_json:
+        print_json(report)
+    else:
+        render(report)
+
 
 def human_bytes(n: int) -> str:
     size = float(n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-FORMAT_CHOICE = click.Choice(["peft", "kohya", "diffusers"])
+from loratool.cli.render import FORMAT_CHOICE, emit, warn
 
 
 def rank_rule_options(f):
@@ -22,11 +22,6 @@ def rank_rule_options(f):
     for opt in reversed(options):
         f = opt(f)
     return f
-
-
-def warn(messages) -> None:
-    for m in messages:
-        click.echo(f"loratool: warning: {m}", err=True)
 
 
 @click.command("resize")
@@ -47,12 +42,7 @@ def resize_cmd(adapter, out, rank, energy, sv_ratio, sv_cumulative, min_rank, ma
     rule = RankRule.from_options(rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank)
     report = resize_path(adapter, out, rule, format=fmt, overwrite=overwrite)
     warn(report.warnings)
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(report)
-    else:
-        render(report)
+    emit(report, as_json, render)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from loratool.cli.render import FORMAT_CHOICE, emit
+
 
 @click.command("validate")
 @click.argument("adapter", type=click.Path(path_type=str))
@@ -12,7 +14,7 @@ import click
 @click.option("--target", type=click.Choice(["vllm"]), default=None, help="Also check what this server supports.")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
               help="Override format detection.")
 @click.option("--allow-base-mismatch", is_flag=True,
               help="Report a base that differs from the adapter's manifest as a warning, not exit 3.")
@@ -30,12 +32,7 @@ def validate_cmd(adapter, base, target, strict, as_json, fmt, allow_base_mismatc
         raise click.UsageError("--allow-base-mismatch and --require-manifest need --base")
     report = validate(adapter, base=base, target=target, strict=strict, format=fmt,
                       allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(report)
-    else:
-        render(report)
+    emit(report, as_json, render)
     return report.exit_code
 
 
