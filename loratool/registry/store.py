@@ -124,8 +124,7 @@ class BlobStore:
         src = Path(src)
         if expected and self.has(expected, src.stat().st_size):
             return expected, src.stat().st_size
-        fd, tmp = self._temp(src.name)
-        try:
+        with self._staging(src.name, str(src)) as (fd, tmp):
             with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                 digest, size = copy_hashed(fin, fout)
                 fout.flush()
@@ -134,32 +133,33 @@ class BlobStore:
                 raise InputError(f"{src}: changed while it was being added (sha256 {digest[:12]}…, "
                                  f"was {expected[:12]}…); add it again once nothing writes to it")
             self._commit_temp(tmp, digest)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{self.root}: cannot store {src}: {e.strerror or e}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return digest, size
 
     def put_bytes(self, data: bytes, label: str = "blob") -> str:
         digest = hashlib.sha256(data).hexdigest()
         if self.has(digest, len(data)):
             return digest
-        fd, tmp = self._temp(label)
-        try:
+        with self._staging(label, "a blob") as (fd, tmp):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             self._commit_temp(tmp, digest)
+        return digest
+
+    @contextlib.contextmanager
+    def _staging(self, label: str, what: str):
+        """A temporary file in the store for one blob, removed unless committed; I/O errors
+        become one-line OutputErrors naming ``what``."""
+        fd, tmp = self._temp(label)
+        try:
+            yield fd, tmp
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise OutputError(f"{self.root}: cannot store a blob: {e.strerror or e}") from None
+            raise OutputError(f"{self.root}: cannot store {what}: {e.strerror or e}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return digest
 
     # -- reading (every read checks the digest) ----------------------------------------------
     def _missing(self, digest: str, what: str) -> CorruptBlobError:
