@@ -178,13 +178,24 @@ class LoraModule:
     def B(self) -> "torch.Tensor":
         return load_tensor(self.lora_B)
 
-    def factors_2d(self, dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors_2d(self, dtype=None, loaded: "dict[str, torch.Tensor] | None" = None
+                   ) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(B2, A2) with B2 (out, r), A2 (r, in·kh·kw): delta_2d = scale · B2 @ A2 (before any
-        transpose/reshape into the base layout)."""
-        a, b = self.A(), self.B()
+        transpose/reshape into the base layout). ``loaded``: this module's tensors as ``load()``
+        returned them, so that they are not read again."""
+        a, b = (loaded["lora_A"], loaded["lora_B"]) if loaded is not None else (self.A(), self.B())
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
         return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1)
+
+    def load(self) -> "dict[str, torch.Tensor]":
+        """Every tensor of the module (factors, DoRA magnitude, bias), read once."""
+        return {role: load_tensor(src) for role, src in self.tensors().items()}
+
+    @property
+    def scale_is_valid(self) -> bool:
+        """alpha and scale are positive finite numbers (else any arithmetic on the module is void)."""
+        return math.isfinite(self.alpha) and self.alpha > 0 and math.isfinite(self.scale)
 
     def delta(self, dtype=None) -> "torch.Tensor":
         """The scaled update ``scale · B @ A`` in the base weight's layout.
@@ -290,24 +301,30 @@ class Adapter:
         return sum(p.stat().st_size for p in self.files if p.exists())
 
 
+def count_nonfinite(t: "torch.Tensor") -> tuple[int, int]:
+    """(NaN count, Inf count) of a tensor; (0, 0) for integer tensors."""
+    import torch
+
+    if not t.is_floating_point():
+        return 0, 0
+    if t.element_size() == 1:  # float8: isnan/isinf are not implemented for it
+        t = t.float()
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
 def require_usable(adapter: "Adapter") -> None:
     """Refuse (one line, naming the module) an adapter whose values would make any arithmetic on
     it meaningless: NaN/Inf in a factor, or a scale that is not a positive finite number.
     ``validate`` reports the same as findings; resize, compose and merge call this first."""
-    import math
-
-    import torch
-
     from loratool.errors import FormatError
 
     where = adapter.path or "adapter"
     for m in adapter.modules.values():
-        if not (math.isfinite(m.alpha) and m.alpha > 0 and math.isfinite(m.scale)):
+        if not m.scale_is_valid:
             raise FormatError(f"{where}: module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; a LoRA "
                               "scale must be a positive finite number")
-        for role, src in m.tensors().items():
-            t = load_tensor(src)
-            if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
+        for role, t in m.load().items():
+            if any(count_nonfinite(t)):
                 key = m.source_keys.get(role, role)
                 raise FormatError(f"{where}: module {m.name}: {key} holds NaN or Inf values; run "
                                   "`loratool validate` for details")

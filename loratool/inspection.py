@@ -18,12 +18,11 @@ def _num_key(x: float) -> str:
 def module_spectrum(m: LoraModule) -> Spectrum:
     from loratool.lowrank import effective_rank, singular_values
 
-    import torch
-
+    from loratool.adapter import count_nonfinite
     from loratool.errors import FormatError
 
     b2, a2 = m.factors_2d()
-    if not (bool(torch.isfinite(b2).all()) and bool(torch.isfinite(a2).all())):
+    if any(count_nonfinite(b2)) or any(count_nonfinite(a2)):
         raise FormatError(f"module {m.name}: factors hold NaN or Inf values, so no spectrum; run "
                           "`loratool validate` for details")
     s = singular_values(b2, a2, m.scale)

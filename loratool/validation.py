@@ -41,7 +41,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratool.adapter import Adapter, LayerKind, dtype_of, shape_of
+from loratool.adapter import Adapter, LayerKind, count_nonfinite, dtype_of, shape_of
 from loratool.errors import EXIT_FINDINGS, EXIT_OK
 from loratool.safetensors_io import FLOAT_DTYPES
 from loratool.schemas.reports import Finding, Severity, ValidationReport
@@ -107,12 +107,6 @@ def _problem_id(problem: str) -> str:
     return "LT106"  # factor shapes or dtypes that fit no layer, rank 0, unknown tensors
 
 
-def _targeted(config: dict, name: str) -> bool | None:
-    from loratool.formats.peft import targeted
-
-    return targeted(config, name)
-
-
 def _magnitude_numel(shape) -> int | None:
     """The length of a DoRA magnitude, one value per output row: (out,) for Linear, (1, out, 1, 1)
     for Conv2d; None when it has more than one non-unit dimension."""
@@ -142,6 +136,9 @@ def check_structure(adapter: Adapter, f: Findings) -> None:
 
 
 def check_config(adapter: Adapter, f: Findings) -> None:
+    from loratool.formats.peft import get_pattern_key
+    from loratool.formats.peft import targeted as peft_targeted
+
     config = adapter.config if adapter.format == "peft" else {}
     if not config or "components" in config:
         return
@@ -150,13 +147,12 @@ def check_config(adapter: Adapter, f: Findings) -> None:
         if m.config_rank is not None and m.config_rank != m.rank:
             f.error("LT103", f"module {m.name}: the config asks for rank {m.config_rank} (r / rank_pattern) "
                     f"but the tensors have rank {m.rank}; PEFT will refuse to load it", m.name, cfg_file)
-        targeted = _targeted(config, m.name)
+        targeted = peft_targeted(config, m.name)
         if targeted is False:
             f.warning("LT104", f"module {m.name}: has weights but target_modules {config.get('target_modules')!r} "
                       f"(exclude_modules {config.get('exclude_modules')!r}) does not select it; PEFT will ignore "
                       "them, and merge refuses the adapter", m.name, cfg_file)
     names = list(adapter.modules)
-    from loratool.formats.peft import get_pattern_key
 
     for field in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(field) or {}
@@ -169,31 +165,19 @@ def check_config(adapter: Adapter, f: Findings) -> None:
 # -- numbers ----------------------------------------------------------------------------------
 
 def check_values(adapter: Adapter, f: Findings) -> None:
-    import torch
-
     from loratool.lowrank import singular_values
 
     zero_b = 0
-    dtypes: set[str] = set()
-    import math
-
+    dtypes = {dtype_of(t) for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)}
     for m in adapter.modules.values():
-        if not (math.isfinite(m.alpha) and m.alpha > 0 and math.isfinite(m.scale)):
+        if not m.scale_is_valid:
             f.error("LT206", f"module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; it must be a positive "
                     "finite number", m.name)
             continue
+        loaded = m.load()  # each tensor read once, for all the checks below
         finite = True
-        for role, src in m.tensors().items():
-            dt = dtype_of(src)
-            if role in ("lora_A", "lora_B"):
-                dtypes.add(dt)
-            if dt not in FLOAT_DTYPES:
-                continue
-            t = src.load() if hasattr(src, "load") else src
-            if t.element_size() == 1:  # float8: isnan/isinf are not implemented for it
-                t = t.float()
-            nan = int(torch.isnan(t).sum())
-            inf = int(torch.isinf(t).sum())
+        for role, t in loaded.items():
+            nan, inf = count_nonfinite(t)
             if nan or inf:
                 finite = False
                 what = ", ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if x)
@@ -201,13 +185,12 @@ def check_values(adapter: Adapter, f: Findings) -> None:
                 f.error("LT201", f"module {m.name}: {key} holds {what} of {t.numel()} values", m.name)
         if not finite:
             continue
-        b = m.B()
-        if not bool(b.any()):
+        if not bool(loaded["lora_B"].any()):
             zero_b += 1
             f.warning("LT202", f"module {m.name}: lora_B is all zero, so the module changes nothing "
                       "(initialised and never trained?)", m.name)
             continue
-        b2, a2 = m.factors_2d()
+        b2, a2 = m.factors_2d(loaded=loaded)
         sigma1 = float(singular_values(b2, a2, m.scale)[0])
         if sigma1 > EXPLODING_SIGMA:
             f.warning("LT204", f"module {m.name}: the delta's largest singular value is {sigma1:.3g} "
