@@ -26,15 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # -- the QR-core SVD ------------------------------------------------------------------------------
 
-def single_thread():
-    """Run torch on one thread inside the block (see ``loratool._threads``): the QR of a
-    tall-skinny d×r factor and the r×r SVD gain nothing from OpenMP threads, and on shared cores
-    the threads' barriers cost 10-50×. Dense work (randomized SVD of a d×k delta) stays threaded."""
-    from loratool._threads import single_threaded
-
-    return single_threaded()
-
-
 def _fix_signs(U: "torch.Tensor", Vh: "torch.Tensor"):
     """Deterministic signs: the largest-magnitude entry of each column of U is positive (the first
     one on ties). U S Vh is unchanged; the factors no longer depend on the LAPACK build."""

@@ -382,21 +382,14 @@ def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[st
 
 
 def _targets_cover(targets, names: list[str]) -> bool:
-    """Whether a config's target_modules selects exactly ``names`` (PEFT's suffix rule), as far as
-    we can tell without the base: each name must be selected and every full name listed exists."""
-    if not targets or not names:
+    """Whether a config's target_modules selects exactly ``names`` (PEFT's rule, ``_selects``), as
+    far as we can tell without the base: each name must be selected and every full name listed
+    exists."""
+    if not targets or not names or targets == "all-linear":
         return False
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return False
-        try:
-            return all(re.fullmatch(targets, n) for n in names)
-        except re.error:
-            return False
-    targets = list(targets)
-    selected = all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
-    full = [t for t in targets if "." in t]
-    return selected and all(t in names for t in full)
+    if not all(_selects(targets, n) for n in names):
+        return False
+    return isinstance(targets, str) or all(t in names for t in targets if "." in t)
 
 
 def peft_tensors(adapter: Adapter, modules: dict[str, LoraModule], component: str = ""):
