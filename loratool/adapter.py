@@ -312,6 +312,23 @@ def count_nonfinite(t: "torch.Tensor") -> tuple[int, int]:
     return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
 
 
+# dtype -> (unsigned little-endian view, exponent mask): all exponent bits set is NaN or Inf
+_EXPONENT_MASKS = {"F64": ("<u8", 0x7FF0_0000_0000_0000), "F32": ("<u4", 0x7F80_0000),
+                   "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+def has_nonfinite(src: TensorSource) -> bool:
+    """Whether a tensor holds NaN or Inf. Tensors in a file are checked on their raw bytes with
+    numpy (no torch import: ``merge`` starts writing while torch is imported, see merge.py)."""
+    if isinstance(src, TensorRef) and src.dtype in _EXPONENT_MASKS:
+        import numpy as np
+
+        view, mask = _EXPONENT_MASKS[src.dtype]
+        bits = np.frombuffer(src.raw(), dtype=view)
+        return bool(np.any(np.bitwise_and(bits, mask) == mask))
+    return any(count_nonfinite(load_tensor(src)))
+
+
 def require_usable(adapter: "Adapter") -> None:
     """Refuse (one line, naming the module) an adapter whose values would make any arithmetic on
     it meaningless: NaN/Inf in a factor, or a scale that is not a positive finite number.
@@ -323,8 +340,8 @@ def require_usable(adapter: "Adapter") -> None:
         if not m.scale_is_valid:
             raise FormatError(f"{where}: module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; a LoRA "
                               "scale must be a positive finite number")
-        for role, t in m.load().items():
-            if any(count_nonfinite(t)):
+        for role, t in m.tensors().items():
+            if has_nonfinite(t):
                 key = m.source_keys.get(role, role)
                 raise FormatError(f"{where}: module {m.name}: {key} holds NaN or Inf values; run "
                                   "`loratool validate` for details")

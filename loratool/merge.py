@@ -55,12 +55,14 @@ import dataclasses
 import errno
 import json
 import math
+import mmap
 import os
 import queue
 import re
 import shutil
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -98,6 +100,9 @@ CAST_BLOCK_BYTES = 8 << 20  # source bytes of one block of a dtype conversion
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (progress and Ctrl-C granularity)
 SYNC_EVERY = 256 << 20  # start write-back every this many bytes written
 QUEUE_DEPTH = 6
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this
+DIRECT_CHUNK = 8 << 20  # bytes per O_DIRECT write
+DIRECT_BUFFERS = 3  # chunks being filled or written at once
 POOL_MAX_BYTES = 16 << 20  # read buffers up to this size are reused
 
 
@@ -1062,8 +1067,8 @@ class _Writer(_Worker):
             self._advance(n)
 
     def handle(self, item) -> None:
-        import torch
-
+        if isinstance(item, Future):  # a block computed by a worker thread, in file order here
+            item = item.result()
         if isinstance(item, _Open):
             self.prefill.wait_created(item.path)
             self.fd = os.open(item.path, os.O_WRONLY)
@@ -1076,10 +1081,7 @@ class _Writer(_Worker):
         elif isinstance(item, _Copy):
             self._fast_copy = _copy_range(self._src(item.src), self.fd, item.offset, self.pos, item.nbytes,
                                           self.stop, self._advance, item.src, fast=self._fast_copy)
-        elif isinstance(item, torch.Tensor):
-            if item.numel():
-                self._write(item.contiguous().view(-1).view(torch.uint8).numpy())
-        else:
+        elif len(item):  # computed bytes: a numpy array (or bytes)
             self._write(item)
 
     def _run(self) -> None:
@@ -1095,12 +1097,17 @@ class _Writer(_Worker):
 
 
 class _Reader:
-    """Reads the row blocks of the tensors to compute, ahead of the math, in a thread."""
+    """Reads the row blocks of the tensors to compute, ahead of the math, in a thread: with
+    ``pread`` into reused buffers, or (``mapped``, for numpy, which takes read-only buffers) as
+    views of a read-only mapping of each tensor, populated here (``MAP_POPULATE``), so that the
+    math threads find the pages mapped and no bytes are copied. A mapping is released when the
+    last view of it is dropped: a few tensors at a time count toward the resident set."""
 
     _END = object()
 
-    def __init__(self, jobs: list[tuple[TensorPlan, list[tuple[int, int]]]]):
+    def __init__(self, jobs: list[tuple[TensorPlan, list[tuple[int, int]]]], mapped: bool = False):
         self.jobs = jobs
+        self.mapped = mapped and hasattr(mmap, "MAP_POPULATE")
         self.out: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         # buffers handed back by ``release``: reused, so that blocks do not fault in fresh pages
         self.free: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH + 2)
@@ -1130,8 +1137,7 @@ class _Reader:
                 os.close(fd)
 
     def _blocks(self, fds: dict[Path, int]) -> Iterator[tuple]:
-        import torch
-
+        """(tensor, i, j, buf, n): rows [i, j) of the tensor as the first n bytes of buf."""
         for t, spans in self.jobs:
             path = t.src.file.path
             fd = fds.get(path)
@@ -1139,7 +1145,9 @@ class _Reader:
                 fd = fds[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
             rows = t.shape[0] if t.shape else 1
             row_bytes = t.src.nbytes // max(1, rows)
-            dt = torch_dtype(t.src.dtype)
+            if self.mapped and t.src.nbytes:
+                yield from self._mapped(t, spans, fd, row_bytes)
+                continue
             for i, j in spans:
                 n = (j - i) * row_bytes
                 buf = self._buffer(n)
@@ -1149,8 +1157,21 @@ class _Reader:
                     if k == 0:
                         raise InputError(f"{path}: truncated while reading tensor {t.key!r}")
                     got += k
-                w = torch.frombuffer(buf, dtype=dt, count=n // dt.itemsize) if n else torch.empty(0, dtype=dt)
-                yield t, i, j, w.reshape((j - i,) + t.shape[1:] if t.shape else ()), buf
+                yield t, i, j, buf, n
+
+    @staticmethod
+    def _mapped(t: TensorPlan, spans: list[tuple[int, int]], fd: int, row_bytes: int) -> Iterator[tuple]:
+        start, end = t.src.info.start, t.src.info.start + t.src.nbytes
+        if os.fstat(fd).st_size < end:  # mapped pages past the end would raise SIGBUS
+            raise InputError(f"{t.src.file.path}: truncated: tensor {t.key!r} ends at byte {end}")
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, end - base, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                       offset=base)
+        view = memoryview(mm)
+        del mm  # the views keep the mapping alive; the last one dropped unmaps it
+        for i, j in spans:
+            off = start - base + i * row_bytes
+            yield t, i, j, view[off:off + (j - i) * row_bytes], (j - i) * row_bytes
 
     def _buffer(self, n: int) -> bytearray:
         try:
@@ -1161,9 +1182,9 @@ class _Reader:
             pass
         return bytearray(max(n, 1))
 
-    def release(self, buf: bytearray) -> None:
+    def release(self, buf) -> None:
         """The main thread is done with a block's buffer (no tensor may view it any more)."""
-        if len(buf) <= POOL_MAX_BYTES:
+        if isinstance(buf, bytearray) and len(buf) <= POOL_MAX_BYTES:
             try:
                 self.free.put_nowait(buf)
             except queue.Full:
@@ -1202,10 +1223,32 @@ class _Reader:
         self.thread.join(timeout=10)
 
 
-def resolve_device(device: str | None) -> str:
+def _cpu_only_torch() -> bool:
+    """Whether the installed torch is a CPU-only build, read from its ``version.py`` without
+    importing it (a second or more; see ``loratool.npmerge``)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text(encoding="utf-8")
+    except (OSError, ValueError, ImportError):
+        return False
+    none = {m.group(1) for m in re.finditer(r"^(cuda|hip)\b[^=\n]*=\s*None\s*$", text, re.M)}
+    return none == {"cuda", "hip"}
+
+
+def resolve_device(device: str | None, probe: bool = False) -> str | None:
+    """"cpu" or "cuda" for --device auto|cpu|cuda. ``probe``: None where knowing would take
+    importing torch (a CUDA build with --device auto)."""
     device = (device or "auto").lower()
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device: unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and _cpu_only_torch()):
+        return "cpu"
+    if probe:
+        return None
     import torch
 
     if device == "auto":
@@ -1232,22 +1275,73 @@ def _cpu_dtype(t: TensorPlan, device: str):
     return torch.float32 if plain else torch.float64
 
 
-def _compute_block(t: TensorPlan, math_: TensorMath | None, w, i: int, j: int):
+def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int, j: int):
+    """Rows [i, j) of ``t`` from the first ``n`` bytes of ``buf`` (its base rows), in torch; the
+    output's bytes, as a numpy array."""
     import torch
 
+    dt = torch_dtype(t.src.dtype)
+    w = torch.frombuffer(buf, dtype=dt, count=n // dt.itemsize) if n else torch.empty(0, dtype=dt)
+    w = w.reshape((j - i,) + t.shape[1:] if t.shape else ())
     out = torch_dtype(t.dtype)
     if t.action is Action.CAST:
-        return w.to(out)
-    acc = math_.rows(w, i, j)
-    # a fresh tensor for the writer: acc is reused for the next block
-    return torch.empty(acc.shape, dtype=out).copy_(acc)
+        block = w.to(out)
+    else:
+        acc = math_.rows(w, i, j)
+        # a fresh tensor for the writer: acc is reused for the next block
+        block = torch.empty(acc.shape, dtype=out).copy_(acc)
+    return block.reshape(-1).view(torch.uint8).numpy()
 
 
-def _replacement_bytes(t: TensorPlan):
+def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: str, outs: list | None = None):
+    """Rows [i, j) through ``loratool.npmerge`` (in a worker thread); the read buffer is handed
+    back to the reader when done. ``outs``: output arrays to reuse (handed back by the caller)."""
+    import numpy as np
+
+    from loratool import npmerge
+
+    try:
+        w = npmerge.raw_array(buf, dtype, n // npmerge.RAW[dtype].itemsize).reshape(j - i, -1)
+        out = None
+        if outs is not None:
+            try:
+                out = outs.pop()
+            except IndexError:
+                pass
+            size = w.size * npmerge.RAW[engine.dtype].itemsize
+            if out is None or out.nbytes < size:
+                out = np.empty(max(size, BLOCK_BYTES), np.uint8)
+            out = out.view(npmerge.RAW[engine.dtype])
+        return engine.rows(w, i, j, out)
+    finally:
+        reader.release(buf)
+
+
+def _numpy_plan(plan: MergePlan, device: str, block_bytes: int | None = None) -> bool:
+    """Whether every computed tensor of ``plan`` goes through ``loratool.npmerge`` (then torch is
+    never imported), rather than torch."""
+    if device != "cpu" or os.environ.get("LORATOOL_MERGE_ENGINE", "").lower() == "torch":
+        return False
+    from loratool import npmerge
+
+    for t in plan.tensors():
+        if t.action is Action.CAST or (t.action is Action.MERGE and not npmerge.eligible(t, tensor_spans(t, device, block_bytes))):
+            return False
+        if t.action is Action.REPLACE and not isinstance(_replacement_bytes(t, probe=True), _Copy):
+            return False
+    return True
+
+
+def _replacement_bytes(t: TensorPlan, probe: bool = False):
+    """A modules_to_save tensor's bytes: a raw copy, or (``probe``: None) a conversion in torch."""
     src = t.replacement
     if isinstance(src, TensorRef) and src.dtype == t.dtype:
         return _Copy(src.file.path, src.info.start, src.nbytes)
-    return load_tensor(src).to(torch_dtype(t.dtype)).reshape(t.shape)
+    if probe:
+        return None
+    import torch
+
+    return load_tensor(src).to(torch_dtype(t.dtype)).reshape(t.shape).reshape(-1).view(torch.uint8).numpy()
 
 
 def execute(
@@ -1278,10 +1372,16 @@ def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, f
     ctx = atomic_path(out, overwrite=overwrite) if plan.single_file else atomic_dir(out, overwrite=overwrite)
     with ctx as tmp:
         root = tmp
+        if not plan.single_file:
+            _write_other_files(plan, root)
+        if (device or "auto").lower() in ("cpu", "auto") and resolve_device(device, probe=True) == "cpu" \
+                and _numpy_plan(plan, "cpu", block_bytes) and _direct_supported(root.parent if plan.single_file else root):
+            written = _stream_direct(plan, root, progress, fail_after, block_bytes)
+            if before_commit is not None:
+                before_commit(root, plan)
+            return written, "cpu"
         prefill = _Prefill(plan, root, progress).start()
         try:
-            if not plan.single_file:
-                _write_other_files(plan, root)
             dev = resolve_device(device)  # imports torch: a second or so, which the prefill uses
             written = _stream(plan, root, dev, progress, fail_after, block_bytes, prefill)
             written += prefill.finish()
@@ -1311,44 +1411,62 @@ def _write_other_files(plan: MergePlan, root: Path) -> None:
 
 def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int | None,
             block_bytes: int | None, prefill: _Prefill) -> int:
-    import torch
-
+    """Reads, computes and writes the tensors that are not raw copies. Plain merges on the CPU
+    (``_numpy_plan``) are computed by ``loratool.npmerge`` in a few worker threads, without
+    importing torch; anything else in torch on this thread."""
     jobs = [(t, tensor_spans(t, device, block_bytes)) for t in plan.tensors()
             if t.action in (Action.MERGE, Action.CAST)]
     spans = {id(t): s for t, s in jobs}
+    use_numpy = _numpy_plan(plan, device, block_bytes)
+    if not use_numpy:
+        import torch
+
+        threads = torch.get_num_threads()
+        # One math thread: the reader and the writer need the other cores, and torch's OpenMP
+        # workers spin between the many small calls and take the cores the I/O threads need.
+        torch.set_num_threads(1)
+        grad = torch.inference_mode()
+        grad.__enter__()
     writer = _Writer(progress, prefill).start()
-    reader = _Reader(jobs).start()
+    reader = _Reader(jobs, mapped=use_numpy).start()
+    pool = ThreadPoolExecutor(_compute_workers(), thread_name_prefix="loratool-math") if use_numpy else None
+    if use_numpy:
+        from loratool.npmerge import single_threaded_blas
+
+        blas = single_threaded_blas()
+        blas.__enter__()
     done = 0
-    threads = torch.get_num_threads()
-    # One math thread: the reader and the writer need the other cores, and torch's OpenMP workers
-    # spin between the many small calls and take the cores the I/O threads need.
-    torch.set_num_threads(1)
     try:
-        with torch.inference_mode():
-            for shard in plan.shards:
-                writer.put(_Open(prefill.path(shard)))
-                writer.put(_Skip(len(shard.header())))  # the prefill wrote it
-                for t in shard.tensors:
-                    if fail_after is not None and done >= fail_after:
-                        raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
-                    if t.action is Action.COPY:
-                        writer.put(_Skip(t.nbytes))  # the prefill copies it
-                    elif t.action is Action.REPLACE:
-                        writer.put(_replacement_bytes(t))
-                    else:
-                        engine = None
-                        if t.action is Action.MERGE:
-                            engine = (_CudaMath if device == "cuda" else TensorMath)(
-                                t, _cpu_dtype(t, device), device, reuse=True)
-                        for _ in spans[id(t)]:
-                            bt, i, j, w, buf = reader.get()
-                            assert bt is t, "reader and executor disagree on the order of blocks"
-                            block = _compute_block(t, engine, w, i, j)
-                            del w
+        for shard in plan.shards:
+            writer.put(_Open(prefill.path(shard)))
+            writer.put(_Skip(len(shard.header())))  # the prefill wrote it
+            for t in shard.tensors:
+                if fail_after is not None and done >= fail_after:
+                    raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
+                if t.action is Action.COPY:
+                    writer.put(_Skip(t.nbytes))  # the prefill copies it
+                elif t.action is Action.REPLACE:
+                    writer.put(_replacement_bytes(t))
+                else:
+                    engine = None
+                    if pool is not None:
+                        from loratool.npmerge import PlainMath
+
+                        engine = PlainMath(t)
+                    elif t.action is Action.MERGE:
+                        engine = (_CudaMath if device == "cuda" else TensorMath)(
+                            t, _cpu_dtype(t, device), device, reuse=True)
+                    for _ in spans[id(t)]:
+                        bt, i, j, buf, n = reader.get()
+                        assert bt is t, "reader and executor disagree on the order of blocks"
+                        if pool is not None:
+                            writer.put(pool.submit(_numpy_block, engine, reader, buf, n, i, j, t.src.dtype))
+                        else:
+                            block = _compute_block(t, engine, buf, n, i, j)
                             reader.release(buf)
                             writer.put(block)
-                    done += 1
-                writer.put(_Close())
+                done += 1
+            writer.put(_Close())
         writer.close()
         reader.thread.join()
     except BaseException:
@@ -1356,8 +1474,265 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
         writer.abort()
         raise
     finally:
-        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            blas.__exit__(None, None, None)
+        else:
+            grad.__exit__(None, None, None)
+            torch.set_num_threads(threads)
     return writer.written
+
+
+def _compute_workers() -> int:
+    """Threads for numpy's block arithmetic: as many as the cores, up to 4 (``LORATOOL_THREADS``);
+    numpy releases the GIL inside its loops and its GEMM."""
+    from loratool._threads import default_workers
+
+    return default_workers()
+
+
+# -- plain merges on the CPU: numpy math, O_DIRECT output -------------------------------------
+
+def _direct_supported(where: Path) -> bool:
+    """Whether files in the folder ``where`` take O_DIRECT writes (tmpfs, for one, refuses them);
+    ``LORATOOL_DIRECT_IO=0`` turns them off."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or os.environ.get("LORATOOL_DIRECT_IO", "1") == "0":
+        return False
+    import tempfile
+
+    fd0, probe = tempfile.mkstemp(prefix=".loratool-direct-", dir=where)
+    os.close(fd0)
+    buf = mmap.mmap(-1, DIRECT_ALIGN)
+    try:
+        fd = os.open(probe, os.O_WRONLY | flag)
+        try:
+            return os.pwrite(fd, buf, 0) == DIRECT_ALIGN
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        buf.close()
+        os.unlink(probe)
+
+
+class _DirectIO(_Worker):
+    """Writes full chunks with O_DIRECT, in a thread, from a few page-aligned buffers: the bytes
+    go from our buffer to the device (no copy into the page cache, no write-back to wait for at
+    the fsync), while the math goes on."""
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        super().__init__("loratool-direct-io", depth=DIRECT_BUFFERS)
+        self.progress = progress
+        self.written = 0
+        self.free: queue.Queue = queue.Queue()
+        self.idle = threading.Condition()
+        self.busy = 0
+        for _ in range(DIRECT_BUFFERS):
+            self.free.put(mmap.mmap(-1, DIRECT_CHUNK))  # anonymous mappings: page-aligned
+
+    def buffer(self) -> mmap.mmap:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise OutputError("internal error: the writer thread stopped") from self.error
+
+    def submit(self, fds: tuple[int, int], buf: mmap.mmap, offset: int, length: int, payload: int) -> None:
+        with self.idle:
+            self.busy += 1
+        self.put((*fds, buf, offset, length, payload))
+
+    def handle(self, item) -> None:
+        fd, buffered, buf, offset, length, payload = item
+        try:
+            view = memoryview(buf)[:length]
+            while view:
+                # after a short write (a file-size limit, a full disk) the rest is unaligned: it
+                # goes through the page cache, where the error, if any, is then reported
+                # (a limit can also cut an O_DIRECT write to an unaligned length before it starts,
+                # which fails with EINVAL: the same bytes then go through the page cache too)
+                n = 0
+                if offset % DIRECT_ALIGN == 0 and len(view) % DIRECT_ALIGN == 0:
+                    try:
+                        n = os.pwrite(fd, view, offset)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                if n == 0:
+                    n = os.pwrite(buffered, view, offset)
+                view, offset = view[n:], offset + n
+            view.release()
+            self.written += payload
+            if self.progress is not None:
+                self.progress(payload)
+        finally:
+            self.free.put(buf)
+            with self.idle:
+                self.busy -= 1
+                self.idle.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every submitted chunk is written."""
+        with self.idle:
+            while self.busy and self.error is None and self.thread.is_alive():
+                self.idle.wait(0.1)
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        super().close()
+        self._unmap()
+
+    def abort(self) -> None:
+        super().abort()
+        self._unmap()
+
+    def _unmap(self) -> None:
+        while True:
+            try:
+                self.free.get_nowait().close()
+            except queue.Empty:
+                return
+            except BufferError:  # still viewed by a failed write: left to the garbage collector
+                continue
+
+
+class _DirectFile:
+    """One output file, written front to back in DIRECT_CHUNK pieces through ``_DirectIO``; the
+    last piece is padded to DIRECT_ALIGN and the file cut to its size at the end."""
+
+    def __init__(self, path: Path, size: int, io: _DirectIO):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+        self.buffered = os.open(path, os.O_WRONLY)
+        self.size = size
+        self.io = io
+        self.pos = 0  # file offset of the buffer's first byte
+        self.buf = io.buffer()
+        self.fill = 0
+
+    def put(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            k = min(len(view), DIRECT_CHUNK - self.fill)
+            self.buf[self.fill:self.fill + k] = view[:k]
+            self.fill += k
+            view = view[k:]
+            if self.fill == DIRECT_CHUNK:
+                self._flush()
+
+    def copy_from(self, src: int, offset: int, nbytes: int, where: Path, key: str) -> None:
+        """``nbytes`` of the file ``src`` from ``offset``, read straight into the buffer."""
+        while nbytes:
+            k = min(nbytes, DIRECT_CHUNK - self.fill)
+            got = os.preadv(src, [memoryview(self.buf)[self.fill:self.fill + k]], offset)
+            if got == 0:
+                raise InputError(f"{where}: truncated while reading tensor {key!r}")
+            self.fill, offset, nbytes = self.fill + got, offset + got, nbytes - got
+            if self.fill == DIRECT_CHUNK:
+                self._flush()
+
+    def _flush(self) -> None:
+        n = self.fill
+        length = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+        self.buf[n:length] = bytes(length - n)
+        self.io.submit((self.fd, self.buffered), self.buf, self.pos, length, n)
+        self.pos += n
+        self.fill = 0
+        self.buf = None
+        self.buf = self.io.buffer()
+
+    def close(self) -> None:
+        if self.fill:
+            self._flush()
+        self.io.free.put(self.buf)
+        self.buf = None
+        self.io.drain()
+        if self.pos != self.size:
+            raise OutputError(f"internal error: wrote {self.pos} bytes of a {self.size}-byte file")
+        os.ftruncate(self.fd, self.size)
+        os.close(self.fd)
+        os.close(self.buffered)
+        self.fd = self.buffered = -1
+
+
+def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None,
+                   block_bytes: int | None) -> int:
+    """The whole output of a plain merge on the CPU (``_numpy_plan``): ``loratool.npmerge`` math
+    in worker threads on blocks of mapped base rows, and each file written front to back with
+    O_DIRECT; untouched tensors are read into the same buffers (no torch import, nothing for the
+    page cache to write back)."""
+    from loratool.npmerge import PlainMath, single_threaded_blas
+
+    jobs = [(t, tensor_spans(t, "cpu", block_bytes)) for t in plan.tensors() if t.action is Action.MERGE]
+    spans = {id(t): s for t, s in jobs}
+    reader = _Reader(jobs, mapped=True).start()
+    io = _DirectIO(progress).start()
+    pool = ThreadPoolExecutor(_compute_workers(), thread_name_prefix="loratool-math")
+    sources: dict[Path, int] = {}
+    files: list[_DirectFile] = []
+    pending: list[Future] = []
+    done = 0
+
+    def src(path: Path) -> int:
+        if path not in sources:
+            sources[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+        return sources[path]
+
+    outs: list = []  # output arrays, reused (list.pop and append are atomic)
+
+    def drain(out: _DirectFile, keep: int = 0) -> None:
+        while len(pending) > keep:
+            block = pending.pop(0).result()
+            out.put(block)
+            outs.append(block.base if block.base is not None else block)
+
+    try:
+        with single_threaded_blas():
+            for shard in plan.shards:
+                path = root if plan.single_file else root / shard.rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out = _DirectFile(path, shard.nbytes, io)
+                files.append(out)
+                out.put(shard.header())
+                for t in shard.tensors:
+                    if fail_after is not None and done >= fail_after:
+                        raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
+                    if t.action is Action.MERGE:
+                        engine = PlainMath(t)
+                        for _ in spans[id(t)]:
+                            bt, i, j, buf, n = reader.get()
+                            assert bt is t, "reader and executor disagree on the order of blocks"
+                            pending.append(pool.submit(_numpy_block, engine, reader, buf, n, i, j, t.src.dtype, outs))
+                            drain(out, keep=QUEUE_DEPTH)
+                    else:
+                        drain(out)
+                        ref = t.src if t.action is Action.COPY else t.replacement
+                        out.copy_from(src(ref.file.path), ref.info.start, ref.nbytes, ref.file.path, t.key)
+                    done += 1
+                drain(out)
+                out.close()
+        io.close()
+        reader.thread.join()
+    except BaseException:
+        for f in pending:
+            f.cancel()
+        reader.abort()
+        io.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in sources.values():
+            os.close(fd)
+        for f in files:
+            for fd in (f.fd, f.buffered):
+                if fd >= 0:
+                    os.close(fd)
+    return io.written
 
 
 # -- the entry points ---------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""The plain merge's arithmetic in numpy, so that ``merge`` need not import torch on the CPU.
+
+``import torch`` costs a second or more of one core, as much as the whole arithmetic of merging
+an r=16 adapter into a 1.1B model. For the plain case (one adapter at weight ±1 on a Linear
+weight; no DoRA, no bias, float dtypes) the merge repeats PEFT's float32 arithmetic, and that
+arithmetic needs no torch:
+
+    D = B @ A              float32 GEMM: each element a chain of r fused multiply-adds, k = 0..r-1
+    D = D · s              skipped when s = 1 (PEFT's ``(B @ A) * scale``; s rounded to float32)
+    V = float32(W) + D     one rounding
+    W' = V rounded once to the output dtype (round to nearest even)
+
+The bits of that sequence equal torch's (``merge.TensorMath``, the PEFT-exact path) as long as
+both GEMMs compute every element as one chain of FMAs in k order. Inside their register-blocked
+kernels both BLAS libraries (MKL in torch, OpenBLAS in numpy) do; not in every kernel: torch's
+differs for matrices of a few rows or columns, OpenBLAS's small-matrix path for some shapes
+(e.g. 131 columns at r ≥ 32). So this path is taken for tensors of at least 16 rows and
+columns with r ≤ 128, and only after a probe (``gemm_is_sequential``) has run numpy's GEMM on
+this machine in the exact shape of each block and found the sequential chain;
+``tests/test_npmerge.py`` checks torch's GEMM against the same chain, and the merge tests
+compare the output with PEFT's bit for bit. Where anything does not hold, ``merge`` uses torch.
+
+One difference is left: torch rounds every NaN to the canonical bfloat16 NaN (0x7FC0); this
+keeps the NaN's payload bits. Only a base that already holds NaN weights can see it (the merge
+refuses adapters with NaN or Inf).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loratool.adapter import LayerKind, TensorSource
+from loratool.safetensors_io import TensorRef
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loratool.merge import TensorPlan
+
+# safetensors dtype -> numpy dtype of the raw elements (bfloat16 has none: its bits, as uint16)
+RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+MIN_SIDE = 16  # rows and columns at least this (torch's GEMM sums smaller shapes differently)
+MAX_RANK = 128
+
+
+def raw_array(buf, dtype: str, count: int) -> np.ndarray:
+    """The ``count`` elements at the start of ``buf`` (raw little-endian bytes) as RAW[dtype]."""
+    return np.frombuffer(buf, dtype=RAW[dtype], count=count)
+
+
+def to_float32(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Raw elements of ``dtype`` → float32 into ``out`` (exact for all three dtypes)."""
+    if dtype == "BF16":
+        np.left_shift(src, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, src)
+    return out
+
+
+def round_from_float32(v: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """float32 ``v`` rounded to nearest even into ``out`` (raw elements of ``dtype``); ``v`` and
+    ``scratch`` (uint32, v's shape) are clobbered."""
+    if dtype == "BF16":
+        u = v.view(np.uint32)
+        np.right_shift(u, 16, out=scratch)
+        np.bitwise_and(scratch, 1, out=scratch)
+        np.add(scratch, 0x7FFF, out=scratch)
+        np.add(u, scratch, out=u)
+        np.right_shift(u, 16, out=out, casting="unsafe")
+    else:
+        np.copyto(out, v, casting="same_kind")
+    return out
+
+
+@lru_cache(maxsize=None)
+def _openblas_threads() -> tuple | None:
+    """(get, set) of the OpenBLAS that numpy's wheels bundle (``numpy.libs``), or None."""
+    import ctypes
+    from pathlib import Path
+
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", "_64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                    return get, put
+    return None
+
+
+@contextmanager
+def single_threaded_blas():
+    """numpy's BLAS on the calling thread only, inside the block: the merge spreads blocks over
+    its own threads, and OpenBLAS's pool would spin on the same cores (the CLI also sets
+    OPENBLAS_NUM_THREADS=1 before numpy loads)."""
+    fns = _openblas_threads()
+    if fns is None:
+        yield
+        return
+    get, put = fns
+    old = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def _fma_chain(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """The sequential FMA chain acc = fma(b[:, k], a[k], acc), k = 0..r-1, in float32. Exact only
+    for the probe's values (in [1, 2): every acc + b·a fits a float64 without rounding)."""
+    acc = np.zeros((b.shape[0], a.shape[1]), dtype=np.float32)
+    b64, a64 = b.astype(np.float64), a.astype(np.float64)
+    for k in range(b.shape[1]):
+        acc = (acc + np.multiply.outer(b64[:, k], a64[k])).astype(np.float32)
+    return acc
+
+
+@lru_cache(maxsize=None)
+def gemm_is_sequential(rows: int, cols: int, rank: int) -> bool:
+    """Whether numpy's float32 GEMM computes (rows×rank) @ (rank×cols) as the sequential FMA
+    chain here. BLAS libraries pick their kernels by shape (OpenBLAS has a separate path for small
+    products, and edge tiles), so the probe runs the exact shape of the blocks it vouches for and
+    checks the edge columns and a sample of the others against the chain."""
+    rng = np.random.default_rng(rows * 1_000_003 + cols * 131 + rank)
+    b = rng.uniform(1, 2, (rows, rank)).astype(np.float32)
+    a = rng.uniform(1, 2, (rank, cols)).astype(np.float32)
+    got = np.matmul(b, a)
+    cols_checked = np.unique(np.concatenate([np.arange(min(cols, 48)), np.arange(max(0, cols - 48), cols),
+                                             rng.integers(0, cols, 32)]))
+    return bool(np.array_equal(got[:, cols_checked], _fma_chain(b, a[:, cols_checked])))
+
+
+def _factor(src: TensorSource, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A factor as a C-contiguous float32 array of ``shape`` (PEFT upcasts half-precision
+    factors to float32), or None when it is not a float tensor in a file."""
+    if not isinstance(src, TensorRef) or src.dtype not in RAW:
+        return None
+    raw = raw_array(src.raw(), src.dtype, src.info.numel)
+    return to_float32(raw, src.dtype, np.empty(src.info.numel, np.float32)).reshape(shape)
+
+
+def eligible(t: "TensorPlan", spans: list[tuple[int, int]]) -> bool:
+    """Whether ``t``, computed in the row ``spans``, is a plain merge this module computes with
+    PEFT's bits (see the module docstring)."""
+    from loratool.merge import Action
+
+    if t.action is not Action.MERGE or len(t.terms) != 1 or len(t.shape) != 2:
+        return False
+    term = t.terms[0]
+    m = term.module
+    if term.part != "weight" or m.kind is not LayerKind.LINEAR or m.use_dora or abs(term.coef) != m.scale:
+        return False
+    if t.src.dtype not in RAW or t.dtype not in RAW:
+        return False
+    if not all(isinstance(s, TensorRef) and s.dtype in RAW for s in (m.lora_A, m.lora_B)):
+        return False
+    rows, cols = t.shape
+    rank = m.lora_A.shape[0]
+    if not (1 <= rank <= MAX_RANK and rows >= MIN_SIDE and cols >= MIN_SIDE):
+        return False
+    if tuple(m.lora_B.shape) != (rows, rank) or tuple(m.lora_A.shape) != (rank, cols):
+        return False
+    return all(gemm_is_sequential(j - i, cols, rank) for i, j in set(spans))
+
+
+_SCRATCH = threading.local()  # per thread, reused across blocks and tensors: no fresh pages to fault in
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    s = _SCRATCH.__dict__
+    if s.get("n", 0) < n:
+        s["v"], s["u"], s["n"] = np.empty(n, np.float32), np.empty(n, np.uint32), n
+    return s["v"][:n], s["u"][:n]
+
+
+class PlainMath:
+    """Rows [i, j) of W + coef · B @ A for one eligible tensor, rounded to the output dtype.
+    ``rows`` may run in several threads at once: each thread has its own scratch buffers."""
+
+    def __init__(self, t: "TensorPlan"):
+        term = t.terms[0]
+        rows, cols = t.shape
+        rank = term.module.lora_A.shape[0]
+        self.src_dtype, self.dtype = t.src.dtype, t.dtype
+        self.b = _factor(term.module.lora_B, (rows, rank))
+        self.a = _factor(term.module.lora_A, (rank, cols))
+        self.coef = None if term.coef == 1 else np.float32(term.coef)
+        self.cols = cols
+
+    def rows(self, w: np.ndarray, i: int, j: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``w``: the base rows [i, j) as raw elements (RAW[src dtype]), shape (j - i, cols).
+        ``out``: where to put the result (RAW[output dtype], at least (j - i) · cols elements)."""
+        n = (j - i) * self.cols
+        v, u = _scratch(n)
+        v, u = v.reshape(j - i, self.cols), u.reshape(j - i, self.cols)
+        np.matmul(self.b[i:j], self.a, out=v)
+        if self.coef is not None:
+            np.multiply(v, self.coef, out=v)
+        w32 = to_float32(w, self.src_dtype, u.view(np.float32))
+        np.add(v, w32, out=v)
+        out = np.empty(n, RAW[self.dtype]) if out is None else out[:n]
+        return round_from_float32(v, self.dtype, out.reshape(j - i, self.cols), u)
