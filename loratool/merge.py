@@ -38,11 +38,19 @@ the weight's dtype before adding it (a second rounding); we round once, so embed
 On CUDA the Triton kernel of ``loratool.kernels.merge`` does the linear cases (float32
 accumulation, one rounding; not bit-equal to PEFT's CPU merge, which is a CPU promise).
 
-Memory and time: ``import torch`` takes a second or more on one core, so the output files, their
-headers and the raw copies of untouched tensors are written first, in a thread, while it runs
-(``_Prefill``: no torch needed). Base tensors are read with ``pread`` in blocks of about 1 MB (no
-mmap, whose pages would count as ours) into reused buffers; a reader thread prefetches blocks, the
-math runs on one torch thread (the I/O threads need the other cores; OpenMP workers spinning
+Memory and time. A plain merge on the CPU (every computed tensor one adapter at weight ±1 on a
+Linear, ``_numpy_plan``) never imports torch, which takes a second or more of one core:
+``loratool.npmerge`` repeats PEFT's float32 sequence in numpy, in a few worker threads, on row
+blocks of read-only mappings of the base (populated by a reader thread, released tensor by
+tensor); each output file is written front to back with O_DIRECT from a few page-aligned 8 MB
+buffers (``_stream_direct``), so that no bytes are copied into the page cache and the final fsync
+has nothing to wait for, while the device writes as the math goes on. Where a filesystem refuses
+O_DIRECT the same math goes through the buffered path below.
+
+Everything else runs in torch. The output files, their headers and the raw copies of untouched
+tensors are written first, in a thread, while torch is imported (``_Prefill``). Base tensors are
+read with ``pread`` in blocks of about 1 MB into reused buffers; a reader thread prefetches blocks,
+the math runs on one torch thread (the I/O threads need the other cores; OpenMP workers spinning
 between small calls would take them), and a writer thread writes the blocks at their offsets,
 starting write-back every 256 MB (``sync_file_range``) so that the final fsync has little left.
 Reads, math and writes overlap and the peak stays flat however large the model

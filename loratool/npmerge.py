@@ -200,6 +200,10 @@ class PlainMath:
     def rows(self, w: np.ndarray, i: int, j: int, out: np.ndarray | None = None) -> np.ndarray:
         """``w``: the base rows [i, j) as raw elements (RAW[src dtype]), shape (j - i, cols).
         ``out``: where to put the result (RAW[output dtype], at least (j - i) · cols elements)."""
+        with np.errstate(all="ignore"):  # overflow to ±inf is a value here, as in torch
+            return self._rows(w, i, j, out)
+
+    def _rows(self, w: np.ndarray, i: int, j: int, out: np.ndarray | None) -> np.ndarray:
         n = (j - i) * self.cols
         v, u = _scratch(n)
         v, u = v.reshape(j - i, self.cols), u.reshape(j - i, self.cols)
