@@ -147,3 +147,27 @@ def test_ineligible_merges_take_torch(fixtures_dir):
         assert not M._numpy_plan(plan, "cpu"), spec
     plan = M.plan_merge(base, M.load_adapters(M._specs(str(fixtures_dir / "llama_r8"))))
     assert M._numpy_plan(plan, "cpu") and not M._numpy_plan(plan, "cuda")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_single_file_and_sharded_float32_bases(tmp_path, shards):
+    """A base given as one .safetensors file gives one output file; float32 bases; both equal
+    the torch path byte for byte (and differ from the base where the adapter applies)."""
+    from tests.tinybase import base_tensors, save_adapter, save_base
+
+    d = save_base(tmp_path / "base", base_tensors(), shards=shards)
+    base = d / "model.safetensors" if shards == 1 else d
+    adapter = save_adapter(tmp_path / "adapter", r=4, alpha=8)
+    plan = M.plan_merge(BaseCheckpoint(base), M.load_adapters(M._specs(str(adapter))))
+    assert M._numpy_plan(plan, "cpu") and plan.single_file == (shards == 1)
+    outs = {}
+    for name, env in {"direct": {}, "torch": {"LORATOOL_MERGE_ENGINE": "torch"}}.items():
+        out = tmp_path / (name + (".safetensors" if shards == 1 else ""))
+        p = _merge(["--base", base, "--adapters", adapter, "-o", out, "--allow-base-mismatch"], env)
+        assert p.returncode == 0, p.stderr
+        outs[name] = out
+    if shards == 1:
+        assert outs["direct"].read_bytes() == outs["torch"].read_bytes()
+        assert outs["direct"].read_bytes() != base.read_bytes()
+    else:
+        _same_files(outs["direct"], outs["torch"])
