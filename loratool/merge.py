@@ -68,6 +68,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -615,8 +616,9 @@ class TensorMath:
             else:
                 b2, a2 = term.module.factors_2d(dtype)
                 self.factors.append((term, b2.to(device), a2.to(device)))
-        # One adapter at weight 1 (a plain merge): PEFT's bits are the promise, see ``_fused``.
-        self.peft_exact = len(t.terms) == 1 and t.terms[0].coef == t.terms[0].module.scale
+        # One adapter at weight ±1 (a plain merge, or PEFT's unmerge: W - (B@A)·s): PEFT's bits are
+        # the promise, see ``_fused``
+        self.peft_exact = len(t.terms) == 1 and abs(t.terms[0].coef) == t.terms[0].module.scale
         self.magnitude = None
         if t.dora:
             self.magnitude = load_tensor(t.terms[0].module.magnitude).to(device, dtype).reshape(-1)
@@ -1232,8 +1234,9 @@ class _Reader:
 
 
 def _cpu_only_torch() -> bool:
-    """Whether the installed torch is a CPU-only build, read from its ``version.py`` without
-    importing it (a second or more; see ``loratool.npmerge``)."""
+    """Whether torch can only run on the CPU here: a CPU-only build (read from its ``version.py``)
+    or no GPU device on the machine, found without importing torch (a second or more; see
+    ``loratool.npmerge``)."""
     import importlib.util
 
     try:
@@ -1244,7 +1247,12 @@ def _cpu_only_torch() -> bool:
     except (OSError, ValueError, ImportError):
         return False
     none = {m.group(1) for m in re.finditer(r"^(cuda|hip)\b[^=\n]*=\s*None\s*$", text, re.M)}
-    return none == {"cuda", "hip"}
+    if none == {"cuda", "hip"}:
+        return True
+    # a GPU build on a machine without a GPU device node (Linux): torch would find no device
+    dev = Path("/dev")
+    return sys.platform.startswith("linux") and dev.is_dir() and not (
+        any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists())
 
 
 def resolve_device(device: str | None, probe: bool = False) -> str | None:
@@ -1318,7 +1326,7 @@ def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: 
                 pass
             size = w.size * npmerge.RAW[engine.dtype].itemsize
             if out is None or out.nbytes < size:
-                out = np.empty(max(size, BLOCK_BYTES), np.uint8)
+                out = np.empty(-(-max(size, BLOCK_BYTES) // 8) * 8, np.uint8)  # any itemsize views it
             out = out.view(npmerge.RAW[engine.dtype])
         return engine.rows(w, i, j, out)
     finally:
@@ -1438,6 +1446,7 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
     writer = _Writer(progress, prefill).start()
     reader = _Reader(jobs, mapped=use_numpy).start()
     pool = ThreadPoolExecutor(_compute_workers(), thread_name_prefix="loratool-math") if use_numpy else None
+    blas = None
     if use_numpy:
         from loratool.npmerge import single_threaded_blas
 
@@ -1484,7 +1493,8 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-            blas.__exit__(None, None, None)
+            if blas is not None:
+                blas.__exit__(None, None, None)
         else:
             grad.__exit__(None, None, None)
             torch.set_num_threads(threads)
@@ -1565,9 +1575,10 @@ class _DirectIO(_Worker):
                 # (a limit can also cut an O_DIRECT write to an unaligned length before it starts,
                 # which fails with EINVAL: the same bytes then go through the page cache too)
                 n = 0
-                if offset % DIRECT_ALIGN == 0 and len(view) % DIRECT_ALIGN == 0:
+                whole = len(view) // DIRECT_ALIGN * DIRECT_ALIGN  # the file's tail goes buffered
+                if offset % DIRECT_ALIGN == 0 and whole:
                     try:
-                        n = os.pwrite(fd, view, offset)
+                        n = os.pwrite(fd, view[:whole], offset)
                     except OSError as e:
                         if e.errno != errno.EINVAL:
                             raise
@@ -1612,11 +1623,16 @@ class _DirectIO(_Worker):
 
 class _DirectFile:
     """One output file, written front to back in DIRECT_CHUNK pieces through ``_DirectIO``; the
-    last piece is padded to DIRECT_ALIGN and the file cut to its size at the end."""
+    last piece's whole pages go with O_DIRECT and its tail through the page cache (never past the
+    file's size, which a file-size limit would refuse)."""
 
     def __init__(self, path: Path, size: int, io: _DirectIO):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-        self.buffered = os.open(path, os.O_WRONLY)
+        try:
+            self.buffered = os.open(path, os.O_WRONLY)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = size
         self.io = io
         self.pos = 0  # file offset of the buffer's first byte
@@ -1646,9 +1662,7 @@ class _DirectFile:
 
     def _flush(self) -> None:
         n = self.fill
-        length = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
-        self.buf[n:length] = bytes(length - n)
-        self.io.submit((self.fd, self.buffered), self.buf, self.pos, length, n)
+        self.io.submit((self.fd, self.buffered), self.buf, self.pos, n, n)
         self.pos += n
         self.fill = 0
         self.buf = None
@@ -1662,7 +1676,6 @@ class _DirectFile:
         self.io.drain()
         if self.pos != self.size:
             raise OutputError(f"internal error: wrote {self.pos} bytes of a {self.size}-byte file")
-        os.ftruncate(self.fd, self.size)
         os.close(self.fd)
         os.close(self.buffered)
         self.fd = self.buffered = -1

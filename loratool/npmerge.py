@@ -20,9 +20,12 @@ this machine in the exact shape of each block and found the sequential chain;
 ``tests/test_npmerge.py`` checks torch's GEMM against the same chain, and the merge tests
 compare the output with PEFT's bit for bit. Where anything does not hold, ``merge`` uses torch.
 
-One difference is left: torch rounds every NaN to the canonical bfloat16 NaN (0x7FC0); this
-keeps the NaN's payload bits. Only a base that already holds NaN weights can see it (the merge
-refuses adapters with NaN or Inf).
+NaNs (a base that holds NaN or Inf weights; the merge refuses such adapters) are written as
+torch writes them (``_torch_nans``), which the integer rounding alone would not do.
+
+A base file truncated by another process while the merge reads it (after the size check) ends the
+process with SIGBUS on the mapped pages instead of an error line; the temporary output is left
+beside OUT, as after a kill -9, never at OUT.
 """
 
 from __future__ import annotations
@@ -60,9 +63,29 @@ def to_float32(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def round_from_float32(v: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """float32 ``v`` rounded to nearest even into ``out`` (raw elements of ``dtype``); ``v`` and
-    ``scratch`` (uint32, v's shape) are clobbered."""
+def _torch_nans(v: np.ndarray, dtype: str) -> np.ndarray:
+    """The raw elements torch's float32 → ``dtype`` conversion gives for the NaNs ``v`` holds:
+    0xFFFF for bfloat16 whatever the NaN; for float16 the hardware conversion's sign, quiet bit
+    and top payload bits (numpy keeps the payload of a signalling NaN unquieted)."""
+    if dtype == "BF16":
+        return np.full(v.shape, 0xFFFF, np.uint16)
+    u = v.view(np.uint32)
+    return ((u >> 16) & 0x8000 | 0x7E00 | (u >> 13) & 0x3FF).astype(np.uint16).view(np.float16)
+
+
+def round_from_float32(v: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray,
+                       nans: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``v`` rounded to nearest even into ``out`` (raw elements of ``dtype``), NaNs as
+    torch writes them; ``v`` and ``scratch`` (uint32, v's shape) are clobbered, ``nans`` (bool,
+    v's shape) is scratch for the NaN check."""
+    if dtype != "F32":
+        isnan = np.isnan(v, out=nans)
+        if isnan.any():  # rare: NaN in the base, or a delta of inf - inf
+            fixed = _torch_nans(v[isnan], dtype).view(out.dtype)
+            v[isnan] = 0
+            round_from_float32(v, dtype, out, scratch)
+            out[isnan] = fixed
+            return out
     if dtype == "BF16":
         u = v.view(np.uint32)
         np.right_shift(u, 16, out=scratch)
@@ -71,7 +94,8 @@ def round_from_float32(v: np.ndarray, dtype: str, out: np.ndarray, scratch: np.n
         np.add(u, scratch, out=u)
         np.right_shift(u, 16, out=out, casting="unsafe")
     else:
-        np.copyto(out, v, casting="same_kind")
+        with np.errstate(over="ignore"):  # overflow to ±inf is a value here, as in torch
+            np.copyto(out, v, casting="same_kind")
     return out
 
 
@@ -100,8 +124,9 @@ def _openblas_threads() -> tuple | None:
 @contextmanager
 def single_threaded_blas():
     """numpy's BLAS on the calling thread only, inside the block: the merge spreads blocks over
-    its own threads, and OpenBLAS's pool would spin on the same cores (the CLI also sets
-    OPENBLAS_NUM_THREADS=1 before numpy loads)."""
+    its own threads, and OpenBLAS's pool would spin on the same cores. The setting is the
+    process's (OpenBLAS has no other), restored on leaving; the CLI also sets
+    OPENBLAS_NUM_THREADS=1 before numpy loads, for BLAS builds this cannot reach."""
     fns = _openblas_threads()
     if fns is None:
         yield
@@ -134,7 +159,8 @@ def gemm_is_sequential(rows: int, cols: int, rank: int) -> bool:
     rng = np.random.default_rng(rows * 1_000_003 + cols * 131 + rank)
     b = rng.uniform(1, 2, (rows, rank)).astype(np.float32)
     a = rng.uniform(1, 2, (rank, cols)).astype(np.float32)
-    got = np.matmul(b, a)
+    with single_threaded_blas():  # as the blocks will run
+        got = np.matmul(b, a)
     cols_checked = np.unique(np.concatenate([np.arange(min(cols, 48)), np.arange(max(0, cols - 48), cols),
                                              rng.integers(0, cols, 32)]))
     return bool(np.array_equal(got[:, cols_checked], _fma_chain(b, a[:, cols_checked])))
@@ -176,11 +202,11 @@ def eligible(t: "TensorPlan", spans: list[tuple[int, int]]) -> bool:
 _SCRATCH = threading.local()  # per thread, reused across blocks and tensors: no fresh pages to fault in
 
 
-def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = _SCRATCH.__dict__
     if s.get("n", 0) < n:
-        s["v"], s["u"], s["n"] = np.empty(n, np.float32), np.empty(n, np.uint32), n
-    return s["v"][:n], s["u"][:n]
+        s["v"], s["u"], s["b"], s["n"] = np.empty(n, np.float32), np.empty(n, np.uint32), np.empty(n, bool), n
+    return s["v"][:n], s["u"][:n], s["b"][:n]
 
 
 class PlainMath:
@@ -205,12 +231,11 @@ class PlainMath:
 
     def _rows(self, w: np.ndarray, i: int, j: int, out: np.ndarray | None) -> np.ndarray:
         n = (j - i) * self.cols
-        v, u = _scratch(n)
-        v, u = v.reshape(j - i, self.cols), u.reshape(j - i, self.cols)
+        v, u, nans = (x.reshape(j - i, self.cols) for x in _scratch(n))
         np.matmul(self.b[i:j], self.a, out=v)
         if self.coef is not None:
             np.multiply(v, self.coef, out=v)
         w32 = to_float32(w, self.src_dtype, u.view(np.float32))
         np.add(v, w32, out=v)
         out = np.empty(n, RAW[self.dtype]) if out is None else out[:n]
-        return round_from_float32(v, self.dtype, out.reshape(j - i, self.cols), u)
+        return round_from_float32(v, self.dtype, out.reshape(j - i, self.cols), u, nans)

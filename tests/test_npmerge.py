@@ -99,6 +99,44 @@ def test_bf16_rounding_ties_and_overflow():
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_nans_are_written_as_torch_writes_them(dtype):
+    """The integer rounding alone would turn some NaNs into ±0 or inf (0x7FFFFFFF, 0x7F800001);
+    NaNs come out as torch's conversion writes them, next to ordinary values."""
+    bits = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0xFFC00001, 0x3F808000, 0xFF800000,
+                     0x7F7FFFFF], dtype=np.uint32)
+    v = np.tile(bits, 5).view(np.float32).reshape(5, -1)
+    want = torch.from_numpy(v.copy()).to({"BF16": torch.bfloat16, "F16": torch.float16}[dtype])
+    got = npmerge.round_from_float32(v.copy(), dtype, np.empty(v.shape, npmerge.RAW[dtype]),
+                                     np.empty(v.shape, np.uint32), np.empty(v.shape, bool))
+    assert np.array_equal(got.view(np.uint16), _bits(want).view(np.uint16))
+
+
+def test_unmerge_bits_do_not_depend_on_the_engine(tmp_path):
+    """A:-1 (and unmerge) with a scale that is not a power of two: numpy and torch both give
+    PEFT's W - (B@A)·s, one rounding of each step, bit for bit."""
+    from tests.tinybase import base_tensors, save_adapter, save_base
+
+    base = save_base(tmp_path / "base", base_tensors())  # float32: the bits show every rounding
+    adapter = save_adapter(tmp_path / "adapter", r=4, alpha=6)  # scale 1.5
+    outs = []
+    for name, env in {"np": {}, "torch": {"LORATOOL_MERGE_ENGINE": "torch"}}.items():
+        p = _merge(["--base", base, "--adapters", f"{adapter}:-1", "-o", tmp_path / name, "--allow-base-mismatch"],
+                   env)
+        assert p.returncode == 0, p.stderr
+        outs.append(tmp_path / name)
+    _same_files(*outs)
+    ckpt = BaseCheckpoint(base)
+    w = ckpt.ref("model.layers.0.self_attn.q_proj.weight").load().float()
+    from safetensors.torch import load_file
+
+    ad = load_file(str(adapter / "adapter_model.safetensors"))
+    k = "base_model.model.model.layers.0.self_attn.q_proj"
+    want = w - (ad[k + ".lora_B.weight"] @ ad[k + ".lora_A.weight"]) * 1.5
+    got = BaseCheckpoint(outs[0]).ref("model.layers.0.self_attn.q_proj.weight").load()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def _merge(cli_args, env=None):
     return subprocess.run([sys.executable, "-m", "loratool", "merge", *map(str, cli_args), "--quiet"],
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -171,3 +209,60 @@ def test_single_file_and_sharded_float32_bases(tmp_path, shards):
         assert outs["direct"].read_bytes() != base.read_bytes()
     else:
         _same_files(outs["direct"], outs["torch"])
+
+
+def test_mixed_dtypes_and_odd_widths_reuse_output_buffers(tmp_path):
+    """Output arrays are reused from tensor to tensor: a bf16 tensor with an odd number of
+    elements per block followed by float32 tensors must not trip over the previous one's size."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from loratool.safetensors_io import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": ((129, 16385), torch.bfloat16), "b": ((64, 64), torch.float32), "c": ((48, 80), torch.float16)}
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = {f"model.{n}.weight": torch.randn(*s, generator=g).to(dt) for n, (s, dt) in shapes.items()}
+    tensors["model.ab.weight"] = torch.randn(8, 8, generator=g)  # copied raw, between a and b: a drain
+    write_safetensors(base / "model.safetensors", sorted(tensors.items()))  # in this order in the file
+    (base / "config.json").write_text("{}")
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    factors = {}
+    for n, ((rows, cols), _) in shapes.items():
+        factors[f"base_model.model.model.{n}.lora_A.weight"] = torch.randn(4, cols, generator=g) * 0.1
+        factors[f"base_model.model.model.{n}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.1
+    save_file(factors, str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                         "target_modules": ["a", "b", "c"]}))
+    plan = M.plan_merge(BaseCheckpoint(base), M.load_adapters(M._specs(str(ad))))
+    assert M._numpy_plan(plan, "cpu")
+    for name, env in {"np": {}, "torch": {"LORATOOL_MERGE_ENGINE": "torch"}}.items():
+        p = _merge(["--base", base, "--adapters", ad, "-o", tmp_path / name], env)
+        assert p.returncode == 0, p.stderr
+    _same_files(tmp_path / "np", tmp_path / "torch")
+
+
+def test_direct_output_never_writes_past_its_size(tmp_path):
+    """Under a file-size limit just above the output's size (below its size rounded up to a
+    page), the O_DIRECT path must succeed: its last partial page goes through the page cache."""
+    import resource
+
+    from tests.tinybase import base_tensors, save_adapter, save_base
+
+    base = save_base(tmp_path / "base", base_tensors()) / "model.safetensors"
+    adapter = save_adapter(tmp_path / "adapter", r=4, alpha=8)
+    size = base.stat().st_size  # the merged file has the same header and dtypes
+    assert size % 4096, "the test needs an output that does not end on a page boundary"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1, size + 1))
+
+    out = tmp_path / "out.safetensors"
+    p = subprocess.run([sys.executable, "-m", "loratool", "merge", "--base", str(base), "--adapters", str(adapter),
+                        "-o", str(out), "--allow-base-mismatch", "--quiet"], capture_output=True, text=True,
+                       preexec_fn=limit)
+    assert p.returncode == 0, p.stderr
+    assert out.stat().st_size == size

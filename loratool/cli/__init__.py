@@ -67,6 +67,9 @@ def cli():
 def main(argv=None) -> None:
     from loratool.errors import EXIT_INPUT, LoratoolError
 
+    # numpy's BLAS on one thread: commands spread their own work over threads (loratool.npmerge)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
     try:
         rv = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
     except click.exceptions.Exit as e:
