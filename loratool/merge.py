@@ -111,7 +111,7 @@ SYNC_EVERY = 256 << 20  # start write-back every this many bytes written
 QUEUE_DEPTH = 6
 DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this
 DIRECT_CHUNK = 8 << 20  # bytes per O_DIRECT write
-DIRECT_BUFFERS = 3  # chunks being filled or written at once
+DIRECT_BUFFERS = 8  # chunks being filled or written at once
 POOL_MAX_BYTES = 16 << 20  # read buffers up to this size are reused
 
 
@@ -1729,7 +1729,7 @@ def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None
                             bt, i, j, buf, n = reader.get()
                             assert bt is t, "reader and executor disagree on the order of blocks"
                             pending.append(pool.submit(_numpy_block, engine, reader, buf, n, i, j, t.src.dtype, outs))
-                            drain(out, keep=QUEUE_DEPTH)
+                            drain(out, keep=2 * QUEUE_DEPTH)
                     else:
                         drain(out)
                         ref = t.src if t.action is Action.COPY else t.replacement
