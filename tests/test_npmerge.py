@@ -266,3 +266,20 @@ def test_direct_output_never_writes_past_its_size(tmp_path):
                        preexec_fn=limit)
     assert p.returncode == 0, p.stderr
     assert out.stat().st_size == size
+
+
+def test_scale_is_folded_into_a_only_when_it_commutes():
+    rng = np.random.default_rng(5)
+    b = (rng.standard_normal((64, 16)) * 0.02).astype(np.float32)
+    a = (rng.standard_normal((16, 96)) * 0.02).astype(np.float32)
+    for coef in (2.0, -2.0, 0.25, 4.0):
+        assert npmerge._scale_commutes(b, a, coef)
+        assert np.array_equal(b @ (a * np.float32(coef)), (b @ a) * np.float32(coef))
+    assert not npmerge._scale_commutes(b, a, 1.5)  # not a power of two
+    tiny = b * np.float32(2.0 ** -60)  # products near the subnormal range: scaling need not commute
+    assert not npmerge._scale_commutes(tiny, a, 0.5)
+    # why it is checked: products in the subnormal range round differently once scaled
+    b2 = (rng.uniform(1, 2, (64, 16)) * 2.0 ** -70).astype(np.float32)
+    a2 = (rng.uniform(-2, 2, (16, 64)) * 2.0 ** -70).astype(np.float32)
+    assert not np.array_equal(b2 @ (a2 * np.float32(0.5)), (b2 @ a2) * np.float32(0.5))
+    assert not npmerge._scale_commutes(b2, a2, 0.5)
