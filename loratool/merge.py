@@ -1742,8 +1742,12 @@ def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None
     except BaseException:
         for f in pending:
             f.cancel()
+        pending.clear()
         reader.abort()
         io.abort()
+        # the error travels on; a copy kept here would tie it to this frame (its views, mappings
+        # and descriptors) in a cycle that only the garbage collector breaks
+        io.error = None
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
