@@ -45,7 +45,7 @@ blocks of read-only mappings of the base (populated by a reader thread, released
 tensor); each output file is written front to back with O_DIRECT from a few page-aligned 8 MB
 buffers (``_stream_direct``), so that no bytes are copied into the page cache and the final fsync
 has nothing to wait for, while the device writes as the math goes on. Where a filesystem refuses
-O_DIRECT the same math goes through the buffered path below.
+O_DIRECT (tmpfs) the same stream writes through the page cache.
 
 Everything else runs in torch. The output files, their headers and the raw copies of untouched
 tensors are written first, in a thread, while torch is imported (``_Prefill``). Base tensors are
@@ -1077,8 +1077,6 @@ class _Writer(_Worker):
             self._advance(n)
 
     def handle(self, item) -> None:
-        if isinstance(item, Future):  # a block computed by a worker thread, in file order here
-            item = item.result()
         if isinstance(item, _Open):
             self.prefill.wait_created(item.path)
             self.fd = os.open(item.path, os.O_WRONLY)
@@ -1309,7 +1307,7 @@ def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int,
     return block.reshape(-1).view(torch.uint8).numpy()
 
 
-def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: str, outs: list | None = None):
+def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: str, outs: list):
     """Rows [i, j) through ``loratool.npmerge`` (in a worker thread); the read buffer is handed
     back to the reader when done. ``outs``: output arrays to reuse (handed back by the caller)."""
     import numpy as np
@@ -1318,17 +1316,14 @@ def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: 
 
     try:
         w = npmerge.raw_array(buf, dtype, n // npmerge.RAW[dtype].itemsize).reshape(j - i, -1)
-        out = None
-        if outs is not None:
-            try:
-                out = outs.pop()
-            except IndexError:
-                pass
-            size = w.size * npmerge.RAW[engine.dtype].itemsize
-            if out is None or out.nbytes < size:
-                out = np.empty(-(-max(size, BLOCK_BYTES) // 8) * 8, np.uint8)  # any itemsize views it
-            out = out.view(npmerge.RAW[engine.dtype])
-        return engine.rows(w, i, j, out)
+        try:
+            out = outs.pop()
+        except IndexError:
+            out = None
+        size = w.size * npmerge.RAW[engine.dtype].itemsize
+        if out is None or out.nbytes < size:
+            out = np.empty(-(-max(size, BLOCK_BYTES) // 8) * 8, np.uint8)  # any itemsize views it
+        return engine.rows(w, i, j, out.view(npmerge.RAW[engine.dtype]))
     finally:
         reader.release(buf)
 
@@ -1390,9 +1385,9 @@ def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, f
         root = tmp
         if not plan.single_file:
             _write_other_files(plan, root)
-        if (device or "auto").lower() in ("cpu", "auto") and resolve_device(device, probe=True) == "cpu" \
-                and _numpy_plan(plan, "cpu", block_bytes) and _direct_supported(root.parent if plan.single_file else root):
-            written = _stream_direct(plan, root, progress, fail_after, block_bytes)
+        if resolve_device(device, probe=True) == "cpu" and _numpy_plan(plan, "cpu", block_bytes):
+            direct = _direct_supported(root.parent if plan.single_file else root)
+            written = _stream_direct(plan, root, progress, fail_after, block_bytes, direct)
             if before_commit is not None:
                 before_commit(root, plan)
             return written, "cpu"
@@ -1427,63 +1422,44 @@ def _write_other_files(plan: MergePlan, root: Path) -> None:
 
 def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int | None,
             block_bytes: int | None, prefill: _Prefill) -> int:
-    """Reads, computes and writes the tensors that are not raw copies. Plain merges on the CPU
-    (``_numpy_plan``) are computed by ``loratool.npmerge`` in a few worker threads, without
-    importing torch; anything else in torch on this thread."""
+    """Reads, computes (in torch) and writes the tensors that are not raw copies."""
+    import torch
+
     jobs = [(t, tensor_spans(t, device, block_bytes)) for t in plan.tensors()
             if t.action in (Action.MERGE, Action.CAST)]
     spans = {id(t): s for t, s in jobs}
-    use_numpy = _numpy_plan(plan, device, block_bytes)
-    if not use_numpy:
-        import torch
-
-        threads = torch.get_num_threads()
-        # One math thread: the reader and the writer need the other cores, and torch's OpenMP
-        # workers spin between the many small calls and take the cores the I/O threads need.
-        torch.set_num_threads(1)
-        grad = torch.inference_mode()
-        grad.__enter__()
     writer = _Writer(progress, prefill).start()
-    reader = _Reader(jobs, mapped=use_numpy).start()
-    pool = ThreadPoolExecutor(_compute_workers(), thread_name_prefix="loratool-math") if use_numpy else None
-    blas = None
-    if use_numpy:
-        from loratool.npmerge import single_threaded_blas
-
-        blas = single_threaded_blas()
-        blas.__enter__()
+    reader = _Reader(jobs).start()
     done = 0
+    threads = torch.get_num_threads()
+    # One math thread: the reader and the writer need the other cores, and torch's OpenMP workers
+    # spin between the many small calls and take the cores the I/O threads need.
+    torch.set_num_threads(1)
     try:
-        for shard in plan.shards:
-            writer.put(_Open(prefill.path(shard)))
-            writer.put(_Skip(len(shard.header())))  # the prefill wrote it
-            for t in shard.tensors:
-                if fail_after is not None and done >= fail_after:
-                    raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
-                if t.action is Action.COPY:
-                    writer.put(_Skip(t.nbytes))  # the prefill copies it
-                elif t.action is Action.REPLACE:
-                    writer.put(_replacement_bytes(t))
-                else:
-                    engine = None
-                    if pool is not None:
-                        from loratool.npmerge import PlainMath
-
-                        engine = PlainMath(t)
-                    elif t.action is Action.MERGE:
-                        engine = (_CudaMath if device == "cuda" else TensorMath)(
-                            t, _cpu_dtype(t, device), device, reuse=True)
-                    for _ in spans[id(t)]:
-                        bt, i, j, buf, n = reader.get()
-                        assert bt is t, "reader and executor disagree on the order of blocks"
-                        if pool is not None:
-                            writer.put(pool.submit(_numpy_block, engine, reader, buf, n, i, j, t.src.dtype))
-                        else:
+        with torch.inference_mode():
+            for shard in plan.shards:
+                writer.put(_Open(prefill.path(shard)))
+                writer.put(_Skip(len(shard.header())))  # the prefill wrote it
+                for t in shard.tensors:
+                    if fail_after is not None and done >= fail_after:
+                        raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
+                    if t.action is Action.COPY:
+                        writer.put(_Skip(t.nbytes))  # the prefill copies it
+                    elif t.action is Action.REPLACE:
+                        writer.put(_replacement_bytes(t))
+                    else:
+                        engine = None
+                        if t.action is Action.MERGE:
+                            engine = (_CudaMath if device == "cuda" else TensorMath)(
+                                t, _cpu_dtype(t, device), device, reuse=True)
+                        for _ in spans[id(t)]:
+                            bt, i, j, buf, n = reader.get()
+                            assert bt is t, "reader and executor disagree on the order of blocks"
                             block = _compute_block(t, engine, buf, n, i, j)
                             reader.release(buf)
                             writer.put(block)
-                done += 1
-            writer.put(_Close())
+                    done += 1
+                writer.put(_Close())
         writer.close()
         reader.thread.join()
     except BaseException:
@@ -1491,22 +1467,8 @@ def _stream(plan: MergePlan, root: Path, device: str, progress, fail_after: int 
         writer.abort()
         raise
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-            if blas is not None:
-                blas.__exit__(None, None, None)
-        else:
-            grad.__exit__(None, None, None)
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     return writer.written
-
-
-def _compute_workers() -> int:
-    """Threads for numpy's block arithmetic: as many as the cores, up to 4 (``LORATOOL_THREADS``);
-    numpy releases the GIL inside its loops and its GEMM."""
-    from loratool._threads import default_workers
-
-    return default_workers()
 
 
 # -- plain merges on the CPU: numpy math, O_DIRECT output -------------------------------------
@@ -1622,12 +1584,13 @@ class _DirectIO(_Worker):
 
 
 class _DirectFile:
-    """One output file, written front to back in DIRECT_CHUNK pieces through ``_DirectIO``; the
-    last piece's whole pages go with O_DIRECT and its tail through the page cache (never past the
-    file's size, which a file-size limit would refuse)."""
+    """One output file, written front to back in DIRECT_CHUNK pieces through ``_DirectIO``: with
+    O_DIRECT (``direct``), the last piece's whole pages too and its tail through the page cache
+    (never past the file's size, which a file-size limit would refuse); else all through the page
+    cache."""
 
-    def __init__(self, path: Path, size: int, io: _DirectIO):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    def __init__(self, path: Path, size: int, io: _DirectIO, direct: bool):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o644)
         try:
             self.buffered = os.open(path, os.O_WRONLY)
         except BaseException:
@@ -1682,18 +1645,19 @@ class _DirectFile:
 
 
 def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None,
-                   block_bytes: int | None) -> int:
+                   block_bytes: int | None, direct: bool) -> int:
     """The whole output of a plain merge on the CPU (``_numpy_plan``): ``loratool.npmerge`` math
-    in worker threads on blocks of mapped base rows, and each file written front to back with
-    O_DIRECT; untouched tensors are read into the same buffers (no torch import, nothing for the
-    page cache to write back)."""
+    in worker threads on blocks of mapped base rows, and each file written front to back, with
+    O_DIRECT where the filesystem takes it (``direct``); untouched tensors are read into the same
+    buffers (no torch import; with O_DIRECT, nothing for the page cache to write back)."""
+    from loratool._threads import default_workers
     from loratool.npmerge import PlainMath, single_threaded_blas
 
     jobs = [(t, tensor_spans(t, "cpu", block_bytes)) for t in plan.tensors() if t.action is Action.MERGE]
     spans = {id(t): s for t, s in jobs}
     reader = _Reader(jobs, mapped=True).start()
     io = _DirectIO(progress).start()
-    pool = ThreadPoolExecutor(_compute_workers(), thread_name_prefix="loratool-math")
+    pool = ThreadPoolExecutor(default_workers(), thread_name_prefix="loratool-math")
     sources: dict[Path, int] = {}
     files: list[_DirectFile] = []
     pending: list[Future] = []
@@ -1717,7 +1681,7 @@ def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None
             for shard in plan.shards:
                 path = root if plan.single_file else root / shard.rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                out = _DirectFile(path, shard.nbytes, io)
+                out = _DirectFile(path, shard.nbytes, io, direct)
                 files.append(out)
                 out.put(shard.header())
                 for t in shard.tensors:
