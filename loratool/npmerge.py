@@ -21,7 +21,10 @@ this machine in the exact shape of each block and found the sequential chain;
 compare the output with PEFT's bit for bit. Where anything does not hold, ``merge`` uses torch.
 
 NaNs (a base that holds NaN or Inf weights; the merge refuses such adapters) are written as
-torch writes them (``_torch_nans``), which the integer rounding alone would not do.
+torch writes them (``_torch_nans``), which the integer rounding alone would not do. Inf or NaN
+where the base is finite is never written (issue 11): ``PlainMath`` checks each block before
+rounding it (two reductions, max and min, in place of the NaN scan they make unnecessary) and
+raises ``NonFiniteBlock``, which ends the merge with nothing published.
 
 A base file truncated by another process while the merge reads it (after the size check) ends the
 process with SIGBUS on the mapped pages instead of an error line; the temporary output is left
@@ -34,7 +37,7 @@ import math
 import threading
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -77,11 +80,12 @@ def _torch_nans(v: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def round_from_float32(v: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray,
-                       nans: np.ndarray | None = None) -> np.ndarray:
+                       nans: np.ndarray | None = None, check_nans: bool = True) -> np.ndarray:
     """float32 ``v`` rounded to nearest even into ``out`` (raw elements of ``dtype``), NaNs as
     torch writes them; ``v`` and ``scratch`` (uint32, v's shape) are clobbered, ``nans`` (bool,
-    v's shape) is scratch for the NaN check."""
-    if dtype != "F32":
+    v's shape) is scratch for the NaN check, which ``check_nans=False`` skips (the caller knows
+    that ``v`` holds no NaN)."""
+    if dtype != "F32" and check_nans:
         isnan = np.isnan(v, out=nans)
         if isnan.any():  # rare: NaN in the base, or a delta of inf - inf
             fixed = _torch_nans(v[isnan], dtype).view(out.dtype)
@@ -155,16 +159,17 @@ def _fma_chain(b: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def gemm_is_sequential(rows: int, cols: int, rank: int) -> bool:
-    """Whether numpy's float32 GEMM computes (rows×rank) @ (rank×cols) as the sequential FMA
-    chain here. BLAS libraries pick their kernels by shape (OpenBLAS has a separate path for small
-    products, and edge tiles), so the probe runs the exact shape of the blocks it vouches for and
+def gemm_is_sequential(rows: int, cols: int, rank: int, gemm: Callable | None = None) -> bool:
+    """Whether numpy's float32 GEMM (or ``gemm(b, a)``, given) computes (rows×rank) @ (rank×cols)
+    as the sequential FMA chain here. BLAS libraries pick their kernels by shape and by CPU
+    (OpenBLAS has a separate path for small products, and edge tiles; on AMD Zen 3 its kernel
+    splits k from r = 8 on), so the probe runs the exact shape of the blocks it vouches for and
     checks the edge columns and a sample of the others against the chain."""
     rng = np.random.default_rng(rows * 1_000_003 + cols * 131 + rank)
     b = rng.uniform(1, 2, (rows, rank)).astype(np.float32)
     a = rng.uniform(1, 2, (rank, cols)).astype(np.float32)
     with single_threaded_blas():  # as the blocks will run
-        got = np.matmul(b, a)
+        got = (gemm or np.matmul)(b, a)
     cols_checked = np.unique(np.concatenate([np.arange(min(cols, 48)), np.arange(max(0, cols - 48), cols),
                                              rng.integers(0, cols, 32)]))
     return bool(np.array_equal(got[:, cols_checked], _fma_chain(b, a[:, cols_checked])))
@@ -229,9 +234,34 @@ def _scale_commutes(b: np.ndarray, a: np.ndarray, coef: float) -> bool:
     return low >= 2.0 ** -125 and high <= 2.0 ** 120
 
 
+# The smallest float32 magnitude that rounds to ±inf in each output dtype: round to nearest even
+# takes the midpoint between the largest finite value and the next power of two up to inf.
+OVERFLOW = {"F32": np.float32(np.inf), "F16": np.float32(65520.0),
+            "BF16": np.array(0x7F7F8000, np.uint32).view(np.float32)[()]}
+
+
+class NonFiniteBlock(ArithmeticError):
+    """Rows [i, j) of a merged tensor hold Inf or NaN where the base is finite: the adapter's
+    values overflow the output dtype (issue 11). The executor turns it into an error that names
+    the tensor and the adapters, and publishes nothing."""
+
+    def __init__(self, i: int, j: int, count: int, row: int, col: int, value: float, base: float):
+        super().__init__(f"rows [{i}, {j}): {count} non-finite values, first at [{row}, {col}]")
+        self.i, self.j, self.count, self.row, self.col, self.value, self.base = i, j, count, row, col, value, base
+
+
 class PlainMath:
     """Rows [i, j) of W + coef · B @ A for one eligible tensor, rounded to the output dtype.
-    ``rows`` may run in several threads at once: each thread has its own scratch buffers."""
+    ``rows`` may run in several threads at once: each thread has its own scratch buffers.
+
+    ``gemm``: numpy's matmul, which ``eligible`` has probed on this machine; tests put another
+    GEMM here to check the rest of the arithmetic on CPUs whose BLAS sums differently.
+    ``guard``: raise ``NonFiniteBlock`` where a block would be written with Inf/NaN that the base
+    does not hold (the merge's last guard against overflow; tests turn it off to compare the
+    rounding of overflowing values with torch's)."""
+
+    gemm = staticmethod(np.matmul)
+    guard = True
 
     def __init__(self, t: "TensorPlan"):
         term = t.terms[0]
@@ -254,10 +284,28 @@ class PlainMath:
     def _rows(self, w: np.ndarray, i: int, j: int, out: np.ndarray | None) -> np.ndarray:
         n = (j - i) * self.cols
         v, u, nans = (x.reshape(j - i, self.cols) for x in _scratch(n))
-        np.matmul(self.b[i:j], self.a, out=v)
+        self.gemm(self.b[i:j], self.a, out=v)
         if self.coef is not None:
             np.multiply(v, self.coef, out=v)
         w32 = to_float32(w, self.src_dtype, u.view(np.float32))
         np.add(v, w32, out=v)
+        no_nans = self.guard and self._check_finite(v, w32, i)
         out = np.empty(n, RAW[self.dtype]) if out is None else out[:n]
-        return round_from_float32(v, self.dtype, out.reshape(j - i, self.cols), u, nans)
+        return round_from_float32(v, self.dtype, out.reshape(j - i, self.cols), u, nans, check_nans=not no_nans)
+
+    def _check_finite(self, v: np.ndarray, w32: np.ndarray, i: int) -> bool:
+        """Raise ``NonFiniteBlock`` if the unrounded rows ``v`` round to Inf/NaN anywhere the base
+        rows ``w32`` are finite; return whether ``v`` is free of NaN (the rounding then need not
+        look for them). The common case is two read-only reductions (NaN propagates through
+        max and min, so the comparisons fail on it): no slower than the NaN check it replaces."""
+        limit = OVERFLOW[self.dtype]
+        if v.max() < limit and v.min() > -limit:
+            return True
+        bad = ~(np.abs(v) < limit) & np.isfinite(w32)
+        if bad.any():
+            k = int(np.argmax(bad))
+            row, col = divmod(k, self.cols)
+            value = float(v.flat[k])  # unrounded: as written, it is inf unless NaN
+            raise NonFiniteBlock(i, i + v.shape[0], int(np.count_nonzero(bad)), i + row, col,
+                                 value if math.isnan(value) else math.copysign(math.inf, value), float(w32.flat[k]))
+        return False
