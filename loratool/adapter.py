@@ -31,12 +31,18 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from loratool.safetensors_io import TensorRef, st_dtype
+from loratool.safetensors_io import DTYPES, TensorRef, st_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 TensorSource = Union[TensorRef, "torch.Tensor"]
+
+# The largest finite value of each float dtype (safetensors names), and its name in messages.
+DTYPE_MAX = {"F64": 1.7976931348623157e308, "F32": 3.4028234663852886e38, "BF16": 3.3895313892515355e38,
+             "F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+DTYPE_NAMES = {d: DTYPES[d][1] for d in DTYPE_MAX}
+F32_MAX = DTYPE_MAX["F32"]  # PEFT's arithmetic (and the merge's): factors are upcast to float32
 
 
 class LayerKind(str, Enum):
@@ -86,6 +92,45 @@ def factor_problem(a: TensorSource, b: TensorSource, names: tuple[str, str] = ("
     if bad:
         return f"factors must be floating point: {', '.join(bad)}"
     return None
+
+
+def float_values(src: TensorSource):
+    """A float tensor's values as a numpy array, exactly: float64 for F64, float16 for F16,
+    float32 otherwise. Tensors in a file are decoded from their raw bytes (no torch import:
+    ``merge`` checks factors before it imports torch, if it imports it at all)."""
+    import numpy as np
+
+    if isinstance(src, TensorRef) and src.dtype in ("F64", "F32", "F16", "BF16"):
+        raw = src.raw()
+        if src.dtype == "BF16":  # bfloat16 is the top half of a float32
+            bits = np.left_shift(np.frombuffer(raw, "<u2").astype(np.uint32), 16)
+            return bits.view(np.float32).reshape(src.shape)
+        return np.frombuffer(raw, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[src.dtype]).reshape(src.shape)
+    import torch
+
+    t = load_tensor(src).detach().cpu()
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
+
+
+@dataclass(frozen=True)
+class Magnitudes:
+    """How large a module's values can make what is computed from them (issue 11), in float64.
+
+    ``products`` = Σ_k max|B[:, k]| · max|A[k, :]| bounds every element of B @ A and every partial
+    sum of its FMA chain, so scale · products bounds the delta; it is cheap (one pass over each
+    factor) and at most r times the largest element of |B| @ |A|."""
+
+    products: float
+    largest: float  # the largest |value| of any of the module's tensors
+    largest_role: str  # the tensor that holds it: "lora_A", "lora_B", "magnitude" or "lora_B_bias"
+    magnitude: float  # max |m| (DoRA), else 0
+    bias: float  # max |lora_B bias|, else 0
+
+
+def _abs_max(x, axis=None):
+    import numpy as np
+
+    return np.abs(x).max(axis=axis, initial=0).astype(np.float64)
 
 
 def peft_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -191,6 +236,63 @@ class LoraModule:
     def load(self) -> "dict[str, torch.Tensor]":
         """Every tensor of the module (factors, DoRA magnitude, bias), read once."""
         return {role: load_tensor(src) for role, src in self.tensors().items()}
+
+    def magnitudes(self, loaded: "dict[str, torch.Tensor] | None" = None) -> Magnitudes:
+        """Bounds on what this module's values can grow to (``Magnitudes``); its tensors must be
+        finite. ``loaded``: as ``factors_2d``."""
+        import numpy as np
+
+        srcs = loaded if loaded is not None else self.tensors()
+        vals = {role: float_values(src) for role, src in srcs.items()}
+        b, a = vals["lora_B"], vals["lora_A"]
+        b2, a2 = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+        col_b, row_a = _abs_max(b2, axis=0), _abs_max(a2, axis=1)
+        with np.errstate(over="ignore"):  # inf is the answer then
+            products = float(np.dot(col_b, row_a))
+        largest = {"lora_B": float(_abs_max(col_b)), "lora_A": float(_abs_max(row_a))}
+        largest.update({role: float(_abs_max(v)) for role, v in vals.items() if role not in largest})
+        role = max(largest, key=largest.__getitem__)
+        return Magnitudes(products, largest[role], role, largest.get("magnitude", 0.0),
+                          largest.get("lora_B_bias", 0.0))
+
+    def overflow(self, limit: float, dtype: str, scale: float | None = None, mags: Magnitudes | None = None,
+                 effect: str = "applying it gives Inf") -> str | None:
+        """Why applying this module (``scale`` · B @ A in float32, PEFT's arithmetic) overflows
+        ``dtype`` (a safetensors dtype whose largest value is ``limit``), or None: a scale past the
+        limit by itself, a value past float32's range, or the scale times the factors' bound
+        (``Magnitudes.products``) past the limit. One clause: found vs. expected, ``effect``, the
+        fix; the caller prefixes the file and module."""
+        scale = abs(self.scale if scale is None else scale)
+        why = self.scale_overflow(limit, dtype, scale, effect)
+        if why:
+            return why
+        mags = mags or self.magnitudes()
+        if mags.largest > F32_MAX:
+            key = self.source_keys.get(mags.largest_role, mags.largest_role)
+            return (f"{key} holds {mags.largest:.3g}, past float32's largest value {F32_MAX:.3g} (PEFT computes "
+                    f"in float32, where it is Inf); {effect}; re-save the adapter with values in float32's range")
+        if mags.products > F32_MAX:
+            return (f"lora_B @ lora_A reaches {mags.products:.3g} (Σ_k max|B[:,k]|·max|A[k,:]|), past float32's "
+                    f"largest value {F32_MAX:.3g}; {effect}; the factors are broken (retrain or re-export them)")
+        if scale * mags.products > limit:
+            return (f"scale {scale:.3g} × factors overflows {DTYPE_NAMES.get(dtype, dtype)} (max {limit:.3g}): "
+                    f"|B|·|A| reaches {mags.products:.3g}, {scale * mags.products:.3g} once scaled; {effect}; "
+                    f"{self._scale_fix()}")
+        return None
+
+    def scale_overflow(self, limit: float, dtype: str, scale: float | None = None,
+                       effect: str = "applying it gives Inf") -> str | None:
+        """The part of ``overflow`` that needs no values: a scale that is not finite or is past
+        ``limit`` by itself (float32(scale) is Inf, and Inf · 0 = NaN where B @ A is zero)."""
+        scale = abs(self.scale if scale is None else scale)
+        if math.isfinite(scale) and scale <= limit:
+            return None
+        return (f"scale {scale:.3g} overflows {DTYPE_NAMES.get(dtype, dtype)} (max {limit:.3g}) by itself; "
+                f"{effect}; {self._scale_fix()}")
+
+    def _scale_fix(self) -> str:
+        return (f"fix lora_alpha / alpha_pattern (alpha {self.alpha:g} at rank {self.rank}"
+                f"{', rsLoRA' if self.use_rslora else ''}) or the factors")
 
     @property
     def scale_is_valid(self) -> bool:

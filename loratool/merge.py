@@ -38,6 +38,14 @@ the weight's dtype before adding it (a second rounding); we round once, so embed
 On CUDA the Triton kernel of ``loratool.kernels.merge`` does the linear cases (float32
 accumulation, one rounding; not bit-equal to PEFT's CPU merge, which is a CPU promise).
 
+Overflow (issue 11). A finite but huge scale or factor would make the arithmetic above write Inf
+or NaN. Before anything is written, ``check_overflow`` bounds each merged tensor's delta from the
+factors alone (|coef| · Σ_k max|B[:,k]|·max|A[k,:]|, one pass over each factor) and refuses one
+past the output dtype's largest value; then every engine checks every block it writes for Inf/NaN
+where the base is finite (what the base's own values add): ``npmerge.PlainMath`` on the numpy
+path, ``_check_block`` for torch's (CPU and CUDA blocks both reach it on the CPU). Either ends the
+merge with one line, exit 2, and nothing at OUT.
+
 Memory and time. A plain merge on the CPU (every computed tensor one adapter at weight ±1 on a
 Linear, ``_numpy_plan``) never imports torch, which takes a second or more of one core:
 ``loratool.npmerge`` repeats PEFT's float32 sequence in numpy, in a few worker threads, on row
@@ -67,7 +75,6 @@ import mmap
 import os
 import queue
 import re
-import shutil
 import sys
 import threading
 import time
@@ -79,7 +86,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, load_tensor, shape_of
+from loratool.adapter import (
+    DTYPE_MAX,
+    DTYPE_NAMES,
+    F32_MAX,
+    Adapter,
+    LayerKind,
+    LoraModule,
+    Magnitudes,
+    TensorSource,
+    load_tensor,
+    shape_of,
+)
+from loratool import boundary
 from loratool.errors import BaseMismatchError, InputError, OutputError, UsageError
 from loratool.safetensors_io import (
     DTYPES,
@@ -162,7 +181,7 @@ def parse_size(text: str | int | None) -> int | None:
     """``200KB``, ``5GB``, ``1GiB`` or a byte count (transformers' convention: KB = 1000 bytes)."""
     if text is None or isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
     if not m:
         raise UsageError(f"--max-shard-size: cannot read {text!r}; expected e.g. 200KB, 500MB, 5GB or bytes")
     num, unit = float(m.group(1)), m.group(2).upper().rstrip("B")
@@ -488,18 +507,15 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
         if idx is not None:
             rel = str(idx.relative_to(root))
             if plan.dtype is None:
-                plan.indexes[rel] = idx.read_bytes()  # unchanged: copied byte for byte
+                plan.indexes[rel] = boundary.read_bytes(idx)  # unchanged: copied byte for byte
             else:
-                data = json.loads(idx.read_text(encoding="utf-8"))
+                data = boundary.read_json(idx)
                 total = sum(t.nbytes for f in files for t in by_file.get(f, []))
                 data.setdefault("metadata", {})["total_size"] = total
                 plan.indexes[rel] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
-    weights = set(base.files) | set(base.index_files)
-    for src in sorted(root.rglob("*")):
-        rel = src.relative_to(root)
-        if any(p.startswith(".") for p in rel.parts) or not src.is_file() or src in weights:
-            continue
+    for src, rel in base.other_files():  # inside the base's folder, regular files (loratool.boundary)
+        rel = Path(rel)
         stale = src.suffix in PICKLE_SUFFIXES or src.suffix == ".safetensors" \
             or src.name.endswith(".safetensors.index.json")
         if stale:
@@ -509,8 +525,8 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
         plan.copies.append((src, str(rel)))
         if plan.dtype is not None and src.name == "config.json" and src.parent in groups:
             try:
-                cfg = json.loads(src.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                cfg = boundary.read_json(src)
+            except InputError:
                 continue
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] if isinstance(cfg, dict) else []
             if keys:
@@ -544,8 +560,9 @@ def _reshard(plan: MergePlan, d: Path, files: list[Path], by_file: dict[Path, li
         weight_map.update({t.key: fname for t in g})
     extra: dict[str, Any] = {}
     if idx is not None:
-        old = json.loads(idx.read_text(encoding="utf-8"))
-        extra = {k: v for k, v in (old.get("metadata") or {}).items() if k != "total_size"}
+        old = boundary.read_json(idx)
+        meta = old.get("metadata") if isinstance(old, dict) else None
+        extra = {k: v for k, v in meta.items() if k != "total_size"} if isinstance(meta, dict) else {}
     index = {"metadata": {**extra, "total_size": sum(t.nbytes for t in order)},
              "weight_map": dict(sorted(weight_map.items()))}
     plan.indexes[str(rel_dir / f"{stem}.safetensors.index.json")] = (json.dumps(index, indent=2) + "\n").encode()
@@ -732,6 +749,93 @@ class _CudaMath(TensorMath):
         if self.magnitude is not None:
             return kernels.dora_merge(w, bs, as_, coeffs, self.magnitude[i:j], out=out)
         return kernels.merge(w, bs, as_, coeffs, out=out)
+
+
+# -- values that cannot overflow silently (issue 11) ----------------------------------------------
+
+def check_overflow(plan: MergePlan) -> None:
+    """Refuse, before anything is written, merges whose scale and factors would write Inf: per
+    merged tensor, Σ |coef| · Σ_k max|B[:,k]|·max|A[k,:]| (``LoraModule.overflow``) against the
+    output dtype's largest value, from the factors alone. The base's own values are not read
+    (that would read the base twice); what they add is caught by the executor's last guard,
+    which checks every written block (``_check_block``, ``npmerge.PlainMath``)."""
+    effect = "the merge would write Inf"
+    problems: dict[str, None] = {}  # ordered, without repeats (a module's weight and bias)
+    mags: dict[tuple[int, int], Magnitudes] = {}
+    for t in plan.tensors():
+        if t.action is not Action.MERGE:
+            continue
+        limit, name = DTYPE_MAX[t.dtype], DTYPE_NAMES[t.dtype]
+        bound, found = 0.0, False
+        for term in t.terms:
+            m, c = term.module, abs(term.coef)
+            why = m.scale_overflow(limit, t.dtype, c, effect)
+            if why is None:
+                key = (id(m.lora_A), id(m.lora_B))
+                if key not in mags:
+                    mags[key] = m.magnitudes()
+                mg = mags[key]
+                if term.part == "bias":  # b + coef · lora_B.bias; the factors are the weight's term
+                    bound += c * mg.bias
+                    continue
+                bound += c * mg.products
+                why = m.overflow(limit, t.dtype, c, mg, effect)
+                if why is None and term.dora:
+                    # DoRA writes m · V / ‖V‖ (at most max|m|); ‖V‖ sums V² along rows or columns
+                    # (by kind) in float32: bound the longer of the two
+                    n = max(t.shape[0], t.numel // max(1, t.shape[0]))
+                    if mg.magnitude > limit:
+                        why = (f"its DoRA magnitude reaches {mg.magnitude:.3g}, past {name}'s largest value "
+                               f"{limit:.3g}; {effect}; fix lora_magnitude_vector")
+                    elif c * mg.products > math.sqrt(F32_MAX / n):
+                        why = (f"scale {c:.3g} × factors reaches {c * mg.products:.3g}, so the squares that "
+                               f"DoRA's row norms sum overflow float32 (max {F32_MAX:.3g}); the merge would write "
+                               "zero or NaN rows; fix lora_alpha / alpha_pattern or the factors")
+            if why:
+                weighted = f" (at merge weight {term.weight:g}; lower it)" if term.weight not in (1.0, -1.0) else ""
+                problems[f"{term.adapter}: module {m.name!r}: {why}{weighted}"] = None
+                found = True
+        if not found and not t.dora and bound > limit:  # several adapters (or a bias), each fine alone
+            problems[f"base tensor {t.name!r}: the deltas of {', '.join(sorted({x.adapter for x in t.terms}))} "
+                     f"together reach {bound:.3g}, past {name}'s largest value {limit:.3g}; {effect}; lower the "
+                     "weights or fix the adapters' scales"] = None
+    if problems:
+        raise InputError(_listed(list(problems), limit=2))
+
+
+def _nonfinite_error(t: TensorPlan, count: int, row: int, col: int, value: float, base: float) -> InputError:
+    """The last guard's error: a block of ``t`` came out Inf/NaN where the base is finite."""
+    limit, name = DTYPE_MAX[t.dtype], DTYPE_NAMES[t.dtype]
+    where = f"{t.src.file.path}: tensor {t.name!r}"
+    if t.action is Action.CAST:
+        return InputError(f"{where}: converting it to {name} gives {count} Inf values where the base is finite "
+                          f"(first at [{row}, {col}]: {base:.3g}, past {name}'s largest value {limit:.3g}); "
+                          "nothing was written; choose a wider --dtype (bf16, fp32) or keep")
+    adapters = ", ".join(sorted({x.adapter for x in t.terms}))
+    return InputError(f"{where}: the merge gives {count} Inf/NaN values where the base is finite (first at "
+                      f"[{row}, {col}]: base {base:.3g}, merged {value:.3g}; {name}'s largest value is {limit:.3g}); "
+                      f"nothing was written; check {adapters} with `loratool validate` (lora_alpha, alpha_pattern, "
+                      "factors) and the merge weights")
+
+
+def _check_block(t: TensorPlan, w: "torch.Tensor", block: "torch.Tensor", i: int) -> None:
+    """The last guard of the torch engines (CPU, and CUDA, whose blocks arrive here on the CPU):
+    refuse a block that holds Inf/NaN where the base rows ``w`` are finite. One reduction over the
+    written block (NaN propagates through aminmax); the mask only when that finds something."""
+    import torch
+
+    if not block.numel():
+        return
+    lo, hi = torch.aminmax(block)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    bad = (~torch.isfinite(block) & torch.isfinite(w.reshape(block.shape))).reshape(-1)
+    count = int(bad.sum())
+    if count:
+        k = int(bad.nonzero()[0, 0])
+        cols = max(1, block.numel() // max(1, block.shape[0] if block.dim() else 1))
+        raise _nonfinite_error(t, count, i + k // cols, k % cols, float(block.reshape(-1)[k]),
+                               float(w.reshape(-1)[k]))
 
 
 # -- the executor -------------------------------------------------------------------------------
@@ -986,7 +1090,7 @@ class _Prefill:
     def _src(fds: dict[Path, int], path: Path) -> int:
         fd = fds.get(path)
         if fd is None:
-            fd = fds[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+            fd = fds[path] = boundary.open_regular(path)  # inputs are opened read-only
         return fd
 
     def wait_created(self, path: Path) -> None:
@@ -1036,7 +1140,7 @@ class _Writer(_Worker):
     def _src(self, path: Path) -> int:
         fd = self.sources.get(path)
         if fd is None:
-            fd = self.sources[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+            fd = self.sources[path] = boundary.open_regular(path)  # inputs are opened read-only
         return fd
 
     def _advance(self, n: int) -> None:
@@ -1150,7 +1254,7 @@ class _Reader:
             path = t.src.file.path
             fd = fds.get(path)
             if fd is None:
-                fd = fds[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+                fd = fds[path] = boundary.open_regular(path)  # inputs are opened read-only
             rows = t.shape[0] if t.shape else 1
             row_bytes = t.src.nbytes // max(1, rows)
             if self.mapped and t.src.nbytes:
@@ -1302,18 +1406,21 @@ def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int,
         block = w.to(out)
     else:
         acc = math_.rows(w, i, j)
-        # a fresh tensor for the writer: acc is reused for the next block
+        # a fresh tensor for the writer (on the CPU): acc is reused for the next block
         block = torch.empty(acc.shape, dtype=out).copy_(acc)
+    _check_block(t, w, block, i)
     return block.reshape(-1).view(torch.uint8).numpy()
 
 
-def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: str, outs: list):
-    """Rows [i, j) through ``loratool.npmerge`` (in a worker thread); the read buffer is handed
-    back to the reader when done. ``outs``: output arrays to reuse (handed back by the caller)."""
+def _numpy_block(t: TensorPlan, engine, reader: "_Reader", buf, n: int, i: int, j: int, outs: list):
+    """Rows [i, j) of ``t`` through ``loratool.npmerge`` (in a worker thread); the read buffer is
+    handed back to the reader when done. ``outs``: output arrays to reuse (handed back by the
+    caller)."""
     import numpy as np
 
     from loratool import npmerge
 
+    dtype = t.src.dtype
     try:
         w = npmerge.raw_array(buf, dtype, n // npmerge.RAW[dtype].itemsize).reshape(j - i, -1)
         try:
@@ -1324,6 +1431,8 @@ def _numpy_block(engine, reader: "_Reader", buf, n: int, i: int, j: int, dtype: 
         if out is None or out.nbytes < size:
             out = np.empty(-(-max(size, BLOCK_BYTES) // 8) * 8, np.uint8)  # any itemsize views it
         return engine.rows(w, i, j, out.view(npmerge.RAW[engine.dtype]))
+    except npmerge.NonFiniteBlock as e:
+        raise _nonfinite_error(t, e.count, e.row, e.col, e.value, e.base) from None
     finally:
         reader.release(buf)
 
@@ -1380,6 +1489,7 @@ def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, f
     """``execute``, with ``device`` resolved (torch imported) only once the prefill runs; returns
     (bytes written, the device)."""
     out = Path(out)
+    check_overflow(plan)  # before any byte is written
     ctx = atomic_path(out, overwrite=overwrite) if plan.single_file else atomic_dir(out, overwrite=overwrite)
     with ctx as tmp:
         root = tmp
@@ -1410,11 +1520,11 @@ def _write_other_files(plan: MergePlan, root: Path) -> None:
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if rel in plan.json_updates:
-            data = json.loads(src.read_text(encoding="utf-8"))
+            data = boundary.read_json(src)
             data.update(plan.json_updates[rel])
             dest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
-            shutil.copyfile(src, dest)
+            boundary.copy_regular(src, dest)  # a regular file, whatever the source was
     for rel, content in plan.indexes.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(content)
@@ -1665,7 +1775,7 @@ def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None
 
     def src(path: Path) -> int:
         if path not in sources:
-            sources[path] = os.open(path, os.O_RDONLY)  # inputs are opened read-only
+            sources[path] = boundary.open_regular(path)  # inputs are opened read-only
         return sources[path]
 
     outs: list = []  # output arrays, reused (list.pop and append are atomic)
@@ -1692,7 +1802,7 @@ def _stream_direct(plan: MergePlan, root: Path, progress, fail_after: int | None
                         for _ in spans[id(t)]:
                             bt, i, j, buf, n = reader.get()
                             assert bt is t, "reader and executor disagree on the order of blocks"
-                            pending.append(pool.submit(_numpy_block, engine, reader, buf, n, i, j, t.src.dtype, outs))
+                            pending.append(pool.submit(_numpy_block, t, engine, reader, buf, n, i, j, outs))
                             drain(out, keep=2 * QUEUE_DEPTH)
                     else:
                         drain(out)
@@ -1757,13 +1867,10 @@ def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:
     return loaded
 
 
-def _check_paths(out: Path, inputs: Sequence[Path]) -> None:
-    o = out.resolve()
-    for p in inputs:
-        r = Path(p).resolve()
-        if o == r or r in o.parents or o in r.parents:
-            raise UsageError(f"{out}: the output overlaps the input {p}; choose an output outside "
-                             "the inputs (inputs are never modified)")
+def _check_paths(out: Path, inputs: Sequence[Path], overwrite: bool, single_file: bool) -> None:
+    """The output check of ``loratool.boundary``, before any work is spent (the writer checks again)."""
+    boundary.check_output(out, overwrite=overwrite, inputs=[p for p in inputs if os.path.lexists(p)],
+                          kind="file" if single_file else "dir")
 
 
 def _specs(adapters) -> list[AdapterSpec]:
@@ -1804,7 +1911,7 @@ def merge(
     t0 = time.perf_counter()
     specs = _specs(adapters)
     out = Path(out)
-    _check_paths(out, [Path(base), *(s.path for s in specs)])
+    _check_paths(out, [Path(base), *(s.path for s in specs)], overwrite, Path(base).is_file())
     ckpt = BaseCheckpoint(base)
     loaded = load_adapters(specs)
     # HOOK(manifest): base-hash enforcement. The CLI passes loratool.manifest.check_base here
@@ -1883,7 +1990,8 @@ def unmerge(
     t0 = time.perf_counter()
     specs = _specs(adapters)
     out = Path(out)
-    _check_paths(out, [Path(merged), *(s.path for s in specs), *([Path(base)] if base else [])])
+    _check_paths(out, [Path(merged), *(s.path for s in specs), *([Path(base)] if base else [])], overwrite,
+                 Path(merged).is_file())
     ckpt = BaseCheckpoint(merged)
     original = BaseCheckpoint(base) if base is not None else None
     loaded = load_adapters(specs)

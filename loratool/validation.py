@@ -18,6 +18,8 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT204 exploding-norm          warning  a delta whose largest singular value is implausibly large
   LT205 mixed-dtypes            warning  LoRA factors in more than one floating dtype
   LT206 bad-scale               error    alpha/scale that is not a positive finite number
+  LT207 overflow                error    scale × factors (or a value) past the largest value of the
+                                         factors' dtype or float32: applying or merging it gives Inf
   LT301 target-missing          error    (--base) a module has no weight in the base
   LT302 shape-mismatch          error    (--base) the delta does not fit the base weight
   LT303 fan-in-fan-out          error    (--base) Conv1D layout mismatch (fan_in_fan_out wrong)
@@ -41,7 +43,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratool.adapter import Adapter, LayerKind, count_nonfinite, dtype_of, shape_of
+from loratool.adapter import DTYPE_MAX, Adapter, LayerKind, count_nonfinite, dtype_of, shape_of
 from loratool.errors import EXIT_FINDINGS, EXIT_OK
 from loratool.safetensors_io import FLOAT_DTYPES
 from loratool.schemas.reports import Finding, Severity, ValidationReport
@@ -54,7 +56,7 @@ CHECKS: dict[str, str] = {
     "LT104": "not-targeted", "LT105": "unused-pattern", "LT106": "bad-factor-shape",
     "LT107": "no-modules", "LT108": "dora-magnitude-shape", "LT109": "bias-shape", "LT110": "unknown-tensor",
     "LT201": "non-finite", "LT202": "zero-b", "LT203": "never-trained", "LT204": "exploding-norm",
-    "LT205": "mixed-dtypes", "LT206": "bad-scale",
+    "LT205": "mixed-dtypes", "LT206": "bad-scale", "LT207": "overflow",
     "LT301": "target-missing", "LT302": "shape-mismatch", "LT303": "fan-in-fan-out",
     "LT304": "modules-to-save-shape", "LT305": "base-name-mismatch", "LT306": "base-dtype",
     "LT307": "no-manifest", "LT308": "base-mismatch-allowed",
@@ -185,6 +187,10 @@ def check_values(adapter: Adapter, f: Findings) -> None:
                 f.error("LT201", f"module {m.name}: {key} holds {what} of {t.numel()} values", m.name)
         if not finite:
             continue
+        why = _overflow(m, loaded)
+        if why:
+            f.error("LT207", f"module {m.name}: {why}", m.name)
+            continue
         if not bool(loaded["lora_B"].any()):
             zero_b += 1
             f.warning("LT202", f"module {m.name}: lora_B is all zero, so the module changes nothing "
@@ -200,6 +206,16 @@ def check_values(adapter: Adapter, f: Findings) -> None:
     floats = sorted(d for d in dtypes if d in FLOAT_DTYPES)
     if len(floats) > 1:
         f.warning("LT205", f"LoRA factors mix dtypes {', '.join(floats)}; loaders cast them to one")
+
+
+def _overflow(m, loaded) -> str | None:
+    """LT207 (issue 11): whether applying ``m`` overflows its factors' dtype (float16 and
+    bfloat16 adapters are often applied in it) or float32 (PEFT's arithmetic, and the merge's)."""
+    own = [d for d in (dtype_of(m.lora_A), dtype_of(m.lora_B)) if d in ("F16", "BF16")]
+    dtype = min(own, key=DTYPE_MAX.__getitem__) if own else "F32"  # float8 and float64 are upcast
+    effect = "merging or applying it gives Inf"
+    return (m.scale_overflow(DTYPE_MAX[dtype], dtype, effect=effect)
+            or m.overflow(DTYPE_MAX[dtype], dtype, mags=m.magnitudes(loaded), effect=effect))
 
 
 # -- against a base ---------------------------------------------------------------------------

@@ -397,7 +397,7 @@ def test_existing_output_needs_overwrite_and_inputs_are_protected(llama, tmp_pat
         merge(base, str(a), tmp_path / "out", device="cpu")
     merge(base, str(a), tmp_path / "out", device="cpu", overwrite=True)
     assert (tmp_path / "out" / "config.json").exists()
-    with pytest.raises(UsageError, match="overlaps the input"):
+    with pytest.raises(UsageError, match="the output is the input"):
         merge(base, str(a), base, device="cpu", overwrite=True)
 
 
