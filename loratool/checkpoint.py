@@ -14,12 +14,12 @@ Only headers are read up front (names, shapes, dtypes, offsets); tensors are rea
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from loratool.errors import FormatError, InputError
+from loratool.boundary import InputRoot, read_json
+from loratool.errors import FormatError, InputError, UnsafePathError
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorRef, refuse_pickle
 
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
@@ -28,26 +28,31 @@ PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", 
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
-def _model_files(d: Path) -> tuple[list[Path], Path | None]:
-    """The safetensors files of one model directory, and its index file if sharded."""
+def _weight_map(idx: Path) -> dict[str, str]:
+    """An index's weight_map, with its types checked: tensor name -> shard file name."""
+    index = _read_json(idx)
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise FormatError(f"{idx}: no weight_map; not a safetensors index")
+    bad = next((v for v in wm.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise FormatError(f"{idx}: weight_map maps a tensor to {bad!r}; expected a shard file name")
+    return wm
+
+
+def _model_files(d: Path, root: InputRoot) -> tuple[list[Path], Path | None]:
+    """The safetensors files of one model directory, and its index file if sharded; every file
+    inside the input's ``root``."""
     for name in INDEX_NAMES:
         idx = d / name
-        if idx.exists():
-            index = _read_json(idx)
-            wm = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(wm, dict) or not wm:
-                raise FormatError(f"{idx}: no weight_map; not a safetensors index")
+        if os.path.lexists(idx):
+            root.inside(idx)
             files: list[Path] = []
-            for fname in wm.values():
-                p = d / fname
+            for fname in _weight_map(idx).values():
+                p = root.entry(fname, idx, folder=d)
                 if p not in files:
                     files.append(p)
             missing = [p.name for p in files if not p.exists()]
@@ -55,9 +60,9 @@ def _model_files(d: Path) -> tuple[list[Path], Path | None]:
                 raise InputError(f"{idx}: lists shard {missing[0]} which is missing from {d}")
             return files, idx
     for name in SINGLE_NAMES:
-        if (d / name).exists():
-            return [d / name], None
-    files = sorted(d.glob("*.safetensors"))
+        if os.path.lexists(d / name):
+            return [root.inside(d / name)], None
+    files = sorted(root.inside(p) for p in d.glob("*.safetensors"))
     if files:
         return files, None
     pickles = sorted(p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -78,6 +83,7 @@ class BaseCheckpoint:
         self.components: tuple[str, ...] = ()
         self._tensors: dict[str, TensorRef] = {}
         self.files: list[Path] = []
+        self.root = InputRoot(self.path)
         if self.path.is_file():
             if self.path.suffix in PICKLE_SUFFIXES:
                 raise refuse_pickle(self.path)
@@ -85,8 +91,11 @@ class BaseCheckpoint:
         elif (self.path / "model_index.json").exists():
             comps = [c for c in PIPELINE_COMPONENTS if (self.path / c).is_dir()]
             for c in comps:
+                self.root.inside(self.path / c)  # a component folder linked from elsewhere is refused
                 try:
-                    files, idx = _model_files(self.path / c)
+                    files, idx = _model_files(self.path / c, self.root)
+                except (FormatError, UnsafePathError):
+                    raise
                 except InputError:
                     continue  # e.g. a tokenizer-only folder
                 if idx:
@@ -94,18 +103,18 @@ class BaseCheckpoint:
                 self._add_files(c + ".", files)
             self.components = tuple(c for c in comps if any(k.startswith(c + ".") for k in self._tensors))
         else:
-            files, idx = _model_files(self.path)
+            files, idx = _model_files(self.path, self.root)
             if idx:
                 self.index_files.append(idx)
-                wm = _read_json(idx)["weight_map"]
+                wm = _weight_map(idx)
             self._add_files("", files)
             if idx:
                 for name, fname in wm.items():
                     if name not in self._tensors:
                         raise FormatError(f"{idx}: lists tensor {name!r} in {fname} but that shard does not hold it")
             cfg = self.path / "config.json"
-            if cfg.exists():
-                data = _read_json(cfg)
+            if os.path.lexists(cfg):
+                data = _read_json(self.root.inside(cfg))
                 self.config = data if isinstance(data, dict) else {}
 
     def _add_files(self, prefix: str, files: list[Path]) -> None:
@@ -117,6 +126,32 @@ class BaseCheckpoint:
                 if full in self._tensors:
                     raise FormatError(f"{f}: tensor {name!r} also appears in {self._tensors[full].file.path}")
                 self._tensors[full] = st.ref(name)
+
+    def other_files(self) -> list[tuple[Path, str]]:
+        """The model directory's files besides its weights and indexes (config, tokenizer,
+        generation config...), as (source, path relative to the directory), sorted; hidden
+        entries are left out. A link is followed only when its target stays inside the
+        directory (``InputRoot``); anything else that is not a regular file is refused."""
+        if self.path.is_file():
+            return []
+        weights = set(self.files) | set(self.index_files)
+        found: list[tuple[Path, str]] = []
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            d = Path(dirpath)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            for n in list(dirnames):
+                if (d / n).is_symlink():  # os.walk does not descend into it: check where it leads
+                    self.root.inside(d / n)
+            for n in sorted(filenames):
+                src = d / n
+                if n.startswith(".") or src in weights:
+                    continue
+                self.root.inside(src)
+                if not src.is_file():
+                    raise UnsafePathError(f"{src}: not a regular file; a model directory's files are copied along "
+                                          "into the output, so it must hold only regular files")
+                found.append((src, src.relative_to(self.path).as_posix()))
+        return found
 
     # -- access -------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:

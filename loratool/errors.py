@@ -43,6 +43,11 @@ class FormatError(InputError):
     """The file is readable but its content does not follow the format it claims."""
 
 
+class UnsafePathError(InputError):
+    """A file an input names lies outside the input's folder (``..``, an absolute path, a link
+    that leaves it), or is not a regular file: refused, never followed."""
+
+
 class UnsafeFormatError(InputError):
     """A pickle-based checkpoint: refused, never unpickled."""
 

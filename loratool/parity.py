@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from pydantic import BaseModel
 
+from loratool.boundary import open_regular
 from loratool.errors import UsageError
 from loratool.merge import (
     CONVERTIBLE,
@@ -123,7 +124,7 @@ class _Rows:
         path = ref.file.path
         fd = self.fds.get(path)
         if fd is None:
-            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            fd = self.fds[path] = open_regular(path)
         out = bytearray()
         while len(out) < n:
             data = os.pread(fd, n - len(out), ref.info.start + start + len(out))

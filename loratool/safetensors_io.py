@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
+from loratool import boundary
+from loratool.boundary import fsync_dir  # noqa: F401  (re-exported)
 from loratool.errors import FormatError, InputError, OutputError, UnsafeFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,10 +72,19 @@ def sniff_pickle(path: Path) -> str | None:
     try:
         if not Path(path).is_file():
             return None
-        with open(path, "rb") as f:
-            head = f.read(9)
+        fd = boundary.open_regular(path)
+    except (OSError, InputError):
+        return None
+    try:
+        head = os.pread(fd, 9, 0)
     except OSError:
         return None
+    finally:
+        os.close(fd)
+    return _pickle_reason(head)
+
+
+def _pickle_reason(head: bytes) -> str | None:
     # A safetensors file starts with its header length (u64, little-endian) and then "{": a
     # header of 640, 896, 1152 or 1408 bytes begins with the same two bytes as a pickle.
     if len(head) == 9 and head[8:9] == b"{":
@@ -135,19 +143,19 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             raise InputError(f"{self.path}: no such file")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, expected a .safetensors file")
-        if not self.path.is_file():  # a FIFO, a device: reading it could block or never end
-            raise InputError(f"{self.path}: not a regular file")
-        reason = sniff_pickle(self.path)
-        if reason:
-            raise refuse_pickle(self.path, reason)
+        fd = boundary.open_regular(self.path)  # a FIFO or a device is refused without reading it
         try:
-            self.size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                self.size = os.fstat(fd).st_size
                 raw_len = f.read(8)
+                reason = _pickle_reason(raw_len + f.read(1))
+                if reason:
+                    raise refuse_pickle(self.path, reason)
+                f.seek(8)
                 if len(raw_len) < 8:
                     raise FormatError(
                         f"{self.path}: truncated or not safetensors: {self.size} bytes, "
@@ -167,14 +175,20 @@ class SafetensorsFile:
                 raw = f.read(hlen)
         except OSError as e:
             raise InputError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                                parse_int=boundary._bounded_int)
+            boundary._check_tree(header)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{self.path}: corrupt safetensors header: not valid JSON ({e})") from None
         except _DuplicateKey as e:
             raise FormatError(f"{self.path}: corrupt safetensors header: key {e.args[0]!r} appears twice") from None
         except RecursionError:
             raise FormatError(f"{self.path}: corrupt safetensors header: nested too deeply") from None
+        except ValueError as e:  # an integer too long, a lone surrogate
+            raise FormatError(f"{self.path}: corrupt safetensors header: {e}") from None
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: corrupt safetensors header: expected a JSON object")
         self.header_size = hlen
@@ -208,14 +222,15 @@ class SafetensorsFile:
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise FormatError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        # type(d) is int: a JSON true is not a dimension
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise FormatError(f"{where}: corrupt shape {shape!r}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or not all(type(o) is int and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
             raise FormatError(f"{where}: corrupt data_offsets {offsets!r}")
@@ -252,9 +267,11 @@ class SafetensorsFile:
     def read_bytes(self, name: str) -> bytes:
         info = self.tensors[name]
         try:
-            with open(self.path, "rb") as f:
-                f.seek(info.start)
-                data = f.read(info.nbytes)
+            fd = boundary.open_regular(self.path)
+            try:
+                data = _pread_all(fd, info.nbytes, info.start)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise InputError(f"{self.path}: cannot read tensor {name!r}: {e.strerror or e}") from None
         if len(data) != info.nbytes:
@@ -269,6 +286,17 @@ class SafetensorsFile:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -370,130 +398,37 @@ def write_safetensors(
 
 # -- atomic outputs -----------------------------------------------------------------------------
 
-class _Interrupted(BaseException):
-    pass
+def read_back(out: Path, suffix: str | None = None) -> None:
+    """The output check before publishing: every ``.safetensors`` file under ``out`` (a file or a
+    folder; a file is taken as of type ``suffix``) parses with the full header checks of
+    ``SafetensorsFile`` and every ``.json`` file parses, so that a file loratool could not read
+    back is never renamed into place."""
+    files = [(out, suffix)] if out.is_file() else [(p, p.suffix) for p in sorted(boundary.regular_files(out))]
+    for p, kind in files:
+        try:
+            if kind == ".safetensors":
+                SafetensorsFile(p)
+            elif kind == ".json":
+                boundary.read_json(p)
+        except InputError as e:
+            raise OutputError(f"the output failed its read-back check, nothing was published: {e}") from None
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into an exception so cleanup runs (only in the main thread)."""
-
-    def handler(signum, frame):  # pragma: no cover - exercised by subprocess tests
-        raise _Interrupted()
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that a rename in it is durable (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path: Path, directory: bool) -> None:
-    """mkstemp/mkdtemp create 0600/0700 entries; an output gets the usual mode under the umask."""
-    try:
-        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-    except OSError:
-        pass
-
-
-def _check_destination(dest: Path, overwrite: bool) -> None:
-    if dest.exists() and not overwrite:
-        raise OutputError(f"{dest}: already exists; choose another output or pass --overwrite")
-    if not dest.parent.exists():
-        raise OutputError(f"{dest.parent}: output folder does not exist")
+def atomic_path(dest: str | os.PathLike, overwrite: bool = False, inputs: Iterable = (),
+                verify: bool = True, sidecar: bool = False) -> Iterator[Path]:
+    """A temporary safetensors file beside ``dest``, read back and renamed onto it on success only
+    (``boundary.atomic_path``; ``inputs`` are protected even with ``overwrite``)."""
+    suffix = Path(dest).suffix
+    check = (lambda tmp: read_back(tmp, suffix)) if verify else None
+    with boundary.atomic_path(dest, overwrite, inputs, check, sidecar=sidecar) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success only."""
-    dest = Path(dest)
-    _check_destination(dest, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        with _sigterm_raises():
-            yield tmp_path
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
-            _publish_mode(tmp_path, directory=False)
-            os.replace(tmp_path, dest)
-            fsync_dir(dest.parent)
-    except _Interrupted:
-        tmp_path.unlink(missing_ok=True)
-        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
-    except OSError as e:
-        tmp_path.unlink(missing_ok=True)
-        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dest``; it becomes ``dest`` on success only.
-
-    On any failure (exception, Ctrl-C, SIGTERM) the temporary directory is removed. A kill -9
-    leaves only a hidden ``.NAME.*.tmp`` directory beside ``dest``, never a partial ``dest``.
-    """
-    dest = Path(dest)
-    _check_destination(dest, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        with _sigterm_raises():
-            yield tmp
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    with open(p, "rb") as f:
-                        os.fsync(f.fileno())
-            fsync_dir(tmp)
-            _publish_mode(tmp, directory=True)
-            if dest.exists():
-                # a directory cannot be renamed over a non-empty one: move the old output aside,
-                # put the new one in place, and put the old one back if that fails
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-                os.replace(dest, old / "x")
-                try:
-                    os.replace(tmp, dest)
-                except BaseException:
-                    os.replace(old / "x", dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
-            fsync_dir(dest.parent)
-    except _Interrupted:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, inputs: Iterable = (),
+               verify: bool = True) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` that becomes ``dest`` once its safetensors and JSON files
+    read back (``boundary.atomic_dir``)."""
+    with boundary.atomic_dir(dest, overwrite, inputs, read_back if verify else None) as tmp:
+        yield tmp

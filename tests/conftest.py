@@ -20,6 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for `import fixtures`
 
 
+@pytest.fixture(autouse=True)
+def _fresh_inputs():
+    """Each test starts with no recorded inputs (``loratool.boundary.note_input`` protects what a
+    process has read from its outputs; one pytest process runs many unrelated commands)."""
+    from loratool.boundary import fresh_inputs
+
+    with fresh_inputs():
+        yield
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
     env = os.environ.get("LORATOOL_FIXTURES")

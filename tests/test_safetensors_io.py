@@ -84,7 +84,7 @@ def test_pickle_refused_without_loading(tmp_path):
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    dest = tmp_path / "out.safetensors"
+    dest = tmp_path / "out.txt"
     with pytest.raises(RuntimeError):
         with atomic_path(dest) as tmp:
             tmp.write_bytes(b"partial")
@@ -110,7 +110,26 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with atomic_dir(dest) as tmp:
         (tmp / "a").write_text("x")
     assert (dest / "a").read_text() == "x"
+    # --overwrite replaces only what would be written: a file the new output lacks is kept (refused)
+    with pytest.raises(OutputError, match="holds a, which this output does not write"):
+        with atomic_dir(dest, overwrite=True) as tmp:
+            (tmp / "b").write_text("y")
+    assert sorted(p.name for p in dest.iterdir()) == ["a"] and (dest / "a").read_text() == "x"
     with atomic_dir(dest, overwrite=True) as tmp:
+        (tmp / "a").write_text("z")
         (tmp / "b").write_text("y")
-    assert sorted(p.name for p in dest.iterdir()) == ["b"]
+    assert sorted(p.name for p in dest.iterdir()) == ["a", "b"] and (dest / "a").read_text() == "z"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
+
+
+def test_unreadable_safetensors_output_is_never_published(tmp_path):
+    dest = tmp_path / "out.safetensors"
+    with pytest.raises(OutputError, match="read-back check"):
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"partial")
+    assert list(tmp_path.iterdir()) == []
+    d = tmp_path / "outdir"
+    with pytest.raises(OutputError, match="read-back check"):
+        with atomic_dir(d) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
+    assert list(tmp_path.iterdir()) == []

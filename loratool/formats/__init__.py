@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from loratool.adapter import Adapter
+from loratool.boundary import note_input
 from loratool.errors import FormatError, InputError, UsageError
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_pickle
 
@@ -111,6 +112,7 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, tolerant: b
     all of them.
     """
     path = resolve_adapter(path)
+    note_input(path)  # no output of this process may overwrite it (loratool.boundary)
     fmt = format or detect_format(path)
     adapter = _module(fmt).read(path)
     if adapter.problems and not tolerant:

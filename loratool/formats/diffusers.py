@@ -37,6 +37,7 @@ from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem
 from loratool.errors import FormatError, InputError, OutputError, UsageError
 from loratool.formats import kohya, sdnames
 from loratool.formats.peft import build_pattern, check_config_fields, config_rank_alpha
+from loratool.boundary import parse_json
 from loratool.safetensors_io import SafetensorsFile, atomic_dir, atomic_path, write_safetensors
 
 NAME = "diffusers"
@@ -111,12 +112,7 @@ def parse_metadata(md: dict[str, str], where: Path) -> dict[str, dict[str, Any]]
     raw = md.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise FormatError(f"{where}: metadata {METADATA_KEY!r} is nested too deeply") from None
+    flat = parse_json(raw, f"{where}: metadata {METADATA_KEY!r}", "a LoraConfig")
     if not isinstance(flat, dict):
         raise FormatError(f"{where}: metadata {METADATA_KEY!r} must be a JSON object, found {type(flat).__name__}")
     out: dict[str, dict[str, Any]] = {}

@@ -37,6 +37,7 @@ from typing import Any
 from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, factor_problem
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
+from loratool.boundary import parse_json
 from loratool.safetensors_io import FLOAT_DTYPES, SafetensorsFile, TensorRef, atomic_path, torch_dtype, write_safetensors
 
 NAME = "kohya"
@@ -222,9 +223,9 @@ def layout_of(adapter: Adapter) -> dict[str, Any]:
     raw = adapter.metadata.get(LAYOUT_KEY)
     if raw:
         try:
-            layout = json.loads(raw)
-        except json.JSONDecodeError:
-            return {}
+            layout = parse_json(raw, f"metadata {LAYOUT_KEY!r}")
+        except InputError:
+            return {}  # a layout note we cannot read: the plain kohya layout
         return layout if isinstance(layout, dict) else {}
     return {}
 

@@ -111,7 +111,7 @@ def test_problems(tmp_path, case, needle):
 def test_corrupt_metadata_is_one_clear_error(tmp_path):
     t = {"unet.conv_in.lora_A.weight": torch.randn(2, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.randn(8, 2, 1, 1)}
     path = _save(tmp_path, t, {diffusers.METADATA_KEY: "{not json"})
-    with pytest.raises(FormatError, match="lora_adapter_metadata' is not valid JSON"):
+    with pytest.raises(FormatError, match="lora_adapter_metadata': not valid JSON"):
         load_adapter(path)
 
 
