@@ -5,8 +5,11 @@
   ``BaseFingerprint`` (see ``loratool.schemas.manifest`` for the exact definitions).
 * Local files are hashed at disk speed: large ``readinto`` reads into one buffer per thread, one
   thread per file (hashlib releases the GIL while it hashes, so threads run in parallel). Results
-  are cached under ``$LORATOOL_HOME/hashes`` keyed by (real path, device, inode, size, mtime in
-  ns), so a second run does not read the weights again.
+  are cached under ``$LORATOOL_HOME/hashes`` keyed by (real path, device, inode, size, mtime and
+  ctime in ns), so a second run does not read the weights again. The ctime is what makes the key
+  trustworthy: anyone can set a file's mtime back (``touch -d``, ``os.utime``) after changing its
+  bytes in place, but every change (of the bytes, or of the mtime itself) sets the ctime to now,
+  and nothing short of changing the clock sets it back (issue 11).
 * The structure fingerprint needs only the safetensors headers. From the Hub it comes from
   ``HfApi.get_safetensors_metadata`` (HTTP range reads of the headers); the per-file sha256 comes
   from ``model_info(files_metadata=True)`` (the LFS oid). Nothing is downloaded.
@@ -25,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from loratool.boundary import default_home, open_regular, read_json
 from loratool.errors import InputError
 from loratool.schemas.manifest import BaseFingerprint, FileDigest
 
@@ -43,18 +47,13 @@ IGNORED_CONFIG_KEYS = frozenset({"peft_version"})
 
 # -- hashing ------------------------------------------------------------------------------------
 
-def default_home(environ: dict[str, str] | None = None) -> Path:
-    """``$LORATOOL_HOME``, else ``$XDG_CACHE_HOME/loratool``, else ``~/.cache/loratool``."""
-    env = os.environ if environ is None else environ
-    if env.get("LORATOOL_HOME"):
-        return Path(env["LORATOOL_HOME"]).expanduser()
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]).expanduser() / "loratool"
-    return Path("~/.cache/loratool").expanduser()
+# ``default_home`` (imported above from loratool.boundary, the one place that decides which folder
+# the registry home is and protects it from outputs) stays importable from here.
 
 
 class HashCache:
-    """sha256 of files, cached on disk by file identity (path, device, inode, size, mtime_ns).
+    """sha256 of files, cached on disk by file identity (path, device, inode, size, mtime_ns,
+    ctime_ns: see the module docstring for why the ctime).
 
     One small JSON file per entry, written atomically, so concurrent runs never corrupt it. A
     cache that cannot be written (read-only home) only costs speed. ``hits``, ``misses`` and
@@ -74,7 +73,7 @@ class HashCache:
     @staticmethod
     def _identity(path: Path, st: os.stat_result) -> dict[str, Any]:
         return {"path": str(path.resolve()), "dev": st.st_dev, "inode": st.st_ino,
-                "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
     def _entry(self, ident: dict[str, Any]) -> Path:
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -82,9 +81,12 @@ class HashCache:
 
     def get(self, path: Path, st: os.stat_result) -> str | None:
         ident = self._identity(path, st)
-        try:
-            data = json.loads(self._entry(ident).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        entry = self._entry(ident)
+        if not entry.is_file():
+            return None
+        try:  # bounded like any JSON read: a damaged entry is a miss, never an error
+            data = read_json(entry, what="hash cache entry", limit=64 * 1024)
+        except InputError:
             return None
         if not isinstance(data, dict) or data.get("identity") != ident:
             return None
@@ -109,14 +111,17 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
     h = hashlib.sha256()
     buf = bytearray(chunk_bytes)
     view = memoryview(buf)
+    fd = open_regular(path)  # a FIFO or a device is refused, never read
     try:
-        with open(path, "rb", buffering=0) as f:
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while n := f.readinto(buf):
                 h.update(view[:n])
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -165,7 +170,8 @@ def hash_files(
 
 
 def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
+    return ((a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns)
+            == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns))
 
 
 # -- canonical digests ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Union
 from pydantic import ValidationError
 
 from loratool import __version__
+from loratool.boundary import default_home, parse_json, read_bytes
 from loratool.errors import BaseMismatchError, FormatError, InputError
 from loratool.fingerprint import (
     HashCache,
@@ -42,6 +43,7 @@ from loratool.fingerprint import (
     hash_files,
     parse_hub_ref,
 )
+from loratool.registry.refs import is_reference
 from loratool.schemas.manifest import (
     SCHEMA_VERSION,
     AdapterRecord,
@@ -97,11 +99,14 @@ def _weight_files(adapter_path: Path) -> list[Path]:
     return [p for p in own if p.is_file()] + sorted(adapter_path.glob("*/adapter_model.safetensors"))
 
 
-def _parse(text: str, source: str) -> Manifest:
+def parse_manifest(text: str | bytes, source: str) -> Manifest:
+    """A manifest from its JSON (a file's bytes, or the text embedded in safetensors metadata),
+    parsed within ``loratool.boundary``'s bounds; ``source`` names it in the one-line error."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{source}: not a loratool manifest: invalid JSON ({e})") from None
+        data = parse_json(text, source, what="loratool manifest")
+    except InputError as e:
+        detail = e.message[len(f"{source}: "):] if e.message.startswith(f"{source}: ") else e.message
+        raise FormatError(f"{source}: not a loratool manifest: invalid JSON ({detail})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise FormatError(f"{source}: manifest schema version {version} is newer than this loratool "
@@ -117,6 +122,12 @@ def _parse(text: str, source: str) -> Manifest:
     return manifest
 
 
+def read_manifest_file(path: PathLike) -> Manifest:
+    """``loratool.json`` (or ``<file>.loratool.json``): a regular file, read through the boundary
+    (a FIFO or a device put there is refused without blocking)."""
+    return parse_manifest(read_bytes(path), str(path))
+
+
 def load_manifest(adapter: "PathLike | Adapter") -> Manifest | None:
     """The adapter's manifest: ``loratool.json`` beside it, else the one embedded in its weights'
     metadata; None when there is none."""
@@ -124,31 +135,29 @@ def load_manifest(adapter: "PathLike | Adapter") -> Manifest | None:
 
     if isinstance(adapter, Adapter):
         embedded = adapter.metadata.get(METADATA_KEY)
-        if adapter.path is None or (embedded and not manifest_path(adapter.path).is_file()):
-            return _parse(embedded, f"{adapter.path or 'adapter'} (metadata {METADATA_KEY})") if embedded else None
+        if adapter.path is None or (embedded and not os.path.lexists(manifest_path(adapter.path))):
+            return parse_manifest(embedded, f"{adapter.path or 'adapter'} (metadata {METADATA_KEY})") if embedded else None
         adapter = adapter.path
     path = Path(adapter)
     sidecar = manifest_path(path)
-    if sidecar.is_file():
-        try:
-            return _parse(sidecar.read_text(encoding="utf-8"), str(sidecar))
-        except OSError as e:
-            raise InputError(f"{sidecar}: cannot read: {e.strerror or e}") from None
+    if os.path.lexists(sidecar):
+        return read_manifest_file(sidecar)
     from loratool.safetensors_io import SafetensorsFile
 
     for f in _weight_files(path):
         meta = SafetensorsFile(f).metadata
         if METADATA_KEY in meta:
-            return _parse(meta[METADATA_KEY], f"{f} (metadata {METADATA_KEY})")
+            return parse_manifest(meta[METADATA_KEY], f"{f} (metadata {METADATA_KEY})")
     return None
 
 
-def write_manifest(manifest: Manifest, adapter_path: PathLike) -> Path:
-    """Write the manifest beside the adapter, atomically (replacing an older one)."""
+def write_manifest(manifest: Manifest, adapter_path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
+    """Write the manifest beside the adapter, atomically (replacing an older one). The adapter and
+    ``inputs`` are protected: the manifest is the one file written beside them (``sidecar``)."""
     from loratool.safetensors_io import atomic_path
 
     dest = manifest_path(adapter_path)
-    with atomic_path(dest, overwrite=True) as tmp:
+    with atomic_path(dest, overwrite=True, inputs=[adapter_path, *inputs], sidecar=True) as tmp:
         tmp.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return dest
 
@@ -178,10 +187,27 @@ def _as_adapter(adapter: "PathLike | Adapter") -> "Adapter":
     return adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
 
 
+def declared_base(adapter: "Adapter") -> tuple[str | None, str | None]:
+    """The base the adapter's own config names: (``base_model_name_or_path``, ``revision``).
+
+    A config is a stranger's JSON: a list, number or object there is refused with one line here,
+    before it can reach the manifest schema or the registry index (which expect text)."""
+    out: list[str | None] = []
+    for field, value in (("base_model_name_or_path", adapter.base_model), ("revision", adapter.base_revision)):
+        if value is not None and not isinstance(value, str):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise FormatError(f"{adapter.path or 'adapter'}: its config's {field} is {type(value).__name__} "
+                              f"{shown}, not a string; fix the config (or remove the field)")
+        out.append(value)
+    return out[0], out[1]
+
+
 def adapter_record(adapter: "PathLike | Adapter", files: bool = True, cache: HashCache | None = None) -> AdapterRecord:
     """What the manifest says about the adapter itself. ``files=False`` skips file digests (for a
     manifest that will be embedded in the file it describes)."""
     adapter = _as_adapter(adapter)
+    base_model, base_revision = declared_base(adapter)
     digests: list[FileDigest] = []
     root = _adapter_root(adapter)
     if files and root is not None and adapter.files:
@@ -205,8 +231,8 @@ def adapter_record(adapter: "PathLike | Adapter", files: bool = True, cache: Has
         use_dora=adapter.use_dora,
         use_rslora=adapter.use_rslora,
         components=list(adapter.components),
-        base_model=adapter.base_model,
-        base_revision=adapter.base_revision,
+        base_model=base_model,
+        base_revision=base_revision,
     )
 
 
@@ -285,13 +311,21 @@ def record_manifest(
     api: Any = None,
 ) -> tuple[Manifest, Path]:
     """``loratool manifest``: fingerprint the base (if given), keep the lineage of an existing
-    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter."""
+    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter.
+
+    Only an adapter at a local path gets one: a registry adapter's files are its content (their
+    digest is its name), and a Hub snapshot belongs to the Hugging Face cache."""
+    if not os.path.lexists(adapter_path) and is_reference(os.fspath(adapter_path)):
+        raise InputError(f"{adapter_path}: no such file or directory; `loratool manifest` writes beside a local "
+                         "adapter only, never into the registry (an adapter's files there are its content) or the "
+                         f"Hub cache: for a reference, `loratool registry export {adapter_path} -o DIR`, write the "
+                         "manifest in DIR, then add DIR again")
     adapter = _as_adapter(adapter_path)
     existing = load_manifest(adapter_path)
     base_fp = _fingerprint(base, cache, True, refresh, api) if base is not None else (existing.base if existing else None)
     lineage = existing.lineage if existing else [lineage_entry("created", inputs=[base_fp] if base_fp else [])]
     manifest = build_manifest(adapter, base_fp=base_fp, lineage=lineage, cache=cache)
-    return manifest, write_manifest(manifest, adapter_path)
+    return manifest, write_manifest(manifest, adapter_path, inputs=[adapter.path] if adapter.path else [])
 
 
 # -- enforcement ------------------------------------------------------------------------------------
@@ -352,6 +386,17 @@ def _same_name(a: str, b: str) -> bool:
         return s.rstrip("/").rsplit("/", 1)[-1].lower()
 
     return last(a) == last(b)
+
+
+def _record_hint(adapter_path: Path | None) -> str:
+    """How to give the adapter a manifest: `loratool manifest` beside a local adapter; for one
+    materialized from the registry (whose files are its content), at its source, then add it."""
+    if adapter_path is not None:
+        real, home = Path(os.path.realpath(adapter_path)), Path(os.path.realpath(default_home()))
+        if home in real.parents:
+            return ("it comes from the registry: record one beside its source with `loratool manifest SOURCE "
+                    "--base BASE` and `loratool registry add SOURCE` again")
+    return f"record one with `loratool manifest {adapter_path or 'ADAPTER'} --base BASE`"
 
 
 def check_base(
@@ -420,11 +465,11 @@ def check_base(
         if require_manifest:
             raise BaseMismatchError(
                 f"{label} {why}, so its base cannot be verified and --require-manifest is set; "
-                f"record one with `loratool manifest {adapter_path or 'ADAPTER'} --base BASE`"
+                f"{_record_hint(adapter_path)}"
             )
         result = BaseCheckResult(status="unverified", warnings=[
             f"{label} {why}; the base is not verified by fingerprint "
-            f"(record one with `loratool manifest {adapter_path or 'ADAPTER'} --base BASE`)"])
+            f"({_record_hint(adapter_path)})"])
         if ckpt is not None or isinstance(base, BaseFingerprint):
             result.base = _fingerprint(ckpt or base, cache, content=False)  # headers only
         found_name = base.name if isinstance(base, BaseFingerprint) else (
@@ -432,7 +477,9 @@ def check_base(
         declared = manifest.adapter.base_model if manifest else None
         a = load_adapter_lazily()
         declared = declared or (a.base_model if a else None)
-        if declared and found_name and not _same_name(declared, str(found_name)):
+        # names from configs are a stranger's JSON: compared only when both are text
+        if isinstance(declared, str) and isinstance(found_name, str) and declared and found_name \
+                and not _same_name(declared, found_name):
             result.warnings.append(f"{label} names its base {declared!r}, but {base_label} is {found_name!r}")
         if a is not None and ckpt is not None:
             result.structure = "match"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tinybase import COMMIT, FakeHubApi, base_tensors, save_base
 
+from loratool import boundary
 from loratool.errors import InputError
 from loratool.fingerprint import (
     HashCache,
@@ -96,10 +97,46 @@ def test_cache_entry_for_another_file_is_not_used(tmp_path):
     assert cache.misses == 1
 
 
+def test_cache_is_invalidated_by_ctime(tmp_path):
+    """Bytes changed in place with size and mtime set back (os.utime) are hashed again: every
+    change sets the ctime, which no user can set back (issue 11)."""
+    f = tmp_path / "blob"
+    f.write_bytes(b"a" * 1000)
+    h1 = hash_files([f], cache=HashCache(tmp_path / "home"))[f]
+    st = f.stat()
+    with open(f, "r+b") as w:
+        w.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = f.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    cache = HashCache(tmp_path / "home")
+    assert hash_files([f], cache=cache)[f] == hashlib_sha256(f) != h1
+    assert (cache.hits, cache.misses) == (0, 1)
+
+
+@pytest.mark.parametrize("entry", ["[" * 5000 + "]" * 5000, "{\"identity\": 1" + "0" * 5000 + "}", "\xff\xfe", ""])
+def test_damaged_cache_entry_is_a_miss(tmp_path, entry):
+    f = tmp_path / "blob"
+    f.write_bytes(b"x" * 10)
+    hash_files([f], cache=HashCache(tmp_path / "home"))
+    (path,) = (tmp_path / "home" / "hashes").rglob("*.json")
+    path.write_bytes(entry.encode("latin-1"))
+    cache = HashCache(tmp_path / "home")
+    assert hash_files([f], cache=cache)[f] == hashlib_sha256(f) and cache.misses == 1
+
+
+def test_fifo_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # no writer: an ordinary open would block forever
+    with pytest.raises(InputError, match="FIFO"):
+        sha256_file(fifo)
+
+
 def test_default_home():
     assert default_home({"LORATOOL_HOME": "/x/lt", "XDG_CACHE_HOME": "/y"}) == Path("/x/lt")
     assert default_home({"XDG_CACHE_HOME": "/y"}) == Path("/y/loratool")
     assert default_home({}) == Path("~/.cache/loratool").expanduser()
+    assert default_home is boundary.default_home  # one definition, still importable from here
 
 
 # -- structure and content ----------------------------------------------------------------------------

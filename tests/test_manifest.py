@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from tinybase import FakeHubApi, base_tensors, save_adapter, save_base
 
-from loratool.errors import EXIT_BASE_MISMATCH, BaseMismatchError, FormatError
+from loratool.errors import EXIT_BASE_MISMATCH, BaseMismatchError, FormatError, InputError
 from loratool.fingerprint import HashCache, config_digest, fingerprint_base
 from loratool.formats import load_adapter
 from loratool.formats import peft as peft_format
@@ -123,6 +123,9 @@ def test_no_manifest_is_none(tmp_path):
     ("{not json", "invalid JSON"),
     ('{"kind": "loratool.manifest", "schema_version": 1}', "adapter: Field required"),
     ('{"kind": "loratool.manifest", "schema_version": 99, "adapter": {}}', "schema version 99 is newer"),
+    ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested"),  # bounded like every JSON read
+    ('{"schema_version": 1' + "0" * 5000 + "}", "digits"),
+    ('{"adapter": "\\ud800"}', "surrogate"),
 ])
 def test_bad_manifest_is_a_format_error(tmp_path, text, match):
     d = save_adapter(tmp_path / "a")
@@ -130,6 +133,39 @@ def test_bad_manifest_is_a_format_error(tmp_path, text, match):
     with pytest.raises(FormatError, match=match) as e:
         load_manifest(d)
     assert str(d / "loratool.json") in str(e.value)
+
+
+def test_sidecar_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO named loratool.json is refused at once (never opened for a blocking read), and is
+    not mistaken for "no manifest" either, which would skip the base check."""
+    d = save_adapter(tmp_path / "a")
+    os.mkfifo(d / "loratool.json")
+    with pytest.raises(InputError, match="FIFO"):
+        load_manifest(d)
+
+
+@pytest.mark.parametrize("field,value", [("base_model_name_or_path", ["a"]), ("base_model_name_or_path", 3),
+                                         ("revision", {"sha": "x"})])
+def test_odd_base_names_in_the_config_are_one_line(tmp_path, field, value):
+    d = save_adapter(tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg[field] = value
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=field):  # the PEFT reader refuses it, or the manifest does
+        record_manifest(d)
+    assert not (d / "loratool.json").exists()
+    # whatever a reader lets through, the manifest never hands a non-string to its schema
+    adapter = load_adapter(save_adapter(tmp_path / "clean"))
+    setattr(adapter, "base_model" if field == "base_model_name_or_path" else "base_revision", value)
+    with pytest.raises(FormatError, match=f"{field} is {type(value).__name__}"):
+        build_manifest(adapter)
+
+
+def test_manifest_of_a_reference_is_refused(tmp_path):
+    with pytest.raises(InputError, match="writes beside a local adapter only"):
+        record_manifest("some-registry-name@2")
+    with pytest.raises(InputError, match="writes beside a local adapter only"):
+        record_manifest("hf://owner/repo")
 
 
 def test_manifest_identical_across_hash_seeds(tmp_path):

@@ -19,8 +19,9 @@ def fingerprint_cmd(base, as_json, no_cache):
     names, shapes and dtypes (headers only), and a content fingerprint over the file hashes.
 
     Hashes are cached under $LORATOOL_HOME (default $XDG_CACHE_HOME/loratool or
-    ~/.cache/loratool), keyed by path, size, inode and mtime. A Hub base is fingerprinted from the
-    Hub's file metadata without downloading weights.
+    ~/.cache/loratool), keyed by path, size, inode, mtime and ctime (so bytes changed in place are
+    hashed again even when the mtime is set back). A Hub base is fingerprinted from the Hub's file
+    metadata without downloading weights.
     """
     import time
 

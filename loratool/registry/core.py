@@ -18,12 +18,17 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import ValidationError
+
+from loratool.boundary import default_home, parse_json
 from loratool.errors import InputError, UsageError
+from loratool.fingerprint import HashCache, hash_files
 from loratool.registry.index import Index
 from loratool.registry.models import (
     AddResult,
@@ -42,7 +47,7 @@ from loratool.registry.models import (
     VerifyReport,
 )
 from loratool.registry.refs import Ref, parse_ref, validate_name, validate_tag
-from loratool.registry.store import READ_ONLY, BlobStore
+from loratool.registry.store import BlobStore
 
 DB_FILE = "registry.db"
 MATERIALIZED = "materialized"
@@ -74,23 +79,28 @@ def _ref(row: sqlite3.Row) -> str:
     return f"{row['name']}@{row['version']}"
 
 
+def protected_home(home: Path) -> list[Path]:
+    """``[home]`` as an input no output may touch, unless it is ``default_home()``, which every
+    output check protects already (and names as the registry home in its message)."""
+    if os.path.realpath(home) == os.path.realpath(default_home()):
+        return []
+    return [home]
+
+
 def _adapter_manifest(sidecar: Path, files: list[Path]):
     """The manifest beside the adapter, else embedded in its own weight files. (Unlike
     ``load_manifest`` on a directory, other ``.safetensors`` files there are never opened: a Hub
     snapshot may also hold a full model.)"""
-    from loratool.manifest import METADATA_KEY, _parse
+    from loratool.manifest import METADATA_KEY, parse_manifest, read_manifest_file
     from loratool.safetensors_io import SafetensorsFile
 
-    if sidecar.is_file():
-        try:
-            return _parse(sidecar.read_text(encoding="utf-8"), str(sidecar))
-        except OSError as e:
-            raise InputError(f"{sidecar}: cannot read: {e.strerror or e}") from None
+    if os.path.lexists(sidecar):
+        return read_manifest_file(sidecar)
     for f in files:
         if f.suffix == ".safetensors":
             meta = SafetensorsFile(f).metadata
             if METADATA_KEY in meta:
-                return _parse(meta[METADATA_KEY], f"{f} (metadata {METADATA_KEY})")
+                return parse_manifest(meta[METADATA_KEY], f"{f} (metadata {METADATA_KEY})")
     return None
 
 
@@ -102,8 +112,7 @@ class Registry:
     """
 
     def __init__(self, home: str | os.PathLike | None = None, create: bool = True):
-        from loratool.fingerprint import default_home
-
+        # the same default_home that every output check protects (loratool.boundary)
         self.home = Path(home) if home is not None else default_home()
         self.store = BlobStore(self.home)
         self.materialized = self.home / MATERIALIZED
@@ -117,7 +126,11 @@ class Registry:
             if not self._create and not db.exists():
                 raise NotInRegistryError(f"there is no registry at {self.home} yet (add adapters with "
                                          "`loratool registry add PATH --name NAME`)")
-            self._index = Index(db)
+            try:
+                self.home.mkdir(parents=True, exist_ok=True)
+                self._index = Index(db)
+            except OSError as e:  # $LORATOOL_HOME is a file, read-only, on a full disk
+                raise self.store.cannot_write(e, "open the registry index") from None
         return self._index
 
     def close(self) -> None:
@@ -136,20 +149,21 @@ class Registry:
             source: Source | None = None) -> AddResult:
         """Store the adapter at ``path`` as the next version of ``name`` (or return the latest
         version when it already holds the same content) and point ``tags`` at it."""
-        from loratool.fingerprint import HashCache, adapter_tensors_digest, config_digest, hash_files
+        from loratool.fingerprint import adapter_tensors_digest, config_digest
         from loratool.formats import load_adapter
-        from loratool.manifest import manifest_path
+        from loratool.manifest import declared_base, manifest_path
 
         validate_name(name)
         tags = list(dict.fromkeys(validate_tag(t) for t in tags))
         adapter = load_adapter(path)
+        base_model, _ = declared_base(adapter)  # text or None: a config's odd value is one line, here
         src = Path(adapter.path or path)
         root = src if src.is_dir() else src.parent
         entry = "." if src.is_dir() else src.name
         files = list(dict.fromkeys(Path(f) for f in adapter.files))
         sidecar = manifest_path(src)
         manifest = _adapter_manifest(sidecar, files)
-        if sidecar.is_file() and sidecar not in files:
+        if os.path.lexists(sidecar) and sidecar not in files:
             files.append(sidecar)
         rel = {f: f.relative_to(root).as_posix() for f in files}
         shas = hash_files(files, cache=HashCache(self.home))
@@ -179,7 +193,7 @@ class Registry:
                 "ranks": json.dumps(sorted({_num(r) for r in adapter.ranks})),
                 "alphas": json.dumps(sorted({_num(a) for a in adapter.alphas})),
                 "targets": json.dumps(adapter.target_names()),
-                "base_model": adapter.base_model,
+                "base_model": base_model,
                 "manifest_path": rel[sidecar] if sidecar in rel else None,
                 "base_name": base.name if base else None,
                 "base_repo": base.repo_id if base else None,
@@ -301,19 +315,24 @@ class Registry:
 
     # -- reading ------------------------------------------------------------------------------
     def tree(self, digest: str) -> Tree:
-        data = self.store.read_bytes(digest, what=f"adapter sha256:{digest[:12]}…")
-        return Tree.model_validate_json(data)
+        what = f"adapter sha256:{digest[:12]}…"
+        data = self.store.read_bytes(digest, what=what)
+        try:
+            return Tree.model_validate(parse_json(data, what, what="adapter tree"))
+        except ValidationError:  # the index names a blob that is not a tree: a damaged index
+            raise InputError(f"{what}: the registry index points at blob {self.store.path(digest)}, which is not "
+                             "an adapter's file list; run `loratool registry verify`") from None
 
     def manifest(self, digest: str):
         """The stored manifest (``loratool.json``) of an adapter, else None."""
-        from loratool.manifest import _parse
+        from loratool.manifest import parse_manifest
 
         row = self.index.one("SELECT manifest_path FROM adapters WHERE digest = ?", (digest,))
         if row is None or row["manifest_path"] is None:
             return None
         blob = self.index.one("SELECT blob FROM files WHERE digest = ? AND path = ?", (digest, row["manifest_path"]))
-        text = self.store.read_bytes(blob["blob"], what=f"manifest of sha256:{digest[:12]}…").decode("utf-8")
-        return _parse(text, f"registry manifest of sha256:{digest[:12]}…")
+        data = self.store.read_bytes(blob["blob"], what=f"manifest of sha256:{digest[:12]}…")
+        return parse_manifest(data, f"registry manifest of sha256:{digest[:12]}…")
 
     def _entries(self, where: str = "", params: tuple = ()) -> list[Entry]:
         rows = self.index.query(
@@ -348,7 +367,7 @@ class Registry:
         entries = self._entries(where, params)
         if fits is None:
             return ListReport(adapters=entries)
-        from loratool.fingerprint import HashCache, fingerprint_base
+        from loratool.fingerprint import fingerprint_base
         from loratool.schemas.manifest import BaseFingerprint
 
         fp = fits if isinstance(fits, BaseFingerprint) else fingerprint_base(
@@ -456,8 +475,6 @@ class Registry:
 
     def verify(self, workers: int | None = None) -> VerifyReport:
         """Re-hash every blob the index references (files and trees)."""
-        from loratool.fingerprint import hash_files
-
         blobs: dict[str, list[str]] = {}
         for r in self.index.query(
                 "SELECT f.blob AS blob, v.name, v.version FROM files f JOIN versions v ON v.digest = f.digest "
@@ -484,56 +501,88 @@ class Registry:
                             temp_files=len(self.store.temp_files()))
 
     # -- getting adapters out -----------------------------------------------------------------
-    def _valid_materialization(self, dest: Path, tree: Tree) -> bool:
+    def _label(self, digest: str) -> str:
+        """The adapter's name@version list, for messages (its short digest when it has none)."""
+        names = ", ".join(_ref(r) for r in self.index.query(
+            "SELECT name, version FROM versions WHERE digest = ? ORDER BY name, version", (digest,))) \
+            if (self.home / DB_FILE).exists() else ""
+        return names or f"adapter sha256:{digest[:12]}…"
+
+    def _valid_materialization(self, dest: Path, tree: Tree, what: str) -> bool:
+        """Whether ``dest`` holds exactly the adapter's files, as copies of their own (one link
+        each, so no blob or other file can be written through them), each of the recorded size
+        and sha256. The blobs behind them are hashed too (with the copies, in parallel; adapters
+        are small), so a blob that rotted is refused even while an older copy of it is intact.
+        Nothing is written: a lookup leaves the registry as it was."""
+        expected = {f.path for f in tree.files}
+        expected |= {parent.as_posix() for f in tree.files for parent in Path(f.path).parents if parent != Path(".")}
         try:
-            return all(os.path.samefile(dest / f.path, self.store.path(f.sha256)) for f in tree.files)
-        except OSError:
+            present = {(Path(d) / n).relative_to(dest).as_posix()
+                       for d, dirs, names in os.walk(dest) for n in dirs + names}
+        except ValueError:
             return False
+        if present != expected:  # missing files, or a file put there (a loratool.json it never had)
+            return False
+        files = []
+        for f in tree.files:
+            try:
+                st = os.lstat(dest / f.path)
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != f.size:
+                return False  # a link (to a blob, as older loratool made them), replaced, truncated
+            files.append(f)
+        blobs = {self.store.path(f.sha256): f for f in files}
+        for p, f in blobs.items():
+            if not p.is_file():
+                raise self.store._missing(f.sha256, f"{what}: {f.path}")
+        copies = {dest / f.path: f for f in files}
+        found = hash_files([*blobs, *copies], cache=None)
+        for p, f in blobs.items():
+            if found[p] != f.sha256:
+                raise self.store._corrupt(f.sha256, found[p], f"{what}: {f.path}")
+        return all(found[p] == f.sha256 for p, f in copies.items())
 
     def materialize(self, digest: str) -> Path:
-        """A read-only directory holding the adapter's files, made of hard links to its blobs
-        (copies where links are impossible) under ``materialized/<digest>/``; the directory is
-        reused while every file is still a link to its blob. Blobs are re-hashed when it is made.
-        Returns the directory, or the file inside it for a single-file adapter."""
+        """A directory holding the adapter's files under ``materialized/<digest>/``, as read-only
+        copies of its blobs (reflinks where the filesystem shares extents; never hard links, which
+        would let a write to the copy change the blob). Every blob is hashed as it is copied, and
+        an existing directory is used again only after its files (and their blobs) check out;
+        otherwise it is made again. A blob that rotted raises ``CorruptBlobError`` naming the
+        adapter. Returns the directory, or the file inside it for a single-file adapter."""
         tree = self.tree(digest)
         dest = self.materialized / digest
         target = dest if tree.entry == "." else dest / tree.entry
-        if self._valid_materialization(dest, tree):
+        what = self._label(digest)
+        if self._valid_materialization(dest, tree, what):
             return target
         with self.store.lock():
-            if self._valid_materialization(dest, tree):
-                return target
-            names = ", ".join(_ref(r) for r in self.index.query(
-                "SELECT name, version FROM versions WHERE digest = ? ORDER BY name, version", (digest,))) \
-                if (self.home / DB_FILE).exists() else ""
-            what = names or f"adapter sha256:{digest[:12]}…"
-            for f in tree.files:
-                self.store.check(f.sha256, what=f"{what}: {f.path}")
-            self.materialized.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=self.materialized))
             try:
-                for f in tree.files:
-                    out = tmp / f.path
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.link(self.store.path(f.sha256), out)
-                    except OSError:  # no hard links here (some network or FUSE filesystems)
-                        self.store.copy_to(f.sha256, out, what=f"{what}: {f.path}")
-                        os.chmod(out, READ_ONLY)
-                if self._valid_materialization(dest, tree):  # another process made it meanwhile
+                if self._valid_materialization(dest, tree, what):
                     return target
-                if dest.exists():  # stale: a blob was stored again since
-                    aside = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.old.", dir=self.materialized))
-                    with contextlib.suppress(OSError):
-                        os.replace(dest, aside / "old")
-                    shutil.rmtree(aside, ignore_errors=True)
+                self.materialized.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=self.materialized))
                 try:
-                    os.replace(tmp, dest)
-                except OSError:  # another process made it first
-                    if not self._valid_materialization(dest, tree):
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                    for f in tree.files:
+                        out = tmp / f.path
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        self.store.clone_to(f.sha256, out, what=f"{what}: {f.path}")
+                    if self._valid_materialization(dest, tree, what):  # another process made it meanwhile
+                        return target
+                    if os.path.lexists(dest):  # stale, tampered with, or links made by an older loratool
+                        aside = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.old.", dir=self.materialized))
+                        with contextlib.suppress(OSError):
+                            os.replace(dest, aside / "old")
+                        shutil.rmtree(aside, ignore_errors=True)
+                    try:
+                        os.replace(tmp, dest)
+                    except OSError:  # another process made it first
+                        if not self._valid_materialization(dest, tree, what):
+                            raise
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError as e:
+                raise self.store.cannot_write(e, f"materialize {what}") from None
         return target
 
     def export(self, ref: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -545,8 +594,10 @@ class Registry:
         digest = self.resolve_digest(parse_ref(ref))
         tree = self.tree(digest)
         out = Path(out)
+        # the registry's own home (whatever --home says) is an input: never written, even with
+        # --overwrite, whether OUT is it, lies inside it or contains it
         if tree.format == "peft":
-            with atomic_dir(out, overwrite=overwrite) as tmp:
+            with atomic_dir(out, overwrite=overwrite, inputs=protected_home(self.home)) as tmp:
                 for f in tree.files:
                     dest = tmp / f.path
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -558,9 +609,12 @@ class Registry:
         src = self.materialize(digest)
         adapter = load_adapter(src)
         parent = load_manifest(src)
-        write_adapter(adapter, out, "peft", overwrite=overwrite)
         step = lineage_entry("converted", inputs=[adapter], params={"from": tree.format, "to": "peft"})
-        write_manifest(build_manifest(out, base_fp=parent.base if parent else None,
-                                      lineage=[*(parent.lineage if parent else []), step]), out)
+        with atomic_dir(out, overwrite=overwrite, inputs=[*protected_home(self.home), src]) as tmp:
+            # the converted adapter and its manifest appear at OUT together or not at all: the
+            # writer replaces the (empty) temporary folder, which then becomes OUT
+            write_adapter(adapter, tmp, "peft", overwrite=True)
+            write_manifest(build_manifest(tmp, base_fp=parent.base if parent else None,
+                                          lineage=[*(parent.lineage if parent else []), step]), tmp)
         return out
 

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from loratool.boundary import default_home
 from loratool.errors import InputError, UsageError
 from loratool.registry.models import AddResult, PushResult, Source
 from loratool.registry.store import CorruptBlobError
@@ -66,12 +67,30 @@ def _repo_files(repo_id: str, revision: str, folder: Path, api: Any) -> list[str
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def check_cache_dir(cache_dir: str | os.PathLike | None, home: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face cache downloads go to (``cache_dir``, else ``HF_HUB_CACHE``), refused with
+    one line when it is or lies inside the registry's home: ``gc`` deletes what it does not know
+    under ``materialized/``, and the registry's folders are its own. (A cache that *contains* the
+    home is harmless: the Hub client writes only its own ``models--*`` folders there.)"""
+    from huggingface_hub import constants
+
+    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    reg = Path(home) if home is not None else default_home()
+    real_cache, real_home = Path(os.path.realpath(cache)), Path(os.path.realpath(reg))
+    if real_cache == real_home or real_home in real_cache.parents:
+        raise UsageError(f"{cache}: the Hugging Face cache is or lies inside the registry home {reg}; downloads "
+                         "never go there: set HF_HUB_CACHE (or LORATOOL_HOME) so that they are apart")
+    return cache
+
+
 def download_adapter(repo_id: str, revision: str | None = None, api: Any = None,
-                     cache_dir: str | os.PathLike | None = None) -> Path:
+                     cache_dir: str | os.PathLike | None = None, home: str | os.PathLike | None = None) -> Path:
     """Download only the adapter's files of a Hub repo into the Hugging Face cache and return
-    the snapshot directory (or, for a repo holding one LoRA ``.safetensors`` file, that file)."""
+    the snapshot directory (or, for a repo holding one LoRA ``.safetensors`` file, that file).
+    ``home``: the registry's home, which the cache must stay out of (``check_cache_dir``)."""
     from loratool.fingerprint import _hub_errors
 
+    check_cache_dir(cache_dir, home)
     if api is not None and hasattr(api, "snapshot_download"):
         download = api.snapshot_download
     else:
@@ -120,7 +139,7 @@ def pull(ref: str, name: str | None = None, tags: Iterable[str] = (), home: str 
     repo_id, revision = parsed
     name = validate_name(name or repo_id.rsplit("/", 1)[-1])
     tags = [validate_tag(t) for t in tags]
-    path = download_adapter(repo_id, revision, api=api, cache_dir=cache_dir)
+    path = download_adapter(repo_id, revision, api=api, cache_dir=cache_dir, home=home)
     source = Source(kind="hub", location=repo_id, revision=snapshot_commit(path, revision))
     with Registry(home) as reg:
         return reg.add(path, name, tags=tags, source=source)

@@ -114,6 +114,17 @@ def parse_ref(text: str) -> Ref:
     return Ref(text, "name", name=validate_name(text))
 
 
+def is_reference(text: str) -> bool:
+    """Whether ``text`` is a well-formed registry or Hub reference (nothing is looked up)."""
+    if text.startswith("hf:/") and not text.startswith(HUB_PREFIX):
+        text = HUB_PREFIX + text[len("hf:/"):]  # Path("hf://o/r") collapses the '//'
+    try:
+        parse_ref(text)
+    except (UsageError, InputError):
+        return False
+    return True
+
+
 def split_weight(spec: str) -> tuple[str, float | None]:
     """``"name:prod:0.5"`` -> ``("name:prod", 0.5)``; no weight -> ``(spec, None)``.
 
@@ -135,14 +146,17 @@ def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None =
     * ``hf://owner/repo[@rev]``: the adapter's files are downloaded into the Hugging Face cache
       (``cache_dir``, default ``HF_HUB_CACHE``) and the snapshot directory is returned (the file,
       for a single-file LoRA repo); ``api`` is an ``HfApi`` or a stand-in;
-    * a registry reference: the adapter is materialized from its blobs, once, as read-only hard
-      links under ``$LORATOOL_HOME/materialized/<digest>/`` (reused while its blobs are unchanged),
-      and that directory is returned (the file inside it for a single-file adapter, so that its
-      ``.loratool.json`` sidecar is found beside it).
+    * a registry reference: the adapter is materialized from its blobs as read-only copies under
+      ``$LORATOOL_HOME/materialized/<digest>/`` (checked, blobs included, every time it is used,
+      and made again when it does not check out), and that directory is returned (the file inside
+      it for a single-file adapter, so that its ``.loratool.json`` sidecar is found beside it).
+      The registry's home is recorded as an input of this process (``boundary.note_input``): no
+      output may be, contain or lie inside it, whichever home ``home`` names.
 
     Raises ``InputError`` (exit 2, one line) when nothing matches, naming what was looked for and
-    what exists, and ``AmbiguousRefError`` (a ``UsageError``, exit 2) for a digest prefix that
-    matches several adapters, listing them.
+    what exists; ``CorruptBlobError`` (exit 2) naming the reference and the adapter when a blob
+    it is made of rotted or is missing; and ``AmbiguousRefError`` (a ``UsageError``, exit 2) for a
+    digest prefix that matches several adapters, listing them.
     """
     text = os.fspath(ref)
     if os.path.exists(text):
@@ -156,11 +170,17 @@ def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None =
     if parsed.kind == "hub":
         from loratool.registry.hub import download_adapter
 
-        return download_adapter(parsed.repo_id, parsed.revision, api=api, cache_dir=cache_dir)
-    from loratool.registry.core import NotInRegistryError, Registry
+        return download_adapter(parsed.repo_id, parsed.revision, api=api, cache_dir=cache_dir, home=home)
+    from loratool.boundary import note_input
+    from loratool.registry.core import NotInRegistryError, Registry, protected_home
+    from loratool.registry.store import CorruptBlobError
 
     try:
         with Registry(home, create=False) as reg:
+            for p in protected_home(reg.home):
+                note_input(p)
             return reg.materialize(reg.resolve_digest(parsed))
     except NotInRegistryError as e:
         raise InputError(f"{text}: no such file or directory, and {e.message}") from None
+    except CorruptBlobError as e:
+        raise CorruptBlobError(f"{text}: refusing to use this registry adapter: {e.message}") from None

@@ -1,21 +1,32 @@
 """The content-addressed blob store under ``$LORATOOL_HOME``.
 
-Layout (``home`` is ``loratool.fingerprint.default_home()`` unless given)::
+Layout (``home`` is ``loratool.boundary.default_home()`` unless given)::
 
     blobs/sha256/ab/cdef…     one file per distinct content, named by its sha256 (2 + 62 hex)
     blobs/tmp/                blobs being written (a kill -9 leaves them here; ``gc`` removes them)
-    materialized/<digest>/    read-only adapter directories made of hard links to blobs
+    materialized/<digest>/    read-only copies of an adapter's blobs (reflinks where possible)
     registry.db               the SQLite index (``loratool.registry.index``)
     registry.lock             ``flock``: writers of blobs hold it shared, ``gc`` exclusive
 
 A blob is written to a temporary file in ``blobs/tmp`` while it is hashed, fsynced, made read-only
 and renamed into place, so a blob path only ever holds complete content (the rename is atomic and
 the temporary file is on the same filesystem). Readers check the digest of what they read.
+
+Materialized files are never hard links to blobs (issue 11): a link shares the inode, so anyone
+who may write it (root, or after a chmod) would change the blob through it. They are copies (a
+reflink, ``FICLONE``, where the filesystem shares extents copy-on-write; a byte copy elsewhere),
+hashed as they are made and made read-only.
+
+Files of the store are the registry's own, so it reads and writes them directly; the sources of
+``put_file`` are the user's, opened through ``loratool.boundary.open_regular``. Every ``OSError``
+of a write (a read-only or missing ``$LORATOOL_HOME``) becomes one ``OutputError`` line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -23,12 +34,14 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from loratool.boundary import fsync_dir, open_regular
 from loratool.errors import InputError, OutputError
-from loratool.safetensors_io import fsync_dir
+from loratool.fingerprint import sha256_file
 
 CHUNK = 8 * 1024 * 1024
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_ONLY = 0o444
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share the source's extents, copy-on-write
 
 
 class CorruptBlobError(InputError):
@@ -82,23 +95,31 @@ class BlobStore:
         return sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
 
     # -- locking ------------------------------------------------------------------------------
+    def cannot_write(self, e: OSError, what: str = "write to the registry") -> OutputError:
+        """One line for an ``OSError`` on the registry's own files (a read-only ``$LORATOOL_HOME``,
+        one that is a file, a full disk)."""
+        where = e.filename or self.home
+        return OutputError(f"{where}: cannot {what} ({e.strerror or e}); $LORATOOL_HOME must be a writable "
+                           "folder: fix its permissions or point LORATOOL_HOME (or --home) elsewhere")
+
     @contextlib.contextmanager
     def lock(self, exclusive: bool = False) -> Iterator[None]:
         """Writers of blobs (add, materialize) hold the store lock shared; ``gc`` holds it
         exclusive, so it never deletes a blob that an add has written but not yet indexed. The
         kernel releases an ``flock`` when its process dies, kill -9 included."""
-        self.home.mkdir(parents=True, exist_ok=True)
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
-            yield
-            return
-        with open(self.lock_file, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise self.cannot_write(e, "lock the registry") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
                 yield
             finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # -- writing ------------------------------------------------------------------------------
     def _commit_temp(self, tmp: Path, digest: str) -> None:
@@ -111,28 +132,27 @@ class BlobStore:
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
 
-    def _temp(self, label: str) -> tuple[int, Path]:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", label)[:60]
-        fd, name = tempfile.mkstemp(prefix=f"{safe}.", suffix=".tmp", dir=self.tmp)
-        return fd, Path(name)
-
     def put_file(self, src: str | os.PathLike, expected: str | None = None) -> tuple[str, int]:
         """Store a file's bytes; return (sha256, size). With ``expected`` (the digest found by an
         earlier hash) a blob already present is not written again, and a file that changed since
         is refused."""
         src = Path(src)
-        if expected and self.has(expected, src.stat().st_size):
-            return expected, src.stat().st_size
-        with self._staging(src.name, str(src)) as (fd, tmp):
-            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                digest, size = copy_hashed(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if expected and digest != expected:
-                raise InputError(f"{src}: changed while it was being added (sha256 {digest[:12]}…, "
-                                 f"was {expected[:12]}…); add it again once nothing writes to it")
-            self._commit_temp(tmp, digest)
+        fin = open_regular(src)  # the user's file: a FIFO or a device is refused without a read
+        try:
+            st = os.fstat(fin)
+            if expected and self.has(expected, st.st_size):
+                return expected, st.st_size
+            with self._staging(src.name, str(src)) as (fd, tmp):
+                with os.fdopen(fin, "rb", closefd=False) as r, os.fdopen(fd, "wb") as fout:
+                    digest, size = copy_hashed(r, fout)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                if expected and digest != expected:
+                    raise InputError(f"{src}: changed while it was being added (sha256 {digest[:12]}…, "
+                                     f"was {expected[:12]}…); add it again once nothing writes to it")
+                self._commit_temp(tmp, digest)
+        finally:
+            os.close(fin)
         return digest, size
 
     def put_bytes(self, data: bytes, label: str = "blob") -> str:
@@ -150,15 +170,23 @@ class BlobStore:
     @contextlib.contextmanager
     def _staging(self, label: str, what: str):
         """A temporary file in the store for one blob, removed unless committed; I/O errors
-        become one-line OutputErrors naming ``what``."""
-        fd, tmp = self._temp(label)
+        (creating it included) become one-line OutputErrors naming ``what``."""
+        tmp: Path | None = None
         try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", label)[:60]
+            fd, name = tempfile.mkstemp(prefix=f"{safe}.", suffix=".tmp", dir=self.tmp)
+            tmp = Path(name)
             yield fd, tmp
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{self.root}: cannot store {what}: {e.strerror or e}") from None
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise self.cannot_write(e, f"store {what}") from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise
 
     # -- reading (every read checks the digest) ----------------------------------------------
@@ -182,8 +210,6 @@ class BlobStore:
 
     def check(self, digest: str, what: str = "registry") -> None:
         """Re-hash a blob; raise ``CorruptBlobError`` when it is missing or its bytes changed."""
-        from loratool.fingerprint import sha256_file
-
         p = self.path(digest)
         if not p.is_file():
             raise self._missing(digest, what)
@@ -201,6 +227,45 @@ class BlobStore:
         if found != digest:
             dest.unlink(missing_ok=True)
             raise self._corrupt(digest, found, what)
+
+    def clone_to(self, digest: str, dest: Path, what: str = "registry") -> None:
+        """A new read-only file ``dest`` with a blob's bytes, never a hard link to it: a reflink
+        where the filesystem can (no bytes copied; a later write to either copies the extent), a
+        byte copy elsewhere. The copy is hashed before it is kept, so a blob that rotted is
+        refused here (``CorruptBlobError``) and ``dest`` is removed."""
+        try:
+            src = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._missing(digest, what) from None
+        try:
+            out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except BaseException:
+            os.close(src)
+            raise
+        try:
+            try:
+                try:
+                    fcntl.ioctl(out, FICLONE, src)
+                    found = None
+                except OSError as e:  # no reflinks here (ext4, tmpfs, another filesystem): copy
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                                       errno.ENOSYS, errno.EPERM, errno.EBADF):
+                        raise
+                    with os.fdopen(src, "rb", closefd=False) as r, os.fdopen(out, "wb", closefd=False) as w:
+                        found, _ = copy_hashed(r, w)
+                os.fsync(out)
+            finally:
+                os.close(out)
+                os.close(src)
+            if found is None:
+                found = sha256_file(dest)
+            if found != digest:
+                raise self._corrupt(digest, found, what)
+            os.chmod(dest, READ_ONLY)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dest.unlink()
+            raise
 
     # -- removal ------------------------------------------------------------------------------
     def remove(self, digest: str) -> int:

@@ -135,18 +135,33 @@ def test_reading_a_blob_checks_its_digest(make_adapter, reg, tmp_path):
 
 
 def test_stale_materialization_is_rebuilt(make_adapter, reg, home):
+    """A materialized copy that no longer checks out (written through as root, a file put beside
+    it, a hard link made by an older loratool) is made again from the blobs; a lost blob is
+    refused until an add stores it again."""
     a = reg.add(make_adapter("a"), "llama")
     path = reg.materialize(a.digest)
     weights = next(f for f in reg.tree(a.digest).files if f.path == "adapter_model.safetensors")
     blob = reg.store.path(weights.sha256)
-    # a lost blob stored again by a later add: a new inode, so the old links are stale
-    blob.unlink()
-    assert not reg.verify().ok
-    reg.add(make_adapter("a"), "llama")
-    assert reg.verify().ok
-    assert not os.path.samefile(path / "adapter_model.safetensors", blob)
+    copy = path / "adapter_model.safetensors"
+    want = blob.read_bytes()
+
+    flip_byte(copy)  # written through (root ignores the read-only mode)
+    assert reg.materialize(a.digest) == path and copy.read_bytes() == want
+
+    (path / "loratool.json").write_text("{}")  # a manifest the stored adapter never had
+    assert reg.materialize(a.digest) == path and not (path / "loratool.json").exists()
+
+    copy.unlink()
+    os.link(blob, copy)  # what loratool made before issue 11
     assert reg.materialize(a.digest) == path
-    assert os.path.samefile(path / "adapter_model.safetensors", blob)
+    assert not os.path.samefile(copy, blob) and copy.stat().st_nlink == 1
+
+    blob.unlink()  # a lost blob: refused, although the copy is intact
+    with pytest.raises(CorruptBlobError, match="llama@1: adapter_model.safetensors: blob .* is missing"):
+        reg.materialize(a.digest)
+    reg.add(make_adapter("a"), "llama")  # stores it again
+    assert reg.verify().ok
+    assert reg.materialize(a.digest) == path and copy.read_bytes() == want
     assert sorted(p.name for p in (home / "materialized").iterdir()) == [a.digest]  # no leftovers
 
 

@@ -102,17 +102,19 @@ def test_references_resolve_to_readable_materializations(make_adapter, reg, home
         assert len(load_adapter(path).modules) == 4
 
 
-def test_materialization_is_read_only_links_and_reused(make_adapter, reg, home):
+def test_materialization_is_read_only_copies_and_reused(make_adapter, reg, home):
     added = reg.add(make_adapter("a"), "llama")
     path = resolve_adapter_ref("llama", home=home)
     weights = path / "adapter_model.safetensors"
     assert not os.access(weights, os.W_OK) or os.geteuid() == 0
     assert weights.stat().st_mode & 0o222 == 0
     blob = reg.store.path(next(f.sha256 for f in reg.tree(added.digest).files if f.path == weights.name))
-    assert os.path.samefile(weights, blob)  # a hard link, no copy
+    # a copy (or a reflink), never a hard link: writing it cannot change the blob
+    assert not os.path.samefile(weights, blob) and weights.stat().st_nlink == 1
+    assert weights.read_bytes() == blob.read_bytes()
     ino = weights.stat().st_ino
     assert resolve_adapter_ref("llama", home=home) == path
-    assert (path / "adapter_model.safetensors").stat().st_ino == ino
+    assert (path / "adapter_model.safetensors").stat().st_ino == ino  # checked and used again
 
 
 def test_single_file_adapter_resolves_to_the_file(tmp_path, reg, home):
