@@ -12,6 +12,11 @@ and ``cp`` does not, so the ratio to compare is ``x cp+sync``: the merge against
 followed by ``sync`` (both timed, fastest of --repeat each); ``x cp`` is printed beside it.
 
     python bench/bench_merge.py [--layers 11 22] [--work /tmp/loratool-bench-merge] [--json OUT]
+                                [--compare OTHER_TREE]
+
+``--compare`` also times the merge of another checkout of loratool (``git worktree add
+/tmp/before <commit>``; it runs with that tree first on PYTHONPATH) in the same run, and checks
+that both outputs are equal byte for byte: the before/after of a change.
 
 Outputs are written under --work and removed after each size; cp and our merge run --repeat times
 and the fastest run counts (a shared machine is noisy). Page caches are left alone (warm
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -52,9 +58,9 @@ model.save_pretrained(out, max_shard_size="2GB")
 """
 
 
-def measured(cmd: list[str]) -> tuple[float, int]:
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """(seconds, peak RSS in MB) of ``cmd`` run in a fresh wrapper process."""
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, env=env)
     line = [ln for ln in p.stderr.splitlines() if ln.startswith("@@ ")]
     if not line:
         raise SystemExit(f"benchmark wrapper failed: {p.stderr[-2000:]}")
@@ -88,7 +94,8 @@ def best(n: int, run) -> tuple[float, int]:
     return min(r[0] for r in results), max(r[1] for r in results)
 
 
-def bench_size(layers: int, work: Path, peft: bool, weighted: bool, repeat: int) -> dict:
+def bench_size(layers: int, work: Path, peft: bool, weighted: bool, repeat: int,
+               compare: Path | None = None) -> dict:
     from bench.workload import workload
 
     w = workload(layers=layers)
@@ -111,16 +118,27 @@ def bench_size(layers: int, work: Path, peft: bool, weighted: bool, repeat: int)
     row["cp_s"], row["sync_after_cp_s"] = round(min(cp), 2), round(min(sync), 2)
     row["import_torch_s"] = round(best(repeat, lambda: measured([sys.executable, "-c", "import torch"]))[0], 2)
 
-    def ours(spec: str, out: Path):
+    def ours(spec: str, out: Path, src: Path | None = None):
+        env = None
+        if src is not None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+
         def run():
             shutil.rmtree(out, ignore_errors=True)
             return measured([*loratool, "merge", "--base", str(base), "--adapters", spec,
-                             "-o", str(out), "--device", "cpu", "--quiet"])
+                             "-o", str(out), "--device", "cpu", "--quiet"], env=env)
         return run
 
+    if compare is not None:  # interleaved with ours below, so that both see the same machine
+        dt, rss = best(repeat, ours(str(adapter), work / "other", compare))
+        row.update(compare_src=str(compare), compare_merge_s=round(dt, 2), compare_peak_rss_mb=rss)
     dt, rss = best(repeat, ours(str(adapter), work / "ours"))
     row.update(merge_s=round(dt, 2), merge_peak_rss_mb=rss, merge_over_cp=round(dt / row["cp_s"], 2),
                merge_over_cp_sync=round(dt / (row["cp_s"] + row["sync_after_cp_s"]), 2))
+    if compare is not None:
+        n, differ = bit_equal(work / "ours", work / "other")
+        row.update(compare_bit_equal=not differ, compare_merge_ratio=round(row["merge_s"] / row["compare_merge_s"], 3))
+        shutil.rmtree(work / "other")
     if weighted:
         dt, rss = best(repeat, ours(f"{adapter}:0.7,{w['r16_b']}:0.3", work / "ours2"))
         row.update(merge_weighted_s=round(dt, 2), merge_weighted_peak_rss_mb=rss)
@@ -142,10 +160,13 @@ def main(argv=None) -> int:
     p.add_argument("--weighted", action="store_true", help="Also time a:0.7,b:0.3 (two r=16 adapters).")
     p.add_argument("--repeat", type=int, default=3, help="Runs of cp and of our merge; the fastest counts.")
     p.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="Another loratool checkout to time in the same run (before/after a change).")
     args = p.parse_args(argv)
     rows = []
     for layers in args.layers:
-        row = bench_size(layers, args.work, peft=not args.no_peft, weighted=args.weighted, repeat=args.repeat)
+        row = bench_size(layers, args.work, peft=not args.no_peft, weighted=args.weighted, repeat=args.repeat,
+                         compare=args.compare)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
@@ -157,6 +178,9 @@ def main(argv=None) -> int:
               f"{r['merge_peak_rss_mb']:>7} "
               f"{r.get('peft_s', float('nan')):>7.2f} {r.get('peft_peak_rss_mb', 0):>8} "
               f"{str(r.get('bit_equal_to_peft', '-')):>5}")
+        if "compare_merge_s" in r:
+            print(f"{'':>6} {r['compare_src']}: merge {r['compare_merge_s']:.2f} s, {r['compare_peak_rss_mb']} MB; "
+                  f"this tree / that tree = {r['compare_merge_ratio']:.3f}, same bytes: {r['compare_bit_equal']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
