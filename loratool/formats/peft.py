@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, factor_problem, shape_of
+from loratool.boundary import read_json
 from loratool.errors import FormatError, InputError
+from loratool.patterns import full_pattern, key_table, name_list
 from loratool.safetensors_io import (
     PICKLE_SUFFIXES,
     SafetensorsFile,
@@ -54,73 +56,120 @@ def sniff_keys(keys: list[str]) -> bool:
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     """PEFT's rule (peft/utils/other.py) for rank_pattern/alpha_pattern: the first key, taken as a
-    regex, that matches the end of the module name at a dot boundary."""
-    for key in pattern_keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", key_to_match):
-                return key
-        except re.error:
-            if key_to_match == key or key_to_match.endswith("." + key):
-                return key
-    return key_to_match
+    regex, that matches the end of the module name at a dot boundary; the name itself when none
+    does. Evaluated with bounded cost (``loratool.patterns``): module-name keys without a regex
+    engine, other keys by RE2; the table of keys is built once and cached."""
+    key = key_table(tuple(pattern_keys)).first(key_to_match)
+    return key_to_match if key is None else key
 
 
-def _positive(x, integer: bool = False) -> bool:
+MAX_RANK = 2**31 - 1  # far beyond any real rank; keeps alpha/r and shapes in range
+
+
+def _short(key: str, limit: int = 80) -> str:
+    return repr(key) if len(key) <= limit else repr(key[:limit]) + "…"
+
+
+def _number_problem(x, integer: bool) -> str | None:
+    """Why ``x`` (a JSON value) is not a usable rank (``integer``) or alpha; None when it is.
+    JSON true/false are refused although Python counts them as ints."""
+    kind = "a positive integer" if integer else "a positive finite number"
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    if integer and not (isinstance(x, int) or float(x).is_integer()):
-        return False
-    return math.isfinite(x) and x > 0
+        return f"must be {kind}, found {type(x).__name__} {x!r}" if not isinstance(x, (dict, list)) \
+            else f"must be {kind}, found a JSON {'object' if isinstance(x, dict) else 'array'}"
+    try:
+        value = float(x)
+    except OverflowError:
+        return f"must be {kind}, found an integer too large for a float"
+    if not math.isfinite(value) or value <= 0:
+        return f"must be {kind}, found {x!r}"
+    if integer and not value.is_integer():
+        return f"must be {kind}, found {x!r}"
+    if integer and value > MAX_RANK:
+        return f"must be {kind} no larger than {MAX_RANK}, found {x!r}"
+    return None
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, str) for t in value)
 
 
 def check_config_fields(config: dict[str, Any], where: str) -> None:
-    """Refuse a config whose LoRA fields PEFT could not use, with one line naming the field."""
+    """Refuse a config whose LoRA fields PEFT could not use, with one line naming the file and the
+    field: types first (JSON true is no rank, 5 is no module list), then values, then every
+    pattern compiled once (a key RE2 cannot run, such as a lookbehind, is refused here)."""
     def bad(field, why):
-        raise FormatError(f"{where}: {field} {why}, found {config.get(field)!r}")
+        raise FormatError(f"{where}: {field} {why}")
 
-    if "r" in config and not _positive(config["r"], integer=True):
-        bad("r", "must be a positive integer")
-    if "lora_alpha" in config and not _positive(config["lora_alpha"]):
-        bad("lora_alpha", "must be a positive finite number")
+    def found(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:80] + "…"
+
+    for field, integer in (("r", True), ("lora_alpha", False)):
+        if field in config:
+            why = _number_problem(config[field], integer)
+            if why:
+                bad(field, why)
     for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         pattern = config.get(field)
         if pattern is None:
             continue
         if not isinstance(pattern, dict):
-            bad(field, "must map module-name patterns to numbers")
+            bad(field, f"must map module-name patterns to numbers, found {found(pattern)}")
         for key, value in pattern.items():
-            if not _positive(value, integer=integer):
-                raise FormatError(f"{where}: {field}[{key!r}] must be a positive "
-                                  f"{'integer' if integer else 'finite number'}, found {value!r}")
-    targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        bad("target_modules", "must be a module name, a regex string or a list of names")
+            why = _number_problem(value, integer)
+            if why:
+                raise FormatError(f"{where}: {field}[{_short(key)}] {why}")
+        key_table(tuple(pattern), f"{where}: {field}")
+    for field in ("target_modules", "exclude_modules"):
+        spec = config.get(field)
+        if spec is None:
+            continue
+        if isinstance(spec, str):
+            full_pattern(spec, f"{where}: {field} {_short(spec)}")
+        elif not _is_names(spec):
+            bad(field, f"must be a module name, a regex string or a list of names, found {found(spec)}")
     mts = config.get("modules_to_save")
-    if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) for t in mts)):
-        bad("modules_to_save", "must be a list of module names")
+    if mts is not None and not _is_names(mts):
+        bad("modules_to_save", f"must be a list of module names, found {found(mts)}")
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
-        if flag in config and config[flag] is not None and not isinstance(config[flag], bool):
-            bad(flag, "must be true or false")
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            bad(flag, f"must be true or false, found {found(config[flag])}")
+    for field in ("peft_type", "base_model_name_or_path", "revision", "task_type"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            bad(field, f"must be a string, found {found(config[field])}")
+
+
+class ConfigRanks:
+    """The rank and alpha PEFT gives each module under a (checked) config: ``r``/``lora_alpha``
+    unless a ``rank_pattern``/``alpha_pattern`` key matches. The pattern tables are looked up
+    once, so module after module costs no more than the match itself."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.rank_pattern = config.get("rank_pattern") or {}
+        self.alpha_pattern = config.get("alpha_pattern") or {}
+        self.r, self.alpha = config.get("r", 8), config.get("lora_alpha", 8)
+        self._ranks = key_table(tuple(self.rank_pattern)) if self.rank_pattern else None
+        self._alphas = key_table(tuple(self.alpha_pattern)) if self.alpha_pattern else None
+
+    def __call__(self, name: str) -> tuple[int, float]:
+        r_key = self._ranks.first(name) if self._ranks else None
+        a_key = self._alphas.first(name) if self._alphas else None
+        r = self.rank_pattern[r_key] if r_key is not None else self.r
+        alpha = self.alpha_pattern[a_key] if a_key is not None else self.alpha
+        return int(r), float(alpha)
 
 
 def config_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", 8))
-    return int(r), float(alpha)
+    return ConfigRanks(config)(name)
 
 
-def _selects(spec, name: str) -> bool | None:
+def _selects(spec, name: str) -> bool:
     """PEFT's matching for target_modules/exclude_modules: a string is a regex that must match
     the whole name; a list entry must equal the name or be a dot-suffix of it."""
     if isinstance(spec, str):
-        try:
-            return re.fullmatch(spec, name) is not None
-        except re.error:
-            return None
-    return any(name == t or name.endswith("." + t) for t in spec)
+        return full_pattern(spec).fullmatch(name)
+    return name_list(tuple(spec)).selects(name)
 
 
 def targeted(config: dict[str, Any], name: str) -> bool | None:
@@ -151,24 +200,19 @@ def _strip_adapter_name(key: str) -> str:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """The adapter_config.json of a PEFT directory, read within bounds (a regular file, size,
+    depth, digits, valid Unicode: ``loratool.boundary.read_json``) and type-checked field by
+    field before any value is used."""
     cfg_path = path / CONFIG
-    try:
-        text = cfg_path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{cfg_path}: not valid JSON (not UTF-8 text)") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise FormatError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
+    config = read_json(cfg_path, what="adapter config")
     if not isinstance(config, dict):
-        raise FormatError(f"{cfg_path}: expected a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise FormatError(f"{cfg_path}: peft_type is {peft_type}, not LORA; loratool handles LoRA adapters only")
+        raise FormatError(f"{cfg_path}: expected a JSON object, found a JSON {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type is not None and not isinstance(peft_type, str):
+        raise FormatError(f"{cfg_path}: peft_type must be a string such as \"LORA\", found {peft_type!r}")
+    if str(peft_type).upper() != "LORA":
+        raise FormatError(f"{cfg_path}: peft_type is {str(peft_type).upper()[:40]!r}, not LORA; loratool handles "
+                          "LoRA adapters only")
     check_config_fields(config, str(cfg_path))
     return config
 
@@ -215,6 +259,7 @@ def read(path: Path, component: str = "") -> Adapter:
 
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     use_rslora = bool(config.get("use_rslora", False))
+    ranks = ConfigRanks(config)
     modules: dict[str, LoraModule] = {}
     problems: list[str] = []
     for module, parts in roles.items():
@@ -239,7 +284,7 @@ def read(path: Path, component: str = "") -> Adapter:
             kind = LayerKind.CONV1D
         else:
             kind = LayerKind.LINEAR
-        r, alpha = config_rank_alpha(config, module)
+        r, alpha = ranks(module)
         modules[prefix + module] = LoraModule(
             name=prefix + module,
             kind=kind,

@@ -6,6 +6,12 @@ write lock is taken up front, so a read-then-write such as "next version of this
 interleave with another writer's). Schema changes are migrations numbered by ``PRAGMA
 user_version``: ``MIGRATIONS[i]`` turns version ``i`` into ``i + 1``.
 
+Waiting is bounded (issue 11). In WAL mode only a process holding the database exclusively
+(``PRAGMA locking_mode = EXCLUSIVE``, a rollback-journal writer, a recovery) blocks readers;
+a reader waits ``READ_WAIT_S`` for it and then fails with one line naming the index file and
+what to do (``IndexLockedError``), instead of queueing for minutes. A writer queues behind other
+writers for up to ``WRITE_WAIT_S`` in all, retries included, and ends the same way.
+
 Tables:
   adapters   one row per content digest (the sha256 of the adapter's tree blob): format, summary,
              base fingerprints from the manifest
@@ -28,7 +34,8 @@ from typing import Iterator
 
 from loratool.errors import InputError, OutputError
 
-BUSY_TIMEOUT_S = 60.0
+READ_WAIT_S = 5.0    # a reader (list, show, export, lookups, opening the index) waits this long
+WRITE_WAIT_S = 60.0  # a writer (add, tag, rm, schema creation) waits this long in all
 
 MIGRATIONS: list[str] = [
     # 0 -> 1
@@ -106,44 +113,74 @@ def _locked(e: sqlite3.OperationalError) -> bool:
     return "locked" in msg or "busy" in msg
 
 
-def _retrying(fn, attempts: int = 20):
-    """Run ``fn`` again when SQLite still reports a lock after its busy timeout (WAL setup and
-    schema creation by many processes at once)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except sqlite3.OperationalError as e:
-            if not _locked(e) or i == attempts - 1:
-                raise
-            time.sleep(0.05 + random.random() * 0.1 * (i + 1))
-    return None  # pragma: no cover
+class IndexLockedError(InputError):
+    """Another process holds the registry index's lock longer than we wait (exit 2)."""
+
+
+class _Deadline:
+    """Retries of ``fn`` while SQLite reports a lock (its busy handler waits inside each try, and
+    some lock conflicts, such as WAL setup racing another process, come back at once), until
+    ``wait_s`` have passed in all."""
+
+    def __init__(self, index: "Index", wait_s: float):
+        self.index, self.wait_s = index, wait_s
+        self.end = time.monotonic() + wait_s
+
+    def run(self, fn, on_integrity: int = 0):
+        conflicts = 0
+        i = 0
+        while True:
+            left = self.end - time.monotonic()
+            self.index._busy(left)
+            try:
+                return fn()
+            except sqlite3.IntegrityError:
+                conflicts += 1  # a concurrent writer took the same name@version: run again
+                if conflicts > on_integrity:
+                    raise
+            except sqlite3.OperationalError as e:
+                if not _locked(e):
+                    raise
+                if time.monotonic() >= self.end - 0.01:
+                    raise self.index.locked_error(self.wait_s) from None
+            i += 1
+            time.sleep(min(max(self.end - time.monotonic(), 0.0), 0.02 + random.random() * 0.05 * min(i, 10)))
 
 
 class Index:
     """One connection to the index. ``create=False`` refuses to create a missing database (a
-    reference lookup should not leave an empty registry behind)."""
+    reference lookup should not leave an empty registry behind). ``read_wait_s``/``write_wait_s``:
+    how long a read or a write waits for another process's lock before failing with one line."""
 
-    def __init__(self, path: str | os.PathLike, create: bool = True):
+    def __init__(self, path: str | os.PathLike, create: bool = True, read_wait_s: float = READ_WAIT_S,
+                 write_wait_s: float = WRITE_WAIT_S):
         self.path = Path(path)
+        self.read_wait_s, self.write_wait_s = read_wait_s, write_wait_s
         if not create and not self.path.exists():
             raise InputError(f"{self.path}: no registry here yet; add an adapter with "
                              "`loratool registry add PATH --name NAME`")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # isolation_level=None: no implicit transactions; we BEGIN IMMEDIATE ourselves.
-            self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self.conn = sqlite3.connect(str(self.path), timeout=read_wait_s, isolation_level=None)
         except sqlite3.Error as e:
             raise OutputError(f"{self.path}: cannot open the registry index: {e}") from None
         self.conn.row_factory = sqlite3.Row
         try:
-            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self.conn.execute("PRAGMA foreign_keys = ON")
-            _retrying(lambda: self.conn.execute("PRAGMA journal_mode = WAL").fetchone())
+            opening = _Deadline(self, read_wait_s)
+            opening.run(lambda: self.conn.execute("PRAGMA journal_mode = WAL").fetchone())
             self.conn.execute("PRAGMA synchronous = FULL")
-            self._migrate()
+            current = opening.run(self.user_version)
+            if current != SCHEMA_VERSION:
+                self._migrate(current)
+            self._busy(read_wait_s)  # each later read waits this long, writes raise it (write())
         except sqlite3.DatabaseError as e:
             self.conn.close()
             raise InputError(f"{self.path}: the registry index cannot be read: {e}") from None
+        except BaseException:
+            self.conn.close()
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -154,17 +191,26 @@ class Index:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _busy(self, seconds: float) -> None:
+        """SQLite's own wait for a lock, for the next statements (``PRAGMA busy_timeout`` takes
+        no lock itself)."""
+        self.conn.execute(f"PRAGMA busy_timeout = {max(int(seconds * 1000), 0)}")
+
+    def locked_error(self, waited_s: float) -> IndexLockedError:
+        return IndexLockedError(
+            f"{self.path}: the registry index is locked by another process (waited {waited_s:g} s); another "
+            "loratool registry command may still be running: let it finish and try again, or find the "
+            f"process holding the file with `fuser -v {self.path}` (a program that opened the index with "
+            "an exclusive lock, e.g. an sqlite3 shell inside a transaction)")
+
     # -- schema -------------------------------------------------------------------------------
     def user_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
-    def _migrate(self) -> None:
-        current = self.user_version()
+    def _migrate(self, current: int) -> None:
         if current > SCHEMA_VERSION:
             raise InputError(f"{self.path}: the registry index has schema version {current}, newer than "
                              f"this loratool understands ({SCHEMA_VERSION}); upgrade loratool")
-        if current == SCHEMA_VERSION:
-            return
 
         def run():
             with self.transaction() as c:
@@ -175,7 +221,7 @@ class Index:
                             c.execute(stmt)
                     c.execute(f"PRAGMA user_version = {i + 1}")
 
-        _retrying(run)
+        _Deadline(self, self.write_wait_s).run(run)
 
     # -- transactions -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -191,23 +237,32 @@ class Index:
         self.conn.execute("COMMIT")
 
     def write(self, fn, attempts: int = 10):
-        """Run ``fn(conn)`` in a write transaction, again on a lock timeout or a version
-        conflict (a UNIQUE violation from a concurrent writer)."""
-        for i in range(attempts):
-            try:
-                with self.transaction() as c:
-                    return fn(c)
-            except sqlite3.IntegrityError:
-                if i == attempts - 1:
-                    raise
-            except sqlite3.OperationalError as e:
-                if not _locked(e) or i == attempts - 1:
-                    raise OutputError(f"{self.path}: the registry index is busy or cannot be written: {e}") from None
-            time.sleep(0.02 + random.random() * 0.05 * (i + 1))
-        return None  # pragma: no cover
+        """Run ``fn(conn)`` in a write transaction, again on a lock timeout (for up to
+        ``write_wait_s`` in all) or a version conflict (a UNIQUE violation from a concurrent
+        writer, up to ``attempts`` times)."""
+        def once():
+            with self.transaction() as c:
+                return fn(c)
+
+        try:
+            return _Deadline(self, self.write_wait_s).run(once, on_integrity=attempts - 1)
+        except sqlite3.OperationalError as e:
+            raise OutputError(f"{self.path}: the registry index cannot be written: {e}") from None
+        finally:
+            self._busy(self.read_wait_s)
+
+    def _read(self, sql: str, params, fetch):
+        try:
+            return fetch(self.conn.execute(sql, params))
+        except sqlite3.OperationalError as e:
+            if _locked(e):
+                raise self.locked_error(self.read_wait_s) from None
+            raise InputError(f"{self.path}: the registry index cannot be read: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path}: the registry index cannot be read: {e}") from None
 
     def query(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
-        return self.conn.execute(sql, params).fetchall()
+        return self._read(sql, params, lambda cur: cur.fetchall())
 
     def one(self, sql: str, params: tuple | list = ()) -> sqlite3.Row | None:
-        return self.conn.execute(sql, params).fetchone()
+        return self._read(sql, params, lambda cur: cur.fetchone())

@@ -64,3 +64,41 @@ def test_writers_in_threads_do_not_lose_updates(home):
         t.join()
     with Index(home / "registry.db") as idx:
         assert idx.one("SELECT next_version FROM names")[0] == 81
+
+
+def test_write_runs_again_on_a_version_conflict_then_gives_up(home):
+    with Index(home / "registry.db") as idx:
+        calls = []
+
+        def conflict_twice(c):
+            calls.append(1)
+            if len(calls) < 3:  # what a concurrent writer taking name@version looks like
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: versions.name, versions.version")
+            c.execute("INSERT INTO names (name, next_version) VALUES ('n', 1)")
+            return "done"
+
+        assert idx.write(conflict_twice) == "done" and len(calls) == 3
+
+        def always(c):
+            calls.append(1)
+            raise sqlite3.IntegrityError("UNIQUE")
+
+        calls.clear()
+        with pytest.raises(sqlite3.IntegrityError):
+            idx.write(always, attempts=2)
+        assert len(calls) == 2
+
+
+def test_waits_are_set_per_operation(home):
+    """Reads wait READ_WAIT_S for a lock; a write raises the wait while it runs, then lowers it."""
+    Index(home / "registry.db").close()  # created: the next open finds the schema in place
+    with Index(home / "registry.db", read_wait_s=2, write_wait_s=30) as idx:
+        assert idx.one("PRAGMA busy_timeout")[0] == 2000
+        seen = idx.write(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0])
+        assert 25_000 < seen <= 30_000
+        assert idx.one("PRAGMA busy_timeout")[0] == 2000
+
+
+def test_a_broken_query_is_one_line(home):
+    with Index(home / "registry.db") as idx, pytest.raises(InputError, match="registry index cannot be read"):
+        idx.query("SELECT nothing FROM nowhere")
