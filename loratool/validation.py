@@ -137,9 +137,12 @@ def check_structure(adapter: Adapter, f: Findings) -> None:
                       "loaders ignore it (a modules_to_save entry missing from the config?)")
 
 
+MAX_UNUSED_LISTED = 20  # unused pattern keys reported one by one; more are summarised
+
+
 def check_config(adapter: Adapter, f: Findings) -> None:
-    from loratool.formats.peft import get_pattern_key
     from loratool.formats.peft import targeted as peft_targeted
+    from loratool.patterns import key_table
 
     config = adapter.config if adapter.format == "peft" else {}
     if not config or "components" in config:
@@ -158,10 +161,18 @@ def check_config(adapter: Adapter, f: Findings) -> None:
 
     for field in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(field) or {}
-        used = {get_pattern_key(pattern.keys(), n) for n in names}
-        for key in pattern:
-            if key not in used:
+        if not pattern:
+            continue
+        table = key_table(tuple(pattern))  # built once: linear in modules + keys (issue 11)
+        used = {table.first(n) for n in names}
+        unused = [key for key in pattern if key not in used]
+        if len(unused) <= MAX_UNUSED_LISTED:
+            for key in unused:
                 f.warning("LT105", f"{field} key {key!r} matches no module of the adapter", file=cfg_file)
+        else:  # a config with thousands of keys: one finding, not thousands of lines
+            shown = ", ".join(repr(k) for k in unused[:5])
+            f.warning("LT105", f"{field}: {len(unused)} of its {len(pattern)} keys match no module of the adapter "
+                      f"({shown}, …)", file=cfg_file)
 
 
 # -- numbers ----------------------------------------------------------------------------------
