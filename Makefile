@@ -6,7 +6,7 @@ LT := $(VENV)/bin/loratool
 FIX := fixtures/build
 STAMP := $(VENV)/.installed
 
-.PHONY: install fixtures demo test schemas clean
+.PHONY: install fixtures demo test fuzz schemas clean
 
 install: $(STAMP)
 
@@ -56,6 +56,13 @@ demo: fixtures
 
 test: fixtures
 	$(PY) -m pytest -q
+
+# A long seeded fuzz run through every reading command (tests/fuzz); prints counts per class and
+# the distinct failure causes with reproducers. `make test` runs a few hundred cases of it.
+FUZZ_RUNS ?= 2000
+FUZZ_SEED ?= 1
+fuzz: fixtures
+	$(PY) -m tests.fuzz --runs $(FUZZ_RUNS) --seed $(FUZZ_SEED)
 
 # Regenerate the JSON Schema files in schemas/ from the pydantic models (a test checks them).
 schemas: $(STAMP)

@@ -245,7 +245,9 @@ class LoraModule:
         srcs = loaded if loaded is not None else self.tensors()
         vals = {role: float_values(src) for role, src in srcs.items()}
         b, a = vals["lora_B"], vals["lora_A"]
-        b2, a2 = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+        # explicit trailing sizes: a zero-size factor (rows 0) cannot infer a -1
+        b2 = b.reshape(b.shape[0], int(np.prod(b.shape[1:], dtype=np.int64)))
+        a2 = a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
         col_b, row_a = _abs_max(b2, axis=0), _abs_max(a2, axis=1)
         with np.errstate(over="ignore"):  # inf is the answer then
             products = float(np.dot(col_b, row_a))
@@ -421,7 +423,7 @@ _EXPONENT_MASKS = {"F64": ("<u8", 0x7FF0_0000_0000_0000), "F32": ("<u4", 0x7F80_
 
 def has_nonfinite(src: TensorSource) -> bool:
     """Whether a tensor holds NaN or Inf. Tensors in a file are checked on their raw bytes with
-    numpy (no torch import: ``merge`` starts writing while torch is imported, see merge.py)."""
+    numpy (no torch import: ``merge`` starts writing while torch is imported, see loratool/merge/executor.py)."""
     if isinstance(src, TensorRef) and src.dtype in _EXPONENT_MASKS:
         import numpy as np
 

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from loratool import __version__
+from loratool._version import __version__
 
 # name -> "module:function"; loaded only when that command runs (or for --help listings).
 COMMANDS = {
@@ -64,14 +64,34 @@ def cli():
     """
 
 
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def main(argv=None) -> None:
     from loratool.errors import EXIT_INPUT, LoratoolError
 
-    # numpy's BLAS on one thread: commands spread their own work over threads (loratool.npmerge)
+    # numpy's BLAS on one thread: commands spread their own work over threads (loratool.merge.numpy_engine)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+    for stream in (sys.stdout, sys.stderr):  # a name we print can never crash the print
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    args = sys.argv[1:] if argv is None else list(argv)
+    bad = next((a for a in args if isinstance(a, str) and _not_utf8(a)), None)
+    if bad is not None:  # os.fsdecode keeps undecodable bytes as lone surrogates
+        shown = bad.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        click.echo(f"loratool: error: {shown}: holds bytes that are not UTF-8; loratool records paths in "
+                   "JSON (manifests, reports, the registry), which must be UTF-8: rename it", err=True)
+        sys.exit(EXIT_INPUT)
     try:
-        rv = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="loratool", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from loratool.adapter import Adapter
-from loratool.boundary import note_input
+from loratool.boundary import InputRoot, note_input
 from loratool.errors import FormatError, InputError, UsageError
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_pickle
 
@@ -89,30 +89,45 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def resolve_adapter(ref: str | os.PathLike) -> Path:
-    """The local path of an adapter reference: an existing path as it is; otherwise a registry
-    reference (``name``, ``name@3``, ``name:prod``, ``sha256:…``) or ``hf://owner/repo[@rev]``,
-    materialized locally (see ``loratool.registry.refs``)."""
-    text = os.fspath(ref)
-    if os.path.exists(text):
-        return Path(text)
-    if os.path.lexists(text):
-        raise InputError(f"{text}: broken symbolic link (its target is missing, or links loop)")
-    from loratool.registry.refs import resolve_adapter_ref
+MAX_ADAPTER_ENTRIES = 10_000  # an adapter folder holds a handful of files (a few per component)
 
-    return resolve_adapter_ref(text)
+
+def check_links(path: Path) -> None:
+    """Refuse an adapter whose folder holds a link leading out of it (its config or weights read
+    from elsewhere would be copied into outputs and the registry). A file named directly by the
+    user may itself be a link; its sidecar manifest may not leave its folder."""
+    root = InputRoot(path)
+    if not path.is_dir():
+        sidecar = path.with_name(path.stem + ".loratool.json")
+        if os.path.islink(sidecar):
+            root.inside(sidecar)
+        return
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            seen += 1
+            if seen > MAX_ADAPTER_ENTRIES:
+                raise InputError(f"{path}: more than {MAX_ADAPTER_ENTRIES} entries; not an adapter folder")
+            p = Path(dirpath) / name
+            if os.path.islink(p):
+                root.inside(p)
 
 
 def load_adapter(path: str | os.PathLike, format: str | None = None, tolerant: bool = False) -> Adapter:
-    """Read an adapter lazily (headers only; tensors load on demand). ``path`` may also be a
-    registry or Hub reference (``resolve_adapter``).
+    """Read the adapter at ``path`` lazily (headers only; tensors load on demand). A registry or
+    Hub reference is resolved one layer up, by ``loratool.resolve.load_adapter``.
 
     With ``tolerant=True`` structural problems of single modules (a missing factor, an A/B rank
     mismatch) are recorded in ``adapter.problems`` instead of raising, so ``validate`` can report
     all of them.
     """
-    path = resolve_adapter(path)
+    path = Path(path)
+    if not os.path.exists(path):
+        if os.path.lexists(path):
+            raise InputError(f"{path}: broken symbolic link (its target is missing, or links loop)")
+        raise InputError(f"{path}: no such file or directory")
     note_input(path)  # no output of this process may overwrite it (loratool.boundary)
+    check_links(path)
     fmt = format or detect_format(path)
     adapter = _module(fmt).read(path)
     if adapter.problems and not tolerant:
