@@ -4,13 +4,13 @@ The command-line program is a thin layer over this library. Import what you need
 submodules; nothing heavy (torch, triton) is imported by ``import loratool``.
 """
 
-__version__ = "0.1.0"
+from loratool._version import __version__
 
 __all__ = ["__version__", "load_adapter"]
 
 
 def load_adapter(path, format=None):
     """Read an adapter (PEFT directory, kohya or diffusers file) lazily. See loratool.formats."""
-    from loratool.formats import load_adapter as _load
+    from loratool.resolve import load_adapter as _load
 
     return _load(path, format=format)

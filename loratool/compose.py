@@ -349,7 +349,8 @@ def compose_paths(specs: Sequence[tuple[str, float]], out: str | os.PathLike, me
                   rule: RankRule | None = None, density: float | None = None, seed: int = 0,
                   overwrite: bool = False) -> "ComposeReport":
     """Read the adapters of ``specs`` ((path, weight) pairs), compose them, write ``out``."""
-    from loratool.formats import load_adapter, write_adapter
+    from loratool.formats import write_adapter
+    from loratool.resolve import load_adapter
 
     from loratool.manifest import finish_output, stamp_adapter
     from loratool.resize import _rule_params

@@ -43,7 +43,8 @@ def convert(
 ) -> ConvertResult:
     """Read the adapter at ``src`` (format detected unless ``format`` is given) and write it to
     ``out`` in the ``to`` format, atomically."""
-    from loratool.formats import kohya, load_adapter, write_adapter
+    from loratool.formats import kohya, write_adapter
+    from loratool.resolve import load_adapter
     from loratool.formats import peft
 
     if to not in TARGETS:

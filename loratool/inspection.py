@@ -99,6 +99,6 @@ def _module_reports(adapter: Adapter, spectrum: bool) -> list[ModuleReport]:
 
 
 def inspect_path(path: str | Path, format: str | None = None, modules: bool = False, spectrum: bool = False) -> InspectReport:
-    from loratool.formats import load_adapter
+    from loratool.resolve import load_adapter
 
     return inspect_adapter(load_adapter(path, format=format), modules=modules, spectrum=spectrum)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Union
 
 from pydantic import ValidationError
 
-from loratool import __version__
+from loratool._version import __version__
 from loratool.boundary import default_home, parse_json, read_bytes
 from loratool.errors import BaseMismatchError, FormatError, InputError
 from loratool.fingerprint import (

@@ -119,7 +119,8 @@ def resize_path(path: str | os.PathLike, out: str | os.PathLike, rule: RankRule,
                 overwrite: bool = False) -> "ResizeReport":
     """Read the adapter at ``path``, resize it, write it to ``out`` in the same format."""
     from loratool.adapter import require_usable
-    from loratool.formats import load_adapter, write_adapter
+    from loratool.formats import write_adapter
+    from loratool.resolve import load_adapter
 
     from loratool.manifest import finish_output, stamp_adapter
 

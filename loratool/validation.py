@@ -335,7 +335,7 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
     """Validate the adapter at ``path``. Unreadable input raises ``InputError`` (exit 2), a base
     that its manifest does not match raises ``BaseMismatchError`` (exit 3); every other problem
     becomes a finding in the report."""
-    from loratool.formats import load_adapter
+    from loratool.resolve import load_adapter
 
     adapter = load_adapter(path, format=format, tolerant=True)
     f = Findings(default_file=_weights_file(adapter))

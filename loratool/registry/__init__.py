@@ -4,10 +4,10 @@ the Hugging Face Hub as its remote.
     store.py   blobs/sha256/ab/cdef…: atomic writes, reads that check the digest, the store lock
     index.py   registry.db: schema migrations by user_version, WAL, transactions with retries
     core.py    ``Registry``: add, list (--fits), show, tag, rm, gc, verify, export, materialize
-    refs.py    references (name, name@3, name:prod, sha256:…, hf://…) and ``resolve_adapter_ref``
+    refs.py    references (name, name@3, name:prod, sha256:…, hf://…): parsing only;
+               ``loratool.resolve`` turns them into paths
     hub.py     download (adapter files only, into the HF cache), pull, push with a model card
     models.py  the typed results (``--json`` prints them)
 
-Nothing is imported here: ``refs.resolve_adapter_ref`` runs on the path of every ``load_adapter``
-whose path does not exist, and must stay cheap to import.
+Nothing is imported here: ``refs`` is parsed for every ``--adapters`` and must stay cheap to import.
 """

@@ -21,8 +21,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from loratool.errors import InputError, UsageError
 
@@ -136,51 +135,3 @@ def split_weight(spec: str) -> tuple[str, float | None]:
     if m is None or m.group("ref").lower() == DIGEST_PREFIX.rstrip(":"):
         return spec, None
     return m.group("ref"), float(m.group("weight"))
-
-
-def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None = None, api: Any = None,
-                        cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local path ``load_adapter`` should read for ``ref``.
-
-    * an existing path: returned unchanged (as a ``Path``), without opening the registry;
-    * ``hf://owner/repo[@rev]``: the adapter's files are downloaded into the Hugging Face cache
-      (``cache_dir``, default ``HF_HUB_CACHE``) and the snapshot directory is returned (the file,
-      for a single-file LoRA repo); ``api`` is an ``HfApi`` or a stand-in;
-    * a registry reference: the adapter is materialized from its blobs as read-only copies under
-      ``$LORATOOL_HOME/materialized/<digest>/`` (checked, blobs included, every time it is used,
-      and made again when it does not check out), and that directory is returned (the file inside
-      it for a single-file adapter, so that its ``.loratool.json`` sidecar is found beside it).
-      The registry's home is recorded as an input of this process (``boundary.note_input``): no
-      output may be, contain or lie inside it, whichever home ``home`` names.
-
-    Raises ``InputError`` (exit 2, one line) when nothing matches, naming what was looked for and
-    what exists; ``CorruptBlobError`` (exit 2) naming the reference and the adapter when a blob
-    it is made of rotted or is missing; and ``AmbiguousRefError`` (a ``UsageError``, exit 2) for a
-    digest prefix that matches several adapters, listing them.
-    """
-    text = os.fspath(ref)
-    if os.path.exists(text):
-        return Path(text)
-    if text.startswith("hf:/") and not text.startswith(HUB_PREFIX):
-        text = HUB_PREFIX + text[len("hf:/"):]  # Path("hf://o/r") collapses the '//'
-    try:
-        parsed = parse_ref(text)
-    except UsageError as e:
-        raise InputError(f"{text}: no such file or directory (nor a registry reference: {e.message})") from None
-    if parsed.kind == "hub":
-        from loratool.registry.hub import download_adapter
-
-        return download_adapter(parsed.repo_id, parsed.revision, api=api, cache_dir=cache_dir, home=home)
-    from loratool.boundary import note_input
-    from loratool.registry.core import NotInRegistryError, Registry, protected_home
-    from loratool.registry.store import CorruptBlobError
-
-    try:
-        with Registry(home, create=False) as reg:
-            for p in protected_home(reg.home):
-                note_input(p)
-            return reg.materialize(reg.resolve_digest(parsed))
-    except NotInRegistryError as e:
-        raise InputError(f"{text}: no such file or directory, and {e.message}") from None
-    except CorruptBlobError as e:
-        raise CorruptBlobError(f"{text}: refusing to use this registry adapter: {e.message}") from None

@@ -16,7 +16,7 @@ from loratool.errors import InputError, UsageError
 from loratool.formats import load_adapter
 from loratool.manifest import record_manifest
 from loratool.registry.hub import ADAPTER_PATTERNS, download_adapter, pull, push
-from loratool.registry.refs import resolve_adapter_ref
+from loratool.resolve import resolve_adapter_ref
 from loratool.registry.store import CorruptBlobError
 from loratool.schemas.manifest import Manifest
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from loratool.errors import InputError, UsageError
 from loratool.formats import load_adapter
 from loratool.registry.core import AmbiguousRefError, Registry
-from loratool.registry.refs import parse_ref, resolve_adapter_ref, split_weight, validate_name, validate_tag
+from loratool.registry.refs import parse_ref, split_weight, validate_name, validate_tag
+from loratool.resolve import resolve_adapter_ref
 
 
 @pytest.mark.parametrize("text, kind, fields", [
