@@ -34,15 +34,15 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("loratool.schemas.export", "stale"): "a developer command over the repository's own schemas/",
     # Writes inside the temporary output that boundary.atomic_dir/atomic_path created and will
     # read back before renaming it into place:
-    ("loratool.merge", "_Prefill._run"): TMP,
-    ("loratool.merge", "_Writer.handle"): TMP,
-    ("loratool.merge", "_write_other_files"): TMP,
-    ("loratool.merge", "_direct_supported"): TMP + " (a probe file for O_DIRECT support)",
-    ("loratool.merge", "_DirectFile.__init__"): TMP,
+    ("loratool.merge.writers", "_Prefill._run"): TMP,
+    ("loratool.merge.writers", "_Writer.handle"): TMP,
+    ("loratool.merge.executor", "_write_other_files"): TMP,
+    ("loratool.merge.writers", "_direct_supported"): TMP + " (a probe file for O_DIRECT support)",
+    ("loratool.merge.writers", "_DirectFile.__init__"): TMP,
     ("loratool.formats.peft", "write"): TMP,
     ("loratool.manifest", "write_manifest"): TMP,
     ("loratool.manifest", "write_merged_manifest"): TMP + " (before_commit of a merge)",
-    ("loratool.merge", "_cpu_only_torch"): "reads torch's own version.py, not a user file",
+    ("loratool.merge.engines", "_cpu_only_torch"): "reads torch's own version.py, not a user file",
     # loratool's own files under $LORATOOL_HOME (the registry and the hash cache), which
     # check_output keeps every output away from:
     ("loratool.fingerprint", "HashCache.put"): HOME,

@@ -25,7 +25,7 @@ from peft_oracle import Kinds
 from loratool.checkpoint import BaseCheckpoint
 from loratool.errors import BaseMismatchError, OutputError, UsageError
 from loratool.merge import AdapterSpec, merge, parse_adapter_specs, parse_size, row_spans, unmerge
-from loratool.parity import ulp
+from loratool.merge.parity import ulp
 from loratool.safetensors_io import SafetensorsFile
 
 SMALL_BLOCKS = 16 << 10  # float32 bytes per row block: 64-row blocks for these widths
@@ -496,7 +496,8 @@ def test_cuda_engine_arguments_match_the_cpu_math(tmp_path):
     transposes, DoRA magnitudes), run here through the kernels' torch reference on CPU tensors."""
     from safetensors.torch import save_file
 
-    from loratool.merge import Action, LoadedAdapter, TensorMath, _CudaMath, plan_merge
+    from loratool.merge import Action, LoadedAdapter, TensorMath, plan_merge
+    from loratool.merge.engines import _CudaMath
     from loratool.formats import load_adapter
 
     model = kinds_model(torch.bfloat16)

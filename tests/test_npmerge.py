@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loratool import merge as M
-from loratool import npmerge
+from loratool.merge import numpy_engine as npmerge
 from loratool.checkpoint import BaseCheckpoint
 
 SHAPES = [(16, 16), (17, 64), (32, 131), (32, 160), (64, 2048), (256, 96), (67, 257)]
@@ -387,6 +387,7 @@ LEAK_CHECK = """
 import errno, gc, os, sys
 gc.disable()
 from loratool import merge as M
+from loratool.merge import writers
 real, calls = os.pwrite, [0]
 def pwrite(fd, data, off):
     calls[0] += 1
@@ -394,7 +395,7 @@ def pwrite(fd, data, off):
         raise OSError(errno.ENOSPC, "No space left on device")
     return real(fd, data, off)
 os.pwrite = pwrite
-M.DIRECT_CHUNK = 64 << 10
+writers.DIRECT_CHUNK = 64 << 10
 def opened():
     return len(os.listdir("/proc/self/fd")), sum(1 for line in open("/proc/self/maps") if ".safetensors" in line)
 before, errors = opened(), []

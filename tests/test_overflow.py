@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratool import merge as M
-from loratool import npmerge
+from loratool.merge import numpy_engine as npmerge
 from loratool.checkpoint import BaseCheckpoint
 from loratool.errors import InputError
 from loratool.validation import CHECKS, validate

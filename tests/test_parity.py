@@ -12,7 +12,7 @@ from test_merge import KIND_CASES, _edit_mts, kinds_model, save_adapter, tiny_ll
 
 from loratool.cli import main
 from loratool.merge import merge
-from loratool.parity import check_parity, ulp
+from loratool.merge.parity import check_parity, ulp
 from loratool.safetensors_io import SafetensorsFile
 
 TOUCHED = "model.layers.1.mlp.up_proj.weight"

@@ -175,10 +175,10 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_js
     Exit 0 when every tensor passes, 1 when one does not.
     """
     from loratool.checkpoint import BaseCheckpoint
-    from loratool.formats import load_adapter
+    from loratool.resolve import load_adapter
     from loratool.manifest import BaseGuard
     from loratool.merge import parse_adapter_specs
-    from loratool.parity import check_parity
+    from loratool.merge.parity import check_parity
 
     guard = BaseGuard(allow_base_mismatch, require_manifest)
     ckpt = BaseCheckpoint(base)

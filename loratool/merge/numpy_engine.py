@@ -10,7 +10,7 @@ arithmetic needs no torch:
     V = float32(W) + D     one rounding
     W' = V rounded once to the output dtype (round to nearest even)
 
-The bits of that sequence equal torch's (``merge.TensorMath``, the PEFT-exact path) as long as
+The bits of that sequence equal torch's (``engines.TensorMath``, the PEFT-exact path) as long as
 both GEMMs compute every element as one chain of FMAs in k order. Inside their register-blocked
 kernels both BLAS libraries (MKL in torch, OpenBLAS in numpy) do; not in every kernel: torch's
 differs for matrices of a few rows or columns, OpenBLAS's small-matrix path for some shapes
@@ -37,15 +37,13 @@ import math
 import threading
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from loratool.adapter import LayerKind, TensorSource
+from loratool.merge.plan import Action, TensorPlan
 from loratool.safetensors_io import TensorRef
-
-if TYPE_CHECKING:  # pragma: no cover
-    from loratool.merge import TensorPlan
 
 # safetensors dtype -> numpy dtype of the raw elements (bfloat16 has none: its bits, as uint16)
 RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -187,8 +185,6 @@ def _factor(src: TensorSource, shape: tuple[int, ...]) -> np.ndarray | None:
 def eligible(t: "TensorPlan", spans: list[tuple[int, int]]) -> bool:
     """Whether ``t``, computed in the row ``spans``, is a plain merge this module computes with
     PEFT's bits (see the module docstring)."""
-    from loratool.merge import Action
-
     if t.action is not Action.MERGE or len(t.terms) != 1 or len(t.shape) != 2:
         return False
     term = t.terms[0]

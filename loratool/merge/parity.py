@@ -2,7 +2,7 @@
 
 ``check_parity`` streams the base and the merged checkpoint side by side, tensor by tensor and row
 block by row block, and recomputes each touched tensor in float64 with the merge's formula
-(``merge.TensorMath``: the same terms, coefficients, DoRA rescaling). A merged value M passes when
+(``engines.TensorMath``: the same terms, coefficients, DoRA rescaling). A merged value M passes when
 
     |M − X| ≤ ulp(X) + bound          X = the float64 value, ulp in M's dtype
 
@@ -13,6 +13,9 @@ cancels W (or its r products cancel each other) X is small, and a correct float3
 ulps of X away from it, in any output dtype.
 Untouched tensors must be byte-identical (or equal to the base cast to M's dtype after --dtype);
 modules_to_save tensors equal to the replacement.
+
+``tensor_distance`` (how far one tensor is from another, in ulps of its dtype) also gives
+``unmerge``'s distance to the original base.
 
 ``forward_parity`` runs the model through transformers on fixed token ids twice: the base with the
 adapters applied unmerged by PEFT, and the merged checkpoint, and compares the logits.
@@ -28,19 +31,9 @@ from pydantic import BaseModel
 
 from loratool.boundary import open_regular
 from loratool.errors import UsageError
-from loratool.merge import (
-    CONVERTIBLE,
-    Action,
-    LayerDistance,
-    LoadedAdapter,
-    TensorMath,
-    TensorPlan,
-    _specs,
-    load_adapters,
-    plan_merge,
-    row_spans,
-    tensor_spans,
-)
+from loratool.merge.engines import TensorMath, row_spans, tensor_spans
+from loratool.merge.plan import CONVERTIBLE, Action, TensorPlan, plan_merge
+from loratool.merge.specs import LoadedAdapter, _specs, load_adapters
 from loratool.safetensors_io import TensorRef, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,6 +79,17 @@ class ForwardParity(BaseModel):
     top1_agreement: float
     min_top1: float
     ok: bool
+
+
+class LayerDistance(BaseModel):
+    """How far one tensor is from another (``unmerge --base``: the result from the original)."""
+
+    name: str
+    dtype: str
+    numel: int
+    differing: int  # elements that are not bit-equal
+    max_abs: float
+    max_ulp: float  # in ulps of the reference tensor's dtype at the reference value
 
 
 class ParityReport(BaseModel):

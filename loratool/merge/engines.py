@@ -1,0 +1,327 @@
+"""The torch engines: the merged value of a tensor, one row block at a time, on the CPU (PEFT's
+arithmetic) or CUDA (Triton); the row blocks themselves; and which device runs them.
+
+    W' = round(W + Σᵢ wᵢ · sᵢ · ΔWᵢ)     ΔWᵢ = Bᵢ @ Aᵢ in the base weight's layout, sᵢ = PEFT's scale
+
+accumulated in float32 and rounded once to the output dtype.
+
+Bit-exactness with PEFT (one adapter, weight 1.0, on the CPU). PEFT 0.21's ``Linear.merge``
+(peft/tuners/lora/layer.py, ``safe_merge=False``, which ``merge_and_unload`` uses) computes
+``get_delta_weight`` = ``(B @ A) * scaling`` in float32 (``PeftModel.from_pretrained`` upcasts
+bf16/fp16 factors to float32, ``autocast_adapter_dtype=True``; with half-precision factors on the
+CPU it upcasts for the matmul too) and adds it in place to the bf16 weight: the add runs in float32
+and rounds once. We do the same arithmetic in row blocks that stay in cache: ``mm`` of a block of
+B's rows with A, ``mul_`` by the scale, ``add_`` into a float32 copy of the same rows of W, one
+rounding. Two details keep the bits equal to PEFT's whole-matrix product:
+
+* ``addmm_(B, A, alpha=s)`` (one pass instead of three) only when s is a power of two: MKL fuses
+  alpha·(BA) + W into one FMA rounding, which equals PEFT's ``(B@A) * s`` then ``+ W`` when the
+  product by s is exact, and differs otherwise. Merges that have no PEFT bits to match (several
+  adapters, a weight ≠ 1, unmerge) always take ``addmm_``: it rounds less;
+* row spans are multiples of 64 rows with the remainder folded into the last span (a separate
+  block of a few tail rows takes another MKL kernel whose summation order differs from the tail
+  of the whole product).
+
+Conv1D (GPT-2, ``fan_in_fan_out``) and Embedding deltas are ``(B @ A).T``: row blocks of W are
+``(B @ A[:, rows]).T``, the same bits by the same argument. Conv2d is computed whole, as PEFT does
+(``conv2d(A.transpose(0, 1), B)`` for k×k kernels). PEFT's ``Embedding.merge`` rounds the delta to
+the weight's dtype before adding it (a second rounding); we round once, so embeddings are within
+1 ulp of PEFT and closer to the exact value. DoRA (peft/tuners/lora/variants.py,
+``DoraLinearVariant.merge_unsafe``): W' = m / ‖W + ΔW‖ · (W + ΔW) with the norm per output row
+(per column for Conv1D and Embedding, over the (in, kh, kw) dims for Conv2d), all in float32.
+
+On CUDA the Triton kernel of ``loratool.kernels.merge`` does the linear cases (float32
+accumulation, one rounding; not bit-equal to PEFT's CPU merge, which is a CPU promise).
+
+A plain merge on the CPU (one adapter at weight ±1 on Linear weights) does not come here:
+``loratool.merge.numpy_engine`` repeats the same float32 sequence in numpy, without importing
+torch (``executor._numpy_plan`` decides).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.adapter import LayerKind, load_tensor
+from loratool.errors import UsageError
+from loratool.merge.overflow import _check_block
+from loratool.merge.plan import Action, TensorPlan, Term
+from loratool.safetensors_io import DTYPES, torch_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+ROW_ALIGN = 64  # row spans are multiples of this (see the module docstring)
+BLOCK_BYTES = 2 << 20  # float32 bytes of one row block: stays in L2 with its delta
+GPU_BLOCK_BYTES = 256 << 20  # a block for the Triton kernel: large enough to fill the GPU
+CAST_BLOCK_BYTES = 8 << 20  # source bytes of one block of a dtype conversion
+
+
+# -- row blocks ---------------------------------------------------------------------------------
+
+def row_spans(rows: int, block: int) -> list[tuple[int, int]]:
+    """[0, rows) in spans of ``block`` rows, the remainder folded into the last span."""
+    if rows <= block:
+        return [(0, rows)]
+    spans = []
+    i = 0
+    while i < rows:
+        j = i + block
+        if rows - j < block:
+            j = rows
+        spans.append((i, j))
+        i = j
+    return spans
+
+
+def block_rows(cols: int, itemsize: int = 4, target: int = BLOCK_BYTES) -> int:
+    """Rows per block: about ``target`` bytes, a multiple of ROW_ALIGN, at least ROW_ALIGN."""
+    rows = target // max(1, cols * itemsize)
+    return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
+
+
+def tensor_spans(t: TensorPlan, device: str = "cpu", block_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Row spans in which ``t`` is read, computed and written (``block_bytes``: the float32 size
+    of a block, BLOCK_BYTES by default; tests make it small to get many blocks from tiny models)."""
+    shape = t.shape
+    rows = shape[0] if shape else 1
+    cols = t.numel // max(1, rows)
+    if t.action is Action.CAST:
+        return row_spans(rows, max(1, CAST_BLOCK_BYTES // max(1, cols * DTYPES[t.src.dtype][0])))
+    if t.action is not Action.MERGE or len(shape) < 2:
+        return [(0, rows)]
+    if t.kind is LayerKind.CONV2D or (t.dora and t.kind is not LayerKind.LINEAR):
+        return [(0, rows)]  # computed whole, as PEFT does (DoRA's norm spans the columns here)
+    target = block_bytes or (BLOCK_BYTES if device == "cpu" else GPU_BLOCK_BYTES)
+    return row_spans(rows, block_rows(cols, target=target))
+
+
+# -- the arithmetic -----------------------------------------------------------------------------
+
+class TensorMath:
+    """The merged value of one base tensor, one row span at a time.
+
+    ``dtype`` float32 gives the executor's arithmetic (PEFT's, see the module docstring); float64
+    gives parity's reference (same formula, exact products and sums up to float64 rounding).
+    """
+
+    def __init__(self, t: TensorPlan, dtype: "torch.dtype", device: str = "cpu", reuse: bool = False):
+        import torch
+
+        self.t = t
+        self.dtype = dtype
+        self.device = device
+        # reuse: ``rows`` returns the same buffer every time (the caller copies it out before the
+        # next call): no fresh pages to fault in for every block
+        self.reuse = reuse
+        self._acc: "torch.Tensor | None" = None
+        self.factors: list[tuple[Term, Any, Any]] = []
+        for term in t.terms:
+            if term.part == "bias":
+                self.factors.append((term, load_tensor(term.module.lora_B_bias).to(device, dtype), None))
+            elif term.module.kind is LayerKind.CONV2D:
+                self.factors.append((term, term.module.B().to(device, dtype), term.module.A().to(device, dtype)))
+            else:
+                b2, a2 = term.module.factors_2d(dtype)
+                self.factors.append((term, b2.to(device), a2.to(device)))
+        # One adapter at weight ±1 (a plain merge, or PEFT's unmerge: W - (B@A)·s): PEFT's bits are
+        # the promise, see ``_fused``
+        self.peft_exact = len(t.terms) == 1 and abs(t.terms[0].coef) == t.terms[0].module.scale
+        self.magnitude = None
+        if t.dora:
+            self.magnitude = load_tensor(t.terms[0].module.magnitude).to(device, dtype).reshape(-1)
+        self._tmp: "torch.Tensor | None" = None
+
+    def delta(self, term: Term, b, a, i: int, j: int) -> "torch.Tensor":
+        """coef · ΔW for rows [i, j) of the base tensor, in its layout."""
+        import torch
+        import torch.nn.functional as F
+
+        kind = term.module.kind
+        if term.part == "bias":
+            return (b * term.coef)[i:j]
+        if kind is LayerKind.LINEAR:
+            n = j - i
+            if self._tmp is None or self._tmp.numel() < n * a.shape[1]:
+                self._tmp = torch.empty(n * a.shape[1], dtype=self.dtype, device=self.device)
+            d = torch.mm(b[i:j], a, out=self._tmp[: n * a.shape[1]].view(n, a.shape[1]))
+            return d.mul_(term.coef)
+        if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
+            return torch.mm(b, a[:, i:j]).mul_(term.coef).T
+        # Conv2d, whole, as PEFT's Conv2d.get_delta_weight computes it
+        shape = self.t.shape
+        if tuple(shape[2:4]) == (1, 1):
+            d = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            d = F.conv2d(a.transpose(0, 1), b).transpose(0, 1)
+        return (d * term.coef)[i:j]
+
+    def values(self, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """V = W + Σ coef·ΔW for rows [i, j), from the base rows ``w``; not rounded."""
+        import torch
+
+        if self.reuse:
+            n = w.numel()
+            if self._acc is None or self._acc.numel() < n:
+                self._acc = torch.empty(n, dtype=self.dtype, device=self.device)
+            acc = self._acc[:n].view(w.shape)
+            acc.copy_(w)
+        else:
+            acc = w.to(self.device, self.dtype, copy=True)
+        for term, b, a in self.factors:
+            if not self._fused(term, b):
+                acc.add_(self.delta(term, b, a, i, j))
+            elif term.module.kind is LayerKind.LINEAR:
+                acc.addmm_(b[i:j], a, alpha=term.coef)
+            else:  # rows of (B @ A).T
+                acc.addmm_(a[:, i:j].T, b.T, alpha=term.coef)
+        return acc
+
+    def _fused(self, term: Term, b) -> bool:
+        """Whether ``addmm_(…, alpha=coef)`` may replace mm, mul_ and add_ (one pass, one FMA
+        rounding per product instead of two roundings: at least as accurate).
+
+        For PEFT's bits (``peft_exact``) only when coef = 2^k, a Linear, and r ≤ 128: then
+        coef·(B@A) is exact and MKL's fused alpha·(B@A) + V rounds like PEFT's (B@A)·s, + W."""
+        import torch
+
+        if self.dtype != torch.float32 or self.device != "cpu" or term.part != "weight":
+            return False
+        if term.module.kind is LayerKind.CONV2D:
+            return False
+        if not self.peft_exact:
+            return True
+        return (term.module.kind is LayerKind.LINEAR and b.shape[1] <= 128 and term.coef != 0
+                and abs(math.frexp(term.coef)[0]) == 0.5)
+
+    def dora_factor(self, v: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """m / ‖V‖, shaped to broadcast over V's rows [i, j)."""
+        import torch
+
+        kind = self.t.kind
+        if kind is LayerKind.LINEAR:
+            return (self.magnitude[i:j] / torch.linalg.norm(v, dim=1)).view(-1, 1)
+        if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
+            # PEFT: the norm of transpose(W) + delta.T along dim 1, i.e. per column of W
+            return (self.magnitude / torch.linalg.norm(v.T, dim=1)).view(1, -1)
+        # Conv2d: over (in, kh, kw) of each output channel
+        norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
+        return (self.magnitude[i:j] / norm.reshape(-1)).view(-1, *([1] * (v.dim() - 1)))
+
+    def rows(self, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """The merged rows [i, j) (in ``self.dtype``, not rounded) from the base rows ``w``."""
+        acc = self.values(w, i, j)
+        if self.magnitude is not None:
+            acc.mul_(self.dora_factor(acc, i, j))
+        return acc
+
+
+class _CudaMath(TensorMath):
+    """The linear kinds through the Triton kernel (whole tensors on the GPU); the rest in torch."""
+
+    def rows(self, w, i, j):
+        import torch
+
+        from loratool.kernels import merge as kernels
+
+        kind = self.t.kind
+        if kind not in (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING) or \
+                any(term.part == "bias" for term, _, _ in self.factors) or \
+                (self.t.dora and kind is not LayerKind.LINEAR):
+            return super().rows(w, i, j)
+        w = w.to(self.device)
+        if kind is LayerKind.LINEAR:
+            bs, as_ = [b[i:j] for _, b, _ in self.factors], [a for _, _, a in self.factors]
+        else:  # rows of (B @ A).T = A[:, rows].T @ B.T
+            bs, as_ = [a[:, i:j].T for _, _, a in self.factors], [b.T for _, b, _ in self.factors]
+        coeffs = [term.coef for term, _, _ in self.factors]
+        # rounded once, by the kernel, to the output dtype (the executor's cast is then a no-op)
+        out = torch.empty(w.shape, dtype=torch_dtype(self.t.dtype), device=self.device)
+        if self.magnitude is not None:
+            return kernels.dora_merge(w, bs, as_, coeffs, self.magnitude[i:j], out=out)
+        return kernels.merge(w, bs, as_, coeffs, out=out)
+
+
+# -- where the math runs ------------------------------------------------------------------------
+
+def _cpu_only_torch() -> bool:
+    """Whether torch can only run on the CPU here: a CPU-only build (read from its ``version.py``)
+    or no GPU device on the machine, found without importing torch (a second or more; see
+    ``loratool.merge.numpy_engine``)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text(encoding="utf-8")
+    except (OSError, ValueError, ImportError):
+        return False
+    none = {m.group(1) for m in re.finditer(r"^(cuda|hip)\b[^=\n]*=\s*None\s*$", text, re.M)}
+    if none == {"cuda", "hip"}:
+        return True
+    # a GPU build on a machine without a GPU device node (Linux): torch would find no device
+    dev = Path("/dev")
+    return sys.platform.startswith("linux") and dev.is_dir() and not (
+        any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists())
+
+
+def resolve_device(device: str | None, probe: bool = False) -> str | None:
+    """"cpu" or "cuda" for --device auto|cpu|cuda. ``probe``: None where knowing would take
+    importing torch (a CUDA build with --device auto)."""
+    device = (device or "auto").lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device: unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and _cpu_only_torch()):
+        return "cpu"
+    if probe:
+        return None
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    return device
+
+
+# -- one block of the torch path ----------------------------------------------------------------
+
+def _cpu_dtype(t: TensorPlan, device: str):
+    """The accumulation dtype of one merged tensor. One adapter at weight 1 on the CPU: float32,
+    PEFT's arithmetic, for PEFT's bits. Anything else (weights, several adapters, unmerge) has no
+    PEFT result to match, and float32 is exact only to the size of the terms where W and ΔW
+    cancel: float64 then, so that every element is the exact value rounded once (to within the
+    one-ulp slack of torch's float64 → float32 → bf16 conversion). Unmerging one adapter at weight
+    1 repeats the merge's float32 arithmetic, which lands back on the base's bits most often."""
+    import torch
+
+    if device != "cpu" or t.dora:
+        return torch.float32
+    # ±1 · scale: a plain merge, or the unmerge of one (which must repeat the merge's float32
+    # arithmetic to land back on the base's bits)
+    plain = len(t.terms) == 1 and abs(t.terms[0].coef) == t.terms[0].module.scale
+    return torch.float32 if plain else torch.float64
+
+
+def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int, j: int):
+    """Rows [i, j) of ``t`` from the first ``n`` bytes of ``buf`` (its base rows), in torch; the
+    output's bytes, as a numpy array."""
+    import torch
+
+    dt = torch_dtype(t.src.dtype)
+    w = torch.frombuffer(buf, dtype=dt, count=n // dt.itemsize) if n else torch.empty(0, dtype=dt)
+    w = w.reshape((j - i,) + t.shape[1:] if t.shape else ())
+    out = torch_dtype(t.dtype)
+    if t.action is Action.CAST:
+        block = w.to(out)
+    else:
+        acc = math_.rows(w, i, j)
+        # a fresh tensor for the writer (on the CPU): acc is reused for the next block
+        block = torch.empty(acc.shape, dtype=out).copy_(acc)
+    _check_block(t, w, block, i)
+    return block.reshape(-1).view(torch.uint8).numpy()

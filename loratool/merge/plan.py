@@ -1,0 +1,386 @@
+"""The plan of a merge: what happens to every base tensor, and where its bytes go.
+
+The plan is built from headers only (``BaseCheckpoint`` and the lazy ``Adapter``): every base
+tensor gets one ``TensorPlan`` with an ``Action``; tensors no adapter touches are copied as raw
+bytes (never decoded, never in our memory). The output keeps the base's shard layout, index,
+safetensors metadata and the other files of the model directory (config, tokenizer, generation
+config), or is re-sharded (``--max-shard-size``) by transformers' rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from loratool import boundary
+from loratool.adapter import LayerKind, LoraModule, TensorSource, shape_of
+from loratool.errors import BaseMismatchError, InputError, UsageError
+from loratool.merge.specs import LoadedAdapter, parse_dtype
+from loratool.safetensors_io import DTYPES, PICKLE_SUFFIXES, SafetensorsFile, TensorRef, encode_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loratool.checkpoint import BaseCheckpoint
+
+CONVERTIBLE = {"F32", "F16", "BF16"}  # --dtype converts these; other dtypes are kept as they are
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+class Action(str, Enum):
+    COPY = "copy"  # raw bytes, never decoded
+    CAST = "cast"  # dtype conversion only (--dtype)
+    MERGE = "merge"  # W + Σ coef·ΔW (a LoRA weight) or b + Σ coef·bias (PEFT lora_bias)
+    REPLACE = "replace"  # modules_to_save (or, in unmerge, the base's tensor restored)
+
+
+@dataclass
+class Term:
+    """One adapter's contribution to one base tensor."""
+
+    module: LoraModule
+    coef: float  # sign · weight · scale
+    weight: float
+    adapter: str  # the adapter's path, for reports
+    part: str = "weight"  # "weight": the LoRA delta; "bias": lora_B.bias (PEFT lora_bias=True)
+
+    @property
+    def dora(self) -> bool:
+        return self.part == "weight" and self.module.use_dora
+
+
+@dataclass
+class TensorPlan:
+    name: str  # the checkpoint's name (component-prefixed in pipelines)
+    src: TensorRef
+    dtype: str  # output safetensors dtype
+    action: Action
+    terms: list[Term] = field(default_factory=list)
+    replacement: TensorSource | None = None
+
+    @property
+    def key(self) -> str:
+        """The name inside its safetensors file."""
+        return self.src.info.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.src.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.src.info.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][0]
+
+    @property
+    def kind(self) -> LayerKind | None:
+        return self.terms[0].module.kind if self.terms and self.terms[0].part == "weight" else None
+
+    @property
+    def dora(self) -> bool:
+        return any(t.dora for t in self.terms)
+
+
+@dataclass
+class ShardPlan:
+    rel: str  # path of the output file relative to the output root ("" for a single-file base)
+    tensors: list[TensorPlan]
+    metadata: dict[str, str]
+
+    def header(self) -> bytes:
+        return encode_header([(t.key, t.dtype, t.shape) for t in self.tensors], self.metadata,
+                             where=self.rel or "output")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header()) + sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class MergePlan:
+    base: "BaseCheckpoint"
+    adapters: list[LoadedAdapter]
+    shards: list[ShardPlan]
+    dtype: str | None  # --dtype (None: keep)
+    sign: int = 1  # -1: unmerge
+    single_file: bool = False  # the base is one .safetensors file: so is the output
+    indexes: dict[str, bytes] = field(default_factory=dict)  # rel -> content
+    copies: list[tuple[Path, str]] = field(default_factory=list)  # other files: source -> rel
+    json_updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> keys to set
+    warnings: list[str] = field(default_factory=list)
+
+    def tensors(self) -> Iterator[TensorPlan]:
+        for shard in self.shards:
+            yield from shard.tensors
+
+    def count(self, action: Action) -> int:
+        return sum(1 for t in self.tensors() if t.action is action)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the safetensors files written (the progress total)."""
+        return sum(s.nbytes for s in self.shards)
+
+
+def _module_problems(module: LoraModule) -> str | None:
+    a, b = shape_of(module.lora_A), shape_of(module.lora_B)
+    if module.kind is LayerKind.CONV2D:
+        if len(a) != 4 or len(b) != 4 or tuple(b[2:]) != (1, 1):
+            return f"Conv2d factors A {list(a)} and B {list(b)}; expected A (r, in, kh, kw) and B (out, r, 1, 1)"
+    elif len(a) != 2 or len(b) != 2:
+        return f"{module.kind.value} factors A {list(a)} and B {list(b)}; expected 2-D factors"
+    out = module.out_features
+    mag = shape_of(module.magnitude) if module.magnitude is not None else None
+    # one value per output row: (out,) for Linear, (1, out, 1, 1) for Conv2d
+    if mag is not None and [d for d in mag if d != 1] not in ([out], [] if out == 1 else [None]):
+        return f"DoRA magnitude has shape {list(shape_of(module.magnitude))}, expected [{out}] (one per output row)"
+    if module.lora_B_bias is not None and shape_of(module.lora_B_bias) != (out,):
+        return f"lora_B bias has shape {list(shape_of(module.lora_B_bias))}, expected [{out}]"
+    return None
+
+
+def _resolve(base: "BaseCheckpoint", name: str) -> str | None:
+    """A tensor name of an adapter (modules_to_save) in the base, tolerating the ``model.``
+    prefix difference that ``BaseCheckpoint.weight_name`` tolerates for modules."""
+    if name in base:
+        return name
+    alt = name[len("model."):] if name.startswith("model.") else "model." + name
+    return alt if alt in base else None
+
+
+def _listed(problems: list[str], limit: int = 4) -> str:
+    shown = "; ".join(problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def plan_merge(
+    base: "BaseCheckpoint",
+    adapters: Sequence[LoadedAdapter],
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    sign: int = 1,
+    restore: "BaseCheckpoint | None" = None,
+) -> MergePlan:
+    """Decide, from headers only, what happens to every base tensor.
+
+    ``sign=-1`` plans an unmerge (deltas subtracted); ``restore`` is then the original base, from
+    which modules_to_save tensors are restored. Problems (a module without a base tensor, shapes
+    that do not fit, a weighted DoRA merge) are collected and raised together.
+    """
+    out_dtype = parse_dtype(dtype)
+    terms: dict[str, list[Term]] = {}
+    replacements: dict[str, tuple[TensorSource, str]] = {}
+    fit: list[str] = []  # adapter and base do not fit (exit 3)
+    usage: list[str] = []  # the request cannot be done (exit 2)
+
+    for la in adapters:
+        a, w, label = la.adapter, la.spec.weight, str(la.spec.path)
+        for module in a.modules.values():
+            where = f"{label}: module {module.name!r}"
+            target = base.weight_name(module.name)
+            if target is None:
+                fit.append(f"{where} has no base tensor ({module.name}.weight is not in {base.path})")
+                continue
+            bad = _module_problems(module)
+            if bad:
+                fit.append(f"{where}: {bad}")
+                continue
+            found, expected = tuple(base.shape(target)), tuple(module.base_weight_shape)
+            if found != expected and module.kind in (LayerKind.LINEAR, LayerKind.CONV1D) \
+                    and found == expected[::-1]:
+                # PEFT decides Linear vs Conv1D per layer from the base module's type and flips
+                # fan_in_fan_out itself (with a warning), so one saved config can cover both kinds
+                # (peft/tuners/lora/layer.py, dispatch_default); the base's layout decides here.
+                other = LayerKind.LINEAR if module.kind is LayerKind.CONV1D else LayerKind.CONV1D
+                module = dataclasses.replace(module, kind=other)
+                expected = found
+            if found != expected:
+                fit.append(f"{where}: base tensor {target!r} has shape {list(found)}, the adapter's "
+                           f"{module.kind.value} delta has {list(expected)}")
+                continue
+            if base.dtype(target) not in CONVERTIBLE:
+                fit.append(f"{where}: base tensor {target!r} is {base.dtype(target)}; merging needs "
+                           "a bf16/fp16/fp32 base (dequantize it first)")
+                continue
+            if module.use_dora and sign < 0:
+                usage.append(f"{where} is DoRA: its merge rescales each row by m / ‖W + ΔW‖, which "
+                             "cannot be undone without the base; unmerge refuses DoRA adapters")
+                continue
+            if module.use_dora and w != 1.0:
+                usage.append(f"{where} is DoRA and has weight {w:g}: the magnitude vector rescales "
+                             "whole rows, so a weighted DoRA merge has no single meaning; give it "
+                             "weight 1.0")
+                continue
+            terms.setdefault(target, []).append(Term(module, sign * w * module.scale, w, label))
+            if module.lora_B_bias is not None:
+                bias = target[: -len("weight")] + "bias"
+                if bias not in base:
+                    fit.append(f"{where} has lora_bias but the base layer has no bias ({bias!r} "
+                               "is missing); PEFT refuses this merge too")
+                elif tuple(base.shape(bias)) != tuple(shape_of(module.lora_B_bias)):
+                    fit.append(f"{where}: lora_B.bias has shape {list(shape_of(module.lora_B_bias))}, "
+                               f"base {bias!r} has {list(base.shape(bias))}")
+                else:
+                    terms.setdefault(bias, []).append(
+                        Term(module, sign * w * module.scale, w, label, part="bias"))
+        for name, src in a.modules_to_save.items():
+            target = _resolve(base, name)
+            where = f"{label}: modules_to_save tensor {name!r}"
+            if target is None:
+                fit.append(f"{where} has no counterpart in the base")
+                continue
+            if tuple(shape_of(src)) != tuple(base.shape(target)):
+                fit.append(f"{where} has shape {list(shape_of(src))}, base {target!r} has "
+                           f"{list(base.shape(target))}")
+                continue
+            if target in replacements:
+                usage.append(f"{where}: {replacements[target][1]} also carries a replacement for "
+                             f"{target!r}; two adapters cannot both replace one tensor (merge them "
+                             "one at a time, or drop one)")
+                continue
+            replacements[target] = (src, label)
+
+    for name, ts in terms.items():
+        if any(t.dora for t in ts) and len(ts) > 1:
+            usage.append(f"base tensor {name!r}: a DoRA module ({ts[0].adapter}) and another "
+                         "adapter both change it; DoRA's per-row rescaling is defined for one "
+                         "adapter, merge them one at a time")
+        if name in replacements:
+            usage.append(f"base tensor {name!r} is replaced by modules_to_save of "
+                         f"{replacements[name][1]} and changed by a LoRA module of {ts[0].adapter}; "
+                         "the two cannot be combined")
+    if usage:
+        raise UsageError(f"cannot merge: {_listed(usage)}")
+    if fit:
+        raise BaseMismatchError(f"adapter and base do not fit: {_listed(fit)}; is {base.path} the "
+                                "base these adapters were trained on?")
+
+    warnings: list[str] = []
+    plans: dict[str, TensorPlan] = {}
+    for name, ref in base.items():
+        dt = out_dtype if (out_dtype and ref.dtype in CONVERTIBLE) else ref.dtype
+        if name in replacements:
+            src, label = replacements[name]
+            if sign < 0:
+                if restore is not None and name in restore:
+                    plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=restore.ref(name))
+                else:
+                    plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
+                    warnings.append(f"{name}: replaced by modules_to_save of {label}; the original is "
+                                    "not in the merged checkpoint, so it stays as merged (pass --base "
+                                    "to restore it)")
+            else:
+                plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=src)
+        elif name in terms:
+            plans[name] = TensorPlan(name, ref, dt, Action.MERGE, terms=terms[name])
+        else:
+            plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
+
+    plan = MergePlan(base=base, adapters=list(adapters), shards=[], dtype=out_dtype, sign=sign,
+                     warnings=warnings)
+    _plan_layout(plan, plans, max_shard_size)
+    return plan
+
+
+def _data_order(refs: Iterable[TensorRef]) -> list[TensorRef]:
+    return sorted(refs, key=lambda r: r.info.start)
+
+
+def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: int | None) -> None:
+    """Output files: the base's shards (or new ones of at most ``max_shard_size``), indexes, and
+    the other files of the model directory."""
+    base = plan.base
+    root = base.path
+    if base.path.is_file():
+        plan.single_file = True
+        st = SafetensorsFile(base.path)
+        tensors = [plans[r.info.name] for r in _data_order(st.ref(n) for n in st.keys())]
+        if max_shard_size:
+            raise UsageError("--max-shard-size needs a model directory; the base is a single file")
+        plan.shards.append(ShardPlan("", tensors, dict(st.metadata)))
+        return
+
+    by_file: dict[Path, list[TensorPlan]] = {}
+    for t in plans.values():
+        by_file.setdefault(t.src.file.path, []).append(t)
+    index_of = {idx.parent: idx for idx in base.index_files}
+    groups: dict[Path, list[Path]] = {}  # model directory (root or component) -> its files
+    for f in base.files:
+        groups.setdefault(f.parent, []).append(f)
+    for d, files in groups.items():
+        rel_dir = d.relative_to(root)
+        idx = index_of.get(d)
+        if max_shard_size:
+            _reshard(plan, d, files, by_file, idx, max_shard_size)
+            continue
+        for f in files:
+            tensors = sorted(by_file.get(f, []), key=lambda t: t.src.info.start)
+            meta = dict(tensors[0].src.file.metadata) if tensors else dict(SafetensorsFile(f).metadata)
+            plan.shards.append(ShardPlan(str(rel_dir / f.name), tensors, meta))
+        if idx is not None:
+            rel = str(idx.relative_to(root))
+            if plan.dtype is None:
+                plan.indexes[rel] = boundary.read_bytes(idx)  # unchanged: copied byte for byte
+            else:
+                data = boundary.read_json(idx)
+                total = sum(t.nbytes for f in files for t in by_file.get(f, []))
+                data.setdefault("metadata", {})["total_size"] = total
+                plan.indexes[rel] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+    for src, rel in base.other_files():  # inside the base's folder, regular files (loratool.boundary)
+        rel = Path(rel)
+        stale = src.suffix in PICKLE_SUFFIXES or src.suffix == ".safetensors" \
+            or src.name.endswith(".safetensors.index.json")
+        if stale:
+            plan.warnings.append(f"{rel}: not copied: weights that are not part of the checkpoint "
+                                 "(they would not hold the merge)")
+            continue
+        plan.copies.append((src, str(rel)))
+        if plan.dtype is not None and src.name == "config.json" and src.parent in groups:
+            try:
+                cfg = boundary.read_json(src)
+            except InputError:
+                continue
+            keys = [k for k in ("torch_dtype", "dtype") if k in cfg] if isinstance(cfg, dict) else []
+            if keys:
+                plan.json_updates[str(rel)] = {k: TORCH_NAMES[plan.dtype] for k in keys}
+
+
+def _reshard(plan: MergePlan, d: Path, files: list[Path], by_file: dict[Path, list[TensorPlan]],
+             idx: Path | None, limit: int) -> None:
+    """transformers' rule: tensors in the base's order, a new shard when the next tensor would go
+    past the limit (a tensor larger than the limit gets a shard of its own)."""
+    root = plan.base.path
+    rel_dir = d.relative_to(root)
+    order = [t for f in files for t in sorted(by_file.get(f, []), key=lambda t: t.src.info.start)]
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in order:
+        if groups[-1] and size + t.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    stem = "diffusion_pytorch_model" if files[0].name.startswith("diffusion_pytorch_model") else "model"
+    meta = dict(SafetensorsFile(files[0]).metadata) or {"format": "pt"}
+    if len(groups) == 1:
+        plan.shards.append(ShardPlan(str(rel_dir / f"{stem}.safetensors"), groups[0], meta))
+        return
+    weight_map: dict[str, str] = {}
+    for i, g in enumerate(groups, 1):
+        fname = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+        plan.shards.append(ShardPlan(str(rel_dir / fname), g, meta))
+        weight_map.update({t.key: fname for t in g})
+    extra: dict[str, Any] = {}
+    if idx is not None:
+        old = boundary.read_json(idx)
+        meta = old.get("metadata") if isinstance(old, dict) else None
+        extra = {k: v for k, v in meta.items() if k != "total_size"} if isinstance(meta, dict) else {}
+    index = {"metadata": {**extra, "total_size": sum(t.nbytes for t in order)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    plan.indexes[str(rel_dir / f"{stem}.safetensors.index.json")] = (json.dumps(index, indent=2) + "\n").encode()
