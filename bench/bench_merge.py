@@ -129,10 +129,15 @@ def bench_size(layers: int, work: Path, peft: bool, weighted: bool, repeat: int,
                              "-o", str(out), "--device", "cpu", "--quiet"], env=env)
         return run
 
-    if compare is not None:  # interleaved with ours below, so that both see the same machine
-        dt, rss = best(repeat, ours(str(adapter), work / "other", compare))
-        row.update(compare_src=str(compare), compare_merge_s=round(dt, 2), compare_peak_rss_mb=rss)
-    dt, rss = best(repeat, ours(str(adapter), work / "ours"))
+    if compare is not None:  # runs alternate (other, ours, other, ours...): both see the same machine
+        other_run, ours_run = ours(str(adapter), work / "other", compare), ours(str(adapter), work / "ours")
+        pairs = [(other_run(), ours_run()) for _ in range(repeat)]
+        row.update(compare_src=str(compare), compare_merge_s=round(min(p[0][0] for p in pairs), 2),
+                   compare_peak_rss_mb=max(p[0][1] for p in pairs),
+                   compare_runs_s=[round(p[0][0], 2) for p in pairs], merge_runs_s=[round(p[1][0], 2) for p in pairs])
+        dt, rss = min(p[1][0] for p in pairs), max(p[1][1] for p in pairs)
+    else:
+        dt, rss = best(repeat, ours(str(adapter), work / "ours"))
     row.update(merge_s=round(dt, 2), merge_peak_rss_mb=rss, merge_over_cp=round(dt / row["cp_s"], 2),
                merge_over_cp_sync=round(dt / (row["cp_s"] + row["sync_after_cp_s"]), 2))
     if compare is not None:
@@ -181,6 +186,7 @@ def main(argv=None) -> int:
         if "compare_merge_s" in r:
             print(f"{'':>6} {r['compare_src']}: merge {r['compare_merge_s']:.2f} s, {r['compare_peak_rss_mb']} MB; "
                   f"this tree / that tree = {r['compare_merge_ratio']:.3f}, same bytes: {r['compare_bit_equal']}")
+            print(f"{'':>6} runs, alternating: that tree {r['compare_runs_s']}, this tree {r['merge_runs_s']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
