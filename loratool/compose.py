@@ -31,6 +31,7 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, dtype_of, load_tensor, shape_of
+from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
 from loratool.errors import InputError, UsageError
 from loratool.lowrank import (
     DELTA_METHODS,
@@ -50,32 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from loratool.schemas.lowrank import ComposeReport
 
 METHODS = ("linear", "cat") + DELTA_METHODS
-
-
-
-def parse_adapter_specs(text: str | Sequence[str]) -> list[tuple[str, float]]:
-    """``a:0.7,b:0.3`` -> [("a", 0.7), ("b", 0.3)]. The weight is the last ``:number`` of an
-    item (so paths may hold ':' otherwise); an item without one has weight 1."""
-    items = [text] if isinstance(text, str) else list(text)
-    specs = []
-    for chunk in items:
-        for item in chunk.split(","):
-            item = item.strip()
-            if not item:
-                raise UsageError(f"--adapters {chunk!r}: empty entry; expected PATH[:WEIGHT],PATH[:WEIGHT],...")
-            # an existing path is never split; `sha256:1234` is a digest, not a weight
-            from loratool.registry.refs import split_weight
-
-            ref, weight = split_weight(item)
-            if weight is None:
-                specs.append((ref, 1.0))
-            else:
-                if not math.isfinite(weight):
-                    raise UsageError(f"--adapters: weight of {ref!r} is not finite: {weight}")
-                specs.append((ref, weight))
-    if not specs:
-        raise UsageError("--adapters: give at least one adapter, as PATH[:WEIGHT],PATH[:WEIGHT],...")
-    return specs
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -345,10 +320,11 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
     return out, report
 
 
-def compose_paths(specs: Sequence[tuple[str, float]], out: str | os.PathLike, method: str = "linear",
+def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLike, method: str = "linear",
                   rule: RankRule | None = None, density: float | None = None, seed: int = 0,
                   overwrite: bool = False) -> "ComposeReport":
-    """Read the adapters of ``specs`` ((path, weight) pairs), compose them, write ``out``."""
+    """Read the adapters of ``specs`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s, the grammar of
+    ``loratool.adapter_specs``), compose them, write ``out``."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
@@ -357,11 +333,13 @@ def compose_paths(specs: Sequence[tuple[str, float]], out: str | os.PathLike, me
 
     from loratool.adapter import require_usable
 
-    adapters = [load_adapter(p) for p, _ in specs]
+    specs = parse_adapter_specs(specs)
+    weights = [s.weight for s in specs]
+    adapters = [load_adapter(s.path) for s in specs]
     for a in adapters:
         require_usable(a)
-    composed, report = compose_adapters(adapters, [w for _, w in specs], method, rule, density, seed)
-    params = {"method": method, "weights": [w for _, w in specs], "density": density, "seed": seed,
+    composed, report = compose_adapters(adapters, weights, method, rule, density, seed)
+    params = {"method": method, "weights": weights, "density": density, "seed": seed,
               "rule": _rule_params(rule) if rule is not None else None}
     manifest = stamp_adapter(composed, "composed", adapters, params)
     write_adapter(composed, out, composed.format, overwrite=overwrite)

@@ -11,27 +11,12 @@ PEFT -> kohya and kohya -> diffusers -> kohya give back the original file's keys
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from loratool.errors import UsageError
+from loratool.schemas.convert import ConvertResult
 
 TARGETS = ("peft", "kohya", "diffusers")
-
-
-@dataclass(frozen=True)
-class ConvertResult:
-    source: str
-    source_format: str
-    format: str
-    output: Path
-    num_modules: int
-    components: tuple[str, ...]
-
-    def describe(self) -> str:
-        comps = f" ({', '.join(self.components)})" if self.components else ""
-        return (f"wrote {self.num_modules} modules{comps} as {self.format} to {self.output} "
-                f"(from {self.source_format} {self.source})")
 
 
 def convert(
@@ -68,5 +53,5 @@ def convert(
         format=to,
         output=Path(path),
         num_modules=len(adapter.modules),
-        components=adapter.components,
+        components=list(adapter.components),
     )

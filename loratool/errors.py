@@ -62,3 +62,21 @@ class BaseMismatchError(LoratoolError):
 
 class OutputError(LoratoolError):
     """An output cannot be written (exists, no space, permission)."""
+
+
+# -- the registry (``loratool.registry``; importable from its modules too) ----------------------
+
+class NotInRegistryError(InputError):
+    """A well-formed reference that matches nothing in the registry."""
+
+
+class AmbiguousRefError(UsageError):
+    """A reference that matches more than one adapter; the message lists them."""
+
+
+class CorruptBlobError(InputError):
+    """A registry blob's bytes no longer hash to its name (or it is missing)."""
+
+
+class IndexLockedError(InputError):
+    """Another process holds the registry index's lock longer than we wait (exit 2)."""

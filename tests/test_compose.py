@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loratool.cli import main
-from loratool.compose import compose_adapters, compose_paths, parse_adapter_specs
+from loratool.compose import compose_adapters, compose_paths
 from loratool.errors import InputError, UsageError
 from loratool.formats import load_adapter
 from loratool.lowrank import RankRule, merge_deltas
@@ -37,15 +37,6 @@ def weighted_sum(a, b, weights=W, model="llama", dtype=torch.float32):
     for name in set(da) | set(db):
         out[name] = sum(w * d[name] for w, d in zip(weights, (da, db)) if name in d)
     return out
-
-
-def test_parse_adapter_specs():
-    assert parse_adapter_specs("a:0.7,b:-0.3") == [("a", 0.7), ("b", -0.3)]
-    assert parse_adapter_specs(["x/y", "C:\\ad:2,dir:with:colons:1e-1"]) == [
-        ("x/y", 1.0), ("C:\\ad", 2.0), ("dir:with:colons", 0.1)]
-    assert parse_adapter_specs("hub:org/name") == [("hub:org/name", 1.0)]
-    with pytest.raises(UsageError, match="empty entry"):
-        parse_adapter_specs("a:1,,b")
 
 
 def test_cat_equals_peft_cat(pair, tmp_path):

@@ -146,6 +146,23 @@ def test_cli_prints_one_line(sd_files, tmp_path, capsys):
     assert (tmp_path / "d" / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_cli_json_is_the_result_model(sd_files, tmp_path, capsys):
+    import jsonschema
+
+    from loratool.schemas.convert import ConvertResult
+    from loratool.schemas.export import SCHEMA_DIR
+
+    src = sd_files / "kohya_sd.safetensors"
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(src), "--to", "peft", "-o", str(tmp_path / "p"), "--json"])
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"source": str(src), "source_format": "kohya", "format": "peft", "output": str(tmp_path / "p"),
+                   "num_modules": 26, "components": out["components"]}
+    assert out["components"] and ConvertResult.model_validate(out).output == tmp_path / "p"
+    jsonschema.validate(out, json.loads((SCHEMA_DIR / "convert-result.schema.json").read_text()))
+
+
 @pytest.mark.parametrize("args, needle", [
     (lambda sd, tmp: [str(_llm_peft(tmp)), "--to", "diffusers", "-o", str(tmp / "x")], "no pipeline components"),
     (lambda sd, tmp: [str(_llm_peft(tmp)), "--to", "kohya", "-o", str(tmp / "x.safetensors")], "no model components"),

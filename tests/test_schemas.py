@@ -54,3 +54,33 @@ def test_manifests_validate_and_broken_ones_do_not(tmp_path):
     for bad in broken:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema("manifest.schema.json"))
+
+
+def _json_commands() -> set[str]:
+    """Every command (``registry add`` for a subcommand) that takes ``--json``."""
+    import click
+
+    from loratool.cli import cli
+
+    found = set()
+    ctx = click.Context(cli)
+
+    def walk(cmd: click.Command, prefix: str) -> None:
+        if isinstance(cmd, click.Group):  # the top level loads its commands lazily
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), f"{prefix} {name}".strip())
+        elif any("--json" in p.opts for p in cmd.params):
+            found.add(prefix)
+
+    walk(cli, "")
+    return found
+
+
+def test_every_json_output_has_an_exported_schema():
+    """Issue 12: each command's ``--json`` is a pydantic model whose schema is in schemas/."""
+    from loratool.schemas.export import COMMAND_SCHEMAS
+
+    commands = _json_commands()
+    assert {"inspect", "convert", "merge", "registry list"} <= commands  # the walk finds them
+    assert commands == set(COMMAND_SCHEMAS)
+    assert set(COMMAND_SCHEMAS.values()) <= set(SCHEMAS)

@@ -30,7 +30,8 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
     The default rank is the largest input rank (linear, ties, dare_*, magnitude_prune). The output
     has scale 1 (alpha = rank) and the inputs' common format (PEFT when they differ).
     """
-    from loratool.compose import compose_paths, parse_adapter_specs
+    from loratool.adapter_specs import parse_adapter_specs
+    from loratool.compose import compose_paths
     from loratool.lowrank import RankRule
 
     parsed = parse_adapter_specs(specs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.render import FORMAT_CHOICE
+from loratool.cli.render import FORMAT_CHOICE, emit
 
 
 @click.command("convert")
@@ -14,7 +14,8 @@ from loratool.cli.render import FORMAT_CHOICE
               help="Where to write: a directory (peft, diffusers) or a .safetensors file (kohya, diffusers).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None, help="Override format detection of ADAPTER.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def convert_cmd(adapter, to, out, fmt, overwrite):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def convert_cmd(adapter, to, out, fmt, overwrite, as_json):
     """Convert ADAPTER (PEFT directory, kohya or diffusers file) to another format.
 
     Tensors are copied bit for bit; alpha, ranks and kohya's ss_* metadata are kept. What the
@@ -23,5 +24,5 @@ def convert_cmd(adapter, to, out, fmt, overwrite):
     from loratool.convert import convert
 
     result = convert(adapter, to, out, format=fmt, overwrite=overwrite)
-    click.echo(result.describe())
+    emit(result, as_json, lambda r: click.echo(r.describe()))
     return 0

@@ -1,60 +1,19 @@
-"""Which adapters, at which weights: ``--adapters`` parsed into ``AdapterSpec``s and read into
-``LoadedAdapter``s (refused when merging them would leave something out), and the values of
-``--dtype`` and ``--max-shard-size``."""
+"""Which adapters, at which weights: ``--adapters`` parsed into ``AdapterSpec``s (the grammar every
+command shares, in ``loratool.adapter_specs``) and read into ``LoadedAdapter``s (refused when
+merging them would leave something out), and the values of ``--dtype`` and ``--max-shard-size``."""
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from loratool.adapter import Adapter, require_usable
+from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
 from loratool.errors import InputError, UsageError
 
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32",
                  "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One ``PATH[:WEIGHT]`` of ``--adapters``."""
-
-    path: Path
-    weight: float = 1.0
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.weight:g}"
-
-
-def parse_adapter_specs(values: str | Iterable[str]) -> list[AdapterSpec]:
-    """Parse ``a:0.7,b:0.3`` (or several such strings): the weight is the last ``:number``, 1.0
-    when absent, so paths that hold colons still work."""
-    if isinstance(values, str):
-        values = [values]
-    specs: list[AdapterSpec] = []
-    for value in values:
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            # the registry's rule: an existing path is never split, `sha256:1234` is a digest
-            from loratool.registry.refs import split_weight
-
-            path, w = split_weight(part)
-            weight = 1.0 if w is None else w
-            if path.startswith(":"):
-                path = ""
-            if not path:
-                raise UsageError(f"--adapters: {part!r} has a weight but no path; expected PATH[:WEIGHT]")
-            if not math.isfinite(weight):
-                raise UsageError(f"--adapters: weight of {path} is {weight}; expected a finite number")
-            specs.append(AdapterSpec(Path(path), weight))
-    if not specs:
-        raise UsageError("--adapters: no adapter given; expected PATH[:WEIGHT][,PATH[:WEIGHT]...]")
-    return specs
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -92,15 +51,8 @@ class LoadedAdapter:
 
 
 def _specs(adapters) -> list[AdapterSpec]:
-    """``"a:0.7,b:0.3"``, or a list of such strings, paths and ``AdapterSpec``s."""
-    if isinstance(adapters, (str, os.PathLike)):
-        adapters = [adapters]
-    specs: list[AdapterSpec] = []
-    for a in adapters:
-        specs.extend([a] if isinstance(a, AdapterSpec) else parse_adapter_specs(os.fspath(a)))
-    if not specs:
-        raise UsageError("no adapter given; expected PATH[:WEIGHT][,PATH[:WEIGHT]...]")
-    return specs
+    """``"a:0.7,b:0.3"``, or a list of such strings, paths and ``AdapterSpec``s (``adapter_specs``)."""
+    return parse_adapter_specs(adapters)
 
 
 def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:

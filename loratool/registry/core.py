@@ -27,7 +27,7 @@ from typing import Any, Iterable
 from pydantic import ValidationError
 
 from loratool.boundary import default_home, parse_json
-from loratool.errors import InputError, UsageError
+from loratool.errors import AmbiguousRefError, InputError, NotInRegistryError, UsageError
 from loratool.fingerprint import HashCache, hash_files
 from loratool.registry.index import Index
 from loratool.registry.models import (
@@ -52,14 +52,6 @@ from loratool.registry.store import BlobStore
 DB_FILE = "registry.db"
 MATERIALIZED = "materialized"
 _LIST_LIMIT = 8
-
-
-class NotInRegistryError(InputError):
-    """A well-formed reference that matches nothing in the registry."""
-
-
-class AmbiguousRefError(UsageError):
-    """A reference that matches more than one adapter; the message lists them."""
 
 
 def _now() -> str:

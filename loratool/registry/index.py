@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from loratool.errors import InputError, OutputError
+from loratool.errors import IndexLockedError, InputError, OutputError
 
 READ_WAIT_S = 5.0    # a reader (list, show, export, lookups, opening the index) waits this long
 WRITE_WAIT_S = 60.0  # a writer (add, tag, rm, schema creation) waits this long in all
@@ -111,10 +111,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 def _locked(e: sqlite3.OperationalError) -> bool:
     msg = str(e).lower()
     return "locked" in msg or "busy" in msg
-
-
-class IndexLockedError(InputError):
-    """Another process holds the registry index's lock longer than we wait (exit 2)."""
 
 
 class _Deadline:

@@ -35,17 +35,13 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from loratool.boundary import fsync_dir, open_regular
-from loratool.errors import InputError, OutputError
+from loratool.errors import CorruptBlobError, InputError, OutputError
 from loratool.fingerprint import sha256_file
 
 CHUNK = 8 * 1024 * 1024
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_ONLY = 0o444
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share the source's extents, copy-on-write
-
-
-class CorruptBlobError(InputError):
-    """A blob's bytes no longer hash to its name (or it is missing)."""
 
 
 def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:

@@ -1,10 +1,11 @@
-"""Export the JSON Schema of loratool's models into the top-level ``schemas/`` directory.
+"""Export the JSON Schema of loratool's models into the top-level ``schemas/`` directory: the
+manifests, and the model of every command's ``--json`` output (``COMMAND_SCHEMAS`` says which).
 
     python -m loratool.schemas.export            # regenerate schemas/*.json
     python -m loratool.schemas.export --check    # exit 1 if a file is out of date
 
 ``tests/test_schemas.py`` fails when a file is out of date. To publish a new model's schema, add
-it to ``SCHEMAS``.
+it to ``SCHEMAS`` (a command's ``--json`` model: to ``COMMAND_SCHEMAS`` too).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
+from loratool.merge.api import MergeResult, UnmergeResult
+from loratool.merge.parity import ParityReport
+from loratool.registry.models import AddResult, Details, GcResult, ListReport, VerifyReport
+from loratool.schemas.convert import ConvertResult
 from loratool.schemas.lowrank import ComposeReport, ResizeReport
+from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
 from loratool.schemas.reports import InspectReport, ValidationReport
 
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -28,6 +33,35 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "validation-report.schema.json": ValidationReport,
     "resize-report.schema.json": ResizeReport,
     "compose-report.schema.json": ComposeReport,
+    "convert-result.schema.json": ConvertResult,
+    "merge-result.schema.json": MergeResult,
+    "unmerge-result.schema.json": UnmergeResult,
+    "parity-report.schema.json": ParityReport,
+    "registry-add-result.schema.json": AddResult,
+    "registry-list.schema.json": ListReport,
+    "registry-details.schema.json": Details,
+    "registry-gc-result.schema.json": GcResult,
+    "registry-verify-report.schema.json": VerifyReport,
+}
+
+# The schema of each command's ``--json`` output (commands without ``--json`` are not listed).
+COMMAND_SCHEMAS: dict[str, str] = {
+    "inspect": "inspect-report.schema.json",
+    "validate": "validation-report.schema.json",
+    "convert": "convert-result.schema.json",
+    "resize": "resize-report.schema.json",
+    "compose": "compose-report.schema.json",
+    "merge": "merge-result.schema.json",
+    "unmerge": "unmerge-result.schema.json",
+    "parity": "parity-report.schema.json",
+    "fingerprint": "fingerprint.schema.json",
+    "manifest": "manifest.schema.json",
+    "registry add": "registry-add-result.schema.json",
+    "registry pull": "registry-add-result.schema.json",
+    "registry list": "registry-list.schema.json",
+    "registry show": "registry-details.schema.json",
+    "registry gc": "registry-gc-result.schema.json",
+    "registry verify": "registry-verify-report.schema.json",
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -187,3 +187,29 @@ def test_registry_without_create_does_not_make_one(home):
     with Registry(home, create=False) as r, pytest.raises(InputError, match="no registry"):
         r.find_versions("x")
     assert not home.exists()
+
+
+def test_every_error_class_lives_in_errors_py():
+    """One error hierarchy in one module (issue 12): the registry's errors are importable from
+    where they were raised, and are the classes of ``loratool.errors``."""
+    import importlib
+    import pkgutil
+
+    import loratool
+    import loratool.errors as errors
+    from loratool.registry.core import AmbiguousRefError, NotInRegistryError
+    from loratool.registry.index import IndexLockedError
+    from loratool.registry.store import CorruptBlobError
+
+    assert (NotInRegistryError, AmbiguousRefError, CorruptBlobError, IndexLockedError) == (
+        errors.NotInRegistryError, errors.AmbiguousRefError, errors.CorruptBlobError, errors.IndexLockedError)
+    for info in pkgutil.walk_packages(loratool.__path__, "loratool."):
+        if not info.name.startswith(("loratool.kernels", "loratool.cli", "loratool.__main__")):
+            importlib.import_module(info.name)
+    todo, found = [errors.LoratoolError], []
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    assert len(found) > 10
+    assert {c.__module__ for c in found} == {"loratool.errors"}, [c for c in found if c.__module__ != "loratool.errors"]
