@@ -397,40 +397,52 @@ def _others(dest: Path, new: Path) -> list[str]:
 
 
 @contextlib.contextmanager
+def _publishing(dest: Path) -> Iterator[dict]:
+    """The failure handling both publishers share: SIGTERM unwinds like Ctrl-C, and on any failure
+    the temporary output named by ``state["tmp"]`` is removed; OSError becomes one line."""
+    state: dict[str, Path | None] = {"tmp": None}
+    try:
+        with _sigterm_raises():
+            yield state
+    except _Interrupted:
+        _remove(state["tmp"])
+        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
+    except OSError as e:
+        _remove(state["tmp"])
+        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        _remove(state["tmp"])
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = open_regular(path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, overwrite: bool = False, inputs: Iterable = (),
                 verify: Callable[[Path], None] | None = None, sidecar: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``dest``; after ``verify(tmp)`` passes, it is renamed onto
     ``dest`` (checked by ``check_output`` first). On any failure nothing appears at ``dest``."""
     inputs = list(inputs)
     dest = check_output(dest, overwrite=overwrite, inputs=inputs, kind="file", sidecar=sidecar)
-    tmp_path: Path | None = None
-    try:
-        with _sigterm_raises():
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-            os.close(fd)
-            tmp_path = Path(tmp)
-            yield tmp_path
-            fd = open_regular(tmp_path)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if verify is not None:
-                verify(tmp_path)
-            _publish_mode(tmp_path, directory=False)
-            check_output(dest, overwrite=overwrite, inputs=inputs, kind="file", sidecar=sidecar)  # still so
-            os.replace(tmp_path, dest)
-            tmp_path = None
-            fsync_dir(dest.parent)
-    except _Interrupted:
-        _remove(tmp_path)
-        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
-    except OSError as e:
-        _remove(tmp_path)
-        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp_path)
-        raise
+    with _publishing(dest) as state:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        state["tmp"] = tmp_path = Path(tmp)
+        yield tmp_path
+        _fsync(tmp_path)
+        if verify is not None:
+            verify(tmp_path)
+        _publish_mode(tmp_path, directory=False)
+        check_output(dest, overwrite=overwrite, inputs=inputs, kind="file", sidecar=sidecar)  # still so
+        os.replace(tmp_path, dest)
+        state["tmp"] = None
+        fsync_dir(dest.parent)
 
 
 @contextlib.contextmanager
@@ -445,18 +457,13 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, inputs: Iterabl
     """
     inputs = list(inputs)
     dest = check_output(dest, overwrite=overwrite, inputs=inputs, kind="dir")
-    tmp: Path | None = None
     old: Path | None = None
     try:
-        with _sigterm_raises():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        with _publishing(dest) as state:
+            state["tmp"] = tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
             yield tmp
             for p in regular_files(tmp):
-                fd = open_regular(p)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync(p)
             fsync_dir(tmp)
             if verify is not None:
                 verify(tmp)
@@ -478,19 +485,9 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, inputs: Iterabl
                 except BaseException:
                     os.replace(old / "x", dest)
                     raise
-                tmp = None
             else:
                 os.replace(tmp, dest)
-                tmp = None
+            state["tmp"] = None
             fsync_dir(dest.parent)
-    except _Interrupted:
-        _remove(tmp)
-        raise OutputError(f"{dest}: interrupted (SIGTERM); nothing was written") from None
-    except OSError as e:
-        _remove(tmp)
-        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
     finally:
         _remove(old)
