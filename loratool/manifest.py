@@ -365,13 +365,19 @@ def _file_diffs(recorded: BaseFingerprint, found: BaseFingerprint, attr: str) ->
 
 
 def _fit_problems(adapter: "Adapter", ckpt: "BaseCheckpoint") -> list[str]:
-    """Modules whose base tensor is missing from ``ckpt`` or has another shape."""
+    """Modules whose base tensor is missing from ``ckpt`` or has another shape. A Linear or
+    Conv1D delta fits the transposed shape too: PEFT decides the kind per layer from the base
+    module and flips fan_in_fan_out itself, and so does ``merge.plan_merge``."""
+    from loratool.adapter import LayerKind
+
     out: list[str] = []
     for name, module in adapter.modules.items():
         wname = ckpt.weight_name(name)
         want = tuple(module.base_weight_shape)
         if wname is None:
             out.append(f"{name}.weight is missing from the base")
+        elif tuple(ckpt.shape(wname)) == want[::-1] and module.kind in (LayerKind.LINEAR, LayerKind.CONV1D):
+            continue
         elif tuple(ckpt.shape(wname)) != want:
             out.append(f"{wname} has shape {list(ckpt.shape(wname))}, the adapter needs {list(want)}")
     for name, t in adapter.modules_to_save.items():
@@ -592,6 +598,11 @@ class BaseGuard:
     def mismatch(self) -> str | None:
         found = [r.mismatch for _, r in self.results if r.mismatch]
         return "; ".join(found) if found else None
+
+    @property
+    def messages(self) -> list[str]:
+        """What the commands say on stderr: the warnings, then the mismatch that was allowed."""
+        return self.warnings + ([f"base mismatch allowed: {self.mismatch}"] if self.mismatch else [])
 
     @property
     def base(self) -> BaseFingerprint | None:

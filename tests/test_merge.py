@@ -4,7 +4,7 @@ Bases are tiny transformers models (Llama-like, GPT-2) and a model with one laye
 supports, saved by ``save_pretrained`` (sharded with ``max_shard_size="200KB"``) or
 ``safetensors``; adapters are made by PEFT with ``init_lora_weights=False`` and saved by it. The
 oracle is ``PeftModel.from_pretrained(...).merge_and_unload()``; where we promise bits we compare
-bytes, elsewhere ulps of the float64 value. Row blocks are made small (``block_bytes``) so that
+bytes, elsewhere ulps of the float64 value. Row blocks are made small (``_merge(block_bytes=)``) so that
 these small matrices still go through several blocks and a folded tail.
 """
 
@@ -25,6 +25,7 @@ from peft_oracle import Kinds
 from loratool.checkpoint import BaseCheckpoint
 from loratool.errors import BaseMismatchError, OutputError, UsageError
 from loratool.merge import AdapterSpec, merge, parse_adapter_specs, parse_size, row_spans, unmerge
+from loratool.merge.api import _merge  # merge, with the executor's test parameters
 from loratool.merge.parity import ulp
 from loratool.safetensors_io import SafetensorsFile
 
@@ -123,7 +124,7 @@ def test_one_adapter_equals_peft_merge_and_unload_bit_for_bit(llama, tmp_path, n
     assert len(list(base.glob("model-*.safetensors"))) > 1, "the fixture base should be sharded"
     before = {**digest_tree(base), **{f"adapter/{k}": v for k, v in digest_tree(a).items()}}
 
-    result = merge(base, [AdapterSpec(a)], tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
+    result = _merge(base, [AdapterSpec(a)], tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
 
     assert result.merged == 14 and result.copied == 7 and result.replaced == 0
     ours = BaseCheckpoint(tmp_path / "out")
@@ -138,7 +139,7 @@ def test_one_adapter_equals_peft_merge_and_unload_bit_for_bit(llama, tmp_path, n
     for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
               "model.layers.0.input_layernorm.weight"):
         assert raw(ours, n) == raw(orig, n)
-    files = sorted(p.name for p in base.iterdir())
+    files = sorted([*(p.name for p in base.iterdir()), "loratool.json"])  # the lineage, since issue 12
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
     for f in ("model.safetensors.index.json", "config.json", "generation_config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (base / f).read_bytes()
@@ -156,7 +157,7 @@ def test_gpt2_conv1d_equals_peft_bit_for_bit(tmp_path):
     model.save_pretrained(str(tmp_path / "base"), max_shard_size="200KB")
     a = save_adapter(model, tmp_path / "a", 3, r=8, lora_alpha=16, fan_in_fan_out=True,
                      target_modules=["c_attn", "c_proj", "c_fc"])
-    merge(tmp_path / "base", str(a), tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
+    _merge(tmp_path / "base", str(a), tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
     ours = BaseCheckpoint(tmp_path / "out")
     want = peft_merged(lambda: tiny_gpt2(torch.bfloat16), tmp_path / "base", a)
     touched = [n for n in ours.names() if any(k in n for k in ("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
@@ -172,7 +173,7 @@ def test_weighted_adapters_within_one_ulp_of_float64(llama, tmp_path, capsys):
     from peft import PeftModel
 
     base, a, b, dtype = llama["bf16"]
-    merge(base, f"{a}:0.7,{b}:0.3", tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
+    _merge(base, f"{a}:0.7,{b}:0.3", tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
     ours = BaseCheckpoint(tmp_path / "out")
     orig = load_dir(base)
 
@@ -277,7 +278,7 @@ def test_layer_kinds_within_one_ulp_of_peft(tmp_path, case):
     edit = _edit_mts if case == "modules_to_save" else None
     a = save_adapter(model, tmp_path / "a", 5, edit=edit, **config)
 
-    result = merge(tmp_path / "base", str(a), tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
+    result = _merge(tmp_path / "base", str(a), tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
     ours = BaseCheckpoint(tmp_path / "out")
     want = peft_merged(lambda: kinds_model(dtype), tmp_path / "base", a)
     orig = BaseCheckpoint(tmp_path / "base")
@@ -307,7 +308,7 @@ def test_layer_kinds_within_one_ulp_of_peft(tmp_path, case):
 def test_failure_midway_leaves_no_output(llama, tmp_path):
     base, a, _, _ = llama["bf16"]
     with pytest.raises(OutputError, match="simulated failure"):
-        merge(base, str(a), tmp_path / "out", device="cpu", fail_after_tensors=5)
+        _merge(base, str(a), tmp_path / "out", device="cpu", fail_after_tensors=5)
     assert list(tmp_path.iterdir()) == []  # neither OUT nor the temporary directory
 
 
@@ -405,7 +406,8 @@ def test_adapter_for_another_base_is_refused(llama, tmp_path):
     base, _, _, _ = llama["bf16"]
     other = tiny_gpt2(torch.bfloat16)
     a = save_adapter(other, tmp_path / "gpt2", 1, r=4, fan_in_fan_out=True, target_modules=["c_attn"])
-    with pytest.raises(BaseMismatchError, match="has no base tensor"):
+    # the base check refuses it (exit 3) before the plan would ("has no base tensor")
+    with pytest.raises(BaseMismatchError, match="c_attn.weight is missing from the base"):
         merge(base, str(a), tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
 
@@ -552,7 +554,7 @@ def test_pipeline_components(tmp_path):
     save_adapter(model, tmp_path / "adapter" / "unet", 5, **KIND_CASES["plain"], fan_in_fan_out=True)
     merge(base, str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
-        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+        "loratool.json", "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(base / "unet" / "diffusion_pytorch_model.safetensors", single / "model.safetensors")

@@ -256,6 +256,29 @@ def test_numpy_direct_buffered_and_torch_paths_write_the_same_bytes(fixtures_dir
     assert a == b and (source == "vouched_rank" or a)  # the fixture base is sharded
 
 
+def test_engine_and_direct_io_are_parameters(tmp_path):
+    """From Python the engine and the O_DIRECT output are ``merge``'s parameters (the CLI reads
+    LORATOOL_MERGE_ENGINE and LORATOOL_DIRECT_IO and passes them): every choice writes the same
+    bytes, and a choice that cannot be honoured is refused before anything is written."""
+    from loratool.errors import UsageError
+
+    base, adapter = _bf16_pair(tmp_path / "in")
+    runs = {"auto": {}, "direct": {"direct_io": True}, "buffered": {"direct_io": False},
+            "torch": {"engine": "torch"}}
+    plan = M.plan_merge(BaseCheckpoint(base), M.load_adapters(M._specs(str(adapter))))
+    if _vouched(plan):
+        runs["numpy"] = {"engine": "numpy"}
+    for name, params in runs.items():
+        M.merge(base, str(adapter), tmp_path / name, device="cpu", **params)
+    for name in runs:
+        _same_files(tmp_path / name, tmp_path / "torch")
+    for spec, engine, message in [(f"{adapter}:0.5", "numpy", "engine 'numpy' cannot"),
+                                  (str(adapter), "jax", "unknown merge engine")]:
+        with pytest.raises(UsageError, match=message):
+            M.merge(base, spec, tmp_path / "refused", device="cpu", engine=engine)
+        assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("source", ["peft_fixture", "vouched_rank"])
 def test_plain_cpu_merge_never_imports_torch(fixtures_dir, tmp_path, source):
     """A plain merge that the probe vouches for never imports torch; one it does not vouch for

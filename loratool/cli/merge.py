@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import click
@@ -58,20 +59,12 @@ def base_options(f):
     return f
 
 
-def _lineage_writer(guard, operation: str, params: dict):
-    """``before_commit`` for merge/unmerge: loratool.json inside the output, with the base's
-    fingerprint and the step that made it."""
-
-    def write(root, plan) -> None:
-        from loratool.manifest import merged_manifest, write_merged_manifest
-
-        if not root.is_dir():  # a single-file output has no place for it
-            return
-        adapters = [la.adapter for la in plan.adapters]
-        manifest = merged_manifest(operation, guard.base, adapters, params, guard.mismatch)
-        write_merged_manifest(manifest, root)
-
-    return write
+def _engine_options() -> dict:
+    """How the merge computes and writes, from the environment (for benchmarks and bug reports):
+    ``LORATOOL_MERGE_ENGINE=torch`` takes torch for every tensor, ``LORATOOL_DIRECT_IO=0``
+    writes through the page cache instead of O_DIRECT."""
+    return {"engine": "torch" if os.environ.get("LORATOOL_MERGE_ENGINE", "").lower() == "torch" else "auto",
+            "direct_io": False if os.environ.get("LORATOOL_DIRECT_IO", "1") == "0" else None}
 
 
 def _report(result, as_json: bool) -> None:
@@ -102,18 +95,13 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, qui
     float32 arithmetic and gives exactly merge_and_unload's bits; weighted merges accumulate in
     float64. A base other than the one an adapter's manifest records is refused (exit 3).
     """
-    from loratool.manifest import BaseGuard
     from loratool.merge import merge
 
-    # Base identity first: an adapter whose manifest records another base is refused (exit 3)
-    # before anything is written, unless --allow-base-mismatch; the lineage records it.
-    guard = BaseGuard(allow_base_mismatch, require_manifest)
-    params = {"adapters": list(adapters), "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     with _progress(quiet, "merging") as cb:
-        result = merge(base, list(adapters), out, dtype=dtype, device=device,
-                       max_shard_size=max_shard_size, overwrite=overwrite, progress=cb,
-                       check_base=guard, before_commit=_lineage_writer(guard, "merged", params))
-    warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
+        result = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
+                       overwrite=overwrite, progress=cb, allow_base_mismatch=allow_base_mismatch,
+                       require_manifest=require_manifest, **_engine_options())
+    warn(result.base_warnings)
     warn(result.warnings)
     _report(result, as_json)
     return 0
@@ -136,15 +124,11 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
     The merge rounded once, so the result is within about one ulp of the original base, not
     equal to it. DoRA adapters are refused (their per-row rescaling cannot be undone).
     """
-    from loratool.manifest import BaseGuard
     from loratool.merge import unmerge
 
-    # no base check here: the merged checkpoint is by design not the adapters' base
-    params = {"adapters": list(adapters), "dtype": dtype, "device": device}
     with _progress(quiet, "unmerging") as cb:
         result = unmerge(merged, list(adapters), out, base=base, dtype=dtype, device=device,
-                         overwrite=overwrite, progress=cb,
-                         before_commit=_lineage_writer(BaseGuard(), "unmerged", params))
+                         overwrite=overwrite, progress=cb, **_engine_options())
     warn(result.warnings)
     _report(result, as_json)
     if not as_json and result.distance:
@@ -174,19 +158,12 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_js
 
     Exit 0 when every tensor passes, 1 when one does not.
     """
-    from loratool.checkpoint import BaseCheckpoint
-    from loratool.resolve import load_adapter
-    from loratool.manifest import BaseGuard
-    from loratool.merge import parse_adapter_specs
-    from loratool.merge.parity import check_parity
+    from loratool.merge import check_parity
 
-    guard = BaseGuard(allow_base_mismatch, require_manifest)
-    ckpt = BaseCheckpoint(base)
-    for spec in parse_adapter_specs(list(adapters)):
-        guard(load_adapter(spec.path), ckpt)
-    warn(guard.warnings + ([f"base mismatch allowed: {guard.mismatch}"] if guard.mismatch else []))
     with _progress(quiet, "checking") as cb:
-        report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb)
+        report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb,
+                              allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
+    warn(report.base_warnings)
     emit(report, as_json, lambda r: _render_parity(r, show_all))
     return 0 if report.ok else 1
 

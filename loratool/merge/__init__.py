@@ -20,7 +20,7 @@ The modules, each importing only modules listed above it (``tests/test_architect
     writers       the output files: prefill and writer (torch's path), O_DIRECT (the numpy path)
     executor      ``execute``: picks the path, streams reads, math and writes, publishes atomically
     parity        ``check_parity``: does a merged checkpoint hold base + deltas; ``tensor_distance``
-    api           ``merge`` and ``unmerge``
+    api           ``merge`` and ``unmerge``: the base check (``manifest.BaseGuard``), plan, execute, lineage
 """
 
 from __future__ import annotations

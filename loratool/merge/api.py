@@ -1,23 +1,21 @@
-"""The entry points: ``merge`` and ``unmerge`` (read the inputs, plan, execute, report)."""
+"""The entry points: ``merge`` and ``unmerge`` (read the inputs, check the base, plan, execute with the
+lineage, report)."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from loratool import boundary
-from loratool.adapter import Adapter
+from loratool.manifest import BaseGuard, merged_manifest, write_merged_manifest
 from loratool.merge.executor import _execute
 from loratool.merge.parity import LayerDistance, tensor_distance
 from loratool.merge.plan import TORCH_NAMES, Action, MergePlan, plan_merge
 from loratool.merge.specs import AdapterSpec, _specs, load_adapters, parse_size
-
-if TYPE_CHECKING:  # pragma: no cover
-    from loratool.checkpoint import BaseCheckpoint
 
 
 class MergeResult(BaseModel):
@@ -38,6 +36,9 @@ class MergeResult(BaseModel):
     bytes_written: int
     seconds: float
     warnings: list[str] = []
+    # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
+    # CLI before ``warnings``, and left out of --json (its output is unchanged since issue 12)
+    base_warnings: list[str] = Field(default_factory=list, exclude=True)
 
     def describe(self) -> str:
         verb = "merged" if self.operation == "merge" else "unmerged"
@@ -57,6 +58,25 @@ def _check_paths(out: Path, inputs: Sequence[Path], overwrite: bool, single_file
                           kind="file" if single_file else "dir")
 
 
+def _given(adapters: str | Sequence[AdapterSpec | str]) -> list[str]:
+    """The adapters as given (the lineage's ``params``), as the command line spells them."""
+    return [adapters] if isinstance(adapters, str) else [str(a) for a in adapters]
+
+
+def _lineage(guard: BaseGuard, operation: str, params: dict) -> Callable[[Path, MergePlan], None]:
+    """``before_commit``: ``loratool.json`` inside the output directory, with the base's
+    fingerprint and the step that made it (and the mismatch the guard allowed), written before
+    the rename so that it appears together with the output."""
+
+    def write(root: Path, plan: MergePlan) -> None:
+        if not root.is_dir():  # a single-file output has no place for it
+            return
+        adapters = [la.adapter for la in plan.adapters]
+        write_merged_manifest(merged_manifest(operation, guard.base, adapters, params, guard.mismatch), root)
+
+    return write
+
+
 def merge(
     base: str | os.PathLike,
     adapters: str | Sequence[AdapterSpec | str],
@@ -66,18 +86,33 @@ def merge(
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    check_base: Callable[[Adapter, "BaseCheckpoint"], None] | None = None,
-    before_commit: Callable[[Path, MergePlan], None] | None = None,
-    fail_after_tensors: int | None = None,
-    block_bytes: int | None = None,
+    *,
+    engine: str = "auto",
+    direct_io: bool | None = None,
+    allow_base_mismatch: bool = False,
+    require_manifest: bool = False,
 ) -> MergeResult:
     """Merge ``adapters`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s) into the checkpoint at ``base``
-    and write the result to ``out`` (same layout, atomically).
+    and write the result to ``out`` (same layout, atomically), with ``loratool.json`` (the
+    lineage) inside a directory output.
 
-    ``progress(advance, total)``: bytes written so far are reported as they go.
-    ``check_base(adapter, base)``: called for each adapter before anything is planned; raise
-    ``BaseMismatchError`` to refuse (see HOOK(manifest) below).
+    Each adapter's manifest is checked against ``base`` before anything is written: another base
+    raises ``BaseMismatchError`` unless ``allow_base_mismatch`` (the lineage then records it), and
+    with ``require_manifest`` an adapter without one is refused too. What the check could not
+    verify is in ``result.base_warnings``.
+
+    ``progress(advance, total)``: bytes written so far are reported as they go. ``engine`` and
+    ``direct_io``: how the bytes are computed and written (``execute``); the result is the same.
     """
+    return _merge(base, adapters, out, dtype, device, max_shard_size, overwrite, progress, engine=engine,
+                  direct_io=direct_io, allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
+
+
+def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None, overwrite=False, progress=None,
+           *, engine: str = "auto", direct_io: bool | None = None, allow_base_mismatch: bool = False,
+           require_manifest: bool = False, block_bytes: int | None = None,
+           fail_after_tensors: int | None = None) -> MergeResult:
+    """``merge``, with the executor's test parameters (``block_bytes``, ``fail_after_tensors``)."""
     from loratool.checkpoint import BaseCheckpoint
 
     t0 = time.perf_counter()
@@ -86,24 +121,26 @@ def merge(
     _check_paths(out, [Path(base), *(s.path for s in specs)], overwrite, Path(base).is_file())
     ckpt = BaseCheckpoint(base)
     loaded = load_adapters(specs)
-    # HOOK(manifest): base-hash enforcement. The CLI passes loratool.manifest.check_base here
-    # (with --allow-base-mismatch / --require-manifest); lineage for the output goes through
-    # ``before_commit``, which runs inside the temporary output directory before the rename.
-    if check_base is not None:
-        for la in loaded:
-            check_base(la.adapter, ckpt)
+    guard = BaseGuard(allow_base_mismatch, require_manifest)
+    for la in loaded:  # another base: BaseMismatchError (exit 3) before anything is planned or written
+        guard(la.adapter, ckpt)
     plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype,
                       max_shard_size=parse_size(max_shard_size))
-    return _run(plan, "merge", out, overwrite, device, progress, before_commit, fail_after_tensors, t0,
-                block_bytes)
+    params = {"adapters": _given(adapters), "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
+    return _run(plan, MergeResult, "merge", out, t0, overwrite=overwrite, device=device, progress=progress,
+                before_commit=_lineage(guard, "merged", params), base_warnings=guard.messages, engine=engine,
+                direct_io=direct_io, block_bytes=block_bytes, fail_after_tensors=fail_after_tensors)
 
 
-def _run(plan, operation, out, overwrite, device, progress, before_commit, fail_after, t0,
-         block_bytes=None) -> MergeResult:
+def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, t0: float, *, overwrite: bool,
+         device, progress, before_commit, base_warnings: list[str], engine: str, direct_io: bool | None,
+         block_bytes: int | None = None, fail_after_tensors: int | None = None) -> MergeResult:
+    """Execute ``plan`` into ``out`` and say what was written (a ``result``)."""
     total = plan.nbytes
     cb = (lambda n: progress(n, total)) if progress is not None else None
-    written, dev = _execute(plan, out, overwrite, device, cb, before_commit, fail_after, block_bytes)
-    return MergeResult(
+    written, dev = _execute(plan, out, overwrite, device, cb, before_commit, engine=engine, direct_io=direct_io,
+                            block_bytes=block_bytes, fail_after=fail_after_tensors)
+    return result(
         operation=operation,
         out=str(out),
         base=str(plan.base.path),
@@ -119,6 +156,7 @@ def _run(plan, operation, out, overwrite, device, progress, before_commit, fail_
         bytes_written=written,
         seconds=round(time.perf_counter() - t0, 3),
         warnings=plan.warnings,
+        base_warnings=base_warnings,
     )
 
 
@@ -139,12 +177,17 @@ def unmerge(
     device: str | None = "auto",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    check_base: Callable[[Adapter, "BaseCheckpoint"], None] | None = None,
-    before_commit: Callable[[Path, MergePlan], None] | None = None,
+    *,
+    engine: str = "auto",
+    direct_io: bool | None = None,
 ) -> UnmergeResult:
     """Subtract the adapters' deltas from ``merged``: round(M − Σ wᵢ sᵢ ΔWᵢ). DoRA is refused
     (its per-row rescaling needs the original norms). With ``base`` the modules_to_save tensors
-    are restored from it and the result is compared with it (``distance``)."""
+    are restored from it and the result is compared with it (``distance``). A directory output
+    holds ``loratool.json`` with the lineage.
+
+    No base check: the merged checkpoint is by design not the adapters' base (and the lineage
+    records no base fingerprint)."""
     from loratool.checkpoint import BaseCheckpoint
 
     t0 = time.perf_counter()
@@ -155,13 +198,11 @@ def unmerge(
     ckpt = BaseCheckpoint(merged)
     original = BaseCheckpoint(base) if base is not None else None
     loaded = load_adapters(specs)
-    # HOOK(manifest): as in ``merge``; the merged checkpoint stands in for the base here.
-    if check_base is not None:
-        for la in loaded:
-            check_base(la.adapter, original or ckpt)
     plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype, sign=-1, restore=original)
-    result = _run(plan, "unmerge", out, overwrite, device, progress, before_commit, None, t0)
-    res = UnmergeResult(**result.model_dump())
+    params = {"adapters": _given(adapters), "dtype": dtype, "device": device}
+    res = _run(plan, UnmergeResult, "unmerge", out, t0, overwrite=overwrite, device=device, progress=progress,
+               before_commit=_lineage(BaseGuard(), "unmerged", params), base_warnings=[], engine=engine,
+               direct_io=direct_io)
     if original is not None:
         restored = BaseCheckpoint(out)
         for t in plan.tensors():

@@ -270,6 +270,16 @@ def _cpu_only_torch() -> bool:
         any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists())
 
 
+ENGINES = ("auto", "numpy", "torch")
+
+
+def check_engine(engine: str) -> None:
+    """``engine`` is one of ``ENGINES``: ``auto`` (numpy for plain merges on the CPU, torch
+    elsewhere), ``numpy`` or ``torch``."""
+    if engine not in ENGINES:
+        raise UsageError(f"engine {engine!r}: unknown merge engine; choose {', '.join(ENGINES)}")
+
+
 def resolve_device(device: str | None, probe: bool = False) -> str | None:
     """"cpu" or "cuda" for --device auto|cpu|cuda. ``probe``: None where knowing would take
     importing torch (a CUDA build with --device auto)."""

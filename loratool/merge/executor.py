@@ -36,7 +36,7 @@ import numpy as np
 
 from loratool import boundary
 from loratool.adapter import load_tensor
-from loratool.errors import OutputError
+from loratool.errors import OutputError, UsageError
 from loratool.merge import numpy_engine
 from loratool.merge.engines import (
     BLOCK_BYTES,
@@ -44,6 +44,7 @@ from loratool.merge.engines import (
     _compute_block,
     _cpu_dtype,
     _CudaMath,
+    check_engine,
     resolve_device,
     tensor_spans,
 )
@@ -72,32 +73,52 @@ def execute(
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[Path, MergePlan], None] | None = None,
-    fail_after_tensors: int | None = None,
+    *,
+    engine: str = "auto",
+    direct_io: bool | None = None,
     block_bytes: int | None = None,
+    fail_after_tensors: int | None = None,
 ) -> int:
     """Write ``plan`` to ``out`` atomically; return the bytes of safetensors data written.
 
     ``progress(n)`` is called from the writer threads with each number of bytes written.
     ``before_commit(tmp_dir, plan)`` runs when everything is written, before the rename (a place
     to add files, e.g. a manifest, that must appear together with the output).
-    ``fail_after_tensors``: a testing hook, raises after that many tensors have been queued.
+    ``engine``: ``"auto"`` (numpy for plain merges on the CPU, ``_numpy_plan``; torch elsewhere),
+    ``"torch"`` (always), ``"numpy"`` (a ``UsageError`` where the numpy path cannot give torch's
+    bits). ``direct_io`` (the numpy path's output files): ``None``, O_DIRECT where the output's
+    filesystem takes it; ``False``, through the page cache; ``True``, O_DIRECT or an ``OutputError``.
+    ``block_bytes`` (the size of a row block) and ``fail_after_tensors`` (raise after that many
+    tensors) are for tests.
     """
-    return _execute(plan, out, overwrite, device, progress, before_commit, fail_after_tensors, block_bytes)[0]
+    return _execute(plan, out, overwrite, device, progress, before_commit, engine=engine, direct_io=direct_io,
+                    block_bytes=block_bytes, fail_after=fail_after_tensors)[0]
 
 
-def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, fail_after,
-             block_bytes) -> tuple[int, str]:
+def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, *, engine: str = "auto",
+             direct_io: bool | None = None, block_bytes: int | None = None,
+             fail_after: int | None = None) -> tuple[int, str]:
     """``execute``, with ``device`` resolved (torch imported) only once the prefill runs; returns
     (bytes written, the device)."""
     out = Path(out)
+    check_engine(engine)
     check_overflow(plan)  # before any byte is written
+    numpy_path = resolve_device(device, probe=True) == "cpu" and _numpy_plan(plan, "cpu", block_bytes, engine)
+    if engine == "numpy" and not numpy_path:
+        raise UsageError("engine 'numpy' cannot give torch's bits for this merge: it takes plain merges on the "
+                         "CPU only (every merged tensor one adapter at weight ±1 on a Linear layer, in shapes "
+                         "numpy's GEMM sums in PEFT's order on this machine); use engine 'auto' or 'torch'")
     ctx = atomic_path(out, overwrite=overwrite) if plan.single_file else atomic_dir(out, overwrite=overwrite)
     with ctx as tmp:
         root = tmp
         if not plan.single_file:
             _write_other_files(plan, root)
-        if resolve_device(device, probe=True) == "cpu" and _numpy_plan(plan, "cpu", block_bytes):
-            direct = _direct_supported(root.parent if plan.single_file else root)
+        if numpy_path:
+            folder = root.parent if plan.single_file else root
+            direct = direct_io is not False and _direct_supported(folder)
+            if direct_io and not direct:
+                raise OutputError(f"{out}: the filesystem of {folder} refuses O_DIRECT writes (direct_io=True); "
+                                  "pass direct_io=None to write through the page cache where it does")
             written = _stream_direct(plan, root, progress, fail_after, block_bytes, direct)
             if before_commit is not None:
                 before_commit(root, plan)
@@ -115,10 +136,10 @@ def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, f
     return written, dev
 
 
-def _numpy_plan(plan: MergePlan, device: str, block_bytes: int | None = None) -> bool:
+def _numpy_plan(plan: MergePlan, device: str, block_bytes: int | None = None, engine: str = "auto") -> bool:
     """Whether every computed tensor of ``plan`` goes through ``numpy_engine`` (then torch is
     never imported), rather than torch."""
-    if device != "cpu" or os.environ.get("LORATOOL_MERGE_ENGINE", "").lower() == "torch":
+    if device != "cpu" or engine == "torch":
         return False
     for t in plan.tensors():
         if t.action is Action.CAST or (t.action is Action.MERGE and not numpy_engine.eligible(t, tensor_spans(t, device, block_bytes))):

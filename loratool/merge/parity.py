@@ -27,10 +27,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from loratool.boundary import open_regular
 from loratool.errors import UsageError
+from loratool.manifest import BaseGuard
 from loratool.merge.engines import TensorMath, row_spans, tensor_spans
 from loratool.merge.plan import CONVERTIBLE, Action, TensorPlan, plan_merge
 from loratool.merge.specs import LoadedAdapter, _specs, load_adapters
@@ -107,6 +108,9 @@ class ParityReport(BaseModel):
     max_ulp_err: float = 0.0
     max_err_over_tol: float = 0.0
     forward: ForwardParity | None = None
+    # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
+    # CLI, left out of --json (as before issue 12)
+    base_warnings: list[str] = Field(default_factory=list, exclude=True)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -273,20 +277,30 @@ def check_parity(
     forward: bool = False,
     min_top1: float = 0.95,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    allow_base_mismatch: bool = False,
+    require_manifest: bool = False,
 ) -> ParityReport:
     """Check that ``merged`` is ``base`` with ``adapters`` (``"a:0.7,b:0.3"`` or specs) merged,
-    tensor by tensor; with ``forward`` also compare logits through transformers + PEFT."""
+    tensor by tensor; with ``forward`` also compare logits through transformers + PEFT.
+
+    Each adapter's manifest is checked against ``base`` first, as ``merge`` does: another base
+    raises ``BaseMismatchError`` unless ``allow_base_mismatch``; ``require_manifest`` refuses
+    adapters without one. What it could not verify is in ``report.base_warnings``."""
     import torch
 
     from loratool.checkpoint import BaseCheckpoint
 
     specs = _specs(adapters)
     base_ck = BaseCheckpoint(base)
-    merged_ck = BaseCheckpoint(merged)
     loaded = load_adapters(specs)
+    guard = BaseGuard(allow_base_mismatch, require_manifest)
+    for la in loaded:  # before the merged checkpoint is read
+        guard(la.adapter, base_ck)
+    merged_ck = BaseCheckpoint(merged)
     plan = plan_merge(base_ck, loaded)
     report = ParityReport(base=str(base), merged=str(merged), adapters=[str(s) for s in specs],
-                          ok=True, layers=[], untouched=0)
+                          ok=True, layers=[], untouched=0, base_warnings=guard.messages)
     merged_names = set(merged_ck.names())
     report.unexpected = sorted(merged_names - set(base_ck.names()))
     total = sum(t.src.nbytes for t in plan.tensors() if t.name in merged_names) * 2

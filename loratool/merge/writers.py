@@ -315,10 +315,9 @@ class _Writer(_Worker):
 # -- the numpy path: each file front to back, with O_DIRECT -------------------------------------
 
 def _direct_supported(where: Path) -> bool:
-    """Whether files in the folder ``where`` take O_DIRECT writes (tmpfs, for one, refuses them);
-    ``LORATOOL_DIRECT_IO=0`` turns them off."""
+    """Whether files in the folder ``where`` take O_DIRECT writes (tmpfs, for one, refuses them)."""
     flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get("LORATOOL_DIRECT_IO", "1") == "0":
+    if not flag:
         return False
     import tempfile
 
