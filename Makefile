@@ -49,6 +49,8 @@ demo: fixtures
 	$(LT) parity --base $(FIX)/base_llama --merged $(FIX)/demo_out/merged --adapters $(FIX)/demo_out/pinned:0.7,$(FIX)/llama_rslora_patterns:0.3 --forward | tail -4
 	@echo "== a base with the right shapes but other weights is refused (exit 3) =="
 	-$(LT) merge --base $(FIX)/base_llama_other --adapters $(FIX)/demo_out/pinned -o $(FIX)/demo_out/refused --quiet
+	@echo "== an output over its own input is refused, even with --overwrite (exit 2) =="
+	-$(LT) resize $(FIX)/demo_out/llama_e90 --rank 2 -o $(FIX)/demo_out/llama_e90 --overwrite
 	@echo "== convert kohya -> peft -> kohya =="
 	$(LT) convert $(FIX)/kohya_sd.safetensors --to peft -o $(FIX)/demo_out/kohya_as_peft
 	$(LT) convert $(FIX)/demo_out/kohya_as_peft --to kohya -o $(FIX)/demo_out/roundtrip.safetensors
