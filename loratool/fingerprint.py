@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from loratool.boundary import default_home, open_regular, read_json
+from loratool.text import HUB_PREFIX
 from loratool.errors import InputError
 from loratool.schemas.manifest import BaseFingerprint, FileDigest
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from loratool.adapter import Adapter
     from loratool.checkpoint import BaseCheckpoint
 
-HUB_PREFIX = "hf://"
 CHUNK_BYTES = 8 * 1024 * 1024  # large reads: per-call overhead vanishes, memory stays small
 # PEFT turns these list fields into Python sets (LoraConfig.__post_init__) and writes them back in
 # set iteration order, which changes with PYTHONHASHSEED; their order carries no meaning.

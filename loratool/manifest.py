@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import time as _time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
@@ -33,6 +32,7 @@ from pydantic import ValidationError
 
 from loratool._version import __version__
 from loratool.boundary import default_home, parse_json, read_bytes
+from loratool.text import utc_now
 from loratool.errors import BaseMismatchError, FormatError, InputError
 from loratool.fingerprint import (
     HashCache,
@@ -249,14 +249,6 @@ def build_manifest(
                     lineage=list(lineage or []))
 
 
-def _now(environ: dict[str, str] | None = None) -> str:
-    """UTC now, or ``SOURCE_DATE_EPOCH`` when set (reproducible output, as in reproducible builds)."""
-    env = os.environ if environ is None else environ
-    epoch = env.get("SOURCE_DATE_EPOCH")
-    t = int(epoch) if epoch and epoch.isdigit() else _time.time()
-    return _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(t))
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(canonical_json(obj))
 
@@ -298,7 +290,7 @@ def lineage_entry(
         inputs=[input_ref(i) for i in inputs],
         params=_jsonable(params or {}),
         loratool_version=__version__,
-        time=time or _now(),
+        time=time or utc_now(),
         base_mismatch=base_mismatch,
     )
 

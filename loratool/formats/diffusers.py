@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem
+from loratool.text import number
 from loratool.errors import FormatError, InputError, OutputError, UsageError
 from loratool.formats import kohya, sdnames
 from loratool.formats.peft import build_pattern, check_config_fields, config_rank_alpha
@@ -222,10 +223,6 @@ def read(path: Path) -> Adapter:
 
 # -- writing ------------------------------------------------------------------------------------
 
-def _num(x: float):
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def component_config(modules: dict[str, LoraModule], strip: str) -> dict[str, Any]:
     """The LoraConfig fields diffusers needs to rebuild these modules with their exact scale:
     the most common rank/alpha, the others as patterns keyed by full module name (PEFT anchors a
@@ -242,9 +239,9 @@ def component_config(modules: dict[str, LoraModule], strip: str) -> dict[str, An
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     cfg: dict[str, Any] = {
         "r": r,
-        "lora_alpha": _num(alpha),
+        "lora_alpha": number(alpha),
         "rank_pattern": build_pattern(ranks, r),
-        "alpha_pattern": {n: _num(v) for n, v in build_pattern(alphas, alpha).items()},
+        "alpha_pattern": {n: number(v) for n, v in build_pattern(alphas, alpha).items()},
         "target_modules": sorted(ranks),
     }
     # Only fields that differ from LoraConfig's defaults, so that older PEFT versions load it too.

@@ -24,6 +24,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, factor_problem, shape_of
 from loratool.boundary import read_json
+from loratool.text import number
 from loratool.errors import FormatError, InputError
 from loratool.patterns import full_pattern, key_table, name_list
 from loratool.safetensors_io import (
@@ -378,10 +379,6 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _num(x: float):
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """An adapter_config.json for ``modules``: the most common rank/alpha as r/lora_alpha, the rest
     as rank_pattern/alpha_pattern keyed by full module name (PEFT's matcher anchors a pattern at a
@@ -402,9 +399,9 @@ def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[st
         {
             "peft_type": "LORA",
             "r": r,
-            "lora_alpha": _num(alpha),
+            "lora_alpha": number(alpha),
             "rank_pattern": build_pattern(ranks, r),
-            "alpha_pattern": {n: _num(v) for n, v in build_pattern(alphas, alpha).items()},
+            "alpha_pattern": {n: number(v) for n, v in build_pattern(alphas, alpha).items()},
             "use_rslora": any(m.use_rslora for m in modules.values()),
             "use_dora": any(m.use_dora for m in modules.values()),
             "lora_bias": any(m.lora_B_bias is not None for m in modules.values()),

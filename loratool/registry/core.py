@@ -20,13 +20,13 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import ValidationError
 
 from loratool.boundary import default_home, parse_json
+from loratool.text import number, utc_now
 from loratool.errors import AmbiguousRefError, InputError, NotInRegistryError, UsageError
 from loratool.fingerprint import HashCache, hash_files
 from loratool.registry.index import Index
@@ -54,17 +54,9 @@ MATERIALIZED = "materialized"
 _LIST_LIMIT = 8
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _listed(items: list[str], limit: int = _LIST_LIMIT) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
-
-
-def _num(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
 
 
 def _ref(row: sqlite3.Row) -> str:
@@ -182,8 +174,8 @@ class Registry:
                 "config_digest": config_digest(adapter.config) if adapter.config else None,
                 "num_modules": len(adapter.modules),
                 "num_params": adapter.num_params,
-                "ranks": json.dumps(sorted({_num(r) for r in adapter.ranks})),
-                "alphas": json.dumps(sorted({_num(a) for a in adapter.alphas})),
+                "ranks": json.dumps(sorted({number(r) for r in adapter.ranks})),
+                "alphas": json.dumps(sorted({number(a) for a in adapter.alphas})),
                 "targets": json.dumps(adapter.target_names()),
                 "base_model": base_model,
                 "manifest_path": rel[sidecar] if sidecar in rel else None,
@@ -192,7 +184,7 @@ class Registry:
                 "base_revision": base.revision if base else None,
                 "base_structure": base.structure if base else None,
                 "base_content": base.content if base else None,
-                "created_at": _now(),
+                "created_at": utc_now(),
             }
             edges = [(digest, step, e.operation, i.digest)
                      for step, e in enumerate(manifest.lineage if manifest else [])
@@ -218,7 +210,7 @@ class Registry:
                     vid = c.execute(
                         "INSERT INTO versions (name, version, digest, source_kind, source, source_revision, added_at) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (name, version, digest, source.kind, source.location, source.revision, _now()),
+                        (name, version, digest, source.kind, source.location, source.revision, utc_now()),
                     ).lastrowid
                     created = True
                 for t in tags:

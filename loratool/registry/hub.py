@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from loratool.boundary import default_home
+from loratool.text import HUB_PREFIX
 from loratool.errors import InputError, UsageError
 from loratool.registry.models import AddResult, PushResult, Source
 from loratool.registry.store import CorruptBlobError
 
-HUB_PREFIX = "hf://"
 # PEFT (also one folder per component), diffusers, and loratool manifests beside any of them.
 ADAPTER_PATTERNS = [
     "adapter_config.json",

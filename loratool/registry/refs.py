@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from loratool.text import HUB_PREFIX
 from loratool.errors import InputError, UsageError
 
-HUB_PREFIX = "hf://"
 DIGEST_PREFIX = "sha256:"
 MIN_DIGEST_PREFIX = 4
 LATEST = "latest"
