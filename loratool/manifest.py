@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from loratool._version import __version__
 from loratool.boundary import default_home, parse_json, read_bytes
-from loratool.text import utc_now
+from loratool.text import listed, utc_now
 from loratool.errors import BaseMismatchError, FormatError, InputError
 from loratool.fingerprint import (
     HashCache,
@@ -329,11 +329,6 @@ def _fingerprint(base: BaseLike, cache: HashCache | None, content: bool, refresh
     return fingerprint_base(base, cache=cache, content=content, refresh=refresh, api=api)
 
 
-def _listed(items: list[str]) -> str:
-    more = f" (and {len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return "; ".join(items[:_LIST_LIMIT]) + more
-
-
 def _short(sha: str | None) -> str:
     return f"{sha[:12]}…" if sha else "unknown"
 
@@ -484,7 +479,7 @@ def check_base(
             problems = _fit_problems(a, ckpt)
             if problems:
                 result.structure = "mismatch"
-                return fail(result, f"the adapter's modules do not fit its tensors: {_listed(problems)}")
+                return fail(result, f"the adapter's modules do not fit its tensors: {listed(problems, _LIST_LIMIT)}")
         return result
 
     recorded = manifest.base
@@ -500,7 +495,7 @@ def check_base(
                 details = _fit_problems(a, ckpt) + details
             counts = f"{found.num_tensors} tensors, the manifest records {recorded.num_tensors}"
             return fail(result, f"different tensor names, shapes or dtypes ({counts})"
-                        + (f": {_listed(details)}" if details else ""))
+                        + (f": {listed(details, _LIST_LIMIT)}" if details else ""))
         result.structure = "match"
     else:
         result.warnings.append("structure not compared: "
@@ -518,7 +513,7 @@ def check_base(
                 details = _file_diffs(recorded, found, "sha256")
                 what = ("same tensor names, shapes and dtypes but different values"
                         if result.structure == "match" else "different file contents")
-                return fail(result, what + (f": {_listed(details)}" if details else ""))
+                return fail(result, what + (f": {listed(details, _LIST_LIMIT)}" if details else ""))
             result.content = "match"
         else:
             result.warnings.append("content not compared: "

@@ -20,3 +20,10 @@ def utc_now(environ: dict[str, str] | None = None) -> str:
     epoch = env.get("SOURCE_DATE_EPOCH")
     t = int(epoch) if epoch and epoch.isdigit() else time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def listed(items: list[str], limit: int = 4, sep: str = "; ") -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, then "(and N more)": one way to keep a
+    message with many problems on one readable line."""
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more

@@ -110,8 +110,6 @@ class TensorMath:
     """
 
     def __init__(self, t: TensorPlan, dtype: "torch.dtype", device: str = "cpu", reuse: bool = False):
-        import torch
-
         self.t = t
         self.dtype = dtype
         self.device = device

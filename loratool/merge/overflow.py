@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import DTYPE_MAX, DTYPE_NAMES, F32_MAX, Magnitudes
 from loratool.errors import InputError
-from loratool.merge.plan import Action, MergePlan, TensorPlan, _listed
+from loratool.merge.plan import Action, MergePlan, TensorPlan
+from loratool.text import listed
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -69,7 +70,7 @@ def check_overflow(plan: MergePlan) -> None:
                      f"together reach {bound:.3g}, past {name}'s largest value {limit:.3g}; {effect}; lower the "
                      "weights or fix the adapters' scales"] = None
     if problems:
-        raise InputError(_listed(list(problems), limit=2))
+        raise InputError(listed(list(problems), limit=2))
 
 
 def _nonfinite_error(t: TensorPlan, count: int, row: int, col: int, value: float, base: float) -> InputError:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from loratool import boundary
 from loratool.adapter import LayerKind, LoraModule, TensorSource, shape_of
+from loratool.text import listed
 from loratool.errors import BaseMismatchError, InputError, UsageError
 from loratool.merge.specs import LoadedAdapter, parse_dtype
 from loratool.safetensors_io import DTYPES, PICKLE_SUFFIXES, SafetensorsFile, TensorRef, encode_header
@@ -153,11 +154,6 @@ def _resolve(base: "BaseCheckpoint", name: str) -> str | None:
     return alt if alt in base else None
 
 
-def _listed(problems: list[str], limit: int = 4) -> str:
-    shown = "; ".join(problems[:limit])
-    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
-
-
 def plan_merge(
     base: "BaseCheckpoint",
     adapters: Sequence[LoadedAdapter],
@@ -255,9 +251,9 @@ def plan_merge(
                          f"{replacements[name][1]} and changed by a LoRA module of {ts[0].adapter}; "
                          "the two cannot be combined")
     if usage:
-        raise UsageError(f"cannot merge: {_listed(usage)}")
+        raise UsageError(f"cannot merge: {listed(usage)}")
     if fit:
-        raise BaseMismatchError(f"adapter and base do not fit: {_listed(fit)}; is {base.path} the "
+        raise BaseMismatchError(f"adapter and base do not fit: {listed(fit)}; is {base.path} the "
                                 "base these adapters were trained on?")
 
     warnings: list[str] = []

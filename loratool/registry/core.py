@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from pydantic import ValidationError
 
 from loratool.boundary import default_home, parse_json
-from loratool.text import number, utc_now
+from loratool.text import listed, number, utc_now
 from loratool.errors import AmbiguousRefError, InputError, NotInRegistryError, UsageError
 from loratool.fingerprint import HashCache, hash_files
 from loratool.registry.index import Index
@@ -52,11 +52,6 @@ from loratool.registry.store import BlobStore
 DB_FILE = "registry.db"
 MATERIALIZED = "materialized"
 _LIST_LIMIT = 8
-
-
-def _listed(items: list[str], limit: int = _LIST_LIMIT) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def _ref(row: sqlite3.Row) -> str:
@@ -229,7 +224,7 @@ class Registry:
     # -- resolving references -----------------------------------------------------------------
     def _names_hint(self) -> str:
         names = [r["name"] for r in self.index.query("SELECT DISTINCT name FROM versions ORDER BY name")]
-        return f"registered: {_listed(names)}" if names else "the registry is empty"
+        return f"registered: {listed(names, _LIST_LIMIT, ', ')}" if names else "the registry is empty"
 
     def _digests(self, prefix: str) -> list[str]:
         return [r["digest"] for r in self.index.query(
@@ -251,7 +246,7 @@ class Registry:
                         "SELECT name, version FROM versions WHERE digest = ? ORDER BY name, version", (d,))]
                     labels.append(f"sha256:{d[:16]} ({', '.join(names) or 'unnamed'})")
                 raise AmbiguousRefError(f"{ref.text} is ambiguous: {len(found)} adapters match: "
-                                        f"{_listed(labels)}; give more digits")
+                                        f"{listed(labels, _LIST_LIMIT, ', ')}; give more digits")
             return found[0]
         return self.find_version(ref)["digest"]
 
@@ -275,7 +270,7 @@ class Registry:
             if row is None:
                 have = [str(r["version"]) for r in self.index.query(
                     "SELECT version FROM versions WHERE name = ? ORDER BY version", (ref.name,))]
-                why = (f"{ref.name} has versions {_listed(have)}" if have
+                why = (f"{ref.name} has versions {listed(have, _LIST_LIMIT, ', ')}" if have
                        else f"no adapter named {ref.name!r}; {self._names_hint()}")
                 raise NotInRegistryError(f"no version {ref.version} of {ref.name!r} in the registry at "
                                          f"{self.home} ({why})")
@@ -284,7 +279,7 @@ class Registry:
                              "WHERE t.name = ? AND t.tag = ?", (ref.name, ref.tag))
         if row is None:
             have = [r["tag"] for r in self.index.query("SELECT tag FROM tags WHERE name = ? ORDER BY tag", (ref.name,))]
-            why = f"its tags: {_listed(have)}" if have else "it has no tags"
+            why = f"its tags: {listed(have, _LIST_LIMIT, ', ')}" if have else "it has no tags"
             raise NotInRegistryError(f"no tag {ref.tag!r} on {ref.name!r} in the registry at {self.home} ({why})")
         return [row]
 
@@ -294,7 +289,7 @@ class Registry:
         rows = self.find_versions(ref)
         if len(rows) > 1:
             raise AmbiguousRefError(f"{ref.text} is ambiguous: {len(rows)} versions hold this content: "
-                                    f"{_listed([_ref(r) for r in rows])}; name one of them")
+                                    f"{listed([_ref(r) for r in rows], _LIST_LIMIT, ', ')}; name one of them")
         return rows[0]
 
     # -- reading ------------------------------------------------------------------------------
