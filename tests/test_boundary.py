@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -132,9 +131,7 @@ def test_a_link_inside_the_base_is_copied_as_a_regular_file(capsys, base, adapte
 def test_a_fifo_in_the_base_is_refused_at_once(capsys, base, adapter, tmp_path, name):
     (base / name).unlink()
     os.mkfifo(base / name)
-    t0 = time.monotonic()
-    code, err = run(capsys, "inspect" if False else "validate", adapter, "--base", base)
-    assert time.monotonic() - t0 < 10
+    code, err = run(capsys, "validate", adapter, "--base", base)  # opened non-blocking: no wait
     assert code == 2
     assert name in one_line(err) and "FIFO" in err
 
