@@ -2,46 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 
 import click
 
+from loratool.cli.progress import progress
 from loratool.cli.render import emit, warn
 
 ADAPTERS_HELP = ("Adapters as PATH[:WEIGHT], comma-separated or repeated (the weight is the last "
                  ":number, default 1.0), e.g. a:0.7,b:0.3.")
 DTYPE_CHOICE = click.Choice(["keep", "bf16", "fp16", "fp32"])
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool, what: str):
-    """A rich progress bar over bytes on stderr; None (no bar) when quiet or not a terminal."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    from loratool.cli.render import console
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=console(stderr=True),
-                  transient=True) as bar:
-        task = bar.add_task(what, total=None)
-
-        def advance(n: int, total: int) -> None:  # called from the writer thread
-            bar.update(task, advance=n, total=total)
-
-        yield advance
 
 
 BASE_OPTIONS = [
@@ -83,7 +54,7 @@ def _report(result, as_json: bool) -> None:
               help="Where the math runs: the CPU (PEFT's arithmetic, bit for bit) or CUDA (Triton).")
 @click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB); default: keep the base's shards.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @base_options
 def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, quiet, as_json,
@@ -97,7 +68,7 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, qui
     """
     from loratool.merge import merge
 
-    with _progress(quiet, "merging") as cb:
+    with progress(quiet, "merging") as cb:
         result = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
                        overwrite=overwrite, progress=cb, allow_base_mismatch=allow_base_mismatch,
                        require_manifest=require_manifest, **_engine_options())
@@ -116,7 +87,7 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, qui
 @click.option("--dtype", type=DTYPE_CHOICE, default="keep", show_default=True)
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as_json):
     """Subtract adapters from a merged checkpoint: round(M − Σ wᵢ·sᵢ·ΔWᵢ).
@@ -126,7 +97,7 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
     """
     from loratool.merge import unmerge
 
-    with _progress(quiet, "unmerging") as cb:
+    with progress(quiet, "unmerging") as cb:
         result = unmerge(merged, list(adapters), out, base=base, dtype=dtype, device=device,
                          overwrite=overwrite, progress=cb, **_engine_options())
     warn(result.warnings)
@@ -149,7 +120,7 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
 @click.option("--min-top1", type=float, default=0.95, show_default=True,
               help="With --forward: the share of positions whose top-1 token must agree.")
 @click.option("--all", "show_all", is_flag=True, help="List every checked tensor, not only failures and the worst.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @base_options
 def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_json, allow_base_mismatch,
@@ -160,7 +131,7 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_js
     """
     from loratool.merge import check_parity
 
-    with _progress(quiet, "checking") as cb:
+    with progress(quiet, "checking") as cb:
         report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb,
                               allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
     warn(report.base_warnings)

@@ -27,9 +27,10 @@ def emit(report, as_json: bool, render) -> None:
 
 
 def human_bytes(n: int) -> str:
+    """Binary sizes with their binary units (1 MiB = 1024² bytes)."""
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
