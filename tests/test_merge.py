@@ -139,7 +139,8 @@ def test_one_adapter_equals_peft_merge_and_unload_bit_for_bit(llama, tmp_path, n
     for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
               "model.layers.0.input_layernorm.weight"):
         assert raw(ours, n) == raw(orig, n)
-    files = sorted([*(p.name for p in base.iterdir()), "loratool.json"])  # the lineage, since issue 12
+    # the lineage (issue 12) and the merge's own model card (issue 14)
+    files = sorted([*(p.name for p in base.iterdir()), "loratool.json", "README.md"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
     for f in ("model.safetensors.index.json", "config.json", "generation_config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (base / f).read_bytes()
@@ -554,7 +555,8 @@ def test_pipeline_components(tmp_path):
     save_adapter(model, tmp_path / "adapter" / "unet", 5, **KIND_CASES["plain"], fan_in_fan_out=True)
     merge(base, str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
-        "loratool.json", "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+        "README.md", "loratool.json", "model_index.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors"]
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(base / "unet" / "diffusion_pytorch_model.safetensors", single / "model.safetensors")

@@ -73,8 +73,33 @@ def _lineage(guard: BaseGuard, operation: str, params: dict) -> Callable[[Path, 
             return
         adapters = [la.adapter for la in plan.adapters]
         write_merged_manifest(merged_manifest(operation, guard.base, adapters, params, guard.mismatch), root)
+        _model_card(root, plan, guard, operation)
 
     return write
+
+
+def _model_card(root: Path, plan: MergePlan, guard: BaseGuard, operation: str) -> None:
+    """README.md: a merge's own card (``loratool.modelcard``) in place of the base's copy; an
+    unmerge drops the card a merge wrote (the base's own card is not in the merged checkpoint)."""
+    from loratool import modelcard
+    from loratool._version import __version__
+
+    card = root / modelcard.CARD
+    if operation != "merged":
+        if card.is_file() and modelcard.is_ours(card):
+            card.unlink()
+        return
+    base_card = None
+    if card.is_file():  # the copy of the base's card: only its front matter is read
+        with open(card, "rb") as f:
+            base_card = f.read(64 << 10).decode("utf-8", errors="replace")
+    base = guard.base
+    name = (base.repo_id or base.name) if base is not None else (plan.base.config or {}).get("_name_or_path")
+    # a local adapter by its folder or file name (cards are shared; absolute paths are not), a
+    # registry or Hub reference as given
+    rows = [(la.spec.path.name if os.path.exists(la.spec.path) else str(la.spec.path), la.spec.weight,
+             la.adapter.base_model) for la in plan.adapters]
+    card.write_text(modelcard.merge_card(name, rows, base_card, __version__), encoding="utf-8")
 
 
 def merge(
