@@ -27,3 +27,11 @@ def listed(items: list[str], limit: int = 4, sep: str = "; ") -> str:
     message with many problems on one readable line."""
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return sep.join(items[:limit]) + more
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the numbers inside names by value: ``layers.2`` before ``layers.10``
+    (a plain sort gives ``layers.1, layers.10, layers.11, …, layers.2``)."""
+    import re
+
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from loratool.adapter import DTYPE_MAX, Adapter, LayerKind, count_nonfinite, dtype_of, shape_of
 from loratool.errors import EXIT_FINDINGS, EXIT_OK
@@ -331,12 +331,14 @@ def check_manifest(adapter: Adapter, base: "BaseCheckpoint", f: Findings, allow_
 
 def validate(path: str | Path, base: str | Path | None = None, target: str | None = None,
              strict: bool = False, format: str | None = None, allow_base_mismatch: bool = False,
-             require_manifest: bool = False) -> ValidationReport:
+             require_manifest: bool = False, ignore: Iterable[str] = ()) -> ValidationReport:
     """Validate the adapter at ``path``. Unreadable input raises ``InputError`` (exit 2), a base
     that its manifest does not match raises ``BaseMismatchError`` (exit 3); every other problem
-    becomes a finding in the report."""
+    becomes a finding in the report. ``ignore``: check ids (``LT202``) or names (``zero-b``) whose
+    findings are left out of the report and the verdict (counted in ``report.ignored``)."""
     from loratool.resolve import load_adapter
 
+    ignored_ids = ignored_checks(ignore)
     adapter = load_adapter(path, format=format, tolerant=True)
     f = Findings(default_file=_weights_file(adapter))
     from loratool._threads import single_threaded
@@ -353,11 +355,52 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
         check_manifest(adapter, ckpt, f, allow_base_mismatch, require_manifest)
     if target == "vllm":
         check_vllm(adapter, f)
-    errors = sum(1 for x in f.items if x.severity is Severity.ERROR)
-    warnings = sum(1 for x in f.items if x.severity is Severity.WARNING)
+    kept = _grouped([x for x in f.items if x.id not in ignored_ids])
+    errors = sum(1 for x in kept if x.severity is Severity.ERROR)
+    warnings = sum(1 for x in kept if x.severity is Severity.WARNING)
     failed = errors > 0 or (strict and warnings > 0)
     return ValidationReport(
         path=str(path), format=adapter.format, base=str(base) if base else None, target=target,
         strict=strict, num_modules=len(adapter.modules), errors=errors, warnings=warnings,
-        passed=not failed, exit_code=EXIT_FINDINGS if failed else EXIT_OK, findings=f.items,
+        passed=not failed, exit_code=EXIT_FINDINGS if failed else EXIT_OK, findings=kept,
+        counts=_counts(kept), ignored=_counts(x for x in f.items if x.id in ignored_ids),
     )
+
+
+def _grouped(findings: list[Finding]) -> list[Finding]:
+    """Findings grouped by check id (in the order each id first appears), modules in natural
+    order within a group (``layers.2`` before ``layers.10``)."""
+    from loratool.text import natural_key
+
+    first: dict[str, int] = {}
+    for i, x in enumerate(findings):
+        first.setdefault(x.id, i)
+    return sorted(findings, key=lambda x: (first[x.id], natural_key(x.module or "")))
+
+
+def _counts(findings: Iterable[Finding]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in findings:
+        out[x.id] = out.get(x.id, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def ignored_checks(ignore: Iterable[str]) -> set[str]:
+    """Check ids from ``--ignore`` values (ids or names, comma-separated or repeated); an unknown
+    one is a ``UsageError`` naming the valid ones."""
+    from loratool.errors import UsageError
+
+    names = {name: cid for cid, name in CHECKS.items()}
+    out: set[str] = set()
+    for value in ignore:
+        for item in filter(None, (v.strip() for v in value.split(","))):
+            cid = item.upper() if item.upper() in CHECKS else names.get(item.lower())
+            if cid is None:
+                ranges = {}
+                for c in sorted(CHECKS):
+                    ranges.setdefault(c[:3], []).append(c)
+                known = ", ".join(f"{v[0]}-{v[-1]}" for v in ranges.values())
+                raise UsageError(f"--ignore {item!r}: no such check; checks are {known} or their names "
+                                 "(listed in `loratool validate --help`)")
+            out.add(cid)
+    return out

@@ -90,3 +90,7 @@ class ValidationReport(BaseModel):
     passed: bool
     exit_code: int
     findings: list[Finding]
+    counts: dict[str, int] = Field(default_factory=dict,
+                                   description="Check id -> number of findings reported with it")
+    ignored: dict[str, int] = Field(default_factory=dict,
+                                    description="Check id -> number of findings left out by --ignore")
