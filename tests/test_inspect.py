@@ -66,4 +66,4 @@ def test_json_output(cli, fixtures_dir):
     data = json.loads(p.stdout)
     assert data["num_modules"] == 8 and data["kinds"] == {"conv1d": 8}
     p = cli("inspect", "--spectrum", fixtures_dir / "llama_r8")
-    assert p.returncode == 0 and "eff.rank" in p.stdout
+    assert p.returncode == 0 and "r90%" in p.stdout and "components holding 90%/99% of the energy" in p.stdout

@@ -57,19 +57,27 @@ def render(r) -> None:
     con.print(t)
     if r.modules is None:
         return
-    mt = Table(title=None, header_style="bold")
-    for col in ("module", "kind", "rank", "alpha", "scale", "A", "B", "dtype"):
-        mt.add_column(col, no_wrap=(col == "module"))
+    from loratool.cli.tables import Column, fitted
+
+    cols = [Column("module", flexible=True), Column("kind", drop=3), Column("rank", right=True),
+            Column("alpha", right=True, drop=2), Column("scale", right=True), Column("A", drop=6),
+            Column("B", drop=5), Column("dtype", drop=4)]
     spectra = any(m.spectrum for m in r.modules)
-    if spectra:
-        for col in ("σ1", "eff.rank 90%", "eff.rank 99%", "top energy"):
-            mt.add_column(col, justify="right")
-    for m in r.modules:
+    if spectra:  # σ1, then the effective ranks at 90% and 99% of the energy, and the top share
+        cols += [Column("σ1", right=True), Column("r90%", right=True), Column("r99%", right=True),
+                 Column("top", right=True)]
+    rows = []
+    from loratool.text import natural_key
+
+    for m in sorted(r.modules, key=lambda m: natural_key(m.name)):
         row = [m.name, m.kind + (" DoRA" if m.dora else ""), str(m.rank), fmt_num(m.alpha), f"{m.scale:.4g}",
                "×".join(map(str, m.a_shape)), "×".join(map(str, m.b_shape)), m.dtype]
-        if spectra and m.spectrum:
+        if spectra:
             s = m.spectrum
-            row += [f"{s.singular_values[0]:.4g}" if s.singular_values else "-", str(s.effective_rank_90),
-                    str(s.effective_rank_99), f"{s.top_energy:.1%}"]
-        mt.add_row(*row)
-    con.print(mt)
+            row += ([f"{s.singular_values[0]:.4g}" if s.singular_values else "-", str(s.effective_rank_90),
+                     str(s.effective_rank_99), f"{s.top_energy:.1%}"] if s else ["-"] * 4)
+        rows.append(row)
+    con.print(fitted(cols, rows, con.width))
+    if spectra:
+        con.print("σ1: largest singular value of scale·B@A; r90%/r99%: components holding 90%/99% of the "
+                  "energy (Σσ²); top: the first component's share")

@@ -140,23 +140,20 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_js
 
 
 def _render_parity(r, show_all: bool) -> None:
-    from rich.table import Table
-
     from loratool.cli.render import console
+    from loratool.cli.tables import Column, fitted
 
     con = console()
     worst = sorted(r.layers, key=lambda lay: -lay.max_err_over_tol)
     layers = r.layers if show_all else ([lay for lay in worst if not lay.ok] or worst[:10])
     if layers:
-        t = Table(header_style="bold")
-        for col in ("tensor", "kind", "dtype", "max abs err", "max err (ulp)", "err/tol", "bad", ""):
-            left = col in ("tensor", "kind", "dtype", "")
-            t.add_column(col, no_wrap=(col == "tensor"), justify="left" if left else "right")
-        for lay in layers:
-            kind = (lay.kind or lay.action) + (" dora" if lay.dora else "")
-            t.add_row(lay.name, kind, lay.dtype, f"{lay.max_abs_err:.3g}", f"{lay.max_ulp_err:.3g}",
-                      f"{lay.max_err_over_tol:.3f}", str(lay.bad), "ok" if lay.ok else "[red]FAIL[/red]")
-        con.print(t)
+        cols = [Column("tensor", flexible=True), Column("kind", drop=2), Column("dtype", drop=1),
+                Column("max abs err", right=True), Column("max err (ulp)", right=True), Column("err/tol", right=True),
+                Column("bad", right=True), Column("")]
+        rows = [[lay.name, (lay.kind or lay.action) + (" dora" if lay.dora else ""), lay.dtype, f"{lay.max_abs_err:.3g}",
+                 f"{lay.max_ulp_err:.3g}", f"{lay.max_err_over_tol:.3f}", str(lay.bad),
+                 "ok" if lay.ok else "[red]FAIL[/red]"] for lay in layers]
+        con.print(fitted(cols, rows, con.width))
         con.print("tolerance: 1 ulp of the float64 value X plus the float32 accumulation bound "
                   "(err/tol ≤ 1 passes; ulps of X grow where W and ΔW cancel)")
         if not show_all and len(layers) < len(r.layers):
