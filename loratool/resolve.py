@@ -81,3 +81,49 @@ def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None =
         raise InputError(f"{text}: no such file or directory, and {e.message}") from None
     except CorruptBlobError as e:
         raise CorruptBlobError(f"{text}: refusing to use this registry adapter: {e.message}") from None
+
+
+# A base model's files from the Hub: weights as safetensors (pickles are never downloaded, so
+# never read), their indexes, configs, tokenizers and the model card; not other weight formats
+# (.bin, .pt, .ckpt, .gguf, .onnx, .msgpack, .h5).
+BASE_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.md", "*.jinja", "*.py"]
+
+
+def resolve_base(ref: str | os.PathLike, api: Any = None, cache_dir: str | os.PathLike | None = None,
+                 home: str | os.PathLike | None = None) -> Path:
+    """The local path of a base: an existing path (or anything that is not ``hf://``) as it is;
+    ``hf://owner/name[@revision]`` downloaded into the Hugging Face cache (``cache_dir``, default
+    ``HF_HUB_CACHE``; offline, ``HF_HUB_OFFLINE=1``, what the cache holds) and its snapshot
+    directory returned, whose path names the repo and commit (``fingerprint._local_name``).
+    Only safetensors weights and the model's small files are fetched (``BASE_PATTERNS``)."""
+    text = os.fspath(ref)
+    if os.path.lexists(text):
+        return Path(text)
+    if text.startswith("hf:/") and not text.startswith(HUB_PREFIX):
+        text = HUB_PREFIX + text[len("hf:/"):]  # Path("hf://o/r") collapses the '//'
+    from loratool.fingerprint import parse_hub_ref
+
+    hub = parse_hub_ref(text)
+    if hub is None:
+        return Path(text)  # BaseCheckpoint names what is missing
+    from loratool.fingerprint import _hub_errors
+    from loratool.registry.hub import check_cache_dir
+
+    repo_id, revision = hub
+    check_cache_dir(cache_dir, home)
+    if api is not None and hasattr(api, "snapshot_download"):
+        download = api.snapshot_download
+    else:
+        from huggingface_hub import snapshot_download as download
+    kwargs: dict[str, Any] = {"repo_id": repo_id, "revision": revision, "allow_patterns": BASE_PATTERNS}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    try:
+        folder = Path(download(**kwargs))
+    except _hub_errors() as e:
+        raise InputError(f"{text}: cannot download the base: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*/*.safetensors")):
+        raise InputError(f"{text}: no safetensors weights in this repo (loratool never reads pickle weights: "
+                         ".bin/.pt files are not downloaded); convert the model to safetensors first")
+    note_input(folder)
+    return folder

@@ -349,8 +349,9 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
         check_values(adapter, f)
     if base is not None:
         from loratool.checkpoint import BaseCheckpoint
+        from loratool.resolve import resolve_base
 
-        ckpt = BaseCheckpoint(base)
+        ckpt = BaseCheckpoint(resolve_base(base))  # a path, or hf://owner/name[@rev] from the HF cache
         check_base(adapter, ckpt, f)
         check_manifest(adapter, ckpt, f, allow_base_mismatch, require_manifest)
     if target == "vllm":

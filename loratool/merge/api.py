@@ -94,7 +94,12 @@ def _model_card(root: Path, plan: MergePlan, guard: BaseGuard, operation: str) -
         with open(card, "rb") as f:
             base_card = f.read(64 << 10).decode("utf-8", errors="replace")
     base = guard.base
-    name = (base.repo_id or base.name) if base is not None else (plan.base.config or {}).get("_name_or_path")
+    if base is not None:
+        name = base.repo_id or base.name
+    else:  # no manifest was checked: the name the base gives itself (or its Hub cache path)
+        from loratool.fingerprint import _local_name
+
+        name = _local_name(plan.base)[0]
     # a local adapter by its folder or file name (cards are shared; absolute paths are not), a
     # registry or Hub reference as given
     rows = [(la.spec.path.name if os.path.exists(la.spec.path) else str(la.spec.path), la.spec.weight,
@@ -140,9 +145,12 @@ def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None
     """``merge``, with the executor's test parameters (``block_bytes``, ``fail_after_tensors``)."""
     from loratool.checkpoint import BaseCheckpoint
 
+    from loratool.resolve import resolve_base
+
     t0 = time.perf_counter()
     specs = _specs(adapters)
     out = Path(out)
+    base = resolve_base(base)  # hf://owner/name[@rev]: downloaded into the Hugging Face cache
     _check_paths(out, [Path(base), *(s.path for s in specs)], overwrite, Path(base).is_file())
     ckpt = BaseCheckpoint(base)
     loaded = load_adapters(specs)
@@ -218,6 +226,10 @@ def unmerge(
     t0 = time.perf_counter()
     specs = _specs(adapters)
     out = Path(out)
+    if base is not None:
+        from loratool.resolve import resolve_base
+
+        base = resolve_base(base)
     _check_paths(out, [Path(merged), *(s.path for s in specs), *([Path(base)] if base else [])], overwrite,
                  Path(merged).is_file())
     ckpt = BaseCheckpoint(merged)
