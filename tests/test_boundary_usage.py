@@ -42,6 +42,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("loratool.formats.peft", "write"): TMP,
     ("loratool.manifest", "write_manifest"): TMP,
     ("loratool.manifest", "write_merged_manifest"): TMP + " (before_commit of a merge)",
+    ("loratool.merge.api", "_model_card"): TMP + " (before_commit of a merge: the model card, over the copy of "
+                                             "the base's card made there)",
+    ("loratool.modelcard", "is_ours"): TMP + " (unmerge: whether the card copied into its output is a merge's)",
     ("loratool.merge.engines", "_cpu_only_torch"): "reads torch's own version.py, not a user file",
     # loratool's own files under $LORATOOL_HOME (the registry and the hash cache), which
     # check_output keeps every output away from:

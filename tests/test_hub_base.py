@@ -30,9 +30,12 @@ def hub_base(fixtures_dir, cache, repo_id="tiny-org/tiny-llama", pickles=False):
 
 
 def test_merge_from_a_hub_base_equals_the_local_merge(fixtures_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     cache = tmp_path / "hf"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import: point its constants at the cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_base(fixtures_dir, cache)
     adapter = str(fixtures_dir / "llama_r8")
     merge("hf://tiny-org/tiny-llama", adapter, tmp_path / "hub", device="cpu")
@@ -62,7 +65,9 @@ def test_cli_validate_and_merge_take_hf_bases(fixtures_dir, tmp_path, cli):
 
 
 def test_a_hub_base_without_safetensors_is_refused(fixtures_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_base(fixtures_dir, tmp_path / "hf", pickles=True)
     with pytest.raises(InputError, match="no safetensors weights"):
         resolve_base("hf://tiny-org/tiny-llama", cache_dir=tmp_path / "hf")
