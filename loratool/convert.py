@@ -1,4 +1,5 @@
-"""Convert an adapter between formats: PEFT, kohya (sd-scripts) and diffusers.
+"""Convert an adapter between formats: any two of ``loratool.formats.REGISTRY`` (PEFT, kohya
+(sd-scripts), diffusers).
 
 Reading gives the format-neutral ``Adapter``; the target format's writer lays it out again. Factor
 tensors are copied raw, so every conversion is lossless in the tensors; what a target cannot hold
@@ -14,9 +15,10 @@ import os
 from pathlib import Path
 
 from loratool.errors import UsageError
+from loratool.formats import FORMATS
 from loratool.schemas.convert import ConvertResult
 
-TARGETS = ("peft", "kohya", "diffusers")
+TARGETS = FORMATS  # every format loratool reads, it writes
 
 
 def convert(
@@ -28,9 +30,8 @@ def convert(
 ) -> ConvertResult:
     """Read the adapter at ``src`` (format detected unless ``format`` is given) and write it to
     ``out`` in the ``to`` format, atomically."""
-    from loratool.formats import kohya, write_adapter
+    from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
-    from loratool.formats import peft
 
     if to not in TARGETS:
         raise UsageError(f"unknown target format {to!r}; choose one of: {', '.join(TARGETS)}")
@@ -40,12 +41,9 @@ def convert(
     from loratool.manifest import finish_output, stamp_adapter
 
     manifest = stamp_adapter(adapter, "converted", [adapter], {"from": adapter.format, "to": to})
-    if to == "peft":
-        # PEFT's writer keeps only the metadata it is given: pass the source's (ss_* notes, kohya
-        # layout) so that a later conversion back can restore them.
-        path = peft.write(adapter, Path(out), overwrite=overwrite, metadata=kohya.carry_metadata(adapter))
-    else:
-        path = write_adapter(adapter, out, to, overwrite=overwrite)
+    # converting carries the source's metadata (ss_* notes, kohya layout) where the target's
+    # writer would not by itself, so that a later conversion back can restore them
+    path = write_adapter(adapter, out, to, overwrite=overwrite, converting=True)
     finish_output(manifest, path)
     return ConvertResult(
         source=str(src),

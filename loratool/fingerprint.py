@@ -29,18 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from loratool.boundary import default_home, open_regular, read_json
+from loratool.canonical import canonical_json
 from loratool.text import HUB_PREFIX
 from loratool.errors import InputError
 from loratool.schemas.manifest import BaseFingerprint, FileDigest
 
 if TYPE_CHECKING:  # pragma: no cover
     from loratool.adapter import Adapter
+    from loratool.formats.base import FormatConfig
     from loratool.checkpoint import BaseCheckpoint
 
 CHUNK_BYTES = 8 * 1024 * 1024  # large reads: per-call overhead vanishes, memory stays small
-# PEFT turns these list fields into Python sets (LoraConfig.__post_init__) and writes them back in
-# set iteration order, which changes with PYTHONHASHSEED; their order carries no meaning.
-SET_VALUED_CONFIG_KEYS = frozenset({"target_modules", "exclude_modules", "modules_to_save"})
 # Bookkeeping about who wrote the config, not what the adapter is.
 IGNORED_CONFIG_KEYS = frozenset({"peft_version"})
 
@@ -176,43 +175,15 @@ def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
 
 # -- canonical digests ----------------------------------------------------------------------------
 
-def _sort_key(v: Any) -> tuple:
-    """Numbers by value, then strings, then anything else by its JSON text."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return (0, v, "")
-    if isinstance(v, str):
-        return (1, 0, v)
-    return (2, 0, json.dumps(v, sort_keys=True))
+# ``canonical_json`` (imported above) lives in loratool.canonical: one serialization for config
+# digests and registry trees.
 
 
-def _canonical(obj: Any, key: str | None = None) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, (set, frozenset)) or (isinstance(obj, (list, tuple)) and key in SET_VALUED_CONFIG_KEYS):
-        return sorted((_canonical(v) for v in obj), key=_sort_key)
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, float) and obj.is_integer():
-        return int(obj)  # lora_alpha 16 and 16.0 are the same config
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "value") and not isinstance(obj, (str, int, float, bool)):  # enums
-        return _canonical(obj.value)
-    return obj
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys, no whitespace, PEFT's set-valued lists sorted, integral floats as ints,
-    sets sorted: equal configs give equal text whatever the insertion or hash order."""
-    return json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def config_digest(config: dict[str, Any]) -> str:
-    """sha256 of an adapter config's canonical JSON (``peft_version`` left out)."""
-    kept = {k: v for k, v in config.items() if k not in IGNORED_CONFIG_KEYS}
-    if isinstance(kept.get("components"), dict):  # multi-component PEFT: one config per component
-        kept["components"] = {c: {k: v for k, v in (cfg or {}).items() if k not in IGNORED_CONFIG_KEYS}
-                              for c, cfg in kept["components"].items()}
+def config_digest(config: "FormatConfig | dict[str, Any]") -> str:
+    """sha256 of an adapter config's canonical JSON, ``peft_version`` left out: an adapter's typed
+    config (its ``document``, per-component configs each without it) or a config as read."""
+    doc = config if isinstance(config, dict) else config.document(IGNORED_CONFIG_KEYS)
+    kept = {k: v for k, v in doc.items() if k not in IGNORED_CONFIG_KEYS}
     return hashlib.sha256(canonical_json(kept).encode("utf-8")).hexdigest()
 
 

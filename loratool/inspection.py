@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from loratool.adapter import Adapter, LoraModule, shape_of
+from loratool.adapter import Adapter, AdapterModule, shape_of
 from loratool.schemas.reports import InspectReport, ModuleReport, Spectrum
 
 _METADATA_MAX = 200  # skip long metadata values (kohya's ss_tag_frequency, ss_dataset_dirs…)
@@ -15,17 +15,18 @@ def _num_key(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def module_spectrum(m: LoraModule) -> Spectrum:
-    from loratool.lowrank import effective_rank, singular_values
+def module_spectrum(m: AdapterModule) -> Spectrum:
+    from loratool.lowrank import effective_rank
 
     from loratool.adapter import count_nonfinite
     from loratool.errors import FormatError
 
-    b2, a2 = m.factors_2d()
-    if any(count_nonfinite(b2)) or any(count_nonfinite(a2)):
+    lr = m.low_rank()  # LoRA's (B2, A2, scale); None for a kind without one: then the dense delta
+    values = (lr.B2, lr.A2) if lr is not None else tuple(m.load().values())
+    if any(any(count_nonfinite(t)) for t in values):
         raise FormatError(f"module {m.name}: factors hold NaN or Inf values, so no spectrum; run "
                           "`loratool validate` for details")
-    s = singular_values(b2, a2, m.scale)
+    s = m.singular_values(lr)
     energy = s**2
     total = float(energy.sum())
     return Spectrum(
@@ -37,21 +38,23 @@ def module_spectrum(m: LoraModule) -> Spectrum:
     )
 
 
-def module_report(m: LoraModule, spectrum: bool = False) -> ModuleReport:
+def module_report(m: AdapterModule, spectrum: bool = False) -> ModuleReport:
     dtypes = sorted(m.dtypes())
+    shapes = [list(shape_of(t)) for t in m.tensors().values()]
     return ModuleReport(
         name=m.name,
         kind=m.kind.value,
         rank=m.rank,
         alpha=m.alpha,
         scale=m.scale,
-        a_shape=list(shape_of(m.lora_A)),
-        b_shape=list(shape_of(m.lora_B)),
+        # a LoRA module's A and B; another kind's first two tensors
+        a_shape=shapes[0],
+        b_shape=shapes[1] if len(shapes) > 1 else [],
         base_shape=list(m.base_weight_shape),
         dtype=dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
         params=m.num_params,
         dora=m.use_dora,
-        lora_bias=m.lora_B_bias is not None,
+        lora_bias="lora_B_bias" in m.tensors(),
         spectrum=module_spectrum(m) if spectrum else None,
     )
 

@@ -352,21 +352,15 @@ def _file_diffs(recorded: BaseFingerprint, found: BaseFingerprint, attr: str) ->
 
 
 def _fit_problems(adapter: "Adapter", ckpt: "BaseCheckpoint") -> list[str]:
-    """Modules whose base tensor is missing from ``ckpt`` or has another shape. A Linear or
-    Conv1D delta fits the transposed shape too: PEFT decides the kind per layer from the base
-    module and flips fan_in_fan_out itself, and so does ``merge.plan_merge``."""
-    from loratool.adapter import LayerKind
-
+    """Modules whose base tensor is missing from ``ckpt`` or has another shape (the modules' own
+    fit check, as validate and the merge plan use it). A Linear or Conv1D delta fits the
+    transposed shape too: PEFT decides the kind per layer from the base module and flips
+    fan_in_fan_out itself, and so does ``merge.plan_merge``."""
     out: list[str] = []
     for name, module in adapter.modules.items():
-        wname = ckpt.weight_name(name)
-        want = tuple(module.base_weight_shape)
-        if wname is None:
-            out.append(f"{name}.weight is missing from the base")
-        elif tuple(ckpt.shape(wname)) == want[::-1] and module.kind in (LayerKind.LINEAR, LayerKind.CONV1D):
-            continue
-        elif tuple(ckpt.shape(wname)) != want:
-            out.append(f"{wname} has shape {list(ckpt.shape(wname))}, the adapter needs {list(want)}")
+        fit = module.fit_in(ckpt)
+        if not fit.mergeable:
+            out.append(f"module {name}: {fit.message}")
     for name, t in adapter.modules_to_save.items():
         if name in ckpt and tuple(ckpt.shape(name)) != tuple(t.shape):
             out.append(f"{name} has shape {list(ckpt.shape(name))}, modules_to_save holds {list(t.shape)}")

@@ -1,13 +1,14 @@
 """Resize an adapter: optimal rank truncation of every module, computed on the r×r core.
 
-Each module's delta scale·B@A is decomposed with ``lowrank.core_svd`` (QR of the factors, SVD of
-the r×r core, float64) and cut to the rank a ``RankRule`` picks; by Eckart–Young that is the best
-rank-k approximation, and its error follows from the singular values alone.
+Each module's delta scale·B@A (its kind's ``low_rank`` form; a kind without one is refused) is
+decomposed with ``lowrank.core_svd`` (QR of the factors, SVD of the r×r core, float64) and cut to
+the rank a ``RankRule`` picks; by Eckart–Young that is the best rank-k approximation, and its
+error follows from the singular values alone. The kind builds the new module (``with_factors``).
 
 Alpha policy: the module's alpha is kept and the new scale is PEFT's for the new rank
 (alpha/k, or alpha/√k with rsLoRA); the factors carry the rest, √(σ/scale) in each. So a PEFT
 config changes only in rank_pattern (lora_alpha stays what the user chose), a kohya file keeps its
-``.alpha`` values, and ``LoraModule.delta()`` of the output is the truncated delta whatever the
+``.alpha`` values, and the module's ``delta()`` of the output is the truncated delta whatever the
 reader. A ``lora_B.bias`` (PEFT lora_bias) is multiplied by scale_old/scale_new so that its
 contribution, scale·bias, is unchanged. DoRA: the low-rank part is truncated and the magnitude
 vector kept as it is.
@@ -22,7 +23,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from loratool.adapter import Adapter, LoraModule, dtype_of, load_tensor, peft_scale, shape_of
+from loratool.adapter import Adapter, AdapterModule, peft_scale
 from loratool.lowrank import (
     RankRule,
     core_svd,
@@ -39,17 +40,18 @@ ALPHA_POLICY = ("alpha kept; scale = alpha/new_rank (alpha/sqrt(new_rank) with r
                 "split evenly between the factors as sqrt(sigma/scale)")
 
 
-def resize_module(m: LoraModule, rule: RankRule) -> tuple[LoraModule, "ModuleResize", str | None, float]:
-    """Truncate one module. Returns (new module, its report row, a warning or None, ‖ΔW‖²_F)."""
-    import torch
-
-    from loratool.safetensors_io import torch_dtype
+def resize_module(m: AdapterModule, rule: RankRule) -> tuple[AdapterModule, "ModuleResize", str | None, float]:
+    """Truncate one module (its low-rank form; a kind without one is refused). Returns (new
+    module, its report row, a warning or None, ‖ΔW‖²_F)."""
+    from loratool.errors import UsageError
     from loratool.schemas.lowrank import ModuleResize
 
     r = m.rank
-    b2, a2 = m.factors_2d()
-    shape = (b2.shape[0], a2.shape[1])
-    U, S, Vh = core_svd(b2, a2, m.scale, keep=lambda S: min(rule.choose(S, shape), r))
+    lr = m.low_rank()
+    if lr is None:
+        raise UsageError(f"module {m.name!r}: a {m.module_kind} module has no low-rank form to truncate")
+    shape = (lr.B2.shape[0], lr.A2.shape[1])
+    U, S, Vh = core_svd(lr.B2, lr.A2, lr.scale, keep=lambda S: min(rule.choose(S, shape), r))
     n = numerical_rank(S, shape)
     total = float((S ** 2).sum())
     warning = None
@@ -65,16 +67,7 @@ def resize_module(m: LoraModule, rule: RankRule) -> tuple[LoraModule, "ModuleRes
                                status="unchanged"), None, total
 
     new_scale = peft_scale(m.alpha, k, m.use_rslora)
-    B, A = split_factors(U, S, Vh, k, new_scale)
-    a_shape, b_shape = shape_of(m.lora_A), shape_of(m.lora_B)
-    A = A.reshape(k, *a_shape[1:]).to(torch_dtype(dtype_of(m.lora_A))).contiguous()
-    B = B.reshape(b_shape[0], k, *b_shape[2:]).to(torch_dtype(dtype_of(m.lora_B))).contiguous()
-    bias = m.lora_B_bias
-    if bias is not None:
-        t = load_tensor(bias)
-        bias = (t.to(torch.float64) * (m.scale / new_scale)).to(t.dtype)
-    new = dataclasses.replace(m, lora_A=A, lora_B=B, lora_B_bias=bias, config_rank=k, config_alpha=m.alpha,
-                              source_keys={})
+    new = m.with_factors(*split_factors(U, S, Vh, k, new_scale))
     report = ModuleResize(**row, new_rank=k, new_alpha=m.alpha, energy_kept=energy_kept(S, k),
                           relative_error=truncation_error(S, k), status="resized")
     return new, report, warning, total
@@ -84,7 +77,7 @@ def resize_adapter(adapter: Adapter, rule: RankRule) -> tuple[Adapter, "ResizeRe
     """Resize every module of ``adapter`` (no I/O beyond reading its tensors)."""
     from loratool.schemas.lowrank import ResizeReport
 
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, AdapterModule] = {}
     rows, warnings = [], []
     total = kept = 0.0
     from loratool._threads import map_modules

@@ -39,12 +39,12 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from loratool.adapter import DTYPE_MAX, Adapter, LayerKind, count_nonfinite, dtype_of, shape_of
+from loratool.adapter import DTYPE_MAX, Adapter, LayerKind, count_nonfinite, shape_of
 from loratool.errors import EXIT_FINDINGS, EXIT_OK
+from loratool.formats.loraconfig import lora_config
 from loratool.safetensors_io import FLOAT_DTYPES
 from loratool.schemas.reports import Finding, Severity, ValidationReport
 
@@ -99,38 +99,14 @@ def _weights_file(adapter: Adapter) -> str | None:
 
 # -- structure and config ---------------------------------------------------------------------
 
-def _problem_id(problem: str) -> str:
-    if "rank mismatch" in problem:
-        return "LT101"
-    if "missing" in problem:
-        return "LT102"
-    if "alpha" in problem:
-        return "LT206"
-    return "LT106"  # factor shapes or dtypes that fit no layer, rank 0, unknown tensors
-
-
-def _magnitude_numel(shape) -> int | None:
-    """The length of a DoRA magnitude, one value per output row: (out,) for Linear, (1, out, 1, 1)
-    for Conv2d; None when it has more than one non-unit dimension."""
-    big = [d for d in shape if d != 1]
-    return None if len(big) > 1 else (big[0] if big else 1)
-
-
 def check_structure(adapter: Adapter, f: Findings) -> None:
-    for p in adapter.problems:
-        mod = re.search(r"module '([^']+)'", p)
-        f.error(_problem_id(p), p, module=mod.group(1) if mod else None)
+    for p in adapter.problems:  # what the reader found, with its check id (loratool.formats.base)
+        f.error(p.check, p.message, module=p.module)
     if not adapter.modules and not adapter.problems:
         f.error("LT107", f"{adapter.path}: no LoRA modules found")
     for m in adapter.modules.values():
-        sa, sb = shape_of(m.lora_A), shape_of(m.lora_B)
-        conv = m.kind is LayerKind.CONV2D
-        if (conv and (len(sa) != 4 or len(sb) != 4 or sb[2:] != (1, 1))) or (not conv and (len(sa) != 2 or len(sb) != 2)):
-            f.error("LT106", f"module {m.name}: factor shapes A {list(sa)} and B {list(sb)} fit no {m.kind.value} layer", m.name)
-        if m.magnitude is not None and _magnitude_numel(shape_of(m.magnitude)) != m.out_features:
-            f.error("LT108", f"module {m.name}: DoRA magnitude has shape {list(shape_of(m.magnitude))}, expected [{m.out_features}] (one per output row)", m.name)
-        if m.lora_B_bias is not None and shape_of(m.lora_B_bias) != (m.out_features,):
-            f.error("LT109", f"module {m.name}: lora_B bias has shape {list(shape_of(m.lora_B_bias))}, expected [{m.out_features}]", m.name)
+        for problem in m.structure_problems():  # the kind's own checks (LT106, LT108, LT109)
+            f.error(problem.check, f"module {m.name}: {problem.message}", m.name)
     for name in adapter.extra_tensors:
         if not name.endswith(".base_layer.weight"):  # PEFT's saved embedding layers are expected
             f.warning("LT110", f"tensor {name}: neither a LoRA factor nor a modules_to_save tensor of the config; "
@@ -141,26 +117,23 @@ MAX_UNUSED_LISTED = 20  # unused pattern keys reported one by one; more are summ
 
 
 def check_config(adapter: Adapter, f: Findings) -> None:
-    from loratool.formats.peft import targeted as peft_targeted
     from loratool.patterns import key_table
 
-    config = adapter.config if adapter.format == "peft" else {}
-    if not config or "components" in config:
+    config = lora_config(adapter)  # the one LoraConfig PEFT loads the adapter with, if any
+    if not config:
         return
-    cfg_file = str(adapter.path / "adapter_config.json") if adapter.path else None
+    cfg_file = str(config.file) if config.file else None
     for m in adapter.modules.values():
         if m.config_rank is not None and m.config_rank != m.rank:
             f.error("LT103", f"module {m.name}: the config asks for rank {m.config_rank} (r / rank_pattern) "
                     f"but the tensors have rank {m.rank}; PEFT will refuse to load it", m.name, cfg_file)
-        targeted = peft_targeted(config, m.name)
-        if targeted is False:
-            f.warning("LT104", f"module {m.name}: has weights but target_modules {config.get('target_modules')!r} "
-                      f"(exclude_modules {config.get('exclude_modules')!r}) does not select it; PEFT will ignore "
+        if config.targeted(m.name) is False:
+            f.warning("LT104", f"module {m.name}: has weights but target_modules {config.target_modules!r} "
+                      f"(exclude_modules {config.exclude_modules!r}) does not select it; PEFT will ignore "
                       "them, and merge refuses the adapter", m.name, cfg_file)
     names = list(adapter.modules)
 
-    for field in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(field) or {}
+    for field, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         if not pattern:
             continue
         table = key_table(tuple(pattern))  # built once: linear in modules + keys (issue 11)
@@ -178,10 +151,8 @@ def check_config(adapter: Adapter, f: Findings) -> None:
 # -- numbers ----------------------------------------------------------------------------------
 
 def check_values(adapter: Adapter, f: Findings) -> None:
-    from loratool.lowrank import singular_values
-
     zero_b = 0
-    dtypes = {dtype_of(t) for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)}
+    dtypes = {d for m in adapter.modules.values() for d in m.delta_dtypes()}
     for m in adapter.modules.values():
         if not m.scale_is_valid:
             f.error("LT206", f"module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; it must be a positive "
@@ -202,13 +173,14 @@ def check_values(adapter: Adapter, f: Findings) -> None:
         if why:
             f.error("LT207", f"module {m.name}: {why}", m.name)
             continue
-        if not bool(loaded["lora_B"].any()):
+        lr = m.low_rank(loaded=loaded)  # None for a kind without a low-rank form: its dense delta
+        if not bool(lr.B2.any() if lr is not None else m.delta().any()):
             zero_b += 1
-            f.warning("LT202", f"module {m.name}: lora_B is all zero, so the module changes nothing "
+            what = "lora_B is all zero" if lr is not None else "its delta is all zero"
+            f.warning("LT202", f"module {m.name}: {what}, so the module changes nothing "
                       "(initialised and never trained?)", m.name)
             continue
-        b2, a2 = m.factors_2d(loaded=loaded)
-        sigma1 = float(singular_values(b2, a2, m.scale)[0])
+        sigma1 = float(m.singular_values(lr)[0])
         if sigma1 > EXPLODING_SIGMA:
             f.warning("LT204", f"module {m.name}: the delta's largest singular value is {sigma1:.3g} "
                       f"(> {EXPLODING_SIGMA:g}); training may have diverged", m.name)
@@ -222,7 +194,7 @@ def check_values(adapter: Adapter, f: Findings) -> None:
 def _overflow(m, loaded) -> str | None:
     """LT207 (issue 11): whether applying ``m`` overflows its factors' dtype (float16 and
     bfloat16 adapters are often applied in it) or float32 (PEFT's arithmetic, and the merge's)."""
-    own = [d for d in (dtype_of(m.lora_A), dtype_of(m.lora_B)) if d in ("F16", "BF16")]
+    own = [d for d in m.delta_dtypes() if d in ("F16", "BF16")]
     dtype = min(own, key=DTYPE_MAX.__getitem__) if own else "F32"  # float8 and float64 are upcast
     effect = "merging or applying it gives Inf"
     return (m.scale_overflow(DTYPE_MAX[dtype], dtype, effect=effect)
@@ -234,30 +206,11 @@ def _overflow(m, loaded) -> str | None:
 def check_base(adapter: Adapter, base: "BaseCheckpoint", f: Findings) -> None:
     base_dtypes: set[str] = set()
     for m in adapter.modules.values():
-        wname = base.weight_name(m.name)
-        if wname is None:
-            f.error("LT301", f"module {m.name}: the base has no tensor {m.name}.weight", m.name, str(base.path))
-            continue
-        got = tuple(base.shape(wname))
-        base_dtypes.add(base.dtype(wname))
-        want = tuple(m.base_weight_shape)
-        if got == want:
-            continue
-        if m.kind in (LayerKind.LINEAR, LayerKind.CONV1D) and len(got) == 2 and got == want[::-1]:
-            if m.kind is LayerKind.LINEAR:
-                hint = ("the base stores it transposed (transformers Conv1D, as in GPT-2): the adapter "
-                        "needs fan_in_fan_out=True")
-            else:
-                hint = "the adapter has fan_in_fan_out=True but the base layer is a plain Linear"
-            f.error("LT303", f"module {m.name}: base weight {wname} has shape {list(got)}, the delta has "
-                    f"{list(want)}: {hint}", m.name, str(base.path))
-            continue
-        extra = ""
-        if m.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and len(got) == 2 and got[1] == want[1]:
-            extra = " (k/v projections: do the base's num_key_value_heads match the adapter's?)"
-        f.error("LT302", f"module {m.name}: shape mismatch: base weight {wname} is {list(got)}, the adapter's "
-                f"delta is {list(want)} (A {list(shape_of(m.lora_A))}, B {list(shape_of(m.lora_B))}){extra}",
-                m.name, str(base.path))
+        fit = m.fit_in(base)  # the one fit check (LT301, LT302, LT303), as merge and manifest use it
+        if fit.target is not None:
+            base_dtypes.add(base.dtype(fit.target))
+        if not fit.ok:
+            f.error(fit.check, f"module {m.name}: {fit.message}", m.name, str(base.path))
     for name, src in adapter.modules_to_save.items():
         if name not in base:
             f.error("LT304", f"modules_to_save {name}: the base has no such tensor", name, str(base.path))
@@ -293,11 +246,11 @@ def check_vllm(adapter: Adapter, f: Findings) -> None:
     convs = [m.name for m in adapter.modules.values() if m.kind is LayerKind.CONV2D]
     if convs:
         f.error("LT405", f"{len(convs)} conv2d modules (e.g. {convs[0]}): vLLM supports linear and embedding LoRA only")
-    cfg = adapter.config if adapter.format == "peft" else {}
-    if cfg and "r" in cfg and "lora_alpha" in cfg:
+    cfg = lora_config(adapter)
+    if cfg and cfg.r is not None and cfg.lora_alpha is not None:
         from loratool.adapter import peft_scale
 
-        global_scale = peft_scale(float(cfg["lora_alpha"]), int(cfg["r"]), bool(cfg.get("use_rslora")))
+        global_scale = peft_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora)
         off = [m for m in adapter.modules.values() if abs(m.scale - global_scale) > 1e-12 * max(1.0, abs(global_scale))]
         if off:
             f.error("LT406", f"{len(off)} modules (e.g. {off[0].name}: scale {off[0].scale:g}) have a scale other "

@@ -252,7 +252,8 @@ def test_structure_mismatch_names_tensors_and_skips_hashing(setup, tmp_path):
         check_base(adapter, other, cache=cache)
     msg = str(e.value)
     assert "different tensor names, shapes or dtypes" in msg
-    assert "model.layers.1.self_attn.v_proj.weight has shape [8, 16], the adapter needs [16, 16]" in msg
+    assert ("module model.layers.1.self_attn.v_proj: base tensor model.layers.1.self_attn.v_proj.weight has shape "
+            "[8, 16], the adapter's linear delta has [16, 16]") in msg
     assert cache.misses == 0 and cache.hits == 0  # structure first: nothing was hashed
 
 
@@ -294,7 +295,7 @@ def test_without_manifest_shape_misfit_is_a_mismatch(tmp_path):
     t = base_tensors()
     del t["model.layers.0.self_attn.q_proj.weight"]
     wrong = save_base(tmp_path / "wrong", t)
-    with pytest.raises(BaseMismatchError, match="model.layers.0.self_attn.q_proj.weight is missing from the base"):
+    with pytest.raises(BaseMismatchError, match="the base has no tensor model.layers.0.self_attn.q_proj.weight"):
         check_base(adapter, wrong)
     assert check_base(adapter, base).status == "unverified"
 

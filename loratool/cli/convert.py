@@ -5,13 +5,17 @@ from __future__ import annotations
 import click
 
 from loratool.cli.render import FORMAT_CHOICE, emit
+from loratool.formats import REGISTRY
+
+_DIRS = ", ".join(f.name for f in REGISTRY if f.writes_directory)
+_FILES = ", ".join(f.name for f in REGISTRY if f.writes_file)
 
 
 @click.command("convert")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--to", "to", required=True, type=FORMAT_CHOICE, help="Format to write.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
-              help="Where to write: a directory (peft, diffusers) or a .safetensors file (kohya, diffusers).")
+              help=f"Where to write: a directory ({_DIRS}) or a .safetensors file ({_FILES}).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None, help="Override format detection of ADAPTER.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -1,10 +1,14 @@
-"""Adapter formats: detection, reading and writing.
+"""Adapter formats: the registry, detection, reading and writing.
 
-Each format module exposes:
-  ``NAME``                          the format's name ("peft", "kohya", "diffusers")
-  ``sniff_keys(keys) -> bool``      whether a safetensors key set looks like this format
-  ``read(path, ...) -> Adapter``    build the format-neutral model (lazy tensors)
-  ``write(adapter, out, overwrite=False) -> Path``   write atomically, return what was written
+Each format module (peft.py, kohya.py, diffusers.py) describes itself with one ``Format``
+(``formats/base.py``): its name, ``sniff_keys``, ``read``, ``write``, the order in which it is
+sniffed, its directory marker and output layout, and what other modules may ask of it.
+``REGISTRY`` lists them, once: detection, ``FORMATS`` (the CLI's --format/--to choices),
+``convert`` and the writers go through it. A reader gives each adapter its format's typed config
+(``adapter.config``: ``LoraConfig``, ``ComponentConfigs``, ``KohyaLayout``) and typed problems
+(``ReadProblem``, with validate's check id).
+
+To add a format: its module (with its ``FORMAT``), plus one line in ``REGISTRY`` below.
 
 ``load_adapter`` detects the format of a path (directory or file), or takes ``format=`` to
 override detection, and refuses pickle checkpoints without opening them as pickles.
@@ -18,21 +22,23 @@ from pathlib import Path
 from loratool.adapter import Adapter
 from loratool.boundary import InputRoot, note_input
 from loratool.errors import FormatError, InputError, UsageError
+from loratool.formats import diffusers, kohya, peft
+from loratool.formats.base import Format
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_pickle
 
-FORMATS = ("peft", "kohya", "diffusers")
+REGISTRY: tuple[Format, ...] = (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT)
+FORMATS = tuple(f.name for f in REGISTRY)  # the CLI's --format / --to choices
+# The format every loader reads (transformers, diffusers, vLLM): an adapter composed from
+# adapters of several formats is written in it.
+COMMON_FORMAT = peft.NAME
 
 
-def _module(name: str):
-    if name == "peft":
-        from loratool.formats import peft as mod
-    elif name == "kohya":
-        from loratool.formats import kohya as mod
-    elif name == "diffusers":
-        from loratool.formats import diffusers as mod
-    else:
-        raise UsageError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}")
-    return mod
+def get_format(name: str) -> Format:
+    """The registered format called ``name``, or a one-line ``UsageError``."""
+    for f in REGISTRY:
+        if f.name == name:
+            return f
+    raise UsageError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}")
 
 
 def _describe_keys(keys: list[str], n: int = 3) -> str:
@@ -45,15 +51,16 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    if path.is_file() and path.name == "adapter_config.json":
-        path = path.parent
+    if path.is_file() and path.name in {f.marker for f in REGISTRY if f.needs_marker}:
+        path = path.parent  # a config named directly (adapter_config.json): its directory
     if path.is_dir():
-        if (path / "adapter_config.json").exists():
-            return "peft"
-        if (path / "pytorch_lora_weights.safetensors").exists():
-            return "diffusers"
-        if any((p / "adapter_config.json").exists() for p in sorted(path.iterdir()) if p.is_dir()):
-            return "peft"  # multi-component PEFT (one sub-directory per model component)
+        for f in REGISTRY:  # a marker file names the format (PEFT's config before diffusers' weights)
+            if f.marker and (path / f.marker).exists():
+                return f.name
+        subdirs = [p for p in sorted(path.iterdir()) if p.is_dir()]
+        for f in REGISTRY:  # multi-component: one sub-directory with the marker per model component
+            if f.component_dirs and any((p / f.marker).exists() for p in subdirs):
+                return f.name
         st_files = sorted(path.glob("*.safetensors"))
         if len(st_files) == 1:
             return detect_format(st_files[0])
@@ -72,20 +79,17 @@ def detect_format(path: str | os.PathLike) -> str:
         raise refuse_pickle(path, sniff_pickle(path))
     st = SafetensorsFile(path)
     keys = st.keys()
-    for name in ("kohya", "diffusers", "peft"):
-        if _module(name).sniff_keys(keys):
-            if name == "peft":
-                raise InputError(
-                    f"{path}: PEFT weights without their config: adapter_config.json is missing next "
-                    "to them, so rank patterns and alpha are unknown; put the config beside the file"
-                )
-            return name
+    for f in sorted(REGISTRY, key=lambda f: f.sniff_order):
+        if f.sniff_keys(keys):
+            if f.needs_marker:
+                raise InputError(f"{path}: {f.needs_marker}")
+            return f.name
     if not keys:
         raise FormatError(f"{path}: holds no tensors; not a LoRA adapter")
+    expected = [f"{f.title} ({f.key_example})" for f in REGISTRY]
     raise FormatError(
         f"{path}: unknown key layout: no LoRA factor names found (keys: {_describe_keys(sorted(keys))}); "
-        "expected PEFT (…lora_A.weight), kohya (lora_unet_….lora_down.weight) or diffusers "
-        "(unet.….lora_A.weight); pass --format if you know better"
+        f"expected {', '.join(expected[:-1])} or {expected[-1]}; pass --format if you know better"
     )
 
 
@@ -128,14 +132,19 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, tolerant: b
         raise InputError(f"{path}: no such file or directory")
     note_input(path)  # no output of this process may overwrite it (loratool.boundary)
     check_links(path)
-    fmt = format or detect_format(path)
-    adapter = _module(fmt).read(path)
+    fmt = get_format(format or detect_format(path))
+    adapter = fmt.read(path)
     if adapter.problems and not tolerant:
         first = adapter.problems[0]
         more = f" (and {len(adapter.problems) - 1} more problems; run `loratool validate`)" if len(adapter.problems) > 1 else ""
-        raise FormatError(f"{first}{more}")
+        raise FormatError(f"{first.message}{more}")
     return adapter
 
 
-def write_adapter(adapter: Adapter, out: str | os.PathLike, format: str, overwrite: bool = False) -> Path:
-    return _module(format).write(adapter, Path(out), overwrite=overwrite)
+def write_adapter(adapter: Adapter, out: str | os.PathLike, format: str, overwrite: bool = False,
+                  converting: bool = False) -> Path:
+    """Write ``adapter`` at ``out`` in ``format``, atomically; ``converting``: for ``convert``,
+    which may carry more of the source along (``Format.write_converted``)."""
+    fmt = get_format(format)
+    write = fmt.write_converted if converting and fmt.write_converted else fmt.write
+    return write(adapter, Path(out), overwrite=overwrite)

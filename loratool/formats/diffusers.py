@@ -20,8 +20,9 @@ metadata: key ``lora_adapter_metadata``, a JSON object whose keys are ``<compone
 field>`` (``"unet.r"``, ``"unet.lora_alpha"``, ``"unet.alpha_pattern"``; loaders/lora_base.py
 ``_pack_dict_with_prefix``); the loader strips the prefix and calls ``LoraConfig(**fields)``
 instead of guessing. A model-level save (``ModelMixin.save_lora_adapter``) has no prefixes, in
-keys or metadata. We read alpha from that metadata, else from ``<module>.alpha`` tensors where a
-converter left them, else alpha = r; and we always write the metadata (r, lora_alpha,
+keys or metadata. We read alpha from that metadata (one ``LoraConfig`` per component: the
+adapter's config, ``ComponentConfigs``), else from ``<module>.alpha`` tensors where a converter
+left them, else alpha = r; and we always write the metadata (r, lora_alpha,
 rank_pattern, alpha_pattern, target_modules for every component), so diffusers applies exactly
 our scale.
 """
@@ -33,11 +34,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem
+from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem, module_of
 from loratool.text import number
 from loratool.errors import FormatError, InputError, OutputError, UsageError
 from loratool.formats import kohya, sdnames
-from loratool.formats.peft import build_pattern, check_config_fields, config_rank_alpha
+from loratool.formats.base import MISSING_FACTOR, BAD_FACTOR, Format, ReadProblem, factor_check
+from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, check_config_fields
+from loratool.formats.peft import build_pattern
 from loratool.boundary import parse_json
 from loratool.safetensors_io import SafetensorsFile, atomic_dir, atomic_path, write_safetensors
 
@@ -108,8 +111,8 @@ def _weights_file(path: Path) -> Path:
     raise InputError(f"{path}: no {WEIGHTS} here{more}")
 
 
-def parse_metadata(md: dict[str, str], where: Path) -> dict[str, dict[str, Any]]:
-    """``lora_adapter_metadata`` -> {component: LoraConfig fields} ("" for unprefixed fields)."""
+def parse_metadata(md: dict[str, str], where: Path) -> dict[str, LoraConfig]:
+    """``lora_adapter_metadata`` -> {component: LoraConfig} ("" for unprefixed fields)."""
     raw = md.get(METADATA_KEY)
     if not raw:
         return {}
@@ -125,7 +128,7 @@ def parse_metadata(md: dict[str, str], where: Path) -> dict[str, dict[str, Any]]
             out.setdefault("", {})[key] = value
     for comp, cfg in out.items():
         check_config_fields(cfg, f"{where}: metadata {METADATA_KEY!r}" + (f" ({comp})" if comp else ""))
-    return out
+    return {comp: LoraConfig(cfg, where) for comp, cfg in out.items()}
 
 
 def read(path: Path) -> Adapter:
@@ -135,20 +138,22 @@ def read(path: Path) -> Adapter:
     configs = parse_metadata(st.metadata, weights)
 
     roles: dict[tuple[str, str], dict[str, str]] = {}
-    problems: list[str] = []
+    problems: list[ReadProblem] = []
     for key in st.keys():
         split = _split(key)
         if split is None or not split[1]:
-            problems.append(f"{weights}: tensor {key!r} is not a LoRA factor (expected <component>.<module>"
-                            ".lora_A.weight / .lora_B.weight, or the older .lora.down/.lora.up names)")
+            problems.append(ReadProblem(BAD_FACTOR, f"{weights}: tensor {key!r} is not a LoRA factor (expected "
+                                        "<component>.<module>.lora_A.weight / .lora_B.weight, or the older "
+                                        ".lora.down/.lora.up names)"))
             continue
         comp, module, role = split
         if comp.startswith("text_encoder"):
             module = sdnames.canonical_text_encoder_path(module)
         slot = roles.setdefault((comp, module), {})
         if role in slot:
-            problems.append(f"{weights}: tensors {slot[role]!r} and {key!r} are the same factor of module "
-                            f"{(comp + '.' if comp else '') + module!r}")
+            name = (comp + "." if comp else "") + module
+            problems.append(ReadProblem(BAD_FACTOR, f"{weights}: tensors {slot[role]!r} and {key!r} are the same "
+                                        f"factor of module {name!r}", name))
             continue
         slot[role] = key
 
@@ -160,21 +165,22 @@ def read(path: Path) -> Adapter:
         a_key, b_key = keys.get("emb_A" if emb else "A"), keys.get("emb_B" if emb else "B")
         if a_key is None or b_key is None:
             missing = "lora_A" if a_key is None else "lora_B"
-            problems.append(f"{label}: {missing} is missing (only {sorted(keys.values())})")
+            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: {missing} is missing (only "
+                                        f"{sorted(keys.values())})", name))
             continue
         a, b = st.ref(a_key), st.ref(b_key)
         sa = a.shape
         why = factor_problem(a, b, embedding=emb)
         if why:
-            problems.append(f"{label}: {why}")
+            problems.append(ReadProblem(factor_check(why), f"{label}: {why}", name))
             continue
         cfg = configs.get(comp)
         config_rank = config_alpha = None
         use_rslora = False
         if cfg:
-            config_rank, alpha = config_rank_alpha(cfg, module)
+            config_rank, alpha = cfg.rank_alpha(module)
             config_alpha = alpha
-            use_rslora = bool(cfg.get("use_rslora", False))
+            use_rslora = cfg.use_rslora
         elif "alpha" in keys:
             alpha = float(st.ref(keys["alpha"]).load().reshape(-1)[0].item())
         else:
@@ -183,12 +189,12 @@ def read(path: Path) -> Adapter:
             kind = LayerKind.EMBEDDING
         elif len(sa) == 4:
             kind = LayerKind.CONV2D
-        elif cfg and cfg.get("fan_in_fan_out"):
+        elif cfg and cfg.fan_in_fan_out:
             kind = LayerKind.CONV1D
         else:
             kind = LayerKind.LINEAR
         source_keys = {_ROLE_NAMES.get(r, r): k for r, k in keys.items()}
-        modules[name] = LoraModule(
+        modules[name] = module_of(  # LoRA, or DoRA with a magnitude vector
             name=name,
             kind=kind,
             lora_A=a,
@@ -206,15 +212,16 @@ def read(path: Path) -> Adapter:
     components = tuple(c for c in COMPONENTS if c in present)
     if components and "" in present:
         bare = sorted(m for c, m in roles if c == "")[0]
-        problems.append(f"{weights}: module {bare!r} has no component prefix while others have one "
-                        f"({', '.join(components)}); cannot tell which model it belongs to")
+        problems.append(ReadProblem(BAD_FACTOR, f"{weights}: module {bare!r} has no component prefix while others "
+                                    f"have one ({', '.join(components)}); cannot tell which model it belongs to",
+                                    bare))
         modules = {n: m for n, m in modules.items() if n.split(".", 1)[0] in components}
     return Adapter(
         format=NAME,
         modules=dict(sorted(modules.items())),
         path=path,
         files=[weights],
-        config={"components": configs} if configs else {},
+        config=ComponentConfigs(configs) if configs else None,
         metadata=dict(st.metadata),
         problems=problems,
         components=components,
@@ -321,3 +328,16 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
             write_safetensors(tmp / WEIGHTS, items, metadata)
     return out
 
+
+FORMAT = Format(
+    name=NAME,
+    title="diffusers",
+    read=read,
+    write=write,
+    sniff_keys=sniff_keys,
+    sniff_order=1,  # before PEFT: both name factors lora_A/lora_B
+    key_example="unet.….lora_A.weight",
+    writes_directory=True,
+    writes_file=True,
+    marker=WEIGHTS,
+)

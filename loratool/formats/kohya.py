@@ -14,8 +14,8 @@ Reading maps names to dotted diffusers names (``formats/sdnames.py``); SDXL file
 use the original Stability UNet names (``input_blocks_4_1_…``), which are mapped onto
 ``UNet2DConditionModel`` names too. What cannot be recovered from the dotted names alone — SGM
 naming, ``lora_te1_`` without a second text encoder, the alpha dtype when it is not the factors'
-dtype, modules written without alpha — is the file's *layout*: kept in ``adapter.config`` and,
-when the adapter is written in another format, in the metadata key ``loratool.kohya_layout``
+dtype, modules written without alpha — is the file's *layout*, a ``KohyaLayout``: the adapter's
+config, and when the adapter is written in another format the metadata key ``loratool.kohya_layout``
 (``carry_metadata``), so that kohya -> PEFT/diffusers -> kohya gives back the same keys and bytes.
 
 Writing follows sd-scripts: alpha is a scalar in the dtype of the saved weights (sd-scripts casts
@@ -31,12 +31,14 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Literal
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, factor_problem
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
+from loratool.formats.base import BAD_ALPHA, BAD_FACTOR, MISSING_FACTOR, Format, FormatConfig, ReadProblem, factor_check
 from loratool.boundary import parse_json
 from loratool.safetensors_io import FLOAT_DTYPES, SafetensorsFile, TensorRef, atomic_path, torch_dtype, write_safetensors
 
@@ -111,7 +113,7 @@ def read(path: Path) -> Adapter:
     path = _file(Path(path))
     st = SafetensorsFile(path)
     groups: dict[str, dict[str, str]] = {}
-    problems: list[str] = []
+    problems: list[ReadProblem] = []
     for key in st.keys():
         lora_name, _, role = key.partition(".")
         if role not in _ROLES or split_prefix(lora_name) is None:
@@ -119,7 +121,7 @@ def read(path: Path) -> Adapter:
             why = (f"{what} tensors are not LoRA factors; loratool reads plain LoRA (lora_down/lora_up/alpha)"
                    if what else "not a kohya LoRA key (expected lora_unet_/lora_te…_<module>.lora_down.weight, "
                                 ".lora_up.weight or .alpha)")
-            problems.append(f"{path}: tensor {key!r}: {why}")
+            problems.append(ReadProblem(BAD_FACTOR, f"{path}: tensor {key!r}: {why}"))
             continue
         groups.setdefault(lora_name, {})[_ROLES[role]] = key
 
@@ -136,18 +138,19 @@ def read(path: Path) -> Adapter:
         a_key, b_key, alpha_key = keys.get("A"), keys.get("B"), keys.get("alpha")
         if a_key is None or b_key is None:
             missing = "lora_down" if a_key is None else "lora_up"
-            problems.append(f"{label}: {missing}.weight is missing (only {sorted(keys.values())})")
+            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: {missing}.weight is missing (only "
+                                        f"{sorted(keys.values())})", lora_name))
             continue
         a, b = st.ref(a_key), st.ref(b_key)
         sa = a.shape
         why = factor_problem(a, b, ("lora_down", "lora_up"))
         if why:
-            problems.append(f"{label}: {why}")
+            problems.append(ReadProblem(factor_check(why), f"{label}: {why}", lora_name))
             continue
         name, from_sgm = module_name(lora_name) or (lora_name, False)  # the prefix was checked above
         if name in modules:
-            problems.append(f"{label}: maps to module {name!r}, like {origin[name]!r}; the file holds the same "
-                            "module twice")
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: maps to module {name!r}, like {origin[name]!r}; the "
+                                        "file holds the same module twice", lora_name))
             continue
         sgm |= from_sgm
         if lora_name.startswith(("lora_te_", "lora_te1_")):
@@ -156,14 +159,17 @@ def read(path: Path) -> Adapter:
         if alpha_key is not None:
             ref = st.ref(alpha_key)
             if math.prod(ref.shape) != 1:
-                problems.append(f"{label}: alpha must be one number, found shape {list(ref.shape)}")
+                problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be one number, found shape "
+                                            f"{list(ref.shape)}", lora_name))
                 continue
             if ref.dtype not in FLOAT_DTYPES:
-                problems.append(f"{label}: alpha must be a floating-point number, found {ref.dtype}")
+                problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a floating-point number, found "
+                                            f"{ref.dtype}", lora_name))
                 continue
             alpha = float(ref.load().reshape(-1)[0].item())
             if not math.isfinite(alpha) or alpha <= 0:
-                problems.append(f"{label}: alpha must be a positive finite number, found {alpha}")
+                problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a positive finite number, found "
+                                            f"{alpha}", lora_name))
                 continue
             alpha_dtypes[ref.dtype] += 1
             alpha_shapes[ref.shape] += 1
@@ -184,21 +190,19 @@ def read(path: Path) -> Adapter:
         )
         origin[name] = lora_name
 
-    layout: dict[str, Any] = {}
-    if sgm:
-        layout["unet_names"] = "sgm"
+    te_prefix = None
     if te_prefixes:  # the first text encoder's prefix, where the writer would not guess it
         used = te_prefixes.most_common(1)[0][0]
         if used != default_te_prefix(n.split(".", 1)[0] for n in modules):
-            layout["te_prefix"] = used
-    if mismatched_alpha_dtype and alpha_dtypes:
-        layout["alpha_dtype"] = alpha_dtypes.most_common(1)[0][0]
-    if alpha_shapes and alpha_shapes.most_common(1)[0][0] != ():
-        layout["alpha_shape"] = list(alpha_shapes.most_common(1)[0][0])  # e.g. [1] instead of a 0-d scalar
-    if no_alpha:
-        layout["no_alpha"] = "all" if len(no_alpha) == len(modules) else sorted(no_alpha)
-    if "format" not in st.metadata:
-        layout["no_format_metadata"] = True
+            te_prefix = used
+    layout = KohyaLayout(
+        sgm_unet=sgm,
+        te_prefix=te_prefix,
+        alpha_dtype=alpha_dtypes.most_common(1)[0][0] if mismatched_alpha_dtype and alpha_dtypes else None,
+        alpha_shape=alpha_shapes.most_common(1)[0][0] if alpha_shapes else (),
+        no_alpha="all" if no_alpha and len(no_alpha) == len(modules) else tuple(sorted(no_alpha)),
+        no_format_metadata="format" not in st.metadata,
+    )
 
     present = {n.split(".", 1)[0] for n in modules}
     return Adapter(
@@ -206,7 +210,7 @@ def read(path: Path) -> Adapter:
         modules=dict(sorted(modules.items())),
         path=path,
         files=[path],
-        config={"kohya_layout": layout},
+        config=layout,
         metadata=dict(st.metadata),
         problems=problems,
         components=tuple(c for c in COMPONENT_ORDER if c in present),
@@ -215,26 +219,79 @@ def read(path: Path) -> Adapter:
 
 # -- layout that survives other formats ----------------------------------------------------------
 
-def layout_of(adapter: Adapter) -> dict[str, Any]:
+@dataclass(frozen=True)
+class KohyaLayout(FormatConfig):
+    """A kohya adapter's config: what its file says that dotted module names cannot (see the
+    module docstring), so that writing it back gives the same keys and bytes."""
+
+    sgm_unet: bool = False  # SDXL UNet modules under Stability's names (input_blocks_4_1_…)
+    te_prefix: str | None = None  # the first text encoder's prefix, where the writer would not guess it
+    alpha_dtype: str | None = None  # the alphas' dtype, where it is not the factors'
+    alpha_shape: tuple[int, ...] = ()  # the alphas' shape: (1,) instead of a 0-d scalar
+    no_alpha: tuple[str, ...] | Literal["all"] = ()  # modules written without alpha ("all": every one)
+    no_format_metadata: bool = False  # the file's __metadata__ has no "format" entry
+
+    def as_json(self) -> dict[str, Any]:
+        """The layout as JSON: the ``loratool.kohya_layout`` metadata note, and the config digest."""
+        out: dict[str, Any] = {}
+        if self.sgm_unet:
+            out["unet_names"] = "sgm"
+        if self.te_prefix:
+            out["te_prefix"] = self.te_prefix
+        if self.alpha_dtype:
+            out["alpha_dtype"] = self.alpha_dtype
+        if self.alpha_shape:
+            out["alpha_shape"] = list(self.alpha_shape)
+        if self.no_alpha:
+            out["no_alpha"] = self.no_alpha if self.no_alpha == "all" else list(self.no_alpha)
+        if self.no_format_metadata:
+            out["no_format_metadata"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, note: Any) -> "KohyaLayout":
+        """A layout from a ``loratool.kohya_layout`` note; a field of another type than ours reads
+        as the plain layout's."""
+        if not isinstance(note, dict):
+            return cls()
+
+        def text(key):
+            return note.get(key) if isinstance(note.get(key), str) else None
+
+        shape, no_alpha = note.get("alpha_shape"), note.get("no_alpha")
+        ints = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        names = isinstance(no_alpha, list) and all(isinstance(n, str) for n in no_alpha)
+        return cls(sgm_unet=note.get("unet_names") == "sgm", te_prefix=text("te_prefix"),
+                   alpha_dtype=text("alpha_dtype"), alpha_shape=tuple(shape) if ints else (),
+                   no_alpha="all" if no_alpha == "all" else tuple(no_alpha) if names else (),
+                   no_format_metadata=bool(note.get("no_format_metadata")))
+
+    def document(self, ignored: Collection[str] = ()) -> dict[str, Any]:
+        return {"kohya_layout": self.as_json()}
+
+    def __bool__(self) -> bool:  # a kohya adapter always has a layout, if only the plain one
+        return True
+
+
+def layout_of(adapter: Adapter) -> KohyaLayout:
     """The kohya layout of an adapter: its own when read from kohya, else the one a kohya source
-    left in the metadata of the file it was converted to (``carry_metadata``), else {}."""
-    if adapter.format == NAME and "kohya_layout" in adapter.config:
-        return dict(adapter.config["kohya_layout"])
+    left in the metadata of the file it was converted to (``carry_metadata``), else the plain one."""
+    if isinstance(adapter.config, KohyaLayout):
+        return adapter.config
     raw = adapter.metadata.get(LAYOUT_KEY)
     if raw:
         try:
-            layout = parse_json(raw, f"metadata {LAYOUT_KEY!r}")
+            return KohyaLayout.from_json(parse_json(raw, f"metadata {LAYOUT_KEY!r}"))
         except InputError:
-            return {}  # a layout note we cannot read: the plain kohya layout
-        return layout if isinstance(layout, dict) else {}
-    return {}
+            pass  # a layout note we cannot read: the plain kohya layout
+    return KohyaLayout()
 
 
 def carry_metadata(adapter: Adapter) -> dict[str, str]:
     """Metadata to write when ``adapter`` goes into another format: its own (ss_* and the like),
     without keys that describe the old file only, plus the kohya layout when there is one."""
     md = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY)}
-    layout = layout_of(adapter)
+    layout = layout_of(adapter).as_json()
     if layout:
         md[LAYOUT_KEY] = json.dumps(layout, sort_keys=True, separators=(",", ":"))
     return md
@@ -299,13 +356,11 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
         raise OutputError(f"{out}: is a directory; a kohya LoRA is one file: give a path ending in .safetensors")
     check_writable(adapter)
     layout = layout_of(adapter)
-    sgm = layout.get("unet_names") == "sgm"
-    te_prefix = layout.get("te_prefix") or default_te_prefix(adapter.components)
+    sgm = layout.sgm_unet
+    te_prefix = layout.te_prefix or default_te_prefix(adapter.components)
     prefix_of = {"unet": "lora_unet_", "text_encoder": te_prefix, "text_encoder_2": "lora_te2_",
                  "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
-    no_alpha = layout.get("no_alpha") or []
-    alpha_dtype = layout.get("alpha_dtype")
-    alpha_shape = tuple(layout.get("alpha_shape") or ())
+    no_alpha, alpha_dtype, alpha_shape = layout.no_alpha, layout.alpha_dtype, layout.alpha_shape
     up_attn = {int(n.split(".")[2]) for n in adapter.modules
                if n.startswith("unet.up_blocks.") and ".attentions." in n}
     if not any(".attentions." in n for n in adapter.modules if n.startswith("unet.")):
@@ -343,7 +398,7 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
         items.append((f"{lora_name}.alpha", ref))
 
     metadata = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY)}
-    if layout.get("no_format_metadata"):
+    if layout.no_format_metadata:
         metadata.pop("format", None)
     with atomic_path(out, overwrite=overwrite) as tmp:
         write_safetensors(tmp, sorted(items, key=lambda kv: kv[0]), metadata or None)
@@ -359,3 +414,15 @@ def _source_alpha(source: SafetensorsFile | None, m: LoraModule, alpha: float) -
         return None
     return ref
 
+
+FORMAT = Format(
+    name=NAME,
+    title="kohya",
+    read=read,
+    write=write,
+    sniff_keys=sniff_keys,
+    sniff_order=0,
+    key_example="lora_unet_….lora_down.weight",
+    writes_directory=False,
+    writes_file=True,
+)

@@ -10,23 +10,28 @@ Key layout written by PEFT's ``save_pretrained`` (adapter name removed):
                                                               (save_embedding_layers)
 A multi-component adapter (diffusers pipelines: unet + text_encoder) is a directory holding one
 PEFT directory per component; module names then carry the component as prefix.
+
+adapter_config.json becomes a typed ``LoraConfig`` (``formats/loraconfig.py``; one per component,
+``ComponentConfigs``, for a multi-component adapter); the writer keeps every field it does not set.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, factor_problem, shape_of
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, factor_problem, module_of, shape_of
 from loratool.boundary import read_json
 from loratool.text import number
 from loratool.errors import FormatError, InputError
-from loratool.patterns import full_pattern, key_table, name_list
+from loratool.formats import kohya
+from loratool.formats.base import MISSING_FACTOR, Format, ReadProblem, factor_check
+from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, check_config_fields, selects
+from loratool.patterns import key_table
 from loratool.safetensors_io import (
     PICKLE_SUFFIXES,
     SafetensorsFile,
@@ -64,128 +69,6 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     return key_to_match if key is None else key
 
 
-MAX_RANK = 2**31 - 1  # far beyond any real rank; keeps alpha/r and shapes in range
-
-
-def _short(key: str, limit: int = 80) -> str:
-    return repr(key) if len(key) <= limit else repr(key[:limit]) + "…"
-
-
-def _number_problem(x, integer: bool) -> str | None:
-    """Why ``x`` (a JSON value) is not a usable rank (``integer``) or alpha; None when it is.
-    JSON true/false are refused although Python counts them as ints."""
-    kind = "a positive integer" if integer else "a positive finite number"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return f"must be {kind}, found {type(x).__name__} {x!r}" if not isinstance(x, (dict, list)) \
-            else f"must be {kind}, found a JSON {'object' if isinstance(x, dict) else 'array'}"
-    try:
-        value = float(x)
-    except OverflowError:
-        return f"must be {kind}, found an integer too large for a float"
-    if not math.isfinite(value) or value <= 0:
-        return f"must be {kind}, found {x!r}"
-    if integer and not value.is_integer():
-        return f"must be {kind}, found {x!r}"
-    if integer and value > MAX_RANK:
-        return f"must be {kind} no larger than {MAX_RANK}, found {x!r}"
-    return None
-
-
-def _is_names(value) -> bool:
-    return isinstance(value, list) and all(isinstance(t, str) for t in value)
-
-
-def check_config_fields(config: dict[str, Any], where: str) -> None:
-    """Refuse a config whose LoRA fields PEFT could not use, with one line naming the file and the
-    field: types first (JSON true is no rank, 5 is no module list), then values, then every
-    pattern compiled once (a key RE2 cannot run, such as a lookbehind, is refused here)."""
-    def bad(field, why):
-        raise FormatError(f"{where}: {field} {why}")
-
-    def found(value) -> str:
-        text = repr(value)
-        return text if len(text) <= 80 else text[:80] + "…"
-
-    for field, integer in (("r", True), ("lora_alpha", False)):
-        if field in config:
-            why = _number_problem(config[field], integer)
-            if why:
-                bad(field, why)
-    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-        pattern = config.get(field)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, dict):
-            bad(field, f"must map module-name patterns to numbers, found {found(pattern)}")
-        for key, value in pattern.items():
-            why = _number_problem(value, integer)
-            if why:
-                raise FormatError(f"{where}: {field}[{_short(key)}] {why}")
-        key_table(tuple(pattern), f"{where}: {field}")
-    for field in ("target_modules", "exclude_modules"):
-        spec = config.get(field)
-        if spec is None:
-            continue
-        if isinstance(spec, str):
-            full_pattern(spec, f"{where}: {field} {_short(spec)}")
-        elif not _is_names(spec):
-            bad(field, f"must be a module name, a regex string or a list of names, found {found(spec)}")
-    mts = config.get("modules_to_save")
-    if mts is not None and not _is_names(mts):
-        bad("modules_to_save", f"must be a list of module names, found {found(mts)}")
-    for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
-        if config.get(flag) is not None and not isinstance(config[flag], bool):
-            bad(flag, f"must be true or false, found {found(config[flag])}")
-    for field in ("peft_type", "base_model_name_or_path", "revision", "task_type"):
-        if config.get(field) is not None and not isinstance(config[field], str):
-            bad(field, f"must be a string, found {found(config[field])}")
-
-
-class ConfigRanks:
-    """The rank and alpha PEFT gives each module under a (checked) config: ``r``/``lora_alpha``
-    unless a ``rank_pattern``/``alpha_pattern`` key matches. The pattern tables are looked up
-    once, so module after module costs no more than the match itself."""
-
-    def __init__(self, config: dict[str, Any]):
-        self.rank_pattern = config.get("rank_pattern") or {}
-        self.alpha_pattern = config.get("alpha_pattern") or {}
-        self.r, self.alpha = config.get("r", 8), config.get("lora_alpha", 8)
-        self._ranks = key_table(tuple(self.rank_pattern)) if self.rank_pattern else None
-        self._alphas = key_table(tuple(self.alpha_pattern)) if self.alpha_pattern else None
-
-    def __call__(self, name: str) -> tuple[int, float]:
-        r_key = self._ranks.first(name) if self._ranks else None
-        a_key = self._alphas.first(name) if self._alphas else None
-        r = self.rank_pattern[r_key] if r_key is not None else self.r
-        alpha = self.alpha_pattern[a_key] if a_key is not None else self.alpha
-        return int(r), float(alpha)
-
-
-def config_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
-    return ConfigRanks(config)(name)
-
-
-def _selects(spec, name: str) -> bool:
-    """PEFT's matching for target_modules/exclude_modules: a string is a regex that must match
-    the whole name; a list entry must equal the name or be a dot-suffix of it."""
-    if isinstance(spec, str):
-        return full_pattern(spec).fullmatch(name)
-    return name_list(tuple(spec)).selects(name)
-
-
-def targeted(config: dict[str, Any], name: str) -> bool | None:
-    """Whether PEFT creates a LoRA layer for module ``name`` under this config (so that it loads
-    the module's weights); None when that cannot be told without the model (``all-linear``, no
-    target_modules)."""
-    exclude = config.get("exclude_modules")
-    if exclude and _selects(exclude, name):
-        return False
-    targets = config.get("target_modules")
-    if targets is None or targets == "all-linear":
-        return None
-    return _selects(targets, name)
-
-
 def _split_key(key: str) -> tuple[str, str] | None:
     for suffix, role in _SUFFIXES.items():
         if key.endswith(suffix):
@@ -200,7 +83,7 @@ def _strip_adapter_name(key: str) -> str:
     return re.sub(r"\.(lora_embedding_A|lora_embedding_B)\.[^.]+$", r".\1", key)
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> LoraConfig:
     """The adapter_config.json of a PEFT directory, read within bounds (a regular file, size,
     depth, digits, valid Unicode: ``loratool.boundary.read_json``) and type-checked field by
     field before any value is used."""
@@ -215,7 +98,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise FormatError(f"{cfg_path}: peft_type is {str(peft_type).upper()[:40]!r}, not LORA; loratool handles "
                           "LoRA adapters only")
     check_config_fields(config, str(cfg_path))
-    return config
+    return LoraConfig(config, cfg_path)
 
 
 def _weights_file(path: Path) -> Path:
@@ -258,11 +141,8 @@ def read(path: Path, component: str = "") -> Adapter:
         roles.setdefault(module, {})[role] = st.ref(key)
         keys_of.setdefault(module, {})[role] = key
 
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    use_rslora = bool(config.get("use_rslora", False))
-    ranks = ConfigRanks(config)
     modules: dict[str, LoraModule] = {}
-    problems: list[str] = []
+    problems: list[ReadProblem] = []
     for module, parts in roles.items():
         emb = "emb_A" in parts or "emb_B" in parts
         a = parts.get("emb_A" if emb else "lora_A")
@@ -270,29 +150,30 @@ def read(path: Path, component: str = "") -> Adapter:
         label = f"{weights}: module {module!r}"
         if a is None or b is None:
             missing = "A" if a is None else "B"
-            problems.append(f"{label}: lora_{missing} is missing (only {sorted(keys_of[module].values())[0]!r})")
+            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: lora_{missing} is missing (only "
+                                        f"{sorted(keys_of[module].values())[0]!r})", module))
             continue
         why = factor_problem(a, b, ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B"), emb)
         if why:
-            problems.append(f"{label}: {why}")
+            problems.append(ReadProblem(factor_check(why), f"{label}: {why}", module))
             continue
         sa = shape_of(a)
         if emb:
             kind = LayerKind.EMBEDDING
         elif len(sa) == 4:
             kind = LayerKind.CONV2D
-        elif fan_in_fan_out:
+        elif config.fan_in_fan_out:
             kind = LayerKind.CONV1D
         else:
             kind = LayerKind.LINEAR
-        r, alpha = ranks(module)
-        modules[prefix + module] = LoraModule(
+        r, alpha = config.rank_alpha(module)
+        modules[prefix + module] = module_of(  # LoRA, or DoRA with a magnitude vector
             name=prefix + module,
             kind=kind,
             lora_A=a,
             lora_B=b,
             alpha=alpha,
-            use_rslora=use_rslora,
+            use_rslora=config.use_rslora,
             magnitude=parts.get("magnitude"),
             lora_B_bias=parts.get("lora_B_bias"),
             source_keys=keys_of[module],
@@ -300,7 +181,7 @@ def read(path: Path, component: str = "") -> Adapter:
             config_alpha=alpha,
         )
 
-    mts_patterns = config.get("modules_to_save") or []
+    mts_patterns = config.modules_to_save
     modules_to_save: dict[str, TensorSource] = {}
     extra: dict[str, TensorSource] = {}
     for k, ref in others.items():
@@ -317,9 +198,9 @@ def read(path: Path, component: str = "") -> Adapter:
         modules=dict(sorted(modules.items())),
         path=path,
         files=[path / CONFIG, weights],
-        base_model=config.get("base_model_name_or_path"),
-        base_revision=config.get("revision"),
-        task_type=config.get("task_type"),
+        base_model=config.base_model_name_or_path,
+        base_revision=config.revision,
+        task_type=config.task_type,
         config=config,
         metadata=dict(st.metadata),
         modules_to_save=modules_to_save,
@@ -338,7 +219,7 @@ def _read_multi(path: Path, subdirs: list[Path]) -> Adapter:
         base_model=first.base_model,
         base_revision=first.base_revision,
         task_type=first.task_type,
-        config={"components": {d.name: p.config for d, p in zip(subdirs, parts)}},
+        config=ComponentConfigs({d.name: p.config for d, p in zip(subdirs, parts)}),
         metadata=first.metadata,
         components=tuple(d.name for d in subdirs),
     )
@@ -424,12 +305,12 @@ def build_config(adapter: Adapter, modules: dict[str, LoraModule], base: dict[st
 
 
 def _targets_cover(targets, names: list[str]) -> bool:
-    """Whether a config's target_modules selects exactly ``names`` (PEFT's rule, ``_selects``), as
+    """Whether a config's target_modules selects exactly ``names`` (PEFT's rule, ``selects``), as
     far as we can tell without the base: each name must be selected and every full name listed
     exists."""
     if not targets or not names or targets == "all-linear":
         return False
-    if not all(_selects(targets, n) for n in names):
+    if not all(selects(targets, n) for n in names):
         return False
     return isinstance(targets, str) or all(t in names for t in targets if "." in t)
 
@@ -476,7 +357,8 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False, metadata: dict[s
     """Write a PEFT directory (atomically). Tensors keep their dtype; raw tensors are copied
     byte for byte."""
     groups = components(adapter)
-    base_config = adapter.config if adapter.format == NAME and "components" not in adapter.config else {}
+    own = adapter.config if adapter.format == NAME else None  # another format's config is not PEFT's to keep
+    base_config = own.fields if isinstance(own, LoraConfig) else {}
     md = {"format": "pt"}
     if "loratool.manifest" in adapter.metadata:  # the output's own manifest (loratool.manifest)
         md["loratool.manifest"] = adapter.metadata["loratool.manifest"]
@@ -486,8 +368,8 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False, metadata: dict[s
             d = tmp / comp if comp else tmp
             d.mkdir(exist_ok=True)
             cfg_base = base_config
-            if comp and adapter.format == NAME and "components" in adapter.config:
-                cfg_base = adapter.config["components"].get(comp, {})
+            if comp and isinstance(own, ComponentConfigs):
+                cfg_base = own.components[comp].fields if comp in own.components else {}
             config = build_config(adapter, modules, cfg_base)
             if comp:
                 strip = comp + "."
@@ -500,3 +382,29 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False, metadata: dict[s
             (d / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             write_safetensors(d / WEIGHTS, list(peft_tensors(adapter, modules, comp)), md)
     return out
+
+
+def write_converted(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
+    """``write`` for ``convert``: this writer keeps only the metadata it is given, so pass the
+    source's (kohya's ss_* notes and layout) for a later conversion back to restore them."""
+    return write(adapter, out, overwrite=overwrite, metadata=kohya.carry_metadata(adapter))
+
+
+FORMAT = Format(
+    name=NAME,
+    title="PEFT",
+    read=read,
+    write=write,
+    write_converted=write_converted,
+    sniff_keys=sniff_keys,
+    sniff_order=2,  # kohya and diffusers keys are more specific
+    key_example="…lora_A.weight",
+    writes_directory=True,
+    writes_file=False,
+    marker=CONFIG,
+    component_dirs=True,  # multi-component: one PEFT directory per model component
+    needs_marker=(f"PEFT weights without their config: {CONFIG} is missing next to them, so rank patterns "
+                  "and alpha are unknown; put the config beside the file"),
+    peft_loadable=True,
+    library_name="peft",
+)

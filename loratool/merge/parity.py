@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from loratool.boundary import open_regular
 from loratool.errors import UsageError
+from loratool.formats import get_format
 from loratool.manifest import BaseGuard
 from loratool.merge.engines import TensorMath, row_spans, tensor_spans
 from loratool.merge.plan import CONVERTIBLE, Action, TensorPlan, plan_merge
@@ -358,7 +359,7 @@ def forward_parity(
     except ImportError as e:
         raise UsageError(f"--forward needs transformers and peft ({e}); install them or drop --forward") from None
     for la in adapters:
-        if la.adapter.format != "peft" or la.adapter.components:
+        if not get_format(la.adapter.format).peft_loadable or la.adapter.components:
             raise UsageError(f"--forward: {la.spec.path} is a {la.adapter.format} adapter; PEFT applies "
                              "PEFT adapters of transformers models only (convert it with "
                              "`loratool convert --to peft`)")

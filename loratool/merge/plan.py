@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from loratool import boundary
-from loratool.adapter import LayerKind, LoraModule, TensorSource, shape_of
+from loratool.adapter import AdapterModule, LayerKind, TensorSource, shape_of
 from loratool.text import listed
 from loratool.errors import BaseMismatchError, InputError, UsageError
 from loratool.merge.specs import LoadedAdapter, parse_dtype
@@ -41,7 +41,7 @@ class Action(str, Enum):
 class Term:
     """One adapter's contribution to one base tensor."""
 
-    module: LoraModule
+    module: AdapterModule
     coef: float  # sign · weight · scale
     weight: float
     adapter: str  # the adapter's path, for reports
@@ -128,23 +128,6 @@ class MergePlan:
         return sum(s.nbytes for s in self.shards)
 
 
-def _module_problems(module: LoraModule) -> str | None:
-    a, b = shape_of(module.lora_A), shape_of(module.lora_B)
-    if module.kind is LayerKind.CONV2D:
-        if len(a) != 4 or len(b) != 4 or tuple(b[2:]) != (1, 1):
-            return f"Conv2d factors A {list(a)} and B {list(b)}; expected A (r, in, kh, kw) and B (out, r, 1, 1)"
-    elif len(a) != 2 or len(b) != 2:
-        return f"{module.kind.value} factors A {list(a)} and B {list(b)}; expected 2-D factors"
-    out = module.out_features
-    mag = shape_of(module.magnitude) if module.magnitude is not None else None
-    # one value per output row: (out,) for Linear, (1, out, 1, 1) for Conv2d
-    if mag is not None and [d for d in mag if d != 1] not in ([out], [] if out == 1 else [None]):
-        return f"DoRA magnitude has shape {list(shape_of(module.magnitude))}, expected [{out}] (one per output row)"
-    if module.lora_B_bias is not None and shape_of(module.lora_B_bias) != (out,):
-        return f"lora_B bias has shape {list(shape_of(module.lora_B_bias))}, expected [{out}]"
-    return None
-
-
 def _resolve(base: "BaseCheckpoint", name: str) -> str | None:
     """A tensor name of an adapter (modules_to_save) in the base, tolerating the ``model.``
     prefix difference that ``BaseCheckpoint.weight_name`` tolerates for modules."""
@@ -171,56 +154,48 @@ def plan_merge(
     out_dtype = parse_dtype(dtype)
     terms: dict[str, list[Term]] = {}
     replacements: dict[str, tuple[TensorSource, str]] = {}
-    fit: list[str] = []  # adapter and base do not fit (exit 3)
+    misfits: list[str] = []  # adapter and base do not fit (exit 3)
     usage: list[str] = []  # the request cannot be done (exit 2)
 
     for la in adapters:
         a, w, label = la.adapter, la.spec.weight, str(la.spec.path)
         for module in a.modules.values():
             where = f"{label}: module {module.name!r}"
-            target = base.weight_name(module.name)
-            if target is None:
-                fit.append(f"{where} has no base tensor ({module.name}.weight is not in {base.path})")
+            fit = module.fit_in(base)  # the one fit check, as validate and the manifest use it
+            if fit.check == "LT301":
+                misfits.append(f"{where}: {fit.message}")
                 continue
-            bad = _module_problems(module)
+            bad = module.structure_problems()
             if bad:
-                fit.append(f"{where}: {bad}")
+                misfits.extend(f"{where}: {p.message}" for p in bad)
                 continue
-            found, expected = tuple(base.shape(target)), tuple(module.base_weight_shape)
-            if found != expected and module.kind in (LayerKind.LINEAR, LayerKind.CONV1D) \
-                    and found == expected[::-1]:
+            if not fit.mergeable:
+                misfits.append(f"{where}: {fit.message}")
+                continue
+            if fit.layer is not module.kind:
                 # PEFT decides Linear vs Conv1D per layer from the base module's type and flips
                 # fan_in_fan_out itself (with a warning), so one saved config can cover both kinds
                 # (peft/tuners/lora/layer.py, dispatch_default); the base's layout decides here.
-                other = LayerKind.LINEAR if module.kind is LayerKind.CONV1D else LayerKind.CONV1D
-                module = dataclasses.replace(module, kind=other)
-                expected = found
-            if found != expected:
-                fit.append(f"{where}: base tensor {target!r} has shape {list(found)}, the adapter's "
-                           f"{module.kind.value} delta has {list(expected)}")
-                continue
+                module = dataclasses.replace(module, kind=fit.layer)
+            target = fit.target
             if base.dtype(target) not in CONVERTIBLE:
-                fit.append(f"{where}: base tensor {target!r} is {base.dtype(target)}; merging needs "
-                           "a bf16/fp16/fp32 base (dequantize it first)")
+                misfits.append(f"{where}: base tensor {target!r} is {base.dtype(target)}; merging needs "
+                               "a bf16/fp16/fp32 base (dequantize it first)")
                 continue
-            if module.use_dora and sign < 0:
-                usage.append(f"{where} is DoRA: its merge rescales each row by m / ‖W + ΔW‖, which "
-                             "cannot be undone without the base; unmerge refuses DoRA adapters")
-                continue
-            if module.use_dora and w != 1.0:
-                usage.append(f"{where} is DoRA and has weight {w:g}: the magnitude vector rescales "
-                             "whole rows, so a weighted DoRA merge has no single meaning; give it "
-                             "weight 1.0")
+            why = module.merge_problem(w, sign)  # DoRA: no unmerge, no weight but 1.0
+            if why:
+                usage.append(f"{where}: {why}")
                 continue
             terms.setdefault(target, []).append(Term(module, sign * w * module.scale, w, label))
-            if module.lora_B_bias is not None:
+            bias_src = module.tensors().get("lora_B_bias")
+            if bias_src is not None:
                 bias = target[: -len("weight")] + "bias"
                 if bias not in base:
-                    fit.append(f"{where} has lora_bias but the base layer has no bias ({bias!r} "
-                               "is missing); PEFT refuses this merge too")
-                elif tuple(base.shape(bias)) != tuple(shape_of(module.lora_B_bias)):
-                    fit.append(f"{where}: lora_B.bias has shape {list(shape_of(module.lora_B_bias))}, "
-                               f"base {bias!r} has {list(base.shape(bias))}")
+                    misfits.append(f"{where} has lora_bias but the base layer has no bias ({bias!r} "
+                                   "is missing); PEFT refuses this merge too")
+                elif tuple(base.shape(bias)) != tuple(shape_of(bias_src)):
+                    misfits.append(f"{where}: lora_B.bias has shape {list(shape_of(bias_src))}, "
+                                   f"base {bias!r} has {list(base.shape(bias))}")
                 else:
                     terms.setdefault(bias, []).append(
                         Term(module, sign * w * module.scale, w, label, part="bias"))
@@ -228,11 +203,11 @@ def plan_merge(
             target = _resolve(base, name)
             where = f"{label}: modules_to_save tensor {name!r}"
             if target is None:
-                fit.append(f"{where} has no counterpart in the base")
+                misfits.append(f"{where} has no counterpart in the base")
                 continue
             if tuple(shape_of(src)) != tuple(base.shape(target)):
-                fit.append(f"{where} has shape {list(shape_of(src))}, base {target!r} has "
-                           f"{list(base.shape(target))}")
+                misfits.append(f"{where} has shape {list(shape_of(src))}, base {target!r} has "
+                               f"{list(base.shape(target))}")
                 continue
             if target in replacements:
                 usage.append(f"{where}: {replacements[target][1]} also carries a replacement for "
@@ -252,8 +227,8 @@ def plan_merge(
                          "the two cannot be combined")
     if usage:
         raise UsageError(f"cannot merge: {listed(usage)}")
-    if fit:
-        raise BaseMismatchError(f"adapter and base do not fit: {listed(fit)}; is {base.path} the "
+    if misfits:
+        raise BaseMismatchError(f"adapter and base do not fit: {listed(misfits)}; is {base.path} the "
                                 "base these adapters were trained on?")
 
     warnings: list[str] = []

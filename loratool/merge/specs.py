@@ -11,6 +11,7 @@ from typing import Sequence
 from loratool.adapter import Adapter, require_usable
 from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
 from loratool.errors import InputError, UsageError
+from loratool.formats.loraconfig import lora_config
 
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32",
                  "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -70,10 +71,9 @@ def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:
         require_usable(adapter)
         # A tensor we cannot place (a modules_to_save entry missing from the config, trainable
         # tokens…) would silently be left out of the merge: refuse instead.
-        if adapter.format == "peft" and adapter.config and "components" not in adapter.config:
-            from loratool.formats.peft import targeted
-
-            skipped = [n for n in adapter.modules if targeted(adapter.config, n) is False]
+        config = lora_config(adapter)
+        if config:
+            skipped = [n for n in adapter.modules if config.targeted(n) is False]
             if skipped:
                 raise InputError(f"{spec.path}: module {skipped[0]} (and {len(skipped) - 1} more) has weights but the "
                                  "config's target_modules/exclude_modules leave it out, so PEFT would not apply it; "

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from loratool.boundary import default_home
 from loratool.text import HUB_PREFIX
 from loratool.errors import InputError, UsageError
+from loratool.formats import get_format
 from loratool.registry.models import AddResult, PushResult, Source
 from loratool.registry.store import CorruptBlobError
 
@@ -168,7 +169,7 @@ def model_card(entry, base_model: str, manifest_file: str) -> str:
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(base_model=base_model, base_model_relation="adapter",
-                         library_name="peft" if entry.format == "peft" else None, tags=["lora", "loratool"])
+                         library_name=get_format(entry.format).library_name, tags=["lora", "loratool"])
     ranks = ", ".join(str(r) for r in entry.ranks) or "-"
     alphas = ", ".join(str(a) for a in entry.alphas) or "-"
     return (

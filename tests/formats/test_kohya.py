@@ -177,7 +177,7 @@ def test_read_sdxl_maps_sgm_names(sd_files):
     assert a.components == ("unet", "text_encoder", "text_encoder_2")
     assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in a.modules
     assert "unet.up_blocks.0.upsamplers.0.conv" in a.modules
-    assert a.config["kohya_layout"]["unet_names"] == "sgm"
+    assert a.config.sgm_unet and a.config.as_json()["unet_names"] == "sgm"
     assert a.dtypes() == {"BF16": 2 * len(a)}
 
 

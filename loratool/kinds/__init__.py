@@ -1,0 +1,20 @@
+"""Module kinds: the one seam between an adapter's tensors and everything computed from them.
+
+  layout.py  layer types (Linear, Conv1D, Embedding, Conv2d) and every rule about their layouts
+  base.py    ``AdapterModule`` (what a kind provides), ``Fit`` (the one fit check against a base
+             weight), the registry (``register_kind``, ``module_of``) and tensor-source helpers
+  lora.py    LoRA (scale · B @ A, PEFT's lora_B bias)
+  dora.py    DoRA (LoRA + a magnitude vector that rescales each output feature when merged)
+
+Merge, parity, validation, inspection, resize and compose go through ``AdapterModule``; format
+readers build modules with ``module_of`` (or a kind's class). A new kind is one module here that
+registers itself, plus the format readers that map its keys to its tensors.
+"""
+
+from loratool.kinds.base import KINDS, AdapterModule, Fit, LowRank, Problem, module_of, register_kind
+from loratool.kinds.dora import DoraModule
+from loratool.kinds.layout import LayerKind
+from loratool.kinds.lora import LoraModule, factor_problem
+
+__all__ = ["KINDS", "AdapterModule", "DoraModule", "Fit", "LayerKind", "LoraModule", "LowRank", "Problem",
+           "factor_problem", "module_of", "register_kind"]
