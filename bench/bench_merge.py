@@ -12,11 +12,15 @@ and ``cp`` does not, so the ratio to compare is ``x cp+sync``: the merge against
 followed by ``sync`` (both timed, fastest of --repeat each); ``x cp`` is printed beside it.
 
     python bench/bench_merge.py [--layers 11 22] [--work /tmp/loratool-bench-merge] [--json OUT]
-                                [--compare OTHER_TREE]
+                                [--compare OTHER_TREE] [--engine auto|torch]
+
+``--engine torch`` times torch's engine (``LORATOOL_MERGE_ENGINE=torch``) instead of the default
+(numpy's, for this plain merge, where the probe vouches for it).
 
 ``--compare`` also times the merge of another checkout of loratool (``git worktree add
-/tmp/before <commit>``; it runs with that tree first on PYTHONPATH) in the same run, and checks
-that both outputs are equal byte for byte: the before/after of a change.
+/tmp/before <commit>``; no venv of its own: it runs with this interpreter, from that tree, with
+that tree first on PYTHONPATH, and the run checks that it imports that tree's loratool) in the
+same run, and checks that both outputs are equal byte for byte: the before/after of a change.
 
 Outputs are written under --work and removed after each size; cp and our merge run --repeat times
 and the fastest run counts (a shared machine is noisy). Page caches are left alone (warm
@@ -58,9 +62,9 @@ model.save_pretrained(out, max_shard_size="2GB")
 """
 
 
-def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
     """(seconds, peak RSS in MB) of ``cmd`` run in a fresh wrapper process."""
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     line = [ln for ln in p.stderr.splitlines() if ln.startswith("@@ ")]
     if not line:
         raise SystemExit(f"benchmark wrapper failed: {p.stderr[-2000:]}")
@@ -95,14 +99,14 @@ def best(n: int, run) -> tuple[float, int]:
 
 
 def bench_size(layers: int, work: Path, peft: bool, weighted: bool, repeat: int,
-               compare: Path | None = None) -> dict:
+               compare: Path | None = None, engine: str = "auto") -> dict:
     from bench.workload import workload
 
     w = workload(layers=layers)
     base, adapter = w["base"], w["r16_a"]
     size = sum(p.stat().st_size for p in base.iterdir() if p.is_file())
     loratool = [sys.executable, "-m", "loratool"]
-    row: dict = {"layers": layers, "base_bytes": size}
+    row: dict = {"layers": layers, "base_bytes": size, "engine": engine}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
@@ -118,20 +122,32 @@ def bench_size(layers: int, work: Path, peft: bool, weighted: bool, repeat: int,
     row["cp_s"], row["sync_after_cp_s"] = round(min(cp), 2), round(min(sync), 2)
     row["import_torch_s"] = round(best(repeat, lambda: measured([sys.executable, "-c", "import torch"]))[0], 2)
 
-    def ours(spec: str, out: Path, src: Path | None = None):
-        env = None
-        if src is not None:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    def ours(spec: str, out: Path, src: Path = ROOT):
+        # ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH: run
+        # in the tree whose loratool is timed, and check that it is the one imported
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+                   LORATOOL_MERGE_ENGINE=engine)
+        got = subprocess.run([sys.executable, "-c", "import loratool; print(loratool.__file__)"], env=env, cwd=src,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        if Path(got).resolve() != (src / "loratool" / "__init__.py").resolve():
+            raise SystemExit(f"{src}: runs import loratool from {got}, not from that tree")
 
         def run():
             shutil.rmtree(out, ignore_errors=True)
             return measured([*loratool, "merge", "--base", str(base), "--adapters", spec,
-                             "-o", str(out), "--device", "cpu", "--quiet"], env=env)
+                             "-o", str(out), "--device", "cpu", "--quiet"], env=env, cwd=src)
         return run
 
-    if compare is not None:  # runs alternate (other, ours, other, ours...): both see the same machine
+    if compare is not None:  # runs alternate (other, ours, ours, other...): both see the same machine,
+        # and each goes first as often (the second of a pair runs slower on a busy machine)
         other_run, ours_run = ours(str(adapter), work / "other", compare), ours(str(adapter), work / "ours")
-        pairs = [(other_run(), ours_run()) for _ in range(repeat)]
+        pairs = []
+        for k in range(repeat):
+            if k % 2:
+                mine = ours_run()
+                pairs.append((other_run(), mine))
+            else:
+                pairs.append((other_run(), ours_run()))
         row.update(compare_src=str(compare), compare_merge_s=round(min(p[0][0] for p in pairs), 2),
                    compare_peak_rss_mb=max(p[0][1] for p in pairs),
                    compare_runs_s=[round(p[0][0], 2) for p in pairs], merge_runs_s=[round(p[1][0], 2) for p in pairs])
@@ -165,13 +181,17 @@ def main(argv=None) -> int:
     p.add_argument("--weighted", action="store_true", help="Also time a:0.7,b:0.3 (two r=16 adapters).")
     p.add_argument("--repeat", type=int, default=3, help="Runs of cp and of our merge; the fastest counts.")
     p.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
+    p.add_argument("--engine", choices=["auto", "torch"], default="auto",
+                   help="LORATOOL_MERGE_ENGINE for our merges (both trees with --compare).")
     p.add_argument("--compare", type=Path, default=None,
                    help="Another loratool checkout to time in the same run (before/after a change).")
     args = p.parse_args(argv)
+    args.work = args.work.resolve()  # the merges run in the tree they time (``ours``)
+    args.compare = args.compare.resolve() if args.compare else None
     rows = []
     for layers in args.layers:
         row = bench_size(layers, args.work, peft=not args.no_peft, weighted=args.weighted, repeat=args.repeat,
-                         compare=args.compare)
+                         compare=args.compare, engine=args.engine)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
@@ -186,7 +206,8 @@ def main(argv=None) -> int:
         if "compare_merge_s" in r:
             print(f"{'':>6} {r['compare_src']}: merge {r['compare_merge_s']:.2f} s, {r['compare_peak_rss_mb']} MB; "
                   f"this tree / that tree = {r['compare_merge_ratio']:.3f}, same bytes: {r['compare_bit_equal']}")
-            print(f"{'':>6} runs, alternating: that tree {r['compare_runs_s']}, this tree {r['merge_runs_s']}")
+            print(f"{'':>6} runs, in pairs (each tree first in every other pair): that tree {r['compare_runs_s']}, "
+                  f"this tree {r['merge_runs_s']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

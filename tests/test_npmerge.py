@@ -406,6 +406,33 @@ def test_scale_is_folded_into_a_only_when_it_commutes():
     assert not npmerge._scale_commutes(b2, a2, 0.5)
 
 
+def test_a_worker_that_fails_while_the_caller_waits_raises_its_own_error():
+    """A write error in an I/O thread while the caller waits on its full queue (or, the same
+    check, for a free O_DIRECT buffer) surfaces as that error: the thread sets it just before it
+    ends, so a caller that looked for it first and found the thread dead after its wait must look
+    again (this was the occasional "internal error: the writer thread stopped" of the ENOSPC test
+    below)."""
+    import errno
+    import threading
+
+    from loratool.merge.workers import _Worker
+
+    gate = threading.Event()
+
+    class Failing(_Worker):
+        def handle(self, item):
+            gate.wait()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    w = Failing("loratool-test", depth=1).start()
+    w.put(1)  # taken by the thread, which waits at the gate
+    w.put(2)  # fills the queue
+    threading.Timer(0.03, gate.set).start()  # the thread fails while the next put waits
+    with pytest.raises(OSError, match="No space left"):
+        w.put(3)
+    assert not w.thread.is_alive()
+
+
 LEAK_CHECK = """
 import errno, gc, os, sys
 gc.disable()
@@ -424,7 +451,7 @@ def opened():
 before, errors = opened(), []
 for k in range(5):
     try:
-        M.merge(sys.argv[1], sys.argv[2], os.path.join(sys.argv[3], f"o{k}"), device="cpu")
+        M.merge(sys.argv[1], sys.argv[2], os.path.join(sys.argv[3], f"o{k}"), device="cpu", engine=sys.argv[4])
     except Exception as e:
         errors.append(str(e))
 print(len(errors), all("No space left" in m for m in errors), before == opened())
@@ -432,13 +459,15 @@ print(len(errors), all("No space left" in m for m in errors), before == opened()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-def test_a_failed_direct_merge_releases_mappings_and_descriptors(fixtures_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["auto", "torch"])
+def test_a_failed_direct_merge_releases_mappings_and_descriptors(fixtures_dir, tmp_path, engine):
     """A write error in the I/O thread (here ENOSPC) ends the merge with that error, and nothing
     it opened or mapped waits for the garbage collector (a caller that catches the error and
-    goes on, with the collector off). The O_DIRECT writer where the probe vouches for numpy's
-    GEMM on this machine, torch's writer otherwise: both must hold."""
+    goes on, with the collector off). ``auto``: numpy's engine and ``SequentialWriter`` (O_DIRECT)
+    where the probe vouches for numpy's GEMM on this machine, else as ``torch``: torch's engine and
+    ``PrefillWriter``. Both must hold."""
     p = subprocess.run([sys.executable, "-c", LEAK_CHECK, str(fixtures_dir / "base_llama"),
-                        str(fixtures_dir / "llama_r8"), str(tmp_path)], capture_output=True, text=True)
+                        str(fixtures_dir / "llama_r8"), str(tmp_path), engine], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["5", "True", "True"]
     assert not list(tmp_path.iterdir())

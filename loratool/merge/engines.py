@@ -36,6 +36,9 @@ accumulation, one rounding; not bit-equal to PEFT's CPU merge, which is a CPU pr
 A plain merge on the CPU (one adapter at weight ±1 on Linear weights) does not come here:
 ``loratool.merge.numpy_engine`` repeats the same float32 sequence in numpy, without importing
 torch (``executor._numpy_plan`` decides).
+
+The executor sees every engine through one row-block interface, ``BlockEngine``: ``TorchEngine``
+here (CPU and CUDA), ``numpy_engine.NumpyEngine`` there.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from __future__ import annotations
 import math
 import re
 import sys
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Protocol
 
 from loratool.adapter import LayerKind, load_tensor
 from loratool.errors import UsageError
@@ -297,7 +302,7 @@ def resolve_device(device: str | None, probe: bool = False) -> str | None:
     return device
 
 
-# -- one block of the torch path ----------------------------------------------------------------
+# -- the row-block interface of the torch engines -----------------------------------------------
 
 def _cpu_dtype(t: TensorPlan, device: str):
     """The accumulation dtype of one merged tensor. One adapter at weight 1 on the CPU: float32,
@@ -333,3 +338,57 @@ def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int,
         block = torch.empty(acc.shape, dtype=out).copy_(acc)
     _check_block(t, w, block, i)
     return block.reshape(-1).view(torch.uint8).numpy()
+
+
+class BlockEngine(Protocol):
+    """What the executor asks of an engine: the output's bytes of one row block at a time."""
+
+    device: str  # where the math runs: "cpu" or "cuda"
+    mapped: bool  # takes read-only mapped base rows (else they are read into writable buffers)
+    workers: int  # threads computing blocks at once; 0: the executor's own thread, one by one
+
+    def running(self) -> ContextManager[None]:
+        """A context around the whole stream (the math's thread settings)."""
+
+    def tensor(self, t: TensorPlan) -> Callable[[Any, int, int, int], Any]:
+        """The function ``(buf, n, i, j) -> block`` of ``t``'s row blocks: the output's bytes of
+        rows [i, j) (a numpy array) from the first ``n`` bytes of ``buf``, the base rows."""
+
+    def recycle(self, block) -> None:
+        """The writer copied ``block`` out: its array may be reused."""
+
+
+class TorchEngine:
+    """torch's engines behind the executor's row-block interface (``BlockEngine``): ``TensorMath``
+    on the CPU, ``_CudaMath`` (Triton) on CUDA, and dtype conversions. Base rows are read into
+    writable buffers (``torch.frombuffer`` wants them); the blocks run on the executor's thread,
+    with torch on one thread: the reader and the writer need the other cores, and torch's OpenMP
+    workers spin between the many small calls and take the cores the I/O threads need."""
+
+    mapped = False
+    workers = 0
+
+    def __init__(self, device: str):
+        self.device = device
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def tensor(self, t: TensorPlan) -> Callable:
+        math_ = None
+        if t.action is Action.MERGE:
+            math_ = (_CudaMath if self.device == "cuda" else TensorMath)(
+                t, _cpu_dtype(t, self.device), self.device, reuse=True)
+        return partial(_compute_block, t, math_)
+
+    def recycle(self, block) -> None:
+        """Nothing to reuse: ``_compute_block`` returns a fresh array (a writer may queue it)."""

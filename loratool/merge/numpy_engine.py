@@ -26,6 +26,10 @@ where the base is finite is never written (issue 11): ``PlainMath`` checks each 
 rounding it (two reductions, max and min, in place of the NaN scan they make unnecessary) and
 raises ``NonFiniteBlock``, which ends the merge with nothing published.
 
+``NumpyEngine`` puts ``PlainMath`` behind the executor's row-block interface
+(``engines.BlockEngine``): blocks in a few worker threads at once, on read-only mappings of the base rows, into
+output arrays reused once the writer has copied them out.
+
 A base file truncated by another process while the merge reads it (after the size check) ends the
 process with SIGBUS on the mapped pages instead of an error line; the temporary output is left
 beside OUT, as after a kill -9, never at OUT.
@@ -36,12 +40,15 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import numpy as np
 
+from loratool._threads import default_workers
 from loratool.adapter import LayerKind, TensorSource
+from loratool.merge.engines import BLOCK_BYTES
+from loratool.merge.overflow import _nonfinite_error
 from loratool.merge.plan import Action, TensorPlan
 from loratool.safetensors_io import TensorRef
 
@@ -305,3 +312,42 @@ class PlainMath:
             raise NonFiniteBlock(i, i + v.shape[0], int(np.count_nonzero(bad)), i + row, col,
                                  value if math.isnan(value) else math.copysign(math.inf, value), float(w32.flat[k]))
         return False
+
+
+class NumpyEngine:
+    """``PlainMath`` behind the executor's row-block interface (``engines.BlockEngine``), for
+    plans where every computed tensor is ``eligible``: blocks of read-only mapped base rows (no
+    bytes copied), computed in ``default_workers()`` threads at once, each BLAS call on its own
+    thread (``single_threaded_blas``); output arrays come back through ``recycle`` (no fresh
+    pages to fault in for every block)."""
+
+    device = "cpu"
+    mapped = True
+
+    def __init__(self):
+        self.workers = default_workers()
+        self.outs: list[np.ndarray] = []  # output arrays to reuse (list.pop and append are atomic)
+
+    def running(self):
+        return single_threaded_blas()
+
+    def tensor(self, t: TensorPlan) -> Callable:
+        return partial(self._block, t, PlainMath(t))
+
+    def _block(self, t: TensorPlan, math_: PlainMath, buf, n: int, i: int, j: int) -> np.ndarray:
+        """Rows [i, j) of ``t`` from the first ``n`` bytes of ``buf`` (in a worker thread)."""
+        w = raw_array(buf, t.src.dtype, n // RAW[t.src.dtype].itemsize).reshape(j - i, -1)
+        try:
+            out = self.outs.pop()
+        except IndexError:
+            out = None
+        size = w.size * RAW[math_.dtype].itemsize
+        if out is None or out.nbytes < size:
+            out = np.empty(-(-max(size, BLOCK_BYTES) // 8) * 8, np.uint8)  # any itemsize views it
+        try:
+            return math_.rows(w, i, j, out.view(RAW[math_.dtype]))
+        except NonFiniteBlock as e:
+            raise _nonfinite_error(t, e.count, e.row, e.col, e.value, e.base) from None
+
+    def recycle(self, block: np.ndarray) -> None:
+        self.outs.append(block.base if block.base is not None else block)

@@ -1,9 +1,9 @@
 """Reading the base: the row blocks of the tensors to compute, ahead of the math, in a thread.
 
-Base tensors are read with ``pread`` in blocks of about 1 MB into reused buffers (the torch
-path), or mapped read-only and populated in the reader thread (the numpy path, which takes
-read-only buffers), released tensor by tensor; either way the peak stays flat however large the
-model.
+Base tensors are read with ``pread`` in blocks of about 1 MB into reused buffers (for engines that
+want writable buffers: torch's), or mapped read-only and populated in the reader thread (for
+engines that take read-only ones: numpy's; the engine's ``mapped``), released tensor by tensor;
+either way the peak stays flat however large the model.
 """
 
 from __future__ import annotations

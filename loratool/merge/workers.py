@@ -52,8 +52,16 @@ class _Worker:
                 self.q.put(item, timeout=0.1)
                 return
             except queue.Full:
-                if not self.thread.is_alive():
-                    raise OutputError("internal error: the writer thread stopped") from self.error
+                self.check_alive()
+
+    def check_alive(self) -> None:
+        """Raise the thread's error, or an internal error if it stopped without one. The error is
+        read after the thread is found dead: it sets ``error`` before it ends, so a look before
+        could miss an error raised in between (and report the thread stopped instead)."""
+        if not self.thread.is_alive():
+            if self.error is not None:
+                raise self.error
+            raise OutputError("internal error: the writer thread stopped")
 
     def close(self) -> None:
         self.put(self._END)

@@ -1,15 +1,17 @@
 """Writing the output: the files, their headers, raw copies and computed blocks.
 
-Two ways, one per engine path (``loratool.merge.executor``):
+The executor hands every byte of the output, file by file and in file order, to one writer
+through one interface (``OutputWriter``). Two kinds:
 
-* torch's: ``_Prefill`` creates the output files, writes their headers and copies the untouched
-  tensors raw (``copy_file_range``) in a thread while torch is imported; ``_Writer`` then writes
-  the computed blocks at their offsets, starting write-back every 256 MB (``sync_file_range``)
-  so that the final fsync has little left;
-* the numpy path's: each file written front to back (``_DirectFile``) from a few page-aligned
-  8 MB buffers by ``_DirectIO``, with O_DIRECT where the filesystem takes it
-  (``_direct_supported``): no bytes copied into the page cache, nothing for the final fsync to
-  wait for, while the device writes as the math goes on.
+* ``PrefillWriter`` (with torch's engine): ``_Prefill`` creates the output files, writes their
+  headers and copies the untouched tensors raw (``copy_file_range``) in a thread while torch is
+  imported; ``_Writer`` then writes the computed blocks at their offsets, starting write-back
+  every 256 MB (``sync_file_range``) so that the final fsync has little left;
+* ``SequentialWriter`` (with numpy's engine): each file written front to back (``_DirectFile``)
+  from a few page-aligned 8 MB buffers by ``_DirectIO``, with O_DIRECT where the filesystem takes
+  it (``_direct_supported``; ``direct``, a property of the writer): no bytes copied into the page
+  cache, nothing for the final fsync to wait for, while the device writes as the math goes on;
+  else through the page cache.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from loratool import boundary
 from loratool.errors import InputError, OutputError
@@ -60,7 +62,7 @@ class _Close:
     pass
 
 
-# -- torch's path: the prefill and the writer ---------------------------------------------------
+# -- the prefill and the writer at offsets ------------------------------------------------------
 
 def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
     """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``: start writing a range back
@@ -312,7 +314,7 @@ class _Writer(_Worker):
                 t.join()
 
 
-# -- the numpy path: each file front to back, with O_DIRECT -------------------------------------
+# -- each file front to back, with O_DIRECT -----------------------------------------------------
 
 def _direct_supported(where: Path) -> bool:
     """Whether files in the folder ``where`` take O_DIRECT writes (tmpfs, for one, refuses them)."""
@@ -359,8 +361,7 @@ class _DirectIO(_Worker):
             try:
                 return self.free.get(timeout=0.1)
             except queue.Empty:
-                if not self.thread.is_alive():
-                    raise OutputError("internal error: the writer thread stopped") from self.error
+                self.check_alive()
 
     def submit(self, fds: tuple[int, int], buf: mmap.mmap, offset: int, length: int, payload: int) -> None:
         with self.idle:
@@ -431,16 +432,17 @@ class _DirectFile:
 
     def __init__(self, path: Path, size: int, io: _DirectIO, direct: bool):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o644)
-        try:
-            self.buffered = os.open(path, os.O_WRONLY)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.buffered = -1
         self.size = size
         self.io = io
         self.pos = 0  # file offset of the buffer's first byte
-        self.buf = io.buffer()
         self.fill = 0
+        try:
+            self.buffered = os.open(path, os.O_WRONLY)
+            self.buf = io.buffer()  # raises the I/O thread's error, if it has one
+        except BaseException:
+            self.release()
+            raise
 
     def put(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -479,6 +481,128 @@ class _DirectFile:
         self.io.drain()
         if self.pos != self.size:
             raise OutputError(f"internal error: wrote {self.pos} bytes of a {self.size}-byte file")
-        os.close(self.fd)
-        os.close(self.buffered)
+        self.release()
+
+    def release(self) -> None:
+        """Close the file's descriptors (once)."""
+        for fd in (self.fd, self.buffered):
+            if fd >= 0:
+                os.close(fd)
         self.fd = self.buffered = -1
+
+
+# -- the two writers behind the executor's interface --------------------------------------------
+
+class OutputWriter(Protocol):
+    """What the executor asks of a writer: every byte of each file, in file order."""
+
+    copies: bool  # ``put`` has copied the bytes when it returns (the caller may reuse the array)
+
+    def begin(self, shard: ShardPlan) -> None:
+        """Start the file of ``shard`` (its header included)."""
+
+    def put(self, data) -> None:
+        """The next bytes of the file: a computed block or converted tensor (a numpy array)."""
+
+    def copy(self, t: TensorPlan, src: _Copy) -> None:
+        """The next bytes of the file: tensor ``t``, raw, from ``src``."""
+
+    def end(self) -> None:
+        """The file is complete."""
+
+    def close(self) -> int:
+        """Wait for every write; the bytes written."""
+
+    def abort(self) -> None:
+        """Stop and release everything (after an error; the temporary output is then removed)."""
+
+
+class PrefillWriter:
+    """The output through ``_Prefill`` (started here, so that it runs while the engine starts:
+    torch's import) and ``_Writer``, which writes the rest at its offsets. ``put`` queues the
+    array it is given: the caller must not reuse it (``copies`` is False)."""
+
+    copies = False
+
+    def __init__(self, plan: MergePlan, root: Path, progress: Callable[[int], None] | None):
+        self.prefill = _Prefill(plan, root, progress).start()
+        self.writer = _Writer(progress, self.prefill).start()
+
+    def begin(self, shard: ShardPlan) -> None:
+        self.writer.put(_Open(self.prefill.path(shard)))
+        self.writer.put(_Skip(len(shard.header())))  # the prefill writes it
+
+    def put(self, data) -> None:
+        self.writer.put(data)
+
+    def copy(self, t: TensorPlan, src: _Copy) -> None:
+        # the prefill copies the untouched tensors; the writer copies replacements
+        self.writer.put(_Skip(src.nbytes) if t.action is Action.COPY else src)
+
+    def end(self) -> None:
+        self.writer.put(_Close())
+
+    def close(self) -> int:
+        self.writer.close()
+        return self.writer.written + self.prefill.finish()
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.prefill.abort()  # before atomic_dir removes the directory it writes into
+        # the error travels on; a copy kept here would tie it to the caller's frames in a cycle
+        # that only the garbage collector breaks
+        self.writer.error = self.prefill.error = None
+
+
+class SequentialWriter:
+    """Each output file front to back (``_DirectFile``) through one ``_DirectIO`` thread: with
+    O_DIRECT (``direct``) or through the page cache. ``put`` copies what it is given into the
+    I/O buffers before it returns (``copies``: the caller may reuse the array)."""
+
+    copies = True
+
+    def __init__(self, plan: MergePlan, root: Path, progress: Callable[[int], None] | None, direct: bool):
+        self.plan = plan
+        self.root = root
+        self.direct = direct
+        self.io = _DirectIO(progress).start()
+        self.sources: dict[Path, int] = {}
+        self.files: list[_DirectFile] = []
+
+    def begin(self, shard: ShardPlan) -> None:
+        path = self.root if self.plan.single_file else self.root / shard.rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.files.append(_DirectFile(path, shard.nbytes, self.io, self.direct))
+        self.files[-1].put(shard.header())
+
+    def put(self, data) -> None:
+        self.files[-1].put(data)
+
+    def copy(self, t: TensorPlan, src: _Copy) -> None:
+        fd = self.sources.get(src.src)
+        if fd is None:
+            fd = self.sources[src.src] = boundary.open_regular(src.src)  # inputs are opened read-only
+        self.files[-1].copy_from(fd, src.offset, src.nbytes, src.src, t.key)
+
+    def end(self) -> None:
+        self.files[-1].close()
+
+    def close(self) -> int:
+        self.io.close()
+        self._release()
+        return self.io.written
+
+    def abort(self) -> None:
+        self.io.abort()
+        # the error travels on; a copy kept here would tie it to the caller's frames (their
+        # views, mappings and descriptors) in a cycle that only the garbage collector breaks
+        self.io.error = None
+        self._release()
+
+    def _release(self) -> None:
+        for fd in self.sources.values():
+            os.close(fd)
+        self.sources.clear()
+        for f in self.files:
+            f.release()
+        self.files.clear()
