@@ -1,20 +1,11 @@
 """Compose adapters: weighted combinations of LoRA deltas, written as one adapter.
 
-Methods (per module, over the inputs that target it; targets are the union of the inputs'):
-
-* ``linear`` (default): the exact weighted sum Σ wᵢ·ΔWᵢ = Σ wᵢ·sᵢ·Bᵢ·Aᵢ, cut optimally to a rank
-  rule (default: the largest input rank). The stacked factors [w₁s₁B₁ …] and [A₁; …] give it
-  through a (Σrᵢ)×(Σrᵢ) core (``lowrank.core_svd``); no d×k delta is ever formed. This is not
-  PEFT's ``linear``, which weights A and B separately by √(w·s) and adds the factors, so its
-  delta is not the weighted sum (PEFT issue #3004); it is what PEFT's ``svd`` computes, without the
-  dense SVD.
-* ``cat``: exact, rank Σrᵢ: the factors side by side, wᵢ·sᵢ folded into B (PEFT's ``cat`` folds
-  them into A; the delta is the same).
-* ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: PEFT's ``*_svd`` combination
-  types: the merge functions of ``peft/utils/merge_utils.py`` on the dense deltas of one module at
-  a time (memory bounded by one module), then a seeded randomized SVD to ``--rank``. DARE masks
-  and sketches come from a generator seeded by (seed, module name), so a run is reproducible
-  and does not depend on module order.
+Per module, over the inputs that target it (targets are the union of the inputs'), a method of
+``loratool.compose_methods`` does the math: ``linear`` (default; PEFT's ``svd``), ``cat``, and
+PEFT's ``*_svd`` delta merges ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``. A PEFT
+name is accepted for the method it equals; the report records loratool's name. This module owns
+what is common to every method: input checks, the factors of each kind, lora_B.bias, the output
+adapter and the report.
 
 The output has scale 1: alpha = rank and no rsLoRA (as PEFT's ``add_weighted_adapter`` does), the
 singular values split evenly between the factors. ``lora_B.bias`` (PEFT lora_bias) is summed
@@ -25,38 +16,19 @@ differ.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, dtype_of, load_tensor, shape_of
+from loratool.adapter import Adapter, AdapterModule, LayerKind, LoraModule, load_tensor
 from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
+from loratool.compose_methods import ComposeMethod, ComposeOptions, Factors, get_method
 from loratool.errors import InputError, UsageError
-from loratool.lowrank import (
-    DELTA_METHODS,
-    RankRule,
-    core_svd,
-    energy_kept,
-    merge_deltas,
-    randomized_svd,
-    split_factors,
-    stack_factors,
-    truncation_error,
-)
+from loratool.formats import COMMON_FORMAT
+from loratool.lowrank import RankRule
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
+    from loratool.formats.loraconfig import LoraConfig
     from loratool.schemas.lowrank import ComposeReport
-
-METHODS = ("linear", "cat") + DELTA_METHODS
-
-
-def module_seed(seed: int, name: str) -> int:
-    """A stable 63-bit seed for one module (blake2b, not Python's salted hash)."""
-    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -116,15 +88,6 @@ def check_inputs(adapters: Sequence[Adapter]) -> None:
 
 # -- per module -----------------------------------------------------------------------------------
 
-def _reshape(m: LoraModule, B2: "torch.Tensor", A2: "torch.Tensor", dtype) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """2-D factors back into m's layout (conv: A keeps the kernel, B is 1×1)."""
-    k = A2.shape[0]
-    a_shape, b_shape = shape_of(m.lora_A), shape_of(m.lora_B)
-    A = A2.reshape(k, *a_shape[1:]).to(dtype).contiguous()
-    B = B2.reshape(b_shape[0], k, *b_shape[2:]).to(dtype).contiguous()
-    return B, A
-
-
 def _bias(owners, weights, dtype, with_bias: bool, out_features: int):
     import torch
 
@@ -132,47 +95,25 @@ def _bias(owners, weights, dtype, with_bias: bool, out_features: int):
         return None
     total = torch.zeros(out_features, dtype=torch.float64)
     for i, m in owners:
-        if m.lora_B_bias is not None:
-            total += load_tensor(m.lora_B_bias).to(torch.float64) * (weights[i] * m.scale)
+        bias = m.tensors().get("lora_B_bias")
+        if bias is not None:
+            total += load_tensor(bias).to(torch.float64) * (weights[i] * m.scale)
     return total.to(dtype)
 
 
-def compose_module(name: str, owners: list[tuple[int, LoraModule]], weights: Sequence[float], method: str,
-                   rule: RankRule | None, density: float | None, seed: int, dtype, with_bias: bool,
-                   majority_sign_method: str = "total"):
-    """Combine one module. Returns (LoraModule, report row)."""
-    import torch
-
+def compose_module(name: str, owners: list[tuple[int, AdapterModule]], weights: Sequence[float],
+                   method: ComposeMethod, options: ComposeOptions, dtype, with_bias: bool):
+    """Combine one module with ``method``. Returns (LoraModule, report row)."""
     from loratool.schemas.lowrank import ModuleCompose
 
     m0 = owners[0][1]
-    factors = [(i, m, *m.factors_2d()) for i, m in owners]
-    d_out, d_in = factors[0][2].shape[0], factors[0][3].shape[1]
-    energy = None
-    if method == "cat":
-        B2 = torch.cat([b.to(torch.float64) * (weights[i] * m.scale) for i, m, b, _ in factors], dim=1)
-        A2 = torch.cat([a.to(torch.float64) for _, _, _, a in factors], dim=0)
-        k, error, energy = A2.shape[0], 0.0, 1.0
-    elif method == "linear":
-        B, A = stack_factors([(weights[i] * m.scale, b, a) for i, m, b, a in factors])
-        U, S, Vh = core_svd(B, A, keep=lambda S: max(1, min(rule.choose(S, (d_out, d_in)), S.shape[0])))
-        k = max(1, min(rule.choose(S, (d_out, d_in)), S.shape[0]))
-        B2, A2 = split_factors(U, S, Vh, k)
-        error, energy = truncation_error(S, k), energy_kept(S, k)
-    else:
-        g = torch.Generator().manual_seed(module_seed(seed, name))
-        # PEFT computes get_delta_weight in float32 (upcasting half precision on the CPU)
-        deltas = [(b.to(torch.float32) @ a.to(torch.float32)) * m.scale for _, m, b, a in factors]
-        M = merge_deltas(deltas, [weights[i] for i, _ in owners], method, density, majority_sign_method, g)
-        del deltas
-        k = max(1, min(rule.rank, d_out, d_in))
-        U, S, Vh = randomized_svd(M, k, generator=g)
-        norm2 = float(torch.linalg.vector_norm(M, dtype=torch.float64) ** 2)
-        del M
-        S = S.to(torch.float64)
-        B2, A2 = split_factors(U.to(torch.float64), S, Vh.to(torch.float64), k)
-        error = 0.0 if norm2 == 0 else math.sqrt(max(norm2 - float((S ** 2).sum()), 0.0) / norm2)
-    B, A = _reshape(m0, B2, A2, dtype)
+    forms = [(i, m, m.low_rank()) for i, m in owners]  # (B2, A2, scale) of each kind
+    bad = [m for _, m, lr in forms if lr is None]
+    if bad:
+        raise UsageError(f"module {name!r}: a {bad[0].module_kind} module has no low-rank form to compose")
+    done = method.compose(name, [Factors(weights[i], lr.scale, lr.B2, lr.A2) for i, _, lr in forms], options)
+    k, d_out = done.rank, done.B2.shape[0]
+    B, A = m0.factors_like(done.B2, done.A2, dtype)  # in m0's layout (conv: A keeps the kernel, B is 1×1)
     module = LoraModule(
         name=name,
         kind=m0.kind,
@@ -185,8 +126,8 @@ def compose_module(name: str, owners: list[tuple[int, LoraModule]], weights: Seq
         config_alpha=float(k),
     )
     row = ModuleCompose(name=name, kind=m0.kind.value, inputs=[i for i, _ in owners],
-                        input_ranks=[m.rank for _, m in owners], new_rank=k, energy_kept=energy,
-                        relative_error=error)
+                        input_ranks=[m.rank for _, m in owners], new_rank=k, energy_kept=done.energy_kept,
+                        relative_error=done.relative_error)
     return module, row
 
 
@@ -197,79 +138,61 @@ def _output_dtype(adapters: Sequence[Adapter]):
 
     from loratool.safetensors_io import torch_dtype
 
-    dtypes = {dtype_of(t) for a in adapters for m in a.modules.values() for t in (m.lora_A, m.lora_B)}
+    dtypes = {d for a in adapters for m in a.modules.values() for d in m.delta_dtypes()}
     return torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
 
 
-def _output_config(adapters: Sequence[Adapter], names: set[str]) -> dict:
-    peft = [a for a in adapters if a.format == "peft" and "components" not in a.config]
-    if not peft:
-        return {}
-    config = {k: v for k, v in peft[0].config.items() if k not in ("rank_pattern", "alpha_pattern")}
-    if names != set(peft[0].modules):  # the first config's layer selection may not cover the union
-        for k in ("layers_to_transform", "layers_pattern", "exclude_modules"):
-            config.pop(k, None)
-    return config
+def _output_config(adapters: Sequence[Adapter], names: set[str]) -> "LoraConfig | None":
+    """The first input's PEFT config, as a composition of ``names`` keeps it (``LoraConfig.composed``)."""
+    from loratool.formats.loraconfig import lora_config
+
+    for a in adapters:
+        config = lora_config(a)
+        if config is not None:
+            return config.composed(same_modules=names == set(a.modules))
+    return None
 
 
 def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], method: str = "linear",
                      rule: RankRule | None = None, density: float | None = None, seed: int = 0,
                      majority_sign_method: str = "total", dtype=None) -> tuple[Adapter, "ComposeReport"]:
-    """Combine ``adapters`` with ``weights`` (no I/O beyond reading their tensors).
+    """Combine ``adapters`` with ``weights`` by ``method`` (a name of ``loratool.compose_methods``
+    or a PEFT alias), with no I/O beyond reading their tensors.
 
-    ``rule`` defaults to ``--rank`` = the largest input rank; ``cat`` takes no rule; the delta
-    methods take a fixed rank only. ``dtype`` defaults to the inputs' common factor dtype
-    (float32 when they differ).
+    ``rule`` defaults to ``--rank`` = the largest input rank for the methods that take one (``cat``
+    takes none, the dense-delta methods a fixed rank only). ``dtype`` defaults to the inputs'
+    common factor dtype (float32 when they differ).
     """
     from loratool.schemas.lowrank import ComposeInput, ComposeReport
 
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    m = get_method(method)
     if not adapters:
         raise UsageError("compose needs at least one adapter")
     if len(weights) != len(adapters):
         raise UsageError(f"{len(adapters)} adapters but {len(weights)} weights")
     check_inputs(adapters)
     max_rank = max(r for a in adapters for r in a.ranks) if any(a.modules for a in adapters) else 1
-    if method == "cat":
-        if rule is not None:
-            raise UsageError("--method cat keeps every component (rank Σrᵢ) exactly; rank rules apply to the "
-                             "other methods")
-        if density is not None:
-            raise UsageError("--density applies to ties, dare_linear, dare_ties and magnitude_prune, not cat")
-    elif method == "linear":
-        if density is not None:
-            raise UsageError("--density applies to ties, dare_linear, dare_ties and magnitude_prune, not linear")
-        rule = rule or RankRule(rank=max_rank)
-    else:
-        rule = rule or RankRule(rank=max_rank)
-        if rule.rank is None:
-            raise UsageError(f"--method {method} takes --rank only: its merged delta is full rank, and an energy or "
-                             "singular-value rule would need its full SVD")
-        if density is None:
-            raise UsageError(f"--method {method} needs --density (the share of entries each delta keeps, in (0, 1])")
-        if not 0 < density <= 1:
-            raise UsageError(f"--density must be in (0, 1], found {density}")
+    rule = m.check(rule, density, max_rank)
     if majority_sign_method not in ("total", "frequency"):
         raise UsageError(f"majority sign method must be total or frequency, found {majority_sign_method!r}")
 
     dtype = dtype or _output_dtype(adapters)
     names = sorted({n for a in adapters for n in a.modules})
     with_bias = any(a.lora_bias for a in adapters)
+    options = ComposeOptions(rule, density, seed, majority_sign_method)
     modules, rows = {}, []
 
     def one(name):
         owners = [(i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules]
-        return compose_module(name, owners, weights, method, rule, density, seed, dtype, with_bias,
-                              majority_sign_method)
+        return compose_module(name, owners, weights, m, options, dtype, with_bias)
 
-    if method in ("linear", "cat"):
+    if m.dense:  # dense d×k deltas: one module at a time (memory bounded by one module), torch threaded
+        results = [one(name) for name in names]
+    else:
         # small tall-skinny work in factor space: modules spread over threads, one torch thread each
         from loratool._threads import map_modules
 
         results = map_modules(one, names)
-    else:  # dense d×k deltas: one module at a time (memory bounded by one module), torch threaded
-        results = [one(name) for name in names]
     for name, (module, row) in zip(names, results):
         modules[name] = module
         rows.append(row)
@@ -283,11 +206,11 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
                             "(at most Σrᵢ, or the layer size), so they are kept whole")
 
     formats = {a.format for a in adapters}
-    fmt = formats.pop() if len(formats) == 1 else "peft"
+    fmt = formats.pop() if len(formats) == 1 else COMMON_FORMAT
     first = adapters[0]
     components = tuple(dict.fromkeys(c for a in adapters for c in a.components))
     metadata = {k: v for k, v in first.metadata.items() if k not in ("ss_network_dim", "ss_network_alpha")} \
-        if fmt != "peft" else {}
+        if fmt != COMMON_FORMAT else {}
     extra = {}
     for a in adapters:
         extra.update(a.extra_tensors)
@@ -307,10 +230,10 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
         inputs=[ComposeInput(path=_label(a, i), weight=w, format=a.format, num_modules=len(a.modules),
                              ranks=sorted(set(a.ranks))) for i, (a, w) in enumerate(zip(adapters, weights))],
         format=fmt,
-        method=method,
+        method=m.name,
         rule=rule.describe() if rule is not None else None,
         density=density,
-        seed=seed if method in DELTA_METHODS else None,
+        seed=seed if m.seeded else None,
         num_modules=len(rows),
         num_params=out.num_params,
         max_relative_error=max((r.relative_error for r in rows), default=0.0),
@@ -339,7 +262,7 @@ def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLi
     for a in adapters:
         require_usable(a)
     composed, report = compose_adapters(adapters, weights, method, rule, density, seed)
-    params = {"method": method, "weights": weights, "density": density, "seed": seed,
+    params = {"method": report.method, "weights": weights, "density": density, "seed": seed,
               "rule": _rule_params(rule) if rule is not None else None}
     manifest = stamp_adapter(composed, "composed", adapters, params)
     write_adapter(composed, out, composed.format, overwrite=overwrite)

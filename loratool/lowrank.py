@@ -8,8 +8,9 @@ of stacked factors, [w₁s₁B₁ … wₙsₙBₙ] @ [A₁; …; Aₙ], so its 
 d×k delta and runs a full SVD of it (issue 5: 297 s and 10.8 GB for two r=16 adapters of a 1.1B
 model on 2 cores). All of this is computed in float64.
 
-The delta-domain merges (TIES, DARE, magnitude pruning) follow ``peft/utils/merge_utils.py``; they
-need the dense delta of one module at a time, which ``randomized_svd`` then truncates.
+The delta-domain merges (TIES, DARE, magnitude pruning) are compose methods
+(``loratool.compose_methods.delta``); they need the dense delta of one module at a time, which
+``randomized_svd`` then truncates.
 """
 
 from __future__ import annotations
@@ -297,62 +298,3 @@ def randomized_svd(M: "torch.Tensor", k: int, oversample: int = 10, n_iter: int 
     U, Vh = _fix_signs(U, Vh[:p])
     return U, S[:p], Vh
 
-
-# -- delta-domain merges (peft/utils/merge_utils.py) -------------------------------------------
-
-DELTA_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-
-
-def magnitude_prune_tensor(t: "torch.Tensor", density: float) -> "torch.Tensor":
-    """Keep the int(density·numel) largest-magnitude entries (PEFT's magnitude_based_pruning)."""
-    import torch
-
-    if density >= 1:
-        return t
-    k = int(density * t.numel())
-    mask = torch.zeros(t.numel(), dtype=t.dtype)
-    mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = 1
-    return t * mask.reshape(t.shape)
-
-
-def random_prune_tensor(t: "torch.Tensor", density: float, generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """DARE: keep each entry with probability density and rescale by 1/density (PEFT's
-    random_pruning with rescale=True), drawing from ``generator`` so that runs are seeded."""
-    import torch
-
-    if density >= 1:
-        return t
-    mask = torch.bernoulli(torch.full_like(t, density), generator=generator)
-    return t * mask / density
-
-
-def merge_deltas(deltas: Sequence["torch.Tensor"], weights: Sequence[float], method: str, density: float = 1.0,
-                 majority_sign_method: str = "total", generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """PEFT's ties / dare_linear / dare_ties / magnitude_prune of one module's dense deltas
-    (the functions PEFT's ``*_svd`` combination types apply before their SVD)."""
-    import torch
-
-    if method not in DELTA_METHODS:
-        raise ValueError(f"unknown delta merge method {method!r}")
-    if method in ("ties", "magnitude_prune"):
-        pruned = [magnitude_prune_tensor(d, density) for d in deltas]
-    else:
-        pruned = [random_prune_tensor(d, density, generator) for d in deltas]
-    stacked = torch.stack(pruned, dim=0)
-    del pruned
-    w = torch.tensor(list(weights), dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-    if method in ("magnitude_prune", "dare_linear"):
-        return (stacked * w).sum(dim=0)
-    # TIES sign election ("total": sign of the sum of the pruned, unweighted tensors) and disjoint
-    # mean of the weighted entries that agree with it
-    sign = stacked.sign()
-    if majority_sign_method == "total":
-        magnitude = stacked.sum(dim=0)
-    elif majority_sign_method == "frequency":
-        magnitude = sign.sum(dim=0)
-    else:
-        raise ValueError(f"unknown majority sign method {majority_sign_method!r}")
-    majority = torch.where(magnitude >= 0, 1, -1)
-    mask = sign == majority
-    merged = (stacked * w * mask).sum(dim=0)
-    return merged / torch.clamp(mask.sum(dim=0), min=1.0)

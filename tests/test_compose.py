@@ -13,7 +13,8 @@ from loratool.cli import main
 from loratool.compose import compose_adapters, compose_paths
 from loratool.errors import InputError, UsageError
 from loratool.formats import load_adapter
-from loratool.lowrank import RankRule, merge_deltas
+from loratool.compose_methods.delta import merge_deltas
+from loratool.lowrank import RankRule
 from loratool.safetensors_io import SafetensorsFile
 from peft_oracle import load_peft, lora_modules, make_adapter, optimal, peft_deltas, rel
 

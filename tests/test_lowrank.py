@@ -1,4 +1,4 @@
-"""loratool.lowrank: QR-core SVD, rank rules, randomized SVD and PEFT's delta merges."""
+"""loratool.lowrank: QR-core SVD, rank rules, randomized SVD (PEFT's delta merges: test_compose_methods)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from loratool.lowrank import (
     core_svd,
     effective_rank,
     energy_kept,
-    merge_deltas,
     numerical_rank,
     randomized_svd,
     singular_values,
@@ -155,23 +154,3 @@ def test_randomized_svd_falls_back_to_the_exact_svd_on_small_matrices():
     U, S, Vh = randomized_svd(M, 20)
     torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-12, atol=1e-12)
 
-
-@pytest.mark.filterwarnings("ignore:The density")
-@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "dare_ties"])
-@pytest.mark.parametrize("density", [0.3, 1.0])
-def test_merge_deltas_match_peft(method, density):
-    from peft.utils import merge_utils
-
-    g = torch.Generator().manual_seed(7)
-    deltas = [torch.randn(12, 9, generator=g) for _ in range(3)]
-    weights = [0.7, -0.2, 0.5]
-    w = torch.tensor(weights)
-    # DARE draws its masks from the global RNG in PEFT; with generator=None so do we
-    torch.manual_seed(11)
-    if method in ("ties", "dare_ties"):
-        expected = getattr(merge_utils, method)(deltas, w, density, "total")
-    else:
-        expected = getattr(merge_utils, method)(deltas, w, density)
-    torch.manual_seed(11)
-    got = merge_deltas(deltas, weights, method, density)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

@@ -6,8 +6,7 @@ import click
 
 from loratool.cli.render import emit, warn
 from loratool.cli.resize import rank_rule_options
-
-METHOD_CHOICE = click.Choice(["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+from loratool.compose_methods import get_method, method_names, methods, methods_help
 
 
 @click.command("compose")
@@ -15,11 +14,13 @@ METHOD_CHOICE = click.Choice(["linear", "cat", "ties", "dare_linear", "dare_ties
               help="Adapters and weights, comma-separated (weight 1 when omitted; negative weights allowed). "
                    "The weight is the last ':number' of an entry.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Where to write the composed adapter.")
-@click.option("--method", default="linear", show_default=True, type=METHOD_CHOICE,
-              help="linear: exact weighted sum, optimally truncated; cat: exact, rank Σrᵢ; ties, dare_linear, "
-                   "dare_ties, magnitude_prune: PEFT's delta-domain merges, then a seeded randomized SVD.")
-@click.option("--density", type=float, default=None, help="Share of entries each delta keeps (ties, dare_*, magnitude_prune).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's masks and the randomized SVD.")
+@click.option("--method", default="linear", show_default=True, metavar="NAME",
+              type=click.Choice(method_names()),
+              help=methods_help())
+@click.option("--density", type=float, default=None,
+              help="Share of entries each delta keeps (" + ", ".join(m.name for m in methods() if m.takes_density) + ").")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of " + ", ".join(m.name for m in methods() if m.seeded) + " (masks, randomized SVD).")
 @rank_rule_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -27,8 +28,9 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
                 as_json, overwrite):
     """Combine adapters into one: Σ wᵢ·ΔWᵢ per module over the union of their targets.
 
-    The default rank is the largest input rank (linear, ties, dare_*, magnitude_prune). The output
-    has scale 1 (alpha = rank) and the inputs' common format (PEFT when they differ).
+    The default rank is the largest input rank (every method but cat). The output has scale 1
+    (alpha = rank) and the inputs' common format (PEFT when they differ). PEFT's combination_type
+    names are accepted for the methods they equal (loratool's linear is PEFT's svd).
     """
     from loratool.adapter_specs import parse_adapter_specs
     from loratool.compose import compose_paths
@@ -63,6 +65,8 @@ def render(r) -> None:
                   "-" if m.energy_kept is None else f"{m.energy_kept:.4%}", f"{m.relative_error:.3e}")
     con.print(t)
     extra = f", density {fmt_num(r.density)}, seed {r.seed}" if r.density is not None else ""
-    con.print(f"{r.method}{extra} ({r.rule or 'every component'}): {r.num_modules} modules, "
+    peft = get_method(r.method).peft_name
+    method = f"{r.method} (PEFT's {peft})" if peft and peft != r.method else r.method
+    con.print(f"{method}{extra} ({r.rule or 'every component'}): {r.num_modules} modules, "
               f"{human_count(r.num_params)} parameters, max relative error {r.max_relative_error:.3e}; "
               f"wrote {r.output} ({r.format})")

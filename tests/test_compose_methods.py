@@ -1,0 +1,150 @@
+"""loratool.compose_methods: the registry (a method added from a test, PEFT aliases, the CLI's
+choices) and the dense-delta merges against PEFT's merge_utils."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loratool.cli import main
+from loratool.cli.compose import compose_cmd
+from loratool.compose import compose_adapters, compose_paths
+from loratool.compose_methods import (
+    ComposeMethod,
+    Composed,
+    get_method,
+    method_names,
+    methods,
+    register,
+    unregister,
+)
+from loratool.compose_methods.delta import merge_deltas
+from loratool.errors import UsageError
+from loratool.formats import load_adapter
+from loratool.lowrank import RankRule
+from loratool.safetensors_io import SafetensorsFile
+from peft_oracle import make_adapter, rel
+
+W = (0.7, -0.3)
+PEFT_ALIASES = [(alias, m.name) for m in methods() for alias in m.peft_aliases]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    a = make_adapter(d / "a", 1, r=8, alpha=16, targets=("q_proj", "v_proj"))
+    b = make_adapter(d / "b", 2, r=4, alpha=4, targets=("q_proj", "k_proj"))
+    return a, b
+
+
+class FirstOnly(ComposeMethod):
+    """A toy method, written and registered here only: each module is the weighted delta of the
+    first input that targets it, exactly (its factors, w·s folded into B)."""
+
+    name = "first_only"
+    peft_aliases = ("toy_first",)
+    summary = "the first input's weighted delta"
+    rank_rules = ()
+    rule_note = "keeps the first input's factors as they are"
+
+    def compose(self, name, factors, options):
+        f = factors[0]
+        return Composed(f.B2.to(torch.float64) * (f.weight * f.scale), f.A2.to(torch.float64), 0.0, 1.0)
+
+
+@pytest.fixture
+def toy():
+    register(FirstOnly)
+    try:
+        yield get_method("first_only")
+    finally:
+        unregister("first_only")
+
+
+def test_a_method_registered_elsewhere_composes(pair, tmp_path, toy):
+    a, b = pair
+    A, B = load_adapter(a), load_adapter(b)
+    assert "first_only" in method_names() and get_method("toy_first") is toy
+    out, report = compose_adapters([A, B], W, "toy_first", dtype=torch.float64)
+    assert report.method == "first_only" and report.seed is None and report.rule is None
+    for name, m in out.modules.items():
+        i, src = (0, A.modules[name]) if name in A.modules else (1, B.modules[name])
+        assert m.scale == 1.0 and m.rank == src.rank
+        assert rel(m.delta(torch.float64), W[i] * src.delta(torch.float64)) < 1e-12, name
+    # its declarations are honoured: no rank rule, no --density
+    with pytest.raises(UsageError, match="first_only keeps the first input's factors"):
+        compose_adapters([A, B], W, "first_only", RankRule(rank=2))
+    with pytest.raises(UsageError, match="not first_only"):
+        compose_adapters([A, B], W, "first_only", density=0.5)
+    # and it goes all the way to a written adapter and its manifest
+    report = compose_paths([(str(a), W[0]), (str(b), W[1])], tmp_path / "out", method="first_only")
+    assert load_adapter(tmp_path / "out").modules.keys() == out.modules.keys()
+    step = json.loads((tmp_path / "out" / "loratool.json").read_text())["lineage"][-1]
+    assert step["operation"] == "composed" and step["params"]["method"] == "first_only"
+
+
+def test_registry_refuses_a_name_or_alias_twice(toy):
+    class Clash(FirstOnly):
+        name = "other"
+        peft_aliases = ("svd",)
+
+    with pytest.raises(ValueError, match="svd already registered"):
+        register(Clash)
+    assert "other" not in method_names()
+    with pytest.raises(UsageError, match="unknown method 'nope'; choose one of: linear, cat, .*or PEFT's svd"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("alias,name", PEFT_ALIASES, ids=[a for a, _ in PEFT_ALIASES])
+def test_every_peft_alias_gives_the_bytes_of_its_loratool_name(pair, tmp_path, alias, name):
+    a, b = pair
+    specs = [(str(a), W[0]), (str(b), W[1])]
+    density = 0.5 if get_method(name).takes_density else None
+    outs = (tmp_path / "peft", tmp_path / "ours")
+    reports = [compose_paths(specs, o, method=n, density=density, seed=3) for o, n in zip(outs, (alias, name))]
+    assert reports[0].method == name
+    assert reports[0].model_dump(exclude={"output"}) == reports[1].model_dump(exclude={"output"})
+    files = [SafetensorsFile(o / "adapter_model.safetensors") for o in outs]
+    assert files[0].keys() == files[1].keys()
+    assert all(files[0].read_bytes(k) == files[1].read_bytes(k) for k in files[0].keys())
+    step = json.loads((outs[0] / "loratool.json").read_text())["lineage"][-1]
+    assert step["params"]["method"] == name  # the lineage records loratool's name
+
+
+def test_the_cli_takes_its_choices_from_the_registry(pair, tmp_path, capsys):
+    option = next(p for p in compose_cmd.params if p.name == "method")
+    assert list(option.type.choices) == method_names()
+    assert {"svd", "ties_svd", "dare_ties_svd", "dare_linear_svd", "magnitude_prune_svd", "cat"} <= set(method_names())
+    a, b = pair
+    with pytest.raises(SystemExit) as e:
+        main(["compose", "--adapters", f"{a}:0.7,{b}:0.3", "-o", str(tmp_path / "out"), "--method", "svd", "--json"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out)["method"] == "linear"
+    with pytest.raises(SystemExit) as e:
+        main(["compose", "--adapters", f"{a}:0.7,{b}:0.3", "-o", str(tmp_path / "o2"), "--method", "ties_svd",
+              "--density", "0.5", "--rank", "4"])
+    assert e.value.code == 0 and "ties (PEFT's ties_svd), density 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_merge_deltas_match_peft(method, density):
+    from peft.utils import merge_utils
+
+    g = torch.Generator().manual_seed(7)
+    deltas = [torch.randn(12, 9, generator=g) for _ in range(3)]
+    weights = [0.7, -0.2, 0.5]
+    w = torch.tensor(weights)
+    # DARE draws its masks from the global RNG in PEFT; with generator=None so do we
+    torch.manual_seed(11)
+    if method in ("ties", "dare_ties"):
+        expected = getattr(merge_utils, method)(deltas, w, density, "total")
+    else:
+        expected = getattr(merge_utils, method)(deltas, w, density)
+    torch.manual_seed(11)
+    got = merge_deltas(deltas, weights, method, density)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="not a dense-delta merge method"):
+        merge_deltas(deltas, weights, "linear")
