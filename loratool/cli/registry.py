@@ -6,7 +6,13 @@ Each command reads its arguments, calls one ``loratool.registry`` function and r
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
+
+from loratool.cli.render import FORMAT_CHOICE
+
 
 def _home(ctx: click.Context):
     return ctx.obj.get("home") if ctx.obj else None
@@ -16,6 +22,16 @@ def _registry(ctx: click.Context, create: bool = True):
     from loratool.registry.core import Registry
 
     return Registry(_home(ctx), create=create)
+
+
+def _not_made_yet(home: Path) -> bool:
+    """Whether the registry's home does not exist yet and could be made (its nearest existing
+    ancestor is a folder): a read-only command then shows an empty registry and creates nothing.
+    A home that is, or lies under, a file is left to the registry's own one-line error."""
+    p = home
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p != home and p.is_dir()
 
 
 def _short(digest: str) -> str:
@@ -77,35 +93,40 @@ def list_cmd(ctx, name, fits, as_json):
     """List registered adapters, one row per version."""
     from loratool.registry.core import Registry
 
+    from loratool.boundary import default_home
+    from loratool.registry.models import ListReport
+
     home = _home(ctx)
-    with Registry(home) as reg:
-        report = reg.entries(name=name, fits=fits)
+    if _not_made_yet(Path(home) if home else default_home()):  # read-only: no registry is an empty one
+        report = ListReport(adapters=[])
+    else:
+        with Registry(home) as reg:
+            report = reg.entries(name=name, fits=fits)
     if as_json:
         from loratool.cli.render import print_json
 
         print_json(report)
         return
-    from rich.table import Table
-
     from loratool.cli.render import console, fmt_num, human_bytes
+    from loratool.cli.tables import Column, fitted
 
     con = console()
     if not report.adapters:
         con.print("no adapters" + (" fit that base" if fits else " registered"))
         return
-    t = Table(box=None, pad_edge=False)
-    for col in ("adapter", "tags", "digest", "format", "rank", "alpha", "targets", "base", "size", "added"):
-        t.add_column(col, justify="right" if col == "size" else "left")
+    cols = [Column("adapter"), Column("tags", flexible=True), Column("digest", drop=2), Column("format", drop=4),
+            Column("rank", right=True), Column("alpha", right=True, drop=3), Column("targets", flexible=True),
+            Column("base", flexible=True), Column("size", right=True), Column("added", drop=5)]
     if fits:
-        t.add_column("fits")
+        cols.append(Column("fits"))
+    rows = []
     for e in report.adapters:
         tags = ", ".join((["latest"] if e.latest else []) + e.tags)
         base = (e.base.repo_id or e.base.name) if e.base else (e.base_model or "-")
-        row = [e.ref, tags, _short(e.digest), e.format, ", ".join(map(fmt_num, e.ranks)),
-               ", ".join(map(fmt_num, e.alphas)), ", ".join(e.targets), base or "-", human_bytes(e.size),
-               e.added_at]
-        t.add_row(*row, *([e.fits or "-"] if fits else []))
-    con.print(t)
+        rows.append([e.ref, tags or "-", _short(e.digest), e.format, ", ".join(map(fmt_num, e.ranks)),
+                     ", ".join(map(fmt_num, e.alphas)), ", ".join(e.targets), base or "-", human_bytes(e.size),
+                     e.added_at, *([e.fits or "-"] if fits else [])])
+    con.print(fitted(cols, rows, con.width))
 
 
 @registry_group.command("show")
@@ -123,15 +144,12 @@ def show_cmd(ctx, ref, as_json):
 
         print_json(d)
         return
-    from rich.table import Table
-
     from loratool.cli.render import console, fmt_num, human_bytes, human_count
+    from loratool.cli.tables import Column, fitted
 
     e = d.entry
     con = console()
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
+    t = _Rows()
     t.add_row("adapter", e.ref + (" (latest)" if e.latest else ""))
     t.add_row("tags", ", ".join(e.tags) or "-")
     t.add_row("digest", f"sha256:{e.digest}")
@@ -158,21 +176,36 @@ def show_cmd(ctx, ref, as_json):
         t.add_row(f"lineage {edge.step}", f"{edge.operation} from {edge.parent[:12]}…{known}")
     if d.children:
         t.add_row("made into", ", ".join(d.children))
-    con.print(t)
-    files = Table(box=None, pad_edge=False)
-    files.add_column("file")
-    files.add_column("size", justify="right")
-    files.add_column("blob")
-    for f in d.files:
-        files.add_row(f.path, human_bytes(f.size), f.sha256)
-    con.print(files)
+    con.print(fitted([Column("", style="bold"), Column("", flexible=True)], t.rows, con.width, header=False))
+    con.print(fitted([Column("file", flexible=True), Column("size", right=True), Column("blob", flexible=True)],
+                     [[f.path, human_bytes(f.size), f.sha256] for f in d.files], con.width))
+
+
+class _Rows:
+    """Key/value rows collected for ``fitted`` (values wrap; nothing is cut)."""
+
+    def __init__(self):
+        self.rows: list[list[str]] = []
+
+    def add_row(self, key: str, value: str) -> None:
+        self.rows.append([key, value])
+
+
+def _emit(result, as_json: bool, line: str) -> None:
+    if as_json:
+        from loratool.cli.render import print_json
+
+        print_json(result)
+    else:
+        click.echo(line)
 
 
 @registry_group.command("tag")
 @click.argument("ref")
 @click.argument("tag")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def tag_cmd(ctx, ref, tag):
+def tag_cmd(ctx, ref, tag, as_json):
     """Point TAG of the adapter's name at the version REF names (moving prod to an older version is
     a rollback).
 
@@ -180,18 +213,32 @@ def tag_cmd(ctx, ref, tag):
     with _registry(ctx, create=False) as reg:
         r = reg.tag(ref, tag)
     moved = f" (was @{r.previous})" if r.previous is not None and r.previous != r.version else ""
-    click.echo(f"{r.name}:{r.tag} -> {r.name}@{r.version}{moved}")
+    _emit(r, as_json, f"{r.name}:{r.tag} -> {r.name}@{r.version}{moved}")
+
+
+@registry_group.command("untag")
+@click.argument("ref", metavar="NAME:TAG")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def untag_cmd(ctx, ref, as_json):
+    """Remove the tag NAME:TAG; the version it points at stays."""
+    with _registry(ctx, create=False) as reg:
+        r = reg.untag(ref)
+    _emit(r, as_json, f"removed tag {r.name}:{r.tag} (it pointed at {r.name}@{r.version})")
 
 
 @registry_group.command("rm")
 @click.argument("ref")
+@click.option("--all", "all_versions", is_flag=True, help="With a bare NAME: remove every version of it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def rm_cmd(ctx, ref):
-    """Remove versions: a bare name removes all of its versions, name@3 or name:prod that version,
-    sha256:… every version with that content. Blobs stay until `gc`."""
+def rm_cmd(ctx, ref, all_versions, as_json):
+    """Remove versions: name@3, name:prod or name:latest that version; sha256:… every version with
+    that content; a bare name its only version, or every version with --all (a name with several
+    versions is refused without it). Blobs stay until `gc`."""
     with _registry(ctx, create=False) as reg:
-        r = reg.remove(ref)
-    click.echo(f"removed {', '.join(r.removed)}; run `loratool registry gc` to free their blobs")
+        r = reg.remove(ref, all_versions=all_versions)
+    _emit(r, as_json, f"removed {', '.join(r.removed)}; run `loratool registry gc` to free their blobs")
 
 
 @registry_group.command("gc")
@@ -245,16 +292,23 @@ def verify_cmd(ctx, as_json):
 
 @registry_group.command("export")
 @click.argument("ref")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Directory to write.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Where to write: a directory (peft, diffusers folders) or a .safetensors file (kohya, diffusers).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Format to write (default: the format it was added in, byte for byte).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def export_cmd(ctx, ref, out, overwrite):
-    """Write the adapter REF names as a normal PEFT directory (blob digests checked on the way).
+def export_cmd(ctx, ref, out, fmt, overwrite, as_json):
+    """Write the adapter REF names at OUTPUT: in the format it was added in, its files byte for
+    byte (blob digests checked on the way); with --format another, converted.
 
     REF is name (latest version), name@3, name:prod or sha256:<unique digest prefix>."""
-    with _registry(ctx, create=False) as reg:
-        path = reg.export(ref, out, overwrite=overwrite)
-    click.echo(f"wrote {path}")
+    from loratool.registry.export import export
+
+    r = export(ref, out, format=fmt, overwrite=overwrite, home=_home(ctx))
+    _emit(r, as_json, f"wrote {r.output}" + (f" ({r.source_format} converted to {r.format})" if r.converted
+                                              else f" ({r.format}, as added)"))
 
 
 @registry_group.command("pull")

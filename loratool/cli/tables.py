@@ -22,6 +22,7 @@ class Column:
     right: bool = False  # numbers: right-aligned
     flexible: bool = False  # the one column that may wrap (names)
     drop: int = 0  # 0: always shown; otherwise dropped when the table does not fit, highest first
+    style: str | None = None  # a rich style for the column ("bold" for keys)
 
 
 def _width(cells: Sequence[str], header: str) -> int:
@@ -30,19 +31,20 @@ def _width(cells: Sequence[str], header: str) -> int:
     return max([Text.from_markup(c).cell_len for c in cells] + [len(header)])
 
 
-def _table(columns: Sequence[Column], rows: Sequence[Sequence[str]], keep: list[int], widths: list[int],
-           flex_width: int, caption: str | None = None):
+def _table(columns: Sequence[Column], rows: Sequence[Sequence[str]], keep: list[int], widths: dict[int, int],
+           caption: str | None = None, header: bool = True):
     from rich import box
     from rich.table import Table
 
-    t = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False, caption=caption,
-              caption_justify="left")
+    t = Table(box=box.SIMPLE_HEAD if header else None, header_style="bold", pad_edge=False, show_edge=False,
+              show_header=header, caption=caption, caption_justify="left")
     for i in keep:
         c = columns[i]
         if c.flexible:  # wraps onto more lines rather than cutting
-            t.add_column(c.header, overflow="fold", width=flex_width)
+            t.add_column(c.header, overflow="fold", width=widths[i], style=c.style)
         else:
-            t.add_column(c.header, justify="right" if c.right else "left", no_wrap=True, width=widths[i])
+            t.add_column(c.header, justify="right" if c.right else "left", no_wrap=True, width=widths[i],
+                         style=c.style)
     for r in rows:
         t.add_row(*(r[i] for i in keep))
     return t
@@ -54,30 +56,49 @@ def _rendered_width(table) -> int:
     con = Console(width=100_000, file=None, color_system=None, record=True, highlight=False)
     with con.capture() as cap:
         con.print(table)
-    return max((len(line.rstrip()) for line in cap.get().splitlines()), default=0)
+    return max((len(line) for line in cap.get().splitlines()), default=0)  # lines are as wide as the table
 
 
-def fitted(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int):
-    """A rich ``Table`` of ``rows`` that fits ``width`` columns (see the module docstring)."""
-    widths = [_width([r[i] for r in rows], c.header) for i, c in enumerate(columns)]
-    flex = next((i for i, c in enumerate(columns) if c.flexible), None)
+def _share(room: int, natural: dict[int, int]) -> dict[int, int]:
+    """``room`` split among the flexible columns: each its natural width if all fit, else the
+    narrow ones whole and the rest an even share of what is left (at least one character)."""
+    out: dict[int, int] = {}
+    left = sorted(natural, key=natural.__getitem__)
+    while left:
+        even = max(1, room // len(left))
+        i = left[0]
+        if natural[i] <= even:
+            out[i] = natural[i]
+            room -= natural[i]
+            left.pop(0)
+        else:
+            for i in left:
+                out[i] = even
+            break
+    return out
+
+
+def fitted(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int, header: bool = True):
+    """A rich ``Table`` of ``rows`` that fits ``width`` columns (see the module docstring);
+    ``header=False`` for a two-column key/value listing."""
+    natural = {i: _width([r[i] for r in rows], c.header if header else "") for i, c in enumerate(columns)}
+    flex = [i for i, c in enumerate(columns) if c.flexible]
     keep = list(range(len(columns)))
     optional = sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop)
     dropped: list[str] = []
     while True:
-        # the width of the table with a one-character name column: borders and padding included
-        overhead = _rendered_width(_table(columns, [["0"] * len(columns)], keep, widths, 1))
-        if flex is None:
-            room = 0
-            fits = overhead <= width
-        else:
-            room = width - (overhead - 1)  # what the flexible column can have
-            fits = room >= min(widths[flex], MIN_FLEX)
+        # the width of the table with one-character flexible columns: rules and padding included
+        probe = {i: (1 if i in flex else natural[i]) for i in keep}
+        overhead = _rendered_width(_table(columns, [["0"] * len(columns)], keep, probe, header=header))
+        kept_flex = [i for i in flex if i in keep]
+        room = width - (overhead - len(kept_flex))  # what the flexible columns can share
+        fits = room >= sum(min(natural[i], MIN_FLEX) for i in kept_flex) if kept_flex else overhead <= width
         if fits or not optional:
             break
         i = optional.pop(0)
         keep.remove(i)
         dropped.append(columns[i].header)
-    flex_width = max(1, min(widths[flex], room)) if flex is not None else 1
+    widths = {i: natural[i] for i in keep}
+    widths.update(_share(max(room, len(kept_flex)), {i: natural[i] for i in kept_flex}))
     caption = f"(left out to fit {width} columns: {', '.join(dropped)}; --json has them)" if dropped else None
-    return _table(columns, rows, keep, widths, flex_width, caption)
+    return _table(columns, rows, keep, widths, caption, header=header)

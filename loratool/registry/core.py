@@ -44,6 +44,7 @@ from loratool.registry.models import (
     TagResult,
     Tree,
     TreeFile,
+    UntagResult,
     VerifyReport,
 )
 from loratool.registry.refs import Ref, parse_ref, validate_name, validate_tag
@@ -145,6 +146,12 @@ class Registry:
         if os.path.lexists(sidecar) and sidecar not in files:
             files.append(sidecar)
         rel = {f: f.relative_to(root).as_posix() for f in files}
+        for f, r in rel.items():  # the tree and the index hold text; a name that is not UTF-8 cannot be either
+            try:
+                r.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{f}: the file name is not valid UTF-8 ({os.fsencode(r)!r}); rename it to "
+                                 "UTF-8 to add this adapter") from None
         shas = hash_files(files, cache=HashCache(self.home))
         tensors = adapter_tensors_digest(adapter)
         base = manifest.base if manifest else None
@@ -159,7 +166,7 @@ class Registry:
                 new_bytes += 0 if present else size
                 tree_files.append(TreeFile(path=rel[f], sha256=digest, size=size))
             tree = Tree(format=adapter.format, entry=entry, files=sorted(tree_files, key=lambda t: t.path))
-            digest = self.store.put_bytes(tree.canonical(), "tree")
+            digest = self._digest_of_same_tree(tree) or self.store.put_bytes(tree.canonical(), "tree")
             row = {
                 "digest": digest,
                 "format": adapter.format,
@@ -214,6 +221,26 @@ class Registry:
                                  new_bytes=new_bytes)
 
             return self.index.write(insert)
+
+    def _digest_of_same_tree(self, tree: Tree) -> str | None:
+        """The digest of an indexed adapter with exactly this tree (format, entry, files), whose
+        tree blob is present; else None. Found by content, not by bytes: a tree stored before the
+        canonical JSON wrote UTF-8 (issue 12) holds ``\\uXXXX`` escapes for non-ASCII paths, so its
+        bytes, and its digest, differ from ``tree.canonical()``; the same adapter added again
+        gets that digest back instead of a second one. Nothing is rewritten."""
+        if not tree.files:
+            return None
+        want = {(f.path, f.sha256, f.size) for f in tree.files}
+        first = tree.files[0]
+        for r in self.index.query(
+                "SELECT a.digest FROM files f JOIN adapters a ON a.digest = f.digest "
+                "WHERE f.blob = ? AND f.path = ? AND f.size = ? AND a.format = ? AND a.entry = ? ORDER BY a.digest",
+                (first.sha256, first.path, first.size, tree.format, tree.entry)):
+            have = {(f["path"], f["blob"], f["size"]) for f in self.index.query(
+                "SELECT path, blob, size FROM files WHERE digest = ?", (r["digest"],))}
+            if have == want and self.store.has(r["digest"]):
+                return r["digest"]
+        return None
 
     @staticmethod
     def _set_tag(c: sqlite3.Connection, name: str, tag: str, version_id: int) -> None:
@@ -405,15 +432,44 @@ class Registry:
 
         return self.index.write(move)
 
-    def remove(self, ref: str) -> RemoveResult:
-        """Remove what ``ref`` names: a bare name removes every version of it; ``name@N`` and
-        ``name:tag`` that version; ``sha256:…`` every version holding that content. Tags on removed
+    def untag(self, ref: str) -> UntagResult:
+        """Remove the tag ``name:tag`` (the version it points at stays)."""
+        parsed = parse_ref(ref)
+        if parsed.kind != "tag":
+            why = ("'latest' is not a tag: it always means the newest version" if parsed.kind == "name"
+                   and parsed.text != parsed.name else "untag takes NAME:TAG, e.g. llama:prod")
+            raise UsageError(f"{ref}: {why}")
+        self.find_version(parsed)  # a missing tag: one line naming the tags the name has
+
+        def delete(c: sqlite3.Connection) -> UntagResult:
+            row = c.execute("SELECT v.version FROM tags t JOIN versions v ON v.id = t.version_id "
+                            "WHERE t.name = ? AND t.tag = ?", (parsed.name, parsed.tag)).fetchone()
+            if row is None:
+                raise NotInRegistryError(f"{ref}: the tag was removed meanwhile")
+            c.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (parsed.name, parsed.tag))
+            return UntagResult(name=parsed.name, tag=parsed.tag, version=row["version"])
+
+        return self.index.write(delete)
+
+    def remove(self, ref: str, all_versions: bool = False) -> RemoveResult:
+        """Remove what ``ref`` names: ``name@N``, ``name:tag`` and ``name:latest`` that version;
+        ``sha256:…`` every version holding that content; a bare name its only version, or with
+        ``all_versions`` every version of it (without, a name with several versions is refused,
+        listing them: one mistyped command must not delete a whole history). Tags on removed
         versions go with them; blobs stay until ``gc``. Version numbers are never reused."""
         parsed = parse_ref(ref)
-        if parsed.kind == "name":
+        bare = parsed.kind == "name" and parsed.text == parsed.name
+        if all_versions and not bare:
+            raise UsageError(f"{ref}: --all removes every version of a name; give the bare name"
+                             + (f" ({parsed.name})" if parsed.name else ""))
+        if bare:
             rows = self.index.query("SELECT * FROM versions WHERE name = ? ORDER BY version", (parsed.name,))
             if not rows:
                 self.find_versions(parsed)  # raises with the names that exist
+            if len(rows) > 1 and not all_versions:
+                raise UsageError(
+                    f"{ref} has {len(rows)} versions ({listed([_ref(r) for r in rows], _LIST_LIMIT, ', ')}); "
+                    f"name one ({_ref(rows[-1])}, {ref}:TAG or sha256:…) or pass --all to remove every version")
         else:
             rows = self.find_versions(parsed)
         ids = [r["id"] for r in rows]
@@ -565,9 +621,11 @@ class Registry:
         return target
 
     def export(self, ref: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the adapter as a normal PEFT directory at ``out``: PEFT adapters byte for byte
-        (with their ``loratool.json``), others converted (the manifest then gains a "converted"
-        lineage step)."""
+        """Write the adapter at ``out`` as it was added, byte for byte, blob digests checked on the
+        way: a folder adapter (PEFT, diffusers) as that folder, its ``loratool.json`` included; a
+        single-file adapter (kohya, diffusers) as the file ``out``, with its stored manifest
+        beside it. Atomic, through the output boundary (the registry home is never written).
+        ``loratool.registry.export.export`` writes it in another format."""
         from loratool.safetensors_io import atomic_dir
 
         digest = self.resolve_digest(parse_ref(ref))
@@ -575,25 +633,31 @@ class Registry:
         out = Path(out)
         # the registry's own home (whatever --home says) is an input: never written, even with
         # --overwrite, whether OUT is it, lies inside it or contains it
-        if tree.format == "peft":
+        if tree.entry == ".":  # a folder adapter (PEFT, diffusers), whatever its format
             with atomic_dir(out, overwrite=overwrite, inputs=protected_home(self.home)) as tmp:
-                for f in tree.files:
-                    dest = tmp / f.path
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    self.store.copy_to(f.sha256, dest, what=f"{ref}: {f.path}")
+                self._copy_files(tree.files, tmp, ref)
             return out
-        from loratool.formats import load_adapter, write_adapter
-        from loratool.manifest import build_manifest, lineage_entry, load_manifest, write_manifest
+        return self._export_file(ref, tree, out, overwrite)
 
-        src = self.materialize(digest)
-        adapter = load_adapter(src)
-        parent = load_manifest(src)
-        step = lineage_entry("converted", inputs=[adapter], params={"from": tree.format, "to": "peft"})
-        with atomic_dir(out, overwrite=overwrite, inputs=[*protected_home(self.home), src]) as tmp:
-            # the converted adapter and its manifest appear at OUT together or not at all: the
-            # writer replaces the (empty) temporary folder, which then becomes OUT
-            write_adapter(adapter, tmp, "peft", overwrite=True)
-            write_manifest(build_manifest(tmp, base_fp=parent.base if parent else None,
-                                          lineage=[*(parent.lineage if parent else []), step]), tmp)
+    def _copy_files(self, files: list[TreeFile], dest: Path, ref: str) -> None:
+        for f in files:
+            (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
+            self.store.copy_to(f.sha256, dest / f.path, what=f"{ref}: {f.path}")
+
+    def _export_file(self, ref: str, tree: Tree, out: Path, overwrite: bool) -> Path:
+        """A single-file adapter: its file at ``out`` (read back before it is renamed into place),
+        then its stored manifest at ``manifest_path(out)``, where ``load_manifest`` finds it."""
+        from loratool.boundary import atomic_path as atomic_file
+        from loratool.manifest import SIDECAR_SUFFIX, manifest_path
+        from loratool.safetensors_io import atomic_path
+
+        inputs = protected_home(self.home)
+        files = {f.path: f for f in tree.files}
+        entry, sidecar = files[tree.entry], files.get(tree.entry + SIDECAR_SUFFIX)
+        with atomic_path(out, overwrite=overwrite, inputs=inputs) as tmp:
+            self.store.copy_to(entry.sha256, tmp, what=f"{ref}: {entry.path}")
+        if sidecar is not None:  # it describes OUT, so it replaces an older one there
+            with atomic_file(manifest_path(out), overwrite=True, inputs=inputs) as tmp:
+                self.store.copy_to(sidecar.sha256, tmp, what=f"{ref}: {sidecar.path}")
         return out
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loratool.canonical import canonical_bytes
 from loratool.schemas.manifest import Manifest
 
 
@@ -20,8 +22,13 @@ class TreeFile(_Model):
 
 
 class Tree(_Model):
-    """What an adapter is made of. Its canonical JSON is stored as a blob; the sha256 of that JSON
-    is the adapter's digest (``sha256:…`` references), so equal content has one digest."""
+    """What an adapter is made of. Its canonical JSON (``loratool.canonical``) is stored as a blob;
+    the sha256 of that blob is the adapter's digest (``sha256:…`` references), so equal content has
+    one digest.
+
+    A digest is the hash of the stored bytes and is never recomputed from a parsed tree: trees
+    written before issue 12 (JSON with ``\\uXXXX`` escapes where a path is not ASCII) keep their
+    digests, and ``Registry.add`` finds such a tree by its content instead of its bytes."""
 
     kind: Literal["loratool.tree"] = "loratool.tree"
     format: str
@@ -29,11 +36,11 @@ class Tree(_Model):
     files: list[TreeFile]
 
     def canonical(self) -> bytes:
-        import json
-
+        """The bytes of the tree blob (files in path order); ``UnicodeEncodeError`` for a path
+        that is not UTF-8 (``Registry.add`` refuses those first)."""
         data = self.model_dump()
         data["files"] = sorted(data["files"], key=lambda f: f["path"])
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return canonical_bytes(data)
 
 
 class Source(_Model):
@@ -114,8 +121,23 @@ class TagResult(_Model):
     previous: int | None = None
 
 
+class UntagResult(_Model):
+    name: str
+    tag: str
+    version: int = Field(description="The version the tag pointed at (it stays)")
+
+
 class RemoveResult(_Model):
-    removed: list[str]
+    removed: list[str] = Field(description="name@version of the versions removed")
+
+
+class ExportResult(_Model):
+    ref: str = Field(description="The reference as given")
+    digest: str
+    format: str = Field(description="The format written")
+    source_format: str = Field(description="The format the adapter was added in")
+    converted: bool = Field(description="False: the stored files, byte for byte")
+    output: Path
 
 
 class GcResult(_Model):

@@ -19,7 +19,17 @@ from pydantic import BaseModel
 
 from loratool.merge.api import MergeResult, UnmergeResult
 from loratool.merge.parity import ParityReport
-from loratool.registry.models import AddResult, Details, GcResult, ListReport, VerifyReport
+from loratool.registry.models import (
+    AddResult,
+    Details,
+    ExportResult,
+    GcResult,
+    ListReport,
+    RemoveResult,
+    TagResult,
+    UntagResult,
+    VerifyReport,
+)
 from loratool.schemas.convert import ConvertResult
 from loratool.schemas.lowrank import ComposeReport, ResizeReport
 from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
@@ -42,6 +52,10 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "registry-details.schema.json": Details,
     "registry-gc-result.schema.json": GcResult,
     "registry-verify-report.schema.json": VerifyReport,
+    "registry-tag-result.schema.json": TagResult,
+    "registry-untag-result.schema.json": UntagResult,
+    "registry-rm-result.schema.json": RemoveResult,
+    "registry-export-result.schema.json": ExportResult,
 }
 
 # The schema of each command's ``--json`` output (commands without ``--json`` are not listed).
@@ -62,6 +76,10 @@ COMMAND_SCHEMAS: dict[str, str] = {
     "registry show": "registry-details.schema.json",
     "registry gc": "registry-gc-result.schema.json",
     "registry verify": "registry-verify-report.schema.json",
+    "registry tag": "registry-tag-result.schema.json",
+    "registry untag": "registry-untag-result.schema.json",
+    "registry rm": "registry-rm-result.schema.json",
+    "registry export": "registry-export-result.schema.json",
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -19,11 +19,12 @@ from loratool.text import natural_key
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def run_in_terminal(columns: int, *args) -> str:
+def run_in_terminal(columns: int, *args, env: dict | None = None) -> str:
     """``loratool ARGS`` with stdout and stderr on a pseudo-terminal ``columns`` wide."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "LORATOOL_DEBUG")}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "LORATOOL_DEBUG")},
+           **(env or {})}
     env.update(TERM="xterm", NO_COLOR="1")
     p = subprocess.Popen([sys.executable, "-m", "loratool", *map(str, args)], stdout=slave, stderr=slave, env=env)
     os.close(slave)
@@ -102,3 +103,20 @@ def test_fitted_drops_optional_columns_and_names_them():
     with con.capture() as cap:
         con.print(fitted(cols, rows, 200))
     assert "4096×4096" in cap.get() and "left out" not in cap.get()
+
+
+def test_registry_tables_at_80_columns(fixtures_dir, tmp_path, cli):
+    env = {"LORATOOL_HOME": str(tmp_path / "home")}
+    assert run_in_terminal(80, "registry", "list", env=env).strip() == "no adapters registered"
+    assert not (tmp_path / "home").exists()  # a read-only command creates no registry
+    for path, name in ((fixtures_dir / "llama_r8", "llama"), (fixtures_dir / "kohya_sd.safetensors", "sd-style")):
+        assert cli("registry", "add", path, "--name", name, env=env).returncode == 0
+    listing = run_in_terminal(80, "registry", "list", env=env)
+    shown = run_in_terminal(80, "registry", "show", "llama", env=env)
+    details = json.loads(cli("registry", "show", "llama", "--json", env=env).stdout)
+    for text in (listing, shown):
+        assert all(len(line) <= 80 for line in text.splitlines()) and "…" not in text, text
+    assert "69.1 KiB" in listing and "2, 4, 8" in listing
+    flat = "".join(line.strip() for line in shown.splitlines())  # wrapped values are whole once joined
+    assert f"sha256:{details['entry']['digest']}" in flat.replace(" ", "")
+    assert all(f["sha256"] in flat.replace(" ", "") for f in details["files"])

@@ -36,6 +36,18 @@ def make_adapter(tmp_path):
     return make
 
 
+@pytest.fixture
+def kohya_file(tmp_path, fixtures_dir):
+    """``kohya_file(name)``: a copy of the SD 1.5 kohya fixture at tmp_path/adapters/<name>."""
+
+    def make(name: str = "style.safetensors") -> Path:
+        dest = tmp_path / "adapters" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((fixtures_dir / "kohya_sd.safetensors").read_bytes())
+        return dest
+
+    return make
+
 
 @pytest.fixture
 def blobs(home):

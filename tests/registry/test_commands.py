@@ -7,6 +7,7 @@ import json
 import pytest
 from tinybase import base_tensors, save_base
 
+from loratool.formats import load_adapter
 from loratool.manifest import record_manifest
 
 
@@ -39,18 +40,45 @@ def test_registry_workflow(make_adapter, cli, env, tmp_path):
     assert r.stdout.strip() == "llama:prod -> llama@1 (was @2)"
 
     out = tmp_path / "exported"
-    r = cli("registry", "export", "llama@2", "-o", out, env=env)
+    r = cli("registry", "export", "llama@2", "-o", out, "--json", env=env)
     assert r.returncode == 0, r.stderr
+    exported = json.loads(r.stdout)
+    assert (exported["format"], exported["converted"], exported["output"]) == ("peft", False, str(out))
     assert (out / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
     r = cli("inspect", out, env=env)  # a normal PEFT directory
     assert r.returncode == 0, r.stderr
 
+    r = cli("registry", "untag", "llama:prod", env=env)
+    assert r.stdout.strip() == "removed tag llama:prod (it pointed at llama@1)"
+    r = cli("registry", "tag", "llama@1", "prod", "--json", env=env)
+    assert json.loads(r.stdout) == {"name": "llama", "tag": "prod", "version": 1, "previous": None}
+    r = cli("registry", "untag", "llama:prod", "--json", env=env)
+    assert json.loads(r.stdout) == {"name": "llama", "tag": "prod", "version": 1}
+
+    r = cli("registry", "rm", "llama", env=env)  # two versions: refused, listing them
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "loratool: error: llama has 2 versions (llama@1, llama@2); name one (llama@2, llama:TAG or "
+        "sha256:…) or pass --all to remove every version")
     r = cli("registry", "rm", "llama@2", env=env)
     assert r.stdout.startswith("removed llama@2")
     r = cli("registry", "gc", "--json", env=env)
     assert json.loads(r.stdout)["blobs_removed"] == 2  # weights and tree; the config is shared
     r = cli("registry", "verify", env=env)
     assert r.returncode == 0 and "ok" in r.stdout
+    cli("registry", "add", b, "--name", "llama", env=env)
+    r = cli("registry", "rm", "llama", "--all", "--json", env=env)
+    assert json.loads(r.stdout) == {"removed": ["llama@1", "llama@3"]}
+
+
+def test_export_a_kohya_file_as_added_or_converted(kohya_file, cli, env, tmp_path):
+    src = kohya_file("style.safetensors")
+    assert cli("registry", "add", src, "--name", "style", env=env).returncode == 0
+    r = cli("registry", "export", "style", "-o", tmp_path / "back.safetensors", env=env)
+    assert r.stdout.strip() == f"wrote {tmp_path / 'back.safetensors'} (kohya, as added)"
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+    r = cli("registry", "export", "style", "-o", tmp_path / "peft", "--format", "peft", env=env)
+    assert r.stdout.strip() == f"wrote {tmp_path / 'peft'} (kohya converted to peft)", r.stderr
+    assert load_adapter(tmp_path / "peft").format == "peft"  # one folder per component (unet, text_encoder)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -61,6 +89,10 @@ def test_registry_workflow(make_adapter, cli, env, tmp_path):
     (["tag", "llama", "latest"], "'latest' always means the newest version"),
     (["export", "llama", "-o", "{a}"], "already exists"),
     (["rm", "sha256:zz"], "sha256: followed by 4 to 64 hex digits"),
+    (["rm", "llama@1", "--all"], "--all removes every version of a name; give the bare name (llama)"),
+    (["untag", "llama:nope"], "no tag 'nope' on 'llama'"),
+    (["untag", "llama@1"], "llama@1: untag takes NAME:TAG"),
+    (["export", "llama", "-o", "{a}.kohya.safetensors", "--format", "kohya"], "no model components"),
     (["pull", "owner/repo"], "pull takes a Hub reference"),
 ])
 def test_errors_are_one_line_exit_2(make_adapter, reg, cli, env, args, message):
@@ -88,6 +120,6 @@ def test_list_fits(tmp_path, make_adapter, cli, env):
 def test_help_lists_the_commands(cli):
     r = cli("registry", "--help")
     assert r.returncode == 0
-    for name in ("add", "list", "show", "tag", "rm", "gc", "verify", "export", "pull", "push"):
+    for name in ("add", "list", "show", "tag", "untag", "rm", "gc", "verify", "export", "pull", "push"):
         assert f"  {name} " in r.stdout
     assert "registry" in cli("--help").stdout

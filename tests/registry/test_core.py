@@ -6,12 +6,21 @@ import json
 import os
 
 import pytest
+import torch
 from tinybase import base_tensors, save_base
 
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import load_adapter
-from loratool.manifest import build_manifest, lineage_entry, load_manifest, record_manifest, write_manifest
+from loratool.manifest import (
+    build_manifest,
+    lineage_entry,
+    load_manifest,
+    manifest_path,
+    record_manifest,
+    write_manifest,
+)
 from loratool.registry.core import Registry
+from loratool.registry.export import export
 from loratool.registry.store import CorruptBlobError
 
 
@@ -65,21 +74,51 @@ def test_tags_move_and_roll_back(make_adapter, reg):
         reg.tag("llama@1", "7")
 
 
-@pytest.mark.parametrize("ref, left", [
-    ("llama", ["other@1"]),
-    ("llama@1", ["llama@2", "other@1"]),
-    ("llama:prod", ["llama@2", "other@1"]),
+@pytest.mark.parametrize("ref, all_versions, left", [
+    ("llama", True, ["other@1"]),
+    ("other", False, ["llama@1", "llama@2"]),  # a bare name with one version
+    ("llama@1", False, ["llama@2", "other@1"]),
+    ("llama:prod", False, ["llama@2", "other@1"]),
+    ("llama:latest", False, ["llama@1", "other@1"]),  # one version, not the name
 ])
-def test_rm(make_adapter, reg, ref, left):
+def test_rm(make_adapter, reg, ref, all_versions, left):
     reg.add(make_adapter("a", seed=1), "llama", tags=["prod"])
     reg.add(make_adapter("b", seed=2), "llama")
     reg.add(make_adapter("c", seed=3), "other")
-    reg.remove(ref)
+    reg.remove(ref, all_versions=all_versions)
     assert [e.ref for e in reg.entries().adapters] == left
     # no dangling tags, no orphan adapters
     assert reg.index.one("SELECT count(*) FROM tags t LEFT JOIN versions v ON v.id = t.version_id "
                          "WHERE v.id IS NULL")[0] == 0
     assert reg.index.one("SELECT count(*) FROM adapters")[0] == len(left)
+
+
+@pytest.mark.parametrize("ref, all_versions, message", [
+    ("llama", False, r"^llama has 2 versions \(llama@1, llama@2\); name one \(llama@2, llama:TAG or sha256:…\) "
+                     "or pass --all to remove every version$"),
+    ("llama@1", True, r"^llama@1: --all removes every version of a name; give the bare name \(llama\)$"),
+    ("llama:latest", True, "give the bare name"),
+])
+def test_rm_of_several_versions_needs_all(make_adapter, reg, ref, all_versions, message):
+    reg.add(make_adapter("a", seed=1), "llama")
+    reg.add(make_adapter("b", seed=2), "llama")
+    with pytest.raises(UsageError, match=message):
+        reg.remove(ref, all_versions=all_versions)
+    assert [e.ref for e in reg.entries().adapters] == ["llama@1", "llama@2"]
+
+
+def test_untag_removes_the_tag_not_the_version(make_adapter, reg):
+    reg.add(make_adapter("a"), "llama", tags=["prod", "best"])
+    r = reg.untag("llama:prod")
+    assert (r.name, r.tag, r.version) == ("llama", "prod", 1)
+    assert [(e.ref, e.tags) for e in reg.entries().adapters] == [("llama@1", ["best"])]
+    with pytest.raises(InputError, match=r"no tag 'prod' on 'llama' .*\(its tags: best\)$"):
+        reg.untag("llama:prod")
+    for ref, message in [("llama", "untag takes NAME:TAG"), ("llama@1", "untag takes NAME:TAG"),
+                         ("llama:latest", "'latest' is not a tag")]:
+        with pytest.raises(UsageError, match=message):
+            reg.untag(ref)
+    assert [(e.ref, e.tags) for e in reg.entries().adapters] == [("llama@1", ["best"])]
 
 
 def test_rm_by_digest_removes_every_version_holding_it(make_adapter, reg):
@@ -178,28 +217,37 @@ def test_export_is_byte_exact_peft(make_adapter, reg, tmp_path):
     reg.export("llama", out, overwrite=True)
 
 
-def test_export_converts_single_file_adapters_to_peft(tmp_path, reg):
-    import torch
-    from safetensors.torch import save_file
-
-    t = {}
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        k = f"lora_te_text_model_encoder_layers_{i}_self_attn_q_proj"
-        t[k + ".lora_down.weight"] = torch.randn(4, 16, generator=g)
-        t[k + ".lora_up.weight"] = torch.randn(16, 4, generator=g)
-        t[k + ".alpha"] = torch.tensor(2.0)
-    src = tmp_path / "style.safetensors"
-    save_file(t, str(src))
+def test_export_gives_a_kohya_file_back_as_added(kohya_file, reg, tmp_path):
+    src = kohya_file("style.safetensors")
+    write_manifest(build_manifest(src), src)  # style.safetensors.loratool.json beside it
     reg.add(src, "style")
-    out = reg.export("style", tmp_path / "out")
-    peft = load_adapter(out)
-    kohya = load_adapter(src)
+    out = reg.export("style", tmp_path / "mine.safetensors")
+    assert out.read_bytes() == src.read_bytes()
+    assert manifest_path(out).read_bytes() == manifest_path(src).read_bytes()
+    with pytest.raises(OutputError, match="already exists"):
+        reg.export("style", out)
+    with pytest.raises(UsageError, match=f"the output lies inside the input {reg.home};"):
+        reg.export("style", reg.home / "x.safetensors")
+    assert load_adapter(out).format == "kohya" and load_manifest(out).adapter.format == "kohya"
+
+
+def test_export_converts_to_another_format(kohya_file, reg, home, tmp_path):
+    src = kohya_file()
+    reg.add(src, "style")
+    r = export("style", tmp_path / "peft", format="peft", home=home)
+    assert (r.format, r.source_format, r.converted, r.output) == ("peft", "kohya", True, tmp_path / "peft")
+    peft, kohya = load_adapter(r.output), load_adapter(src)
     assert peft.format == "peft" and sorted(peft.modules) == sorted(kohya.modules)
     for name, m in kohya.modules.items():
         assert torch.equal(peft.modules[name].delta(), m.delta())
-    manifest = load_manifest(out)
-    assert manifest.lineage[-1].operation == "converted"
+    assert load_manifest(r.output).lineage[-1].operation == "converted"
+    # the format it was added in: the stored file, whether --format names it or not
+    for fmt in (None, "kohya"):
+        same = export("style", tmp_path / f"{fmt}.safetensors", format=fmt, home=home)
+        assert (same.format, same.converted) == ("kohya", False)
+        assert same.output.read_bytes() == src.read_bytes()
+    with pytest.raises(UsageError, match="unknown format 'ckpt'"):
+        export("style", tmp_path / "x", format="ckpt", home=home)
 
 
 def test_manifest_base_lineage_and_fits(tmp_path, make_adapter, reg):
