@@ -256,6 +256,18 @@ def test_a_new_kind_needs_no_other_change(toy_kind, base, tmp_path):
     toy = modules["lin"]
     torch.testing.assert_close(toy.delta_rows(1, 3), toy.delta()[1:3])
 
+    # the merge engine takes the new kind through the seam too: W + weight · delta, rounded once
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.merge.executor import execute
+
+    execute(plan, tmp_path / "out", block_bytes=64)
+    out = BaseCheckpoint(tmp_path / "out")
+    for name, mod in (("lin", modules["lin"]), ("gpt", modules["gpt"]), ("emb", modules["emb"])):
+        w = base.read(f"{name}.weight")
+        delta = merged[f"{name}.weight"].terms[0].module.delta()  # in the layout the plan chose (gpt: Conv1D)
+        want = (w.float() + delta).to(w.dtype)
+        assert torch.equal(out.read(f"{name}.weight"), want), name
+
 
 def test_a_new_kind_that_does_not_fit(toy_kind, base, tmp_path):
     adapter = Adapter(format="peft", path=tmp_path / "adapter",

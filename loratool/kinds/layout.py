@@ -91,14 +91,18 @@ def row_blocked(layer: LayerKind, dora: bool = False) -> bool:
     return layer is not LayerKind.CONV2D and not (dora and layer is not LayerKind.LINEAR)
 
 
-def block_delta(layer: LayerKind, b2: "torch.Tensor", a2: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+def block_delta(layer: LayerKind, b2: "torch.Tensor", a2: "torch.Tensor", i: int, j: int,
+                out: "torch.Tensor | None" = None) -> "torch.Tensor":
     """Rows [i, j) of the unscaled delta in the base layout, from the 2-D factors B2 (out, r) and
     A2 (r, in), computed as PEFT computes the whole (the same bits): B2[i:j] @ A2 for Linear,
-    (B2 @ A2[:, i:j]).T for Conv1D and Embedding. Not for Conv2d (see ``row_blocked``)."""
+    (B2 @ A2[:, i:j]).T for Conv1D and Embedding. Not for Conv2d (see ``row_blocked``). ``out``:
+    a buffer of the product's size to write it into (reused across blocks)."""
+    import torch
+
     if layer is LayerKind.LINEAR:
-        return b2[i:j] @ a2
+        return torch.mm(b2[i:j], a2, out=out) if out is not None else b2[i:j] @ a2
     if layer in TRANSPOSED_LAYOUT:
-        return (b2 @ a2[:, i:j]).T
+        return (torch.mm(b2, a2[:, i:j], out=out) if out is not None else b2 @ a2[:, i:j]).T
     raise ValueError(f"{layer.value}: computed whole, not in row blocks")
 
 

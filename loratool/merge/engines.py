@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Protocol
 
 from loratool.adapter import LayerKind, load_tensor
+from loratool.kinds import dora, layout
 from loratool.errors import UsageError
 from loratool.merge.overflow import _check_block
 from loratool.merge.plan import Action, TensorPlan, Term
@@ -99,7 +100,7 @@ def tensor_spans(t: TensorPlan, device: str = "cpu", block_bytes: int | None = N
         return row_spans(rows, max(1, CAST_BLOCK_BYTES // max(1, cols * DTYPES[t.src.dtype][0])))
     if t.action is not Action.MERGE or len(shape) < 2:
         return [(0, rows)]
-    if t.kind is LayerKind.CONV2D or (t.dora and t.kind is not LayerKind.LINEAR):
+    if not layout.row_blocked(t.kind, t.dora):
         return [(0, rows)]  # computed whole, as PEFT does (DoRA's norm spans the columns here)
     target = block_bytes or (BLOCK_BYTES if device == "cpu" else GPU_BLOCK_BYTES)
     return row_spans(rows, block_rows(cols, target=target))
@@ -124,13 +125,17 @@ class TensorMath:
         self._acc: "torch.Tensor | None" = None
         self.factors: list[tuple[Term, Any, Any]] = []
         for term in t.terms:
+            m = term.module
             if term.part == "bias":
-                self.factors.append((term, load_tensor(term.module.lora_B_bias).to(device, dtype), None))
-            elif term.module.kind is LayerKind.CONV2D:
-                self.factors.append((term, term.module.B().to(device, dtype), term.module.A().to(device, dtype)))
+                self.factors.append((term, load_tensor(m.lora_B_bias).to(device, dtype), None))
+                continue
+            lr = m.low_rank(dtype)  # the kind's low-rank form (None: its delta is computed whole)
+            if lr is None:
+                self.factors.append((term, None, None))
+            elif not layout.row_blocked(m.kind):  # Conv2d: PEFT's conv of the 4-D factors
+                self.factors.append((term, m.B().to(device, dtype), m.A().to(device, dtype)))
             else:
-                b2, a2 = term.module.factors_2d(dtype)
-                self.factors.append((term, b2.to(device), a2.to(device)))
+                self.factors.append((term, lr.B2.to(device), lr.A2.to(device)))
         # One adapter at weight ±1 (a plain merge, or PEFT's unmerge: W - (B@A)·s): PEFT's bits are
         # the promise, see ``_fused``
         self.peft_exact = len(t.terms) == 1 and abs(t.terms[0].coef) == t.terms[0].module.scale
@@ -147,14 +152,17 @@ class TensorMath:
         kind = term.module.kind
         if term.part == "bias":
             return (b * term.coef)[i:j]
-        if kind is LayerKind.LINEAR:
-            n = j - i
-            if self._tmp is None or self._tmp.numel() < n * a.shape[1]:
-                self._tmp = torch.empty(n * a.shape[1], dtype=self.dtype, device=self.device)
-            d = torch.mm(b[i:j], a, out=self._tmp[: n * a.shape[1]].view(n, a.shape[1]))
-            return d.mul_(term.coef)
-        if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
-            return torch.mm(b, a[:, i:j]).mul_(term.coef).T
+        if b is None:  # a kind without a low-rank form: its own delta (scaled), rows [i, j), times ±weight
+            return term.module.delta_rows(i, j, self.dtype).to(self.device).mul_(
+                math.copysign(abs(term.weight), term.coef))
+        if layout.row_blocked(kind):
+            out = None
+            if kind is LayerKind.LINEAR:  # a reused buffer: no fresh pages for every block
+                n = j - i
+                if self._tmp is None or self._tmp.numel() < n * a.shape[1]:
+                    self._tmp = torch.empty(n * a.shape[1], dtype=self.dtype, device=self.device)
+                out = self._tmp[: n * a.shape[1]].view(n, a.shape[1])
+            return layout.block_delta(kind, b, a, i, j, out=out).mul_(term.coef)
         # Conv2d, whole, as PEFT's Conv2d.get_delta_weight computes it
         shape = self.t.shape
         if tuple(shape[2:4]) == (1, 1):
@@ -178,10 +186,8 @@ class TensorMath:
         for term, b, a in self.factors:
             if not self._fused(term, b):
                 acc.add_(self.delta(term, b, a, i, j))
-            elif term.module.kind is LayerKind.LINEAR:
-                acc.addmm_(b[i:j], a, alpha=term.coef)
-            else:  # rows of (B @ A).T
-                acc.addmm_(a[:, i:j].T, b.T, alpha=term.coef)
+            else:  # one addmm: rows [i, j) of the delta are left @ right
+                acc.addmm_(*layout.block_factors(term.module.kind, b, a, i, j), alpha=term.coef)
         return acc
 
     def _fused(self, term: Term, b) -> bool:
@@ -192,9 +198,9 @@ class TensorMath:
         coef·(B@A) is exact and MKL's fused alpha·(B@A) + V rounds like PEFT's (B@A)·s, + W."""
         import torch
 
-        if self.dtype != torch.float32 or self.device != "cpu" or term.part != "weight":
+        if self.dtype != torch.float32 or self.device != "cpu" or term.part != "weight" or b is None:
             return False
-        if term.module.kind is LayerKind.CONV2D:
+        if not layout.row_blocked(term.module.kind):
             return False
         if not self.peft_exact:
             return True
@@ -202,18 +208,8 @@ class TensorMath:
                 and abs(math.frexp(term.coef)[0]) == 0.5)
 
     def dora_factor(self, v: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
-        """m / ‖V‖, shaped to broadcast over V's rows [i, j)."""
-        import torch
-
-        kind = self.t.kind
-        if kind is LayerKind.LINEAR:
-            return (self.magnitude[i:j] / torch.linalg.norm(v, dim=1)).view(-1, 1)
-        if kind in (LayerKind.CONV1D, LayerKind.EMBEDDING):
-            # PEFT: the norm of transpose(W) + delta.T along dim 1, i.e. per column of W
-            return (self.magnitude / torch.linalg.norm(v.T, dim=1)).view(1, -1)
-        # Conv2d: over (in, kh, kw) of each output channel
-        norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
-        return (self.magnitude[i:j] / norm.reshape(-1)).view(-1, *([1] * (v.dim() - 1)))
+        """m / ‖V‖, shaped to broadcast over V's rows [i, j) (the DoRA kind's rescaling)."""
+        return dora.rescale(self.t.kind, self.magnitude, v, i, j)
 
     def rows(self, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
         """The merged rows [i, j) (in ``self.dtype``, not rounded) from the base rows ``w``."""
@@ -232,15 +228,12 @@ class _CudaMath(TensorMath):
         from loratool.kernels import merge as kernels
 
         kind = self.t.kind
-        if kind not in (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING) or \
-                any(term.part == "bias" for term, _, _ in self.factors) or \
-                (self.t.dora and kind is not LayerKind.LINEAR):
+        if not layout.row_blocked(kind, self.t.dora) or \
+                any(term.part == "bias" or b is None for term, b, _ in self.factors):
             return super().rows(w, i, j)
         w = w.to(self.device)
-        if kind is LayerKind.LINEAR:
-            bs, as_ = [b[i:j] for _, b, _ in self.factors], [a for _, _, a in self.factors]
-        else:  # rows of (B @ A).T = A[:, rows].T @ B.T
-            bs, as_ = [a[:, i:j].T for _, _, a in self.factors], [b.T for _, b, _ in self.factors]
+        pairs = [layout.block_factors(kind, b, a, i, j) for _, b, a in self.factors]  # rows = left @ right
+        bs, as_ = [left for left, _ in pairs], [right for _, right in pairs]
         coeffs = [term.coef for term, _, _ in self.factors]
         # rounded once, by the kernel, to the output dtype (the executor's cast is then a no-op)
         out = torch.empty(w.shape, dtype=torch_dtype(self.t.dtype), device=self.device)

@@ -196,7 +196,8 @@ def eligible(t: "TensorPlan", spans: list[tuple[int, int]]) -> bool:
         return False
     term = t.terms[0]
     m = term.module
-    if term.part != "weight" or m.kind is not LayerKind.LINEAR or m.use_dora or abs(term.coef) != m.scale:
+    # plain LoRA only: this engine reads the lora_A/lora_B bytes itself
+    if term.part != "weight" or m.module_kind != "lora" or m.kind is not LayerKind.LINEAR or abs(term.coef) != m.scale:
         return False
     if t.src.dtype not in RAW or t.dtype not in RAW:
         return False

@@ -41,7 +41,7 @@ def check_overflow(plan: MergePlan) -> None:
             m, c = term.module, abs(term.coef)
             why = m.scale_overflow(limit, t.dtype, c, effect)
             if why is None:
-                key = (id(m.lora_A), id(m.lora_B))
+                key = tuple(id(x) for x in m.tensors().values())
                 if key not in mags:
                     mags[key] = m.magnitudes()
                 mg = mags[key]
