@@ -8,6 +8,7 @@ check cannot pass by finding nothing.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 LIB = Path(__file__).resolve().parents[1] / "loratool"
@@ -101,3 +102,12 @@ def test_no_library_module_is_over_800_lines():
     long = {str(p.relative_to(LIB.parent)): n for p in _modules().values()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 800}
     assert not long, long
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout map names every public module and package of the library."""
+    text = (LIB.parent / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```")[1]
+    names = {p.stem for p in LIB.glob("*.py")} | {p.name for p in LIB.iterdir() if (p / "__init__.py").exists()}
+    missing = sorted(n for n in names if not n.startswith("_") and not re.search(rf"\b{re.escape(n)}\b", block))
+    assert not missing, f"README's layout does not mention: {missing}"
