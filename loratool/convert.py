@@ -46,8 +46,8 @@ def convert(
     path = write_adapter(adapter, out, to, overwrite=overwrite, converting=True)
     finish_output(manifest, path)
     return ConvertResult(
-        source=str(src),
-        source_format=adapter.format,
+        input=str(src),
+        input_format=adapter.format,
         format=to,
         output=Path(path),
         num_modules=len(adapter.modules),

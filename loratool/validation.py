@@ -315,7 +315,7 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
     failed = errors > 0 or (strict and warnings > 0)
     return ValidationReport(
         path=str(path), format=adapter.format, base=str(base) if base else None, target=target,
-        strict=strict, num_modules=len(adapter.modules), errors=errors, warnings=warnings,
+        strict=strict, num_modules=len(adapter.modules), num_errors=errors, num_warnings=warnings,
         passed=not failed, exit_code=EXIT_FINDINGS if failed else EXIT_OK, findings=kept,
         counts=_counts(kept), ignored=_counts(x for x in f.items if x.id in ignored_ids),
     )

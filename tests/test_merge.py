@@ -126,7 +126,7 @@ def test_one_adapter_equals_peft_merge_and_unload_bit_for_bit(llama, tmp_path, n
 
     result = _merge(base, [AdapterSpec(a)], tmp_path / "out", device="cpu", block_bytes=SMALL_BLOCKS)
 
-    assert result.merged == 14 and result.copied == 7 and result.replaced == 0
+    assert result.num_merged == 14 and result.num_copied == 7 and result.num_replaced == 0
     ours = BaseCheckpoint(tmp_path / "out")
     want = peft_merged(lambda: tiny_llama(dtype), base, a)
     assert sorted(ours.names()) == sorted(want)
@@ -296,12 +296,12 @@ def test_layer_kinds_within_one_ulp_of_peft(tmp_path, case):
         scale = torch.stack([got.double().abs(), ref.double().abs(), orig.read(n).double().abs()]).amax(0)
         err = float(((got.double() - ref.double()).abs() / ulp(scale, "BF16")).max())
         assert err <= 1.0, f"{case}: {n} differs from PEFT by {err:.2f} ulp"
-        if n == "emb.weight" and not result.replaced:
+        if n == "emb.weight" and not result.num_replaced:
             x = exact_embedding(orig.read(n), a)
             assert max_ulp(got, x) <= min(1.0, max_ulp(ref, x))
     expected = {"plain": 4, "dora": 4, "lora_bias": 6, "rslora_patterns": 4, "modules_to_save": 3}[case]
     assert changed == expected
-    assert result.replaced == (1 if case == "modules_to_save" else 0)
+    assert result.num_replaced == (1 if case == "modules_to_save" else 0)
 
 
 # -- outputs: atomicity, dtype, shards, single files ----------------------------------------------
@@ -345,7 +345,7 @@ def test_killed_merge_leaves_no_output(llama, tmp_path, sig):
 def test_dtype_conversion_and_index(llama, tmp_path):
     base, a, _, _ = llama["bf16"]
     result = merge(base, str(a), tmp_path / "out", dtype="fp32", device="cpu")
-    assert result.cast == 7 and result.merged == 14
+    assert result.num_cast == 7 and result.num_merged == 14
     ours, orig = BaseCheckpoint(tmp_path / "out"), BaseCheckpoint(base)
     for n in orig.names():
         assert ours.dtype(n) == "F32"
@@ -419,7 +419,7 @@ def test_unmerge_returns_close_to_the_base(llama, tmp_path):
     base, a, b, _ = llama["bf16"]
     merge(base, f"{a}:0.7,{b}:0.3", tmp_path / "merged", device="cpu")
     result = unmerge(tmp_path / "merged", f"{a}:0.7,{b}:0.3", tmp_path / "restored", base=base, device="cpu")
-    assert result.merged == 14 and len(result.distance) == 14
+    assert result.num_merged == 14 and len(result.distance) == 14
     assert result.max_ulp <= 1.0  # one rounding in the merge, one in the unmerge
     ours, orig = BaseCheckpoint(tmp_path / "restored"), BaseCheckpoint(base)
     assert raw(ours, "model.embed_tokens.weight") == raw(orig, "model.embed_tokens.weight")
@@ -438,7 +438,7 @@ def test_unmerge_restores_modules_to_save_from_the_base(tmp_path):
     without = unmerge(tmp_path / "merged", str(a), tmp_path / "kept", device="cpu")
     assert any("emb.weight" in w and "--base" in w for w in without.warnings)
     result = unmerge(tmp_path / "merged", str(a), tmp_path / "restored", base=tmp_path / "base", device="cpu")
-    assert result.replaced == 1 and result.max_ulp <= 1.0
+    assert result.num_replaced == 1 and result.max_ulp <= 1.0
     assert raw(BaseCheckpoint(tmp_path / "restored"), "emb.weight") == raw(orig, "emb.weight")
 
 
@@ -487,7 +487,7 @@ def test_merge_command(llama, tmp_path, capsys):
               "--device", "cpu", "--json"])
     assert e.value.code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["merged"] == 14 and report["copied"] == 7 and report["adapters"] == [f"{a}:0.7", f"{b}:0.3"]
+    assert report["num_merged"] == 14 and report["num_copied"] == 7 and report["adapters"] == [f"{a}:0.7", f"{b}:0.3"]
     with pytest.raises(SystemExit) as e:
         main(["merge", "--base", str(base), "--adapters", str(a), "-o", str(tmp_path / "out"), "--device", "cpu"])
     assert e.value.code == 2

@@ -13,7 +13,7 @@ CLEAN = ["llama_r8", "llama_r8_bf16", "llama_dora", "llama_rslora_patterns", "ll
 def test_clean_fixtures_pass(fixtures_dir, name):
     base = "base_gpt2" if name.startswith("gpt2") else "base_llama"
     r = validate(fixtures_dir / name, base=fixtures_dir / base)
-    assert r.passed and r.exit_code == 0 and r.errors == 0, r.findings
+    assert r.passed and r.exit_code == 0 and r.num_errors == 0, r.findings
     # the fixtures carry no manifest: the only warning says the base was checked by shape only
     assert [f.id for f in r.findings if f.severity.value == "warning"] == ["LT307"]
     assert validate(fixtures_dir / name, strict=True).exit_code == 0
@@ -32,7 +32,7 @@ def _copy_with_manifest(src, dst, base):
 def test_manifest_pins_the_base_by_content(cli, fixtures_dir, tmp_path):
     adapter = _copy_with_manifest(fixtures_dir / "llama_r8", tmp_path / "a", fixtures_dir / "base_llama")
     r = validate(adapter, base=fixtures_dir / "base_llama", strict=True)
-    assert r.exit_code == 0 and r.warnings == 0, r.findings
+    assert r.exit_code == 0 and r.num_warnings == 0, r.findings
     other = base_with_one_changed_tensor(fixtures_dir / "base_llama", tmp_path / "other_base")
     p = cli("validate", adapter, "--base", other)
     assert p.returncode == 3, p.stdout + p.stderr
@@ -102,7 +102,7 @@ def test_json_report(cli, fixtures_dir):
     p = cli("validate", "--json", fixtures_dir / "broken" / "nan_values")
     assert p.returncode == 1
     data = json.loads(p.stdout)
-    assert data["passed"] is False and data["errors"] == 1
+    assert data["passed"] is False and data["num_errors"] == 1
     assert data["findings"][0]["id"] == "LT201" and data["findings"][0]["file"].endswith("adapter_model.safetensors")
 
 

@@ -31,7 +31,7 @@ def test_grouped_with_examples_and_count(fixtures_dir):
 
 def test_ignore_by_id_or_name_changes_the_verdict(fixtures_dir, cli):
     r = validate(fixtures_dir / "llama_r8", base=fixtures_dir / "base_gpt2", ignore=["LT301", "no-manifest"])
-    assert r.passed and r.exit_code == 0 and r.errors == 0
+    assert r.passed and r.exit_code == 0 and r.num_errors == 0
     assert r.ignored == {"LT301": r.num_modules, "LT307": 1} and not any(f.id in r.ignored for f in r.findings)
     p = cli("validate", fixtures_dir / "llama_r8", "--base", fixtures_dir / "base_gpt2", "--ignore", "target-missing",
             "--json")

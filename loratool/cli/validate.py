@@ -73,7 +73,7 @@ def render_lines(r, examples: int | None = EXAMPLES) -> list[str]:
                        f"({len(found)} in all; --all or --json lists them, --ignore {cid} leaves them out)")
     verdict = "FAIL" if not r.passed else "ok"
     ignored = sum(r.ignored.values())
-    out.append(f"{verdict}: {r.path}: {r.num_modules} modules, {r.errors} errors, {r.warnings} warnings"
+    out.append(f"{verdict}: {r.path}: {r.num_modules} modules, {r.num_errors} errors, {r.num_warnings} warnings"
                + (f", {ignored} ignored ({', '.join(r.ignored)})" if ignored else "")
                + (f" (base {r.base})" if r.base else "") + (f" (target {r.target})" if r.target else ""))
     return out

@@ -27,12 +27,13 @@ class MergeResult(BaseModel):
     adapters: list[str]  # PATH:WEIGHT
     device: str
     dtype: str  # "keep" or the output dtype
-    tensors: int
-    merged: int  # tensors changed by LoRA deltas (weights and lora_bias biases)
-    replaced: int  # modules_to_save (merge) or restored from the base (unmerge)
-    copied: int  # raw bytes, never decoded
-    cast: int  # converted to --dtype only
-    files: int  # safetensors files written
+    # counts are num_* in every command's JSON (lists and objects keep plain plural names)
+    num_tensors: int
+    num_merged: int  # tensors changed by LoRA deltas (weights and lora_bias biases)
+    num_replaced: int  # modules_to_save (merge) or restored from the base (unmerge)
+    num_copied: int  # raw bytes, never decoded
+    num_cast: int  # converted to --dtype only
+    num_files: int  # safetensors files written
     bytes_written: int
     seconds: float
     warnings: list[str] = []
@@ -42,13 +43,13 @@ class MergeResult(BaseModel):
 
     def describe(self) -> str:
         verb = "merged" if self.operation == "merge" else "unmerged"
-        parts = [f"{self.merged} {verb}"]
-        if self.replaced:
-            parts.append(f"{self.replaced} {'replaced' if self.operation == 'merge' else 'restored'}")
-        parts.append(f"{self.copied} copied raw")
-        if self.cast:
-            parts.append(f"{self.cast} cast to {self.dtype}")
-        return (f"wrote {self.out}: {self.tensors} tensors ({', '.join(parts)}) in {self.files} "
+        parts = [f"{self.num_merged} {verb}"]
+        if self.num_replaced:
+            parts.append(f"{self.num_replaced} {'replaced' if self.operation == 'merge' else 'restored'}")
+        parts.append(f"{self.num_copied} copied raw")
+        if self.num_cast:
+            parts.append(f"{self.num_cast} cast to {self.dtype}")
+        return (f"wrote {self.out}: {self.num_tensors} tensors ({', '.join(parts)}) in {self.num_files} "
                 f"file(s), {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}")
 
 
@@ -180,12 +181,12 @@ def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, 
         adapters=[str(la.spec) for la in plan.adapters],
         device=dev,
         dtype=TORCH_NAMES.get(plan.dtype, "keep") if plan.dtype else "keep",
-        tensors=sum(1 for _ in plan.tensors()),
-        merged=plan.count(Action.MERGE),
-        replaced=plan.count(Action.REPLACE),
-        copied=plan.count(Action.COPY),
-        cast=plan.count(Action.CAST),
-        files=len(plan.shards),
+        num_tensors=sum(1 for _ in plan.tensors()),
+        num_merged=plan.count(Action.MERGE),
+        num_replaced=plan.count(Action.REPLACE),
+        num_copied=plan.count(Action.COPY),
+        num_cast=plan.count(Action.CAST),
+        num_files=len(plan.shards),
         bytes_written=written,
         seconds=round(time.perf_counter() - t0, 3),
         warnings=plan.warnings,

@@ -12,8 +12,8 @@ class ConvertResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(description="The adapter as given (a path or a registry/Hub reference)")
-    source_format: str = Field(description="The format it was read as: peft, kohya or diffusers")
+    input: str = Field(description="The adapter as given (a path or a registry/Hub reference)")
+    input_format: str = Field(description="The format it was read as: peft, kohya or diffusers")
     format: str = Field(description="The format written")
     output: Path = Field(description="The directory or .safetensors file written")
     num_modules: int
@@ -23,4 +23,4 @@ class ConvertResult(BaseModel):
     def describe(self) -> str:
         comps = f" ({', '.join(self.components)})" if self.components else ""
         return (f"wrote {self.num_modules} modules{comps} as {self.format} to {self.output} "
-                f"(from {self.source_format} {self.source})")
+                f"(from {self.input_format} {self.input})")

@@ -85,8 +85,8 @@ class ValidationReport(BaseModel):
     target: Optional[str] = None
     strict: bool = False
     num_modules: int = 0
-    errors: int
-    warnings: int
+    num_errors: int
+    num_warnings: int
     passed: bool
     exit_code: int
     findings: list[Finding]
