@@ -13,12 +13,18 @@ The modules, each importing only modules listed above it (``tests/test_architect
     specs         ``--adapters`` (``AdapterSpec``, ``load_adapters``), ``--dtype``, ``--max-shard-size``
     plan          ``plan_merge``: every base tensor's ``Action`` (copy, cast, merge, replace), the files
     overflow      ``check_overflow`` before writing, and the guard on every written block (issue 11)
-    engines       torch: row blocks, ``TensorMath`` (PEFT's arithmetic), the CUDA kernel, the device
-    numpy_engine  the plain CPU merge in numpy, with torch's bits and without importing torch
+    engines       the row-block interface (``BlockEngine``) and ``TorchEngine``: row blocks,
+                  ``TensorMath`` (PEFT's arithmetic, through the module kinds' layout), the CUDA
+                  kernel, the device
+    numpy_engine  ``NumpyEngine``: the plain CPU merge in numpy, with torch's bits and without
+                  importing torch
     workers       the I/O threads' queue and stop signal
     reader        base row blocks, read ahead in a thread
-    writers       the output files: prefill and writer (torch's path), O_DIRECT (the numpy path)
-    executor      ``execute``: picks the path, streams reads, math and writes, publishes atomically
+    writers       the output writers behind one interface: ``PrefillWriter`` (headers and raw
+                  copies while torch imports, then writes at offsets), ``SequentialWriter`` (front
+                  to back, O_DIRECT or buffered)
+    executor      ``execute``: chooses the engine and the writer, one stream of reads, math and
+                  writes, publishes atomically
     parity        ``check_parity``: does a merged checkpoint hold base + deltas; ``tensor_distance``
     api           ``merge`` and ``unmerge``: the base check (``manifest.BaseGuard``), plan, execute, lineage
 """
