@@ -12,10 +12,24 @@ from loratool.formats import FORMATS
 FORMAT_CHOICE = click.Choice(list(FORMATS))
 
 
-def warn(messages) -> None:
-    """Warnings on stderr, one line each."""
+WARNINGS_SHOWN = 3  # warnings of one shape printed before "... and N more like these"
+
+
+def warn(messages, shown: int = WARNINGS_SHOWN) -> None:
+    """Warnings on stderr, one line each; warnings that differ only in the names they quote (the
+    same finding about many modules) are grouped: the first ``shown``, then a count (``--json``
+    lists every one)."""
+    import re
+
+    groups: dict[str, list[str]] = {}
     for m in messages:
-        click.echo(f"loratool: warning: {m}", err=True)
+        groups.setdefault(re.sub(r"'[^']*'", "''", m), []).append(m)
+    for group in groups.values():
+        for m in group[:shown]:
+            click.echo(f"loratool: warning: {m}", err=True)
+        if len(group) > shown:
+            click.echo(f"loratool: warning: ... and {len(group) - shown} more like these ({len(group)} in all; "
+                       "--json lists them)", err=True)
 
 
 def emit(report, as_json: bool, render) -> None:
