@@ -122,7 +122,65 @@ def test_parity_forward(setup, tmp_path, capsys):
     assert forward["top1_agreement"] >= 0.95 and forward["max_abs_diff"] < 0.05 * forward["max_abs_logit"]
 
 
-@pytest.mark.parametrize("case", ["dora", "lora_bias", "modules_to_save", "rslora_patterns"])
+def torch_reference(base, merged, spec) -> dict:
+    """``parity._check_merge`` (torch, whole-tensor float64) of every merged tensor, and the names
+    the numpy stream takes (``paritystream.factors``)."""
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.merge import paritystream
+    from loratool.merge.parity import _check_merge, _Rows
+    from loratool.merge.plan import Action, plan_merge
+    from loratool.merge.specs import _specs, load_adapters
+
+    mck = BaseCheckpoint(merged)
+    plan = plan_merge(BaseCheckpoint(base), load_adapters(_specs(spec)))
+    out, streamed = {}, set()
+    with torch.inference_mode(), _Rows() as rows:
+        for t in plan.tensors():
+            if t.action is Action.MERGE:
+                m = mck.ref(t.name)
+                t.dtype = m.dtype
+                out[t.name] = _check_merge(t, m, rows, None)
+                if paritystream.factors(t) is not None:
+                    streamed.add(t.name)
+    return out, streamed
+
+
+def assert_same_layers(report, reference: dict) -> None:
+    """The streamed check reports what the torch check does (X differs by float64 roundings)."""
+    for lay in report.layers:
+        if lay.action == "merge":
+            ref = reference[lay.name]
+            assert (lay.bad, lay.ok, lay.kind, lay.dora) == (ref.bad, ref.ok, ref.kind, ref.dora), lay.name
+            for f in ("max_abs_err", "max_ulp_err"):
+                assert getattr(lay, f) == pytest.approx(getattr(ref, f), rel=1e-6, abs=1e-300), (lay.name, f)
+            # the streamed bound is computed in float32, made larger by a few millionths
+            assert lay.max_err_over_tol == pytest.approx(ref.max_err_over_tol, rel=1e-4, abs=1e-300), lay.name
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp32"])
+def test_streamed_parity_equals_the_torch_check(setup, name):
+    s = setup[name]
+    reference, streamed = torch_reference(s["base"], s["merged"], s["spec"])
+    assert streamed == set(reference)  # every tensor of this model is streamed
+    assert_same_layers(check_parity(s["base"], s["merged"], s["spec"]), reference)
+
+
+def test_parity_counts_nan_as_bad(setup, tmp_path):
+    s = setup["bf16"]
+    bad = tmp_path / "bad"
+    shutil.copytree(s["merged"], bad)
+    path, info = shard_of(bad, TOUCHED), None
+    info = SafetensorsFile(path).info(TOUCHED)
+    with open(path, "r+b") as f:
+        f.seek(info.start + 2 * 5)
+        f.write(struct.pack("<H", 0x7FC0))  # a bfloat16 NaN
+    report = check_parity(s["base"], bad, s["spec"])
+    failed = [lay for lay in report.layers if not lay.ok]
+    assert [lay.name for lay in failed] == [TOUCHED] and failed[0].bad == 1
+    assert failed[0].max_err_over_tol == float("inf") and not report.ok
+
+
+@pytest.mark.parametrize("case", ["plain", "dora", "lora_bias", "modules_to_save", "rslora_patterns"])
 def test_parity_on_every_layer_kind(tmp_path, case):
     from safetensors.torch import save_file
 
@@ -136,6 +194,9 @@ def test_parity_on_every_layer_kind(tmp_path, case):
     merge(tmp_path / "base", str(a), tmp_path / "merged", device="cpu")
     report = check_parity(tmp_path / "base", tmp_path / "merged", str(a))
     assert report.ok, [lay for lay in report.layers if not lay.ok]
+    reference, streamed = torch_reference(tmp_path / "base", tmp_path / "merged", str(a))
+    assert_same_layers(report, reference)
+    assert bool(streamed) == (case != "dora")  # DoRA and Conv2d are checked in torch
     assert {lay.action for lay in report.layers} == ({"merge", "replace"} if case == "modules_to_save" else {"merge"})
 
 

@@ -112,7 +112,8 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
 
 
 @click.command("parity")
-@click.option("--base", required=True, type=click.Path(path_type=str), help="The base checkpoint.")
+@click.option("--base", required=True, type=click.Path(path_type=str),
+              help="The base checkpoint: a directory, a .safetensors file or hf://owner/name[@rev].")
 @click.option("--merged", required=True, type=click.Path(path_type=str), help="The merged checkpoint to check.")
 @click.option("--adapters", "adapters", required=True, multiple=True, help=ADAPTERS_HELP)
 @click.option("--forward", is_flag=True,

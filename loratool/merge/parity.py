@@ -1,8 +1,11 @@
 """Parity: does a merged checkpoint hold base + the adapters' deltas, within one rounding?
 
 ``check_parity`` streams the base and the merged checkpoint side by side, tensor by tensor and row
-block by row block, and recomputes each touched tensor in float64 with the merge's formula
-(``engines.TensorMath``: the same terms, coefficients, DoRA rescaling). A merged value M passes when
+block by row block, and recomputes each touched tensor in float64 with the merge's formula. LoRA
+terms on Linear, Conv1D and Embedding weights and lora_B biases go through ``paritystream`` (numpy,
+mapped reads, a few threads; untouched tensors compared as raw bytes meanwhile: issue 14); DoRA,
+Conv2d, modules_to_save and --dtype casts are checked here in torch (``engines.TensorMath``: the same
+terms, coefficients, DoRA rescaling). A merged value M passes when
 
     |M − X| ≤ ulp(X) + bound          X = the float64 value, ulp in M's dtype
 
@@ -23,7 +26,9 @@ adapters applied unmerged by PEFT, and the merged checkpoint, and compares the l
 
 from __future__ import annotations
 
+import gc
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -33,6 +38,7 @@ from loratool.boundary import open_regular
 from loratool.errors import UsageError
 from loratool.formats import get_format
 from loratool.manifest import BaseGuard
+from loratool.merge import paritystream
 from loratool.merge.engines import TensorMath, row_spans, tensor_spans
 from loratool.merge.plan import CONVERTIBLE, Action, TensorPlan, plan_merge
 from loratool.merge.specs import LoadedAdapter, _specs, load_adapters
@@ -269,6 +275,32 @@ def tensor_distance(name: str, got: TensorRef, ref: TensorRef, scale: TensorRef 
                          max_abs=max_abs, max_ulp=max_ulp)
 
 
+def _layer(t: TensorPlan, m: TensorRef, st: "paritystream.Stats") -> LayerParity:
+    kind = "bias" if t.terms[0].part == "bias" else t.kind.value
+    return LayerParity(name=t.name, action="merge", kind=kind, dora=t.dora, dtype=m.dtype, numel=t.numel,
+                       adapters=sorted({term.adapter for term in t.terms}), max_abs_err=st.max_abs,
+                       max_ulp_err=st.max_ulp, max_err_over_tol=st.max_ratio, bad=st.bad, ok=st.bad == 0)
+
+
+def _check_others(jobs: list[tuple[TensorPlan, TensorRef]], report: ParityReport, cb) -> list[LayerParity]:
+    """The tensors the numpy stream does not take, in torch: DoRA, Conv2d, modules_to_save, casts."""
+    import torch
+
+    layers = []
+    with torch.inference_mode(), _Rows() as rows:
+        for t, m in jobs:
+            if t.action is Action.MERGE:
+                layers.append(_check_merge(t, m, rows, cb))
+            elif t.action is Action.REPLACE:
+                layers.append(_check_replace(t, m, rows))
+            else:
+                if not _same_untouched(t, m, rows):
+                    report.untouched_mismatched.append(t.name)
+                if cb:
+                    cb(2 * t.src.nbytes)
+    return layers
+
+
 # -- the entry points ---------------------------------------------------------------------------
 
 def check_parity(
@@ -288,12 +320,12 @@ def check_parity(
     Each adapter's manifest is checked against ``base`` first, as ``merge`` does: another base
     raises ``BaseMismatchError`` unless ``allow_base_mismatch``; ``require_manifest`` refuses
     adapters without one. What it could not verify is in ``report.base_warnings``."""
-    import torch
-
     from loratool.checkpoint import BaseCheckpoint
+    from loratool.resolve import resolve_base
 
     specs = _specs(adapters)
-    base_ck = BaseCheckpoint(base)
+    base_path = resolve_base(base)  # hf://owner/name[@rev]: downloaded into the Hugging Face cache
+    base_ck = BaseCheckpoint(base_path)
     loaded = load_adapters(specs)
     guard = BaseGuard(allow_base_mismatch, require_manifest)
     for la in loaded:  # before the merged checkpoint is read
@@ -306,33 +338,49 @@ def check_parity(
     report.unexpected = sorted(merged_names - set(base_ck.names()))
     total = sum(t.src.nbytes for t in plan.tensors() if t.name in merged_names) * 2
     cb = (lambda n: progress(n, total)) if progress else None
-    with torch.inference_mode(), _Rows() as rows:
-        for t in plan.tensors():
-            if t.name not in merged_names:
-                report.missing.append(t.name)
-                continue
-            m = merged_ck.ref(t.name)
-            if tuple(m.shape) != t.shape:
-                report.problems.append(f"{t.name}: shape {list(m.shape)} in {merged}, {list(t.shape)} in {base}")
-                continue
-            if m.dtype != t.src.dtype and not {m.dtype, t.src.dtype} <= CONVERTIBLE:
-                report.problems.append(f"{t.name}: dtype {m.dtype} in {merged}, {t.src.dtype} in {base}")
-                continue
-            t.dtype = m.dtype
-            if t.action is Action.MERGE:
-                report.layers.append(_check_merge(t, m, rows, cb))
-            elif t.action is Action.REPLACE:
-                report.layers.append(_check_replace(t, m, rows))
+    # what is streamed in numpy (paritystream), compared as raw bytes, or checked in torch
+    streamed: list[paritystream.StreamJob] = []
+    raw: list[TensorPlan] = []
+    other: list[tuple[TensorPlan, TensorRef]] = []
+    order: dict[str, int] = {}
+    for t in plan.tensors():
+        if t.name not in merged_names:
+            report.missing.append(t.name)
+            continue
+        m = merged_ck.ref(t.name)
+        if tuple(m.shape) != t.shape:
+            report.problems.append(f"{t.name}: shape {list(m.shape)} in {merged}, {list(t.shape)} in {base}")
+            continue
+        if m.dtype != t.src.dtype and not {m.dtype, t.src.dtype} <= CONVERTIBLE:
+            report.problems.append(f"{t.name}: dtype {m.dtype} in {merged}, {t.src.dtype} in {base}")
+            continue
+        t.dtype = m.dtype
+        order[t.name] = len(order)
+        f = paritystream.factors(t) if t.action is Action.MERGE and m.dtype in paritystream.FORMATS else None
+        if f is not None:
+            streamed.append(paritystream.StreamJob(t, m, f))
+        elif t.action in (Action.MERGE, Action.REPLACE):
+            other.append((t, m))
+        else:
+            report.untouched += 1
+            if m.dtype == t.src.dtype:
+                raw.append(t)
             else:
-                report.untouched += 1
-                if not _same_untouched(t, m, rows):
-                    report.untouched_mismatched.append(t.name)
-                if cb:
-                    cb(2 * t.src.nbytes)
+                other.append((t, m))
+    with ThreadPoolExecutor(1, thread_name_prefix="loratool-parity-raw") as pool:
+        # untouched tensors: raw bytes, in a thread, while the merged ones are computed
+        same = pool.submit(paritystream.same_bytes, [(t.src, merged_ck.ref(t.name)) for t in raw], cb)
+        stats = paritystream.check_merged(streamed, cb)
+        report.layers = [_layer(job.t, job.merged, st) for job, st in zip(streamed, stats)]
+        if other:
+            report.layers += _check_others(other, report, cb)
+        report.untouched_mismatched += [t.name for t, ok in zip(raw, same.result()) if not ok]
+    report.layers.sort(key=lambda lay: order[lay.name])
+    report.untouched_mismatched.sort(key=order.__getitem__)
     report.max_ulp_err = max((lay.max_ulp_err for lay in report.layers), default=0.0)
     report.max_err_over_tol = max((lay.max_err_over_tol for lay in report.layers), default=0.0)
     if forward:
-        report.forward = forward_parity(base, merged, loaded, min_top1=min_top1)
+        report.forward = forward_parity(base_path, merged, loaded, min_top1=min_top1)
     report.ok = (all(lay.ok for lay in report.layers) and not report.untouched_mismatched
                  and not report.missing and not report.unexpected and not report.problems
                  and (report.forward is None or report.forward.ok))
@@ -349,7 +397,10 @@ def forward_parity(
     seed: int = 0,
 ) -> ForwardParity:
     """Logits of the base with the adapters applied unmerged (PEFT, weights as scaling factors)
-    against the merged checkpoint's, both in float32 on the CPU, on fixed token ids."""
+    against the merged checkpoint's, both in float32 on the CPU, on fixed token ids.
+
+    One model at a time: the peak is about one float32 model plus its checkpoint's bytes (mapped
+    by transformers while it loads them), 4 + 2 bytes a parameter for a bf16 checkpoint."""
     import torch
 
     try:
@@ -380,7 +431,7 @@ def forward_parity(
         out = model(input_ids=ids)
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state).detach().float()
 
-    with torch.no_grad():
+    def peft_logits() -> "torch.Tensor":
         model = cls.from_pretrained(str(base), dtype=torch.float32).eval()
         names = [f"adapter{i}" for i in range(len(adapters))]
         pm = PeftModel.from_pretrained(model, str(adapters[0].spec.path), adapter_name=names[0])
@@ -392,10 +443,16 @@ def forward_parity(
                     if name in mod.scaling:
                         mod.scaling[name] *= la.spec.weight
         pm.base_model.set_adapter(names if len(names) > 1 else names[0])
-        pm.eval()
-        want = logits(pm)
-        del pm, model
+        return logits(pm.eval())
+
+    with torch.no_grad():
+        want = peft_logits()
+        # the PEFT model holds reference cycles: free it before the merged model is loaded, so
+        # that one float32 model (and, while transformers loads it, its checkpoint's mapped
+        # bytes) is the peak, never two
+        gc.collect()
         got = logits(cls.from_pretrained(str(merged), dtype=torch.float32).eval())
+        gc.collect()
     diff = float((got - want).abs().max())
     top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
     return ForwardParity(model_class=cls.__name__, batch=batch, seq_len=seq_len, max_abs_diff=diff,
