@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
@@ -21,9 +22,13 @@ R = TypeVar("R")
 
 @contextlib.contextmanager
 def single_threaded():
-    """Run torch on one intra-op thread inside the block (restored after)."""
-    import torch
-
+    """Run torch on one intra-op thread inside the block (restored after). Nothing to do when
+    torch is not loaded: the LoRA paths compute with numpy, whose BLAS the CLI keeps on one thread
+    (loratool.cli.main), and importing torch for this would cost more than their work (issue 14)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     old = torch.get_num_threads()
     if old == 1:
         yield

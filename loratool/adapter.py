@@ -11,8 +11,10 @@ component: ``unet.down_blocks.0.attentions.0.proj_in``, ``text_encoder.text_mode
 are stored and what ``delta()`` computes is the kind's (``loratool.kinds.lora``); layer layouts
 are ``loratool.kinds.layout``'s.
 
-Tensors are ``TensorRef``s (header known, data read on demand) or in-memory torch tensors, so a
-large adapter can be inspected without being loaded.
+Tensors are ``TensorRef``s (header known, data read on demand), ``HostTensor``s (in memory as
+safetensors bytes: what resize and compose build) or torch tensors, so a large adapter can be
+inspected without being loaded, and the LoRA paths of inspect, validate, resize and compose never
+import torch (issue 14).
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from loratool.kinds.base import (  # noqa: F401
 )
 from loratool.kinds.layout import LayerKind  # noqa: F401
 from loratool.kinds.lora import LoraModule, factor_problem  # noqa: F401
-from loratool.safetensors_io import TensorRef
+from loratool.safetensors_io import FLOAT_DTYPES, HostTensor, TensorRef
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy
 
     from loratool.formats.base import FormatConfig, ReadProblem  # a leaf: no cycle
 
@@ -135,15 +137,26 @@ class Adapter:
         return sum(p.stat().st_size for p in self.files if p.exists())
 
 
-def count_nonfinite(t: "torch.Tensor") -> tuple[int, int]:
-    """(NaN count, Inf count) of a tensor; (0, 0) for integer tensors."""
-    import torch
+def count_nonfinite(t: "TensorSource | numpy.ndarray") -> tuple[int, int]:
+    """(NaN count, Inf count) of a tensor (a source, or values as ``load()`` gives them); (0, 0)
+    for integer tensors. numpy, so no torch import unless ``t`` is a torch tensor."""
+    import numpy as np
 
-    if not t.is_floating_point():
+    if hasattr(t, "detach"):  # a torch tensor (torch is loaded)
+        if not t.is_floating_point():
+            return 0, 0
+        t = t.detach().cpu()
+        if t.element_size() == 1:  # float8: isnan/isinf are not implemented for it
+            t = t.float()
+        return int(t.isnan().sum()), int(t.isinf().sum())
+    if isinstance(t, (TensorRef, HostTensor)):
+        if t.dtype not in FLOAT_DTYPES:
+            return 0, 0
+        t = float_values(t)
+    t = np.asarray(t)
+    if t.dtype.kind != "f":
         return 0, 0
-    if t.element_size() == 1:  # float8: isnan/isinf are not implemented for it
-        t = t.float()
-    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return int(np.isnan(t).sum()), int(np.isinf(t).sum())
 
 
 # dtype -> (unsigned little-endian view, exponent mask): all exponent bits set is NaN or Inf
@@ -154,13 +167,13 @@ _EXPONENT_MASKS = {"F64": ("<u8", 0x7FF0_0000_0000_0000), "F32": ("<u4", 0x7F80_
 def has_nonfinite(src: TensorSource) -> bool:
     """Whether a tensor holds NaN or Inf. Tensors in a file are checked on their raw bytes with
     numpy (no torch import: ``merge`` starts writing while torch is imported, see loratool/merge/executor.py)."""
-    if isinstance(src, TensorRef) and src.dtype in _EXPONENT_MASKS:
+    if isinstance(src, (TensorRef, HostTensor)) and src.dtype in _EXPONENT_MASKS:
         import numpy as np
 
         view, mask = _EXPONENT_MASKS[src.dtype]
         bits = np.frombuffer(src.raw(), dtype=view)
         return bool(np.any(np.bitwise_and(bits, mask) == mask))
-    return any(count_nonfinite(load_tensor(src)))
+    return any(count_nonfinite(src))
 
 
 def require_usable(adapter: "Adapter") -> None:

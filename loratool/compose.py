@@ -11,7 +11,8 @@ The output has scale 1: alpha = rank and no rsLoRA (as PEFT's ``add_weighted_ada
 singular values split evenly between the factors. ``lora_B.bias`` (PEFT lora_bias) is summed
 exactly: Σ wᵢ·sᵢ·biasᵢ. DoRA inputs are refused (each magnitude vector normalises its own W+ΔW,
 so a combination of DoRA adapters is not a LoRA adapter), as are inputs whose modules_to_save
-differ.
+differ, and inputs recorded for different models (base names, manifest fingerprints, task types;
+``--allow-different-bases`` overrides, and the lineage records it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from loratool.adapter import Adapter, AdapterModule, LayerKind, LoraModule, load_tensor
+from loratool.adapter import Adapter, AdapterModule, LayerKind, LoraModule, float_values, load_tensor
 from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
 from loratool.compose_methods import ComposeMethod, ComposeOptions, Factors, get_method
 from loratool.errors import InputError, UsageError
@@ -38,19 +39,57 @@ def _label(adapter: Adapter, i: int) -> str:
 
 
 def _same_tensors(a: dict, b: dict) -> list[str]:
-    """Names present in both with different content, plus names present in one only."""
-    import torch
-
+    """Names present in both with different content, plus names present in one only (torch is
+    imported only when there are tensors to compare)."""
     diff = sorted(set(a) ^ set(b))
     for k in sorted(set(a) & set(b)):
+        import torch
+
         ta, tb = load_tensor(a[k]), load_tensor(b[k])
         if ta.shape != tb.shape or ta.dtype != tb.dtype or not torch.equal(ta, tb):
             diff.append(k)
     return diff
 
 
-def check_inputs(adapters: Sequence[Adapter]) -> None:
-    """Refuse what cannot be composed, naming every problem at once."""
+ALLOW_BASES_HINT = ("pass --allow-different-bases to compose them anyway (the override is recorded in the "
+                    "output's lineage)")
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def model_differences(adapters: Sequence[Adapter]) -> list[str]:
+    """What records that ``adapters`` belong to different models, one clause per input that
+    differs from the first: the base each config names (compared as ``manifest.same_base_name``
+    does: a Hub id or a local path, by its last part), the base each manifest fingerprints, and
+    the PEFT task type. What either of a pair does not record is not compared."""
+    from loratool.manifest import load_manifest, same_base_fingerprint, same_base_name
+
+    manifests = [load_manifest(a) for a in adapters]
+    first, m0 = adapters[0], manifests[0]
+    out = []
+    for i, (a, m) in enumerate(zip(adapters[1:], manifests[1:]), start=1):
+        what = []
+        n0, n = _text(first.base_model), _text(a.base_model)
+        if n0 and n and not same_base_name(n0, n):
+            what.append(f"base {n0!r} vs {n!r}")
+        if m0 is not None and m is not None and m0.base is not None and m.base is not None \
+                and same_base_fingerprint(m0.base, m.base) is False:
+            what.append(f"their manifests record different bases ({m0.base.name or 'unnamed'} vs "
+                        f"{m.base.name or 'unnamed'}, different fingerprints)")
+        t0, t = _text(first.task_type), _text(a.task_type)
+        if t0 and t and t0.upper() != t.upper():
+            what.append(f"task type {t0} vs {t}")
+        if what:
+            out.append(f"{_label(first, 0)} and {_label(a, i)} are for different models: {', '.join(what)}")
+    return out
+
+
+def check_inputs(adapters: Sequence[Adapter], allow_different_bases: bool = False) -> list[str]:
+    """Refuse what cannot be composed, naming every problem at once. Adapters recorded for
+    different models (``model_differences``) are refused unless ``allow_different_bases``; then
+    the differences are returned, for the caller to report and record."""
     problems = []
     for i, a in enumerate(adapters):
         dora = [n for n, m in a.modules.items() if m.use_dora]
@@ -82,23 +121,31 @@ def check_inputs(adapters: Sequence[Adapter]) -> None:
                     f"{_label(adapters[i0], i0)} but a {m.kind.value} with base shape {list(m.base_weight_shape)} "
                     f"in {_label(adapters[i], i)}: these adapters are for different models")
                 break
+    allowed = model_differences(adapters)
+    if allowed and not allow_different_bases:
+        # the override helps only when nothing else is wrong (modules of other shapes never combine)
+        problems.append("; ".join(allowed) + ("" if problems else "; " + ALLOW_BASES_HINT))
+        allowed = []
     if problems:
         raise InputError("cannot compose: " + "; ".join(problems))
+    return allowed
 
 
 # -- per module -----------------------------------------------------------------------------------
 
 def _bias(owners, weights, dtype, with_bias: bool, out_features: int):
-    import torch
+    import numpy as np
+
+    from loratool.safetensors_io import host_tensor, st_dtype
 
     if not with_bias:
         return None
-    total = torch.zeros(out_features, dtype=torch.float64)
+    total = np.zeros(out_features, dtype=np.float64)
     for i, m in owners:
         bias = m.tensors().get("lora_B_bias")
         if bias is not None:
-            total += load_tensor(bias).to(torch.float64) * (weights[i] * m.scale)
-    return total.to(dtype)
+            total += float_values(bias).astype(np.float64) * (weights[i] * m.scale)
+    return host_tensor(total, dtype if isinstance(dtype, str) else st_dtype(dtype))
 
 
 def compose_module(name: str, owners: list[tuple[int, AdapterModule]], weights: Sequence[float],
@@ -133,13 +180,10 @@ def compose_module(name: str, owners: list[tuple[int, AdapterModule]], weights: 
 
 # -- whole adapters -------------------------------------------------------------------------------
 
-def _output_dtype(adapters: Sequence[Adapter]):
-    import torch
-
-    from loratool.safetensors_io import torch_dtype
-
+def _output_dtype(adapters: Sequence[Adapter]) -> str:
+    """The inputs' common factor dtype (a safetensors name), float32 when they differ."""
     dtypes = {d for a in adapters for m in a.modules.values() for d in m.delta_dtypes()}
-    return torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
+    return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
 def _output_config(adapters: Sequence[Adapter], names: set[str]) -> "LoraConfig | None":
@@ -155,13 +199,15 @@ def _output_config(adapters: Sequence[Adapter], names: set[str]) -> "LoraConfig 
 
 def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], method: str = "linear",
                      rule: RankRule | None = None, density: float | None = None, seed: int = 0,
-                     majority_sign_method: str = "total", dtype=None) -> tuple[Adapter, "ComposeReport"]:
+                     majority_sign_method: str = "total", dtype=None,
+                     allow_different_bases: bool = False) -> tuple[Adapter, "ComposeReport"]:
     """Combine ``adapters`` with ``weights`` by ``method`` (a name of ``loratool.compose_methods``
     or a PEFT alias), with no I/O beyond reading their tensors.
 
     ``rule`` defaults to ``--rank`` = the largest input rank for the methods that take one (``cat``
     takes none, the dense-delta methods a fixed rank only). ``dtype`` defaults to the inputs'
-    common factor dtype (float32 when they differ).
+    common factor dtype (float32 when they differ). Adapters recorded for different models are
+    refused unless ``allow_different_bases`` (``check_inputs``; the report then warns).
     """
     from loratool.schemas.lowrank import ComposeInput, ComposeReport
 
@@ -170,7 +216,7 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
         raise UsageError("compose needs at least one adapter")
     if len(weights) != len(adapters):
         raise UsageError(f"{len(adapters)} adapters but {len(weights)} weights")
-    check_inputs(adapters)
+    different_bases = check_inputs(adapters, allow_different_bases)
     max_rank = max(r for a in adapters for r in a.ranks) if any(a.modules for a in adapters) else 1
     rule = m.check(rule, density, max_rank)
     if majority_sign_method not in ("total", "frequency"):
@@ -197,7 +243,7 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
         modules[name] = module
         rows.append(row)
 
-    warnings = []
+    warnings = [f"composed anyway (--allow-different-bases): {d}" for d in different_bases]
     if rule is not None and rule.rank is not None:
         low = [r for r in rows if r.new_rank < rule.rank]
         if low:
@@ -245,9 +291,10 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
 
 def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLike, method: str = "linear",
                   rule: RankRule | None = None, density: float | None = None, seed: int = 0,
-                  overwrite: bool = False) -> "ComposeReport":
+                  overwrite: bool = False, allow_different_bases: bool = False) -> "ComposeReport":
     """Read the adapters of ``specs`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s, the grammar of
-    ``loratool.adapter_specs``), compose them, write ``out``."""
+    ``loratool.adapter_specs``), compose them, write ``out``. With ``allow_different_bases``, what
+    differed is recorded in the lineage step (``base_mismatch``) and its params."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
@@ -261,10 +308,15 @@ def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLi
     adapters = [load_adapter(s.path) for s in specs]
     for a in adapters:
         require_usable(a)
-    composed, report = compose_adapters(adapters, weights, method, rule, density, seed)
+    composed, report = compose_adapters(adapters, weights, method, rule, density, seed,
+                                        allow_different_bases=allow_different_bases)
     params = {"method": report.method, "weights": weights, "density": density, "seed": seed,
               "rule": _rule_params(rule) if rule is not None else None}
-    manifest = stamp_adapter(composed, "composed", adapters, params)
+    different = model_differences(adapters) if allow_different_bases else []
+    if different:
+        params["allow_different_bases"] = True
+    manifest = stamp_adapter(composed, "composed", adapters, params,
+                             base_mismatch="; ".join(different) or None)
     write_adapter(composed, out, composed.format, overwrite=overwrite)
     finish_output(manifest, out)
     report.output = str(out)

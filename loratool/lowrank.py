@@ -17,160 +17,159 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from loratool.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
+
+# Factors and results are numpy arrays (numpy's LAPACK, float64: no torch import for inspect,
+# validate, resize and compose, issue 14); inputs may be numpy arrays or CPU torch tensors. numpy
+# is imported inside the functions, so that `loratool --help` (which lists compose's rank rules)
+# imports neither.
+Array = Any
+
+
+def _f64(x: Array) -> np.ndarray:
+    """``x`` as a float64 numpy array (a torch tensor is converted by torch, which is loaded then)."""
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 # -- the QR-core SVD ------------------------------------------------------------------------------
 
-def _fix_signs(U: "torch.Tensor", Vh: "torch.Tensor"):
+def _fix_signs(U: np.ndarray, Vh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic signs: the largest-magnitude entry of each column of U is positive (the first
     one on ties). U S Vh is unchanged; the factors no longer depend on the LAPACK build."""
-    import torch
+    import numpy as np
 
     if U.shape[1] == 0:
         return U, Vh
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
+    idx = np.abs(U).argmax(axis=0)
+    signs = np.sign(U[idx, np.arange(U.shape[1])])
     signs[signs == 0] = 1
     return U * signs, Vh * signs[:, None]
 
 
-def core_svd(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0,
-             keep: "int | Callable[[torch.Tensor], int] | None" = None):
-    """Thin SVD of scale·B@A from its factors: returns (U, S, Vh), float64, with U d×p, S p,
-    Vh p×k and p = min(d, r, k) ≤ r. S is descending.
+def _r(x: np.ndarray) -> np.ndarray:
+    """R of the reduced QR of x (min(m, n) × n)."""
+    import numpy as np
+
+    return np.linalg.qr(x, mode="r")
+
+
+def core_svd(B: Array, A: Array, scale: float = 1.0, keep: "int | Callable[[np.ndarray], int] | None" = None):
+    """Thin SVD of scale·B@A from its factors: returns (U, S, Vh), float64 numpy arrays, with U
+    d×p, S p, Vh p×k and p = min(d, r, k) ≤ r. S is descending.
 
     B is (d, r), A is (r, k); higher-dimensional factors (conv) must be reshaped to 2-D first.
     Correct for rank-deficient and all-zero factors (their singular values are 0, and U/Vh stay
     orthonormal). Signs follow ``_fix_signs``.
 
     ``keep`` (a count, or a function of S giving one): only that many leading columns of U and
-    rows of Vh are formed (S stays whole); the d×p and p×k products are most of the cost when a
+    rows of Vh are formed (S stays whole): the d×p and p×k products are most of the cost when a
     truncation keeps few components.
     """
-    import torch
+    import numpy as np
 
-    B = B.to(torch.float64)
-    A = A.to(torch.float64)
-    # Householder QR without forming Q (geqrf): Q is applied to the few kept columns only
-    # (ormqr), which is half the work of forming Q and multiplying by it.
-    hb, tb = torch.geqrf(B)  # B = Qb Rb, Qb d×p_b
-    ha, ta = torch.geqrf(A.T.contiguous())  # Aᵀ = Qa Ra, Qa k×p_a
-    Rb = torch.triu(hb[: tb.shape[0]])
-    Ra = torch.triu(ha[: ta.shape[0]])
-    core = (Rb @ Ra.T) * scale
-    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
+    B, A = _f64(B), _f64(A)
+    Qb, Rb = np.linalg.qr(B)  # B = Qb Rb, Qb d×p_b
+    Qa, Ra = np.linalg.qr(A.T)  # Aᵀ = Qa Ra, Qa k×p_a
+    Uc, S, Vhc = np.linalg.svd((Rb @ Ra.T) * scale, full_matrices=False)
     n = S.shape[0]
     if keep is not None:
         n = max(0, min(n, keep(S) if callable(keep) else int(keep)))
-    U = _apply_q(hb, tb, Uc[:, :n])
-    Vh = _apply_q(ha, ta, Vhc[:n].T).T
+    U = Qb @ Uc[:, :n]
+    Vh = (Qa @ Vhc[:n].T).T
     U, Vh = _fix_signs(U, Vh)
-    return U, S, Vh
+    return U, S, np.ascontiguousarray(Vh)
 
 
-def _apply_q(h: "torch.Tensor", tau: "torch.Tensor", Y: "torch.Tensor") -> "torch.Tensor":
-    """Q @ Y for the thin Q (m×p) of a geqrf factorization and Y (p×n): the full Householder
-    product applied to Y padded with zero rows."""
-    import torch
-
-    m, p = h.shape[0], tau.shape[0]
-    Z = torch.zeros(m, Y.shape[1], dtype=h.dtype)
-    Z[:p] = Y
-    if p == 0 or Y.shape[1] == 0:
-        return Z
-    return torch.ormqr(h, tau, Z)
-
-
-def singular_values(B: "torch.Tensor", A: "torch.Tensor", scale: float = 1.0) -> "torch.Tensor":
+def singular_values(B: Array, A: Array, scale: float = 1.0) -> np.ndarray:
     """Singular values of scale·B@A (descending, float64) from the r×r core."""
-    import torch
+    import numpy as np
 
-    B = B.to(torch.float64)
-    A = A.to(torch.float64)
-    hb, tb = torch.geqrf(B)
-    ha, ta = torch.geqrf(A.T.contiguous())
-    Rb = torch.triu(hb[: tb.shape[0]])
-    Ra = torch.triu(ha[: ta.shape[0]])
-    return torch.linalg.svdvals((Rb @ Ra.T) * abs(scale))
+    B, A = _f64(B), _f64(A)
+    return np.linalg.svd((_r(B) @ _r(A.T).T) * abs(scale), compute_uv=False)
 
 
-def stack_factors(terms: Sequence[tuple[float, "torch.Tensor", "torch.Tensor"]]):
+def stack_factors(terms: Sequence[tuple[float, Array, Array]]) -> tuple[np.ndarray, np.ndarray]:
     """(B, A) with B @ A = Σ cᵢ·Bᵢ@Aᵢ for terms (cᵢ, Bᵢ d×rᵢ, Aᵢ rᵢ×k), in float64: the
     coefficients go into B (so a negative weight flips B's columns, nothing else)."""
-    import torch
+    import numpy as np
 
     if not terms:
         raise ValueError("stack_factors needs at least one term")
-    B = torch.cat([b.to(torch.float64) * c for c, b, _ in terms], dim=1)
-    A = torch.cat([a.to(torch.float64) for _, _, a in terms], dim=0)
+    B = np.concatenate([_f64(b) * c for c, b, _ in terms], axis=1)
+    A = np.concatenate([_f64(a) for _, _, a in terms], axis=0)
     return B, A
 
 
-def split_factors(U: "torch.Tensor", S: "torch.Tensor", Vh: "torch.Tensor", k: int, scale: float = 1.0):
-    """Rank-k factors (B k-columns, A k-rows) with scale·B@A = U[:, :k] diag(S[:k]) Vh[:k]; the
-    singular values are split evenly, √(σ/scale) into each factor, so B and A have equal norms
-    (the balanced form a further fine-tune expects). Pads with zero columns when k > len(S)."""
-    import torch
+def split_factors(U: Array, S: Array, Vh: Array, k: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-k factors (B k-columns, A k-rows, float64 numpy) with scale·B@A = U[:, :k] diag(S[:k])
+    Vh[:k]; the singular values are split evenly, √(σ/scale) into each factor, so B and A have
+    equal norms (the balanced form a further fine-tune expects). Pads with zero columns when
+    k > len(S)."""
+    import numpy as np
 
     if scale <= 0:
         raise ValueError(f"split_factors: scale must be positive, got {scale}")
+    U, S, Vh = _f64(U), _f64(S), _f64(Vh)
     p = min(k, S.shape[0])
-    root = torch.sqrt(S[:p] / scale)
-    B = U[:, :p] * root
-    A = root[:, None] * Vh[:p]
-    if p < k:  # a delta of lower rank than asked: zero components (rank patterns stay uniform)
-        B = torch.cat([B, B.new_zeros(B.shape[0], k - p)], dim=1)
-        A = torch.cat([A, A.new_zeros(k - p, A.shape[1])], dim=0)
+    root = np.sqrt(S[:p] / scale)
+    B = np.zeros((U.shape[0], k))
+    A = np.zeros((k, Vh.shape[1]))
+    B[:, :p] = U[:, :p] * root  # a delta of lower rank than asked: zero components after
+    A[:p] = root[:, None] * Vh[:p]
     return B, A
 
 
 # -- truncation: rank rules and the error they cost ---------------------------------------------
 
-def effective_rank(S: "torch.Tensor", energy: float) -> int:
+def effective_rank(S: Array, energy: float) -> int:
     """Smallest k whose top-k squared singular values hold ``energy`` of the total (0 for a zero
     delta)."""
-    import torch
+    import numpy as np
 
-    e = S.to(torch.float64) ** 2
+    e = _f64(S) ** 2
     total = float(e.sum())
     if total == 0.0:
         return 0
-    cum = torch.cumsum(e, 0) / total
-    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
-    return min(k, int(S.shape[0]))
+    cum = np.cumsum(e) / total
+    k = int(np.searchsorted(cum, energy - 1e-12, side="left")) + 1
+    return min(k, int(e.shape[0]))
 
 
-def numerical_rank(S: "torch.Tensor", shape: tuple[int, int] | None = None) -> int:
+def numerical_rank(S: Array, shape: tuple[int, int] | None = None) -> int:
     """Number of singular values above rounding noise: σ > σ₁·max(d, k)·eps(float64), numpy's
     ``matrix_rank`` rule. A rank-deficient module has exact zeros below that."""
-    if S.numel() == 0 or float(S[0]) == 0.0:
+
+    S = _f64(S)
+    if S.size == 0 or float(S[0]) == 0.0:
         return 0
     n = max(shape) if shape else S.shape[0]
     tol = float(S[0]) * n * 2.220446049250313e-16
     return int((S > tol).sum())
 
 
-def energy_kept(S: "torch.Tensor", k: int) -> float:
+def energy_kept(S: Array, k: int) -> float:
     """Share of ‖ΔW‖²_F (the sum of σ²) held by the top k components; 1 for a zero delta."""
-    import torch
 
-    e = S.to(torch.float64) ** 2
+    e = _f64(S) ** 2
     total = float(e.sum())
     return 1.0 if total == 0.0 else float(e[:k].sum()) / total
 
 
-def truncation_error(S: "torch.Tensor", k: int) -> float:
+def truncation_error(S: Array, k: int) -> float:
     """Relative Frobenius error of the best rank-k approximation (Eckart–Young):
     √(Σ_{i>k} σᵢ²) / √(Σ σᵢ²); 0 for a zero delta."""
-    import torch
 
-    e = S.to(torch.float64) ** 2
+    e = _f64(S) ** 2
     total = float(e.sum())
     return 0.0 if total == 0.0 else math.sqrt(float(e[k:].sum()) / total)
 
@@ -240,17 +239,18 @@ class RankRule:
             s += f", max rank {self.max_rank}"
         return s
 
-    def choose(self, S: "torch.Tensor", shape: tuple[int, int] | None = None) -> int:
+    def choose(self, S: Array, shape: tuple[int, int] | None = None) -> int:
         """The rank to keep for a delta with singular values S (descending). Not capped by
         len(S): a fixed ``rank`` above it is returned as is (the caller decides what that
         means); the other rules never go above the numerical rank, but are raised to min_rank."""
-        import torch
+        import numpy as np
 
         if self.rank is not None:
             k = self.rank
         else:
+            S = _f64(S)
             n = numerical_rank(S, shape)
-            s = S[:n].to(torch.float64)
+            s = S[:n]
             if n == 0:
                 k = 0
             elif self.energy is not None:
@@ -258,7 +258,7 @@ class RankRule:
             elif self.sv_ratio is not None:
                 k = int((s >= s[0] / self.sv_ratio * (1 - 1e-12)).sum())
             else:
-                cum = torch.cumsum(s, 0) / s.sum()
+                cum = np.cumsum(s) / s.sum()
                 k = int((cum < self.sv_cumulative - 1e-12).sum()) + 1
             k = min(k, n)
         if self.max_rank is not None:
@@ -267,6 +267,20 @@ class RankRule:
 
 
 # -- randomized SVD for dense (full-rank) deltas ------------------------------------------------
+# In torch: the dense-delta compose methods prune and combine in torch (PEFT's merge_utils), seeded
+# by a torch.Generator, and their bits stay what they were.
+
+def _fix_signs_torch(U: "torch.Tensor", Vh: "torch.Tensor"):
+    """``_fix_signs`` for torch tensors (the dense-delta methods compute in torch)."""
+    import torch
+
+    if U.shape[1] == 0:
+        return U, Vh
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
+    signs[signs == 0] = 1
+    return U * signs, Vh * signs[:, None]
+
 
 def randomized_svd(M: "torch.Tensor", k: int, oversample: int = 10, n_iter: int = 4,
                    generator: "torch.Generator | None" = None):
@@ -285,7 +299,7 @@ def randomized_svd(M: "torch.Tensor", k: int, oversample: int = 10, n_iter: int 
     ell = p + oversample
     if ell >= min(m, n):
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        U, Vh = _fix_signs(U[:, :p], Vh[:p])
+        U, Vh = _fix_signs_torch(U[:, :p], Vh[:p])
         return U, S[:p], Vh
     omega = torch.randn(n, ell, dtype=M.dtype, generator=generator)
     Q = torch.linalg.qr(M @ omega, mode="reduced")[0]
@@ -295,6 +309,6 @@ def randomized_svd(M: "torch.Tensor", k: int, oversample: int = 10, n_iter: int 
     small = Q.T @ M  # ell×n
     Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
     U = Q @ Ub[:, :p]
-    U, Vh = _fix_signs(U, Vh[:p])
+    U, Vh = _fix_signs_torch(U, Vh[:p])
     return U, S[:p], Vh
 

@@ -6,6 +6,9 @@
   at a time with plain ``pread``-style reads (no mmap, so memory stays what we ask for).
 * ``write_safetensors`` streams tensors into a file whose header is planned up front; together
   with ``atomic_path``/``atomic_dir`` the output appears at its destination only when complete.
+* ``HostTensor`` is a tensor in memory as its safetensors dtype and little-endian bytes (a numpy
+  array; bfloat16 as its bits), and ``host_tensor`` rounds float values to a dtype exactly as
+  torch's ``.to(dtype)`` does: what resize and compose build, written without torch (issue 14).
 
 Pickle-based checkpoints (``.bin``, ``.pt``, ``.ckpt``) are recognised by their magic bytes and
 refused: unpickling can run arbitrary code.
@@ -59,7 +62,8 @@ def torch_dtype(st_dtype: str) -> "torch.dtype":
     return getattr(torch, DTYPES[st_dtype][1])
 
 
-def st_dtype(dtype: "torch.dtype") -> str:
+def st_dtype(dtype: "torch.dtype | Any") -> str:
+    """The safetensors name of a torch or numpy dtype."""
     name = str(dtype).replace("torch.", "")
     for key, (_, tname) in DTYPES.items():
         if tname == name:
@@ -325,9 +329,93 @@ class TensorRef:
         return self.file.read_bytes(self.info.name)
 
 
+# -- tensors in memory, without torch ------------------------------------------------------------
+
+# safetensors dtype -> the numpy dtype that holds its bytes (bfloat16 and float8: their bits)
+STORAGE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?",
+           "F8_E4M3": "u1", "F8_E5M2": "u1"}
+
+
+@dataclass(frozen=True, eq=False)
+class HostTensor:
+    """A tensor in memory: its safetensors ``dtype`` and ``array``, a numpy array of the dtype's
+    ``STORAGE`` (bfloat16 and float8 as their bits). Like a ``TensorRef``, ``dtype`` is a string
+    and ``raw()`` its bytes, so writers copy it and numpy readers decode it without torch."""
+
+    dtype: str
+    array: Any  # numpy.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def raw(self) -> bytes:
+        return self.array.tobytes()
+
+    def reshape(self, *shape) -> "HostTensor":
+        return HostTensor(self.dtype, self.array.reshape(*shape))
+
+    def load(self) -> "torch.Tensor":
+        import torch
+
+        if self.array.size == 0:
+            return torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+        return torch.frombuffer(bytearray(self.raw()), dtype=torch_dtype(self.dtype)).reshape(self.shape)
+
+
+def bf16_bits(x) -> Any:
+    """The bfloat16 bits (uint16) of float32 values, rounded to nearest even as torch's
+    ``.to(torch.bfloat16)`` rounds them: overflow goes to ±Inf, every NaN becomes 0xFFFF (its
+    vectorised conversion's NaN, whatever the sign or payload)."""
+    import numpy as np
+
+    u = np.asarray(x, dtype=np.float32, order="C").view(np.uint32)
+    with np.errstate(over="ignore"):
+        bits = np.asarray((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(u.view(np.float32)), np.uint16(0xFFFF), bits)
+
+
+def host_tensor(values: Any, dtype: str) -> HostTensor:
+    """Float ``values`` (a numpy array) as a ``HostTensor`` of the float ``dtype``, with torch's
+    rounding: float64 goes through float32 before float16 or bfloat16 (torch's casts do; one
+    rounding straight to half precision can differ at the ties of the intermediate float32)."""
+    import numpy as np
+
+    x = np.asarray(values)
+    if dtype == "F64":
+        return HostTensor(dtype, np.asarray(x, dtype="<f8", order="C"))
+    if dtype in ("F32", "F16", "BF16"):
+        with np.errstate(over="ignore"):
+            f32 = np.asarray(x, dtype="<f4", order="C")
+            if dtype == "F32":
+                return HostTensor(dtype, f32)
+            if dtype == "F16":
+                return HostTensor(dtype, f32.astype("<f2"))
+        return HostTensor(dtype, bf16_bits(f32))
+    if dtype not in FLOAT_DTYPES:
+        raise FormatError(f"cannot store float values as {dtype}")
+    import torch  # float8: no numpy dtype, and rare enough to leave to torch
+
+    t = torch.from_numpy(np.asarray(x, dtype=np.float32, order="C")).to(torch_dtype(dtype))
+    return HostTensor(dtype, np.frombuffer(_tensor_bytes(t), "u1").reshape(x.shape))
+
+
 # -- writing ------------------------------------------------------------------------------------
 
-def _tensor_bytes(t: "torch.Tensor") -> bytes:
+def _tensor_bytes(t: "torch.Tensor | HostTensor | Any") -> bytes:
+    """The little-endian bytes of a torch tensor, a ``HostTensor`` or a numpy array."""
+    if isinstance(t, HostTensor):
+        return t.raw()
+    if not hasattr(t, "detach"):  # numpy
+        import numpy as np
+
+        a = np.ascontiguousarray(t)
+        return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
     import torch
 
     t = t.detach().to("cpu").contiguous()
@@ -370,19 +458,19 @@ def encode_header(
 
 def write_safetensors(
     path: str | os.PathLike,
-    tensors: Mapping[str, "torch.Tensor | TensorRef"] | Iterable[tuple[str, "torch.Tensor | TensorRef"]],
+    tensors: Mapping[str, "torch.Tensor | HostTensor | TensorRef"] | Iterable[tuple[str, Any]],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write a safetensors file, streaming one tensor at a time.
 
-    Values are torch tensors or ``TensorRef``s; a ``TensorRef`` is copied as raw bytes, never
-    decoded, so it is bit-exact whatever its dtype. The header is planned from shapes and dtypes
+    Values are torch tensors, numpy arrays, ``HostTensor``s or ``TensorRef``s; a ``TensorRef`` is
+    copied as raw bytes, never decoded, so it is bit-exact whatever its dtype. The header is planned from shapes and dtypes
     first. The file is written in place: wrap the call in ``atomic_path`` for an atomic output.
     """
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
     entries = []
     for name, value in items:
-        if isinstance(value, TensorRef):
+        if isinstance(value, (TensorRef, HostTensor)):
             entries.append((name, value.dtype, value.shape))
         else:
             entries.append((name, st_dtype(value.dtype), tuple(value.shape)))

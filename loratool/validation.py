@@ -158,7 +158,7 @@ def check_values(adapter: Adapter, f: Findings) -> None:
             f.error("LT206", f"module {m.name}: alpha {m.alpha!r} gives scale {m.scale!r}; it must be a positive "
                     "finite number", m.name)
             continue
-        loaded = m.load()  # each tensor read once, for all the checks below
+        loaded = m.load()  # each tensor read once, as numpy values, for all the checks below (no torch)
         finite = True
         for role, t in loaded.items():
             nan, inf = count_nonfinite(t)
@@ -166,7 +166,7 @@ def check_values(adapter: Adapter, f: Findings) -> None:
                 finite = False
                 what = ", ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if x)
                 key = m.source_keys.get(role, role)
-                f.error("LT201", f"module {m.name}: {key} holds {what} of {t.numel()} values", m.name)
+                f.error("LT201", f"module {m.name}: {key} holds {what} of {t.size} values", m.name)
         if not finite:
             continue
         why = _overflow(m, loaded)

@@ -1,9 +1,14 @@
-"""loratool.lowrank: QR-core SVD, rank rules, randomized SVD (PEFT's delta merges: test_compose_methods)."""
+"""loratool.lowrank: QR-core SVD, rank rules, randomized SVD (PEFT's delta merges: test_compose_methods).
+
+The factor-space math is numpy (float64, no torch: issue 14) and takes numpy arrays or torch
+tensors; the references here are torch's float64 SVDs of the dense deltas.
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,45 +38,49 @@ def test_core_svd_is_the_svd_of_the_delta(shape, scale):
     d, k, r = shape
     B, A = factors(d, k, r)
     M = (B.double() @ A.double()) * scale
-    U, S, Vh = core_svd(B, A, scale)
-    assert U.dtype == S.dtype == Vh.dtype == torch.float64
-    p = min(d, k, r)
-    assert U.shape == (d, p) and S.shape == (p,) and Vh.shape == (p, k)
-    Sd = torch.linalg.svdvals(M)
-    torch.testing.assert_close(S, Sd[:p], rtol=1e-10, atol=1e-12)
-    assert float(Sd[p:].sum()) < 1e-10 * float(Sd[0])
-    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(U.T @ U, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(Vh @ Vh.T, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(singular_values(B, A, scale), S, rtol=1e-10, atol=1e-12)
+    for inputs in ((B, A), (B.numpy(), A.numpy())):  # torch tensors or numpy arrays: the same
+        U, S, Vh = map(torch.from_numpy, core_svd(*inputs, scale))
+        assert U.dtype == S.dtype == Vh.dtype == torch.float64
+        p = min(d, k, r)
+        assert U.shape == (d, p) and S.shape == (p,) and Vh.shape == (p, k)
+        Sd = torch.linalg.svdvals(M)
+        torch.testing.assert_close(S, Sd[:p], rtol=1e-10, atol=1e-12)
+        assert float(Sd[p:].sum()) < 1e-10 * float(Sd[0])
+        torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(U.T @ U, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(Vh @ Vh.T, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.from_numpy(singular_values(*inputs, scale)), S, rtol=1e-10, atol=1e-12)
 
 
 def test_core_svd_signs_are_deterministic():
     B, A = factors()
     U, S, Vh = core_svd(B, A)
-    idx = U.abs().argmax(dim=0)
-    assert bool((U[idx, torch.arange(U.shape[1])] > 0).all())
+    idx = np.abs(U).argmax(axis=0)
+    assert bool((U[idx, np.arange(U.shape[1])] > 0).all())
     # the same delta from other factors (B·T, T⁻¹·A) gives the same U and Vh
     T = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
     U2, S2, Vh2 = core_svd(B.double() @ T, T.T @ A.double())
-    torch.testing.assert_close(U2, U, rtol=0, atol=1e-10)
-    torch.testing.assert_close(Vh2, Vh, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(U2, U, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(Vh2, Vh, rtol=0, atol=1e-10)
+    # and the same bits every time
+    U3, S3, Vh3 = core_svd(B, A)
+    assert np.array_equal(U3, U) and np.array_equal(S3, S) and np.array_equal(Vh3, Vh)
 
 
 def test_rank_deficient_and_zero_modules():
     B, A = factors(r=8)
     B[:, 3:] = B[:, [0, 1, 2, 0, 1]] * 2.0  # dependent columns: rank(B) = 3
     U, S, Vh = core_svd(B, A)
-    M = B.double() @ A.double()
-    assert numerical_rank(S, M.shape) == 3 == int(torch.linalg.matrix_rank(M))
-    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-10, atol=1e-10)
+    M = (B.double() @ A.double()).numpy()
+    assert numerical_rank(S, M.shape) == 3 == int(np.linalg.matrix_rank(M))
+    np.testing.assert_allclose((U * S) @ Vh, M, rtol=1e-10, atol=1e-10)
     assert RankRule(energy=1.0).choose(S, M.shape) == 3
     assert RankRule(sv_ratio=1e6).choose(S, M.shape) == 3
     assert truncation_error(S, 3) < 1e-12
 
     Z = torch.zeros(20, 4), torch.zeros(4, 9)
     U, S, Vh = core_svd(*Z)
-    assert bool((S == 0).all()) and not U.isnan().any() and not Vh.isnan().any()
+    assert bool((S == 0).all()) and not np.isnan(U).any() and not np.isnan(Vh).any()
     assert numerical_rank(S) == 0 and effective_rank(S, 0.9) == 0
     assert RankRule(energy=0.9).choose(S) == 1  # min_rank: a module keeps rank 1 (zero factors)
     assert truncation_error(S, 1) == 0.0 and energy_kept(S, 1) == 1.0
@@ -81,12 +90,12 @@ def test_rank_deficient_and_zero_modules():
 
 def test_stacked_factors_give_the_weighted_sum():
     (B1, A1), (B2, A2) = factors(r=4, seed=1), factors(r=7, seed=2)
-    B, A = stack_factors([(0.7 * 2.0, B1, A1), (-0.3 * 0.5, B2, A2)])
+    B, A = map(torch.from_numpy, stack_factors([(0.7 * 2.0, B1, A1), (-0.3 * 0.5, B2, A2)]))
     M = 1.4 * B1.double() @ A1.double() - 0.15 * B2.double() @ A2.double()
     torch.testing.assert_close(B @ A, M, rtol=1e-12, atol=1e-12)
     U, S, Vh = core_svd(B, A)
     for k in (1, 5, 11):
-        Bk, Ak = split_factors(U, S, Vh, k, scale=0.25)
+        Bk, Ak = map(torch.from_numpy, split_factors(U, S, Vh, k, scale=0.25))
         # optimal error from the singular values == the error of the factors == full SVD of the delta
         Sd = torch.linalg.svdvals(M)
         opt = math.sqrt(float((Sd[k:] ** 2).sum() / (Sd ** 2).sum()))
@@ -154,3 +163,11 @@ def test_randomized_svd_falls_back_to_the_exact_svd_on_small_matrices():
     U, S, Vh = randomized_svd(M, 20)
     torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("rule", [RankRule(energy=0.9), RankRule(sv_ratio=3.0), RankRule(sv_cumulative=0.7),
+                                  RankRule(rank=2)])
+def test_rules_take_numpy_or_torch(rule):
+    S = np.array([5.0, 3.0, 1.0, 0.25, 0.0])
+    assert rule.choose(S, (9, 7)) == rule.choose(torch.from_numpy(S), (9, 7)) == rule.choose(list(S), (9, 7))
+    assert effective_rank(S, 0.99) == effective_rank(torch.from_numpy(S), 0.99) == 3

@@ -18,6 +18,7 @@ from loratool.errors import UsageError
 from loratool.lowrank import RankRule
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy
     import torch
 
 RULE_KINDS = ("rank", "energy", "sv_ratio", "sv_cumulative")  # the fields of RankRule, one set per rule
@@ -25,12 +26,23 @@ RULE_KINDS = ("rank", "energy", "sv_ratio", "sv_cumulative")  # the fields of Ra
 
 @dataclass(frozen=True)
 class Factors:
-    """One input's share of a module: ``weight · scale · B2 @ A2`` (B2 out×r, A2 r×in·kh·kw)."""
+    """One input's share of a module: ``weight · scale · B2 @ A2`` (B2 out×r, A2 r×in·kh·kw), numpy
+    arrays of the factors' exact values (``AdapterModule.low_rank``: no torch), or torch tensors
+    for a method whose ``arrays`` is "torch"."""
 
     weight: float
     scale: float
-    B2: "torch.Tensor"
-    A2: "torch.Tensor"
+    B2: "numpy.ndarray"
+    A2: "numpy.ndarray"
+
+    def as_torch(self) -> "Factors":
+        """The same factors as torch tensors (of the same values and dtype)."""
+        import torch
+
+        def t(x):
+            return x if isinstance(x, torch.Tensor) else torch.from_numpy(x.copy())
+
+        return Factors(self.weight, self.scale, t(self.B2), t(self.A2))
 
 
 @dataclass(frozen=True)
@@ -45,11 +57,12 @@ class ComposeOptions:
 
 @dataclass(frozen=True)
 class Composed:
-    """One composed module: ΔW = B2 @ A2 at scale 1 (rank = A2.shape[0]) and how close it is to
-    what the method combined (``energy_kept`` None where the method does not know it)."""
+    """One composed module: ΔW = B2 @ A2 at scale 1 (rank = A2.shape[0]; numpy arrays, or torch
+    tensors from a method that computes in torch) and how close it is to what the method combined
+    (``energy_kept`` None where the method does not know it)."""
 
-    B2: "torch.Tensor"
-    A2: "torch.Tensor"
+    B2: "numpy.ndarray | torch.Tensor"
+    A2: "numpy.ndarray | torch.Tensor"
     relative_error: float
     energy_kept: float | None = None
 
@@ -84,6 +97,19 @@ class ComposeMethod:
     takes_density: ClassVar[bool] = False  # needs --density in (0, 1]
     dense: ClassVar[bool] = False  # works on dense d×k deltas: one module at a time, torch threaded
     seeded: ClassVar[bool] = False  # the output depends on --seed (the report records it)
+    # The arrays ``compose`` gets its factors as: "numpy" (no torch import: linear, cat) or "torch"
+    # (the default, for methods written on torch tensors: the factors' values, converted).
+    arrays: ClassVar[str] = "torch"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("compose")
+        if own is not None and cls.arrays == "torch":
+            def compose(self, name, factors, options, _own=own):
+                return _own(self, name, [f.as_torch() for f in factors], options)
+
+            compose.__doc__, compose.__wrapped__ = own.__doc__, own
+            cls.compose = compose
 
     def check(self, rule: RankRule | None, density: float | None, default_rank: int) -> RankRule | None:
         """The rule this method will use (``--rank default_rank`` when none is given), or a

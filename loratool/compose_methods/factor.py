@@ -1,7 +1,8 @@
 """Compose methods that work on the factors, never forming a d×k delta: ``linear`` and ``cat``.
 
 Their work per module is small and tall-skinny, so ``compose_adapters`` spreads modules over
-threads (``ComposeMethod.dense`` is False).
+threads (``ComposeMethod.dense`` is False). numpy float64 throughout (``loratool.lowrank``), no
+torch (issue 14).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Linear(ComposeMethod):
     name = "linear"
     peft_aliases = ("svd",)
     summary = "exact weighted sum of the deltas, optimally truncated to the rank rule"
+    arrays = "numpy"
 
     def compose(self, name: str, factors: Sequence[Factors], options: ComposeOptions) -> Composed:
         rule = options.rule
@@ -44,10 +46,8 @@ class Cat(ComposeMethod):
     summary = "exact, rank Σrᵢ (the factors side by side)"
     rank_rules = ()
     rule_note = "keeps every component (rank Σrᵢ) exactly"
+    arrays = "numpy"
 
     def compose(self, name: str, factors: Sequence[Factors], options: ComposeOptions) -> Composed:
-        import torch
-
-        B2 = torch.cat([f.B2.to(torch.float64) * (f.weight * f.scale) for f in factors], dim=1)
-        A2 = torch.cat([f.A2.to(torch.float64) for f in factors], dim=0)
+        B2, A2 = stack_factors([(f.weight * f.scale, f.B2, f.A2) for f in factors])
         return Composed(B2, A2, 0.0, 1.0)

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Literal
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, factor_problem
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, factor_problem, float_values
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
 from loratool.formats.base import BAD_ALPHA, BAD_FACTOR, MISSING_FACTOR, Format, FormatConfig, ReadProblem, factor_check
 from loratool.boundary import parse_json
-from loratool.safetensors_io import FLOAT_DTYPES, SafetensorsFile, TensorRef, atomic_path, torch_dtype, write_safetensors
+from loratool.safetensors_io import (FLOAT_DTYPES, HostTensor, SafetensorsFile, TensorRef, atomic_path, host_tensor,
+                                     write_safetensors)
 
 NAME = "kohya"
 LAYOUT_KEY = "loratool.kohya_layout"
@@ -166,7 +167,7 @@ def read(path: Path) -> Adapter:
                 problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a floating-point number, found "
                                             f"{ref.dtype}", lora_name))
                 continue
-            alpha = float(ref.load().reshape(-1)[0].item())
+            alpha = float(float_values(ref).reshape(-1)[0])
             if not math.isfinite(alpha) or alpha <= 0:
                 problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a positive finite number, found "
                                             f"{alpha}", lora_name))
@@ -335,18 +336,16 @@ def check_writable(adapter: Adapter) -> None:
                          f"{extra[0]!r}) have no place in a kohya file")
 
 
-def _alpha_tensor(value: float, dtype: str) -> "Any":
-    """A scalar holding exactly ``value``: in ``dtype`` if it can, else in float32/float64."""
-    import torch
-
+def _alpha_tensor(value: float, dtype: str) -> HostTensor:
+    """A scalar holding exactly ``value``: in ``dtype`` if it can (a float dtype), else in
+    float32/float64 (numpy, no torch)."""
     for d in (dtype, "F32", "F64"):
-        try:
-            t = torch.tensor(value, dtype=torch_dtype(d))
-        except (TypeError, RuntimeError, KeyError):
+        if d not in FLOAT_DTYPES:
             continue
-        if float(t.item()) == value:
+        t = host_tensor(value, d)
+        if float(float_values(t)) == value:
             return t
-    return torch.tensor(value, dtype=torch.float64)
+    return host_tensor(value, "F64")
 
 
 def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
@@ -410,7 +409,7 @@ def _source_alpha(source: SafetensorsFile | None, m: LoraModule, alpha: float) -
     if source is None or key is None or key not in source:
         return None
     ref = source.ref(key)
-    if math.prod(ref.shape) != 1 or float(ref.load().reshape(-1)[0].item()) != alpha:
+    if math.prod(ref.shape) != 1 or float(float_values(ref).reshape(-1)[0]) != alpha:
         return None
     return ref
 

@@ -17,12 +17,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Union
 
 from loratool.kinds.layout import LayerKind, transposed, transposed_hint
-from loratool.safetensors_io import DTYPES, TensorRef, st_dtype
+from loratool.safetensors_io import DTYPES, HostTensor, TensorRef, st_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy
     import torch
 
-TensorSource = Union[TensorRef, "torch.Tensor"]
+# A tensor in a file (read on demand), in memory as safetensors bytes (what resize and compose
+# build, without torch), or a torch tensor (numpy arrays are accepted too).
+TensorSource = Union[TensorRef, HostTensor, "torch.Tensor"]
+_RAW = (TensorRef, HostTensor)  # sources with a safetensors dtype string and raw bytes
 
 # The largest finite value of each float dtype (safetensors names), and its name in messages.
 DTYPE_MAX = {"F64": 1.7976931348623157e308, "F32": 3.4028234663852886e38, "BF16": 3.3895313892515355e38,
@@ -34,7 +38,14 @@ F32_MAX = DTYPE_MAX["F32"]  # PEFT's arithmetic (and the merge's): factors are u
 # -- tensor sources -----------------------------------------------------------------------------
 
 def load_tensor(src: TensorSource) -> "torch.Tensor":
-    return src.load() if isinstance(src, TensorRef) else src
+    """A source as a torch tensor (imports torch; the numpy paths use ``float_values``)."""
+    if isinstance(src, _RAW):
+        return src.load()
+    if not hasattr(src, "detach"):  # numpy
+        import torch
+
+        return torch.from_numpy(src)
+    return src
 
 
 def shape_of(src: TensorSource) -> tuple[int, ...]:
@@ -43,27 +54,31 @@ def shape_of(src: TensorSource) -> tuple[int, ...]:
 
 def dtype_of(src: TensorSource) -> str:
     """The safetensors dtype string ("BF16", "F32", ...) of a tensor source."""
-    return src.dtype if isinstance(src, TensorRef) else st_dtype(src.dtype)
+    return src.dtype if isinstance(src, _RAW) else st_dtype(src.dtype)
 
 
 def nbytes_of(src: TensorSource) -> int:
-    if isinstance(src, TensorRef):
-        return src.nbytes
+    if isinstance(src, _RAW) or not hasattr(src, "detach"):
+        return int(src.nbytes)
     return src.numel() * src.element_size()
 
 
-def float_values(src: TensorSource):
-    """A float tensor's values as a numpy array, exactly: float64 for F64, float16 for F16,
-    float32 otherwise. Tensors in a file are decoded from their raw bytes (no torch import:
-    ``merge`` checks factors before it imports torch, if it imports it at all)."""
+def float_values(src: TensorSource) -> "numpy.ndarray":
+    """A tensor's values as a numpy array, exactly: float64 for F64, float16 for F16, float32
+    otherwise (integers converted). Tensors in a file or in memory are decoded from their raw
+    bytes and numpy arrays kept (no torch import: ``merge`` checks factors before it imports
+    torch, if it imports it at all; inspect, validate, resize and compose never do for LoRA)."""
     import numpy as np
 
-    if isinstance(src, TensorRef) and src.dtype in ("F64", "F32", "F16", "BF16"):
-        raw = src.raw()
+    if isinstance(src, _RAW) and src.dtype in ("F64", "F32", "F16", "BF16"):
+        raw = src.array if isinstance(src, HostTensor) else np.frombuffer(src.raw(), "u1")
         if src.dtype == "BF16":  # bfloat16 is the top half of a float32
-            bits = np.left_shift(np.frombuffer(raw, "<u2").astype(np.uint32), 16)
+            bits = np.left_shift(raw.reshape(-1).view("<u2").astype(np.uint32), 16)
             return bits.view(np.float32).reshape(src.shape)
-        return np.frombuffer(raw, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[src.dtype]).reshape(src.shape)
+        return raw.reshape(-1).view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[src.dtype]).reshape(src.shape)
+    if not isinstance(src, _RAW) and not hasattr(src, "detach"):  # numpy
+        a = np.asarray(src)
+        return a if a.dtype in (np.float64, np.float32, np.float16) else a.astype(np.float32)
     import torch
 
     t = load_tensor(src).detach().cpu()
@@ -94,10 +109,10 @@ class Magnitudes:
 
 class LowRank(NamedTuple):
     """A delta as a product: delta_2d = scale · B2 @ A2, B2 (out, r), A2 (r, in·kh·kw), before it
-    is put into the base layout (``layout.to_base``)."""
+    is put into the base layout (``layout.to_base``): numpy arrays or torch tensors."""
 
-    B2: "torch.Tensor"
-    A2: "torch.Tensor"
+    B2: "numpy.ndarray | torch.Tensor"
+    A2: "numpy.ndarray | torch.Tensor"
     scale: float
 
 
@@ -179,7 +194,7 @@ class AdapterModule(ABC):
         """The scaled update in the base weight's layout (float32 unless ``dtype``)."""
 
     @abstractmethod
-    def magnitudes(self, loaded: "dict[str, torch.Tensor] | None" = None) -> Magnitudes:
+    def magnitudes(self, loaded: "dict[str, numpy.ndarray] | None" = None) -> Magnitudes:
         """Bounds on what the module's values can grow to; ``loaded``: its tensors, as ``load()``
         returned them."""
 
@@ -193,28 +208,29 @@ class AdapterModule(ABC):
         """alpha and scale are positive finite numbers (else any arithmetic on the module is void)."""
         return math.isfinite(self.alpha) and self.alpha > 0 and math.isfinite(self.scale)
 
-    def low_rank(self, dtype=None, loaded: "dict[str, torch.Tensor] | None" = None) -> LowRank | None:
-        """The delta as scale · B2 @ A2, or None for a kind that has no such form."""
+    def low_rank(self, dtype=None, loaded: "dict[str, numpy.ndarray] | None" = None) -> LowRank | None:
+        """The delta as scale · B2 @ A2, or None for a kind that has no such form: numpy values
+        without ``dtype``, torch tensors of a torch ``dtype``."""
         return None
 
-    def with_factors(self, B2: "torch.Tensor", A2: "torch.Tensor") -> "AdapterModule":
+    def with_factors(self, B2: "numpy.ndarray | torch.Tensor", A2: "numpy.ndarray | torch.Tensor") -> "AdapterModule":
         """This module with the low-rank form B2 (out, k) @ A2 (k, in·kh·kw) at the scale its alpha
         gives rank k (resize and compose build modules this way); for kinds with a low-rank form."""
         raise NotImplementedError(f"a {self.module_kind} module has no low-rank form")
 
-    def singular_values(self, low_rank: LowRank | None = None) -> "torch.Tensor":
-        """The singular values of the scaled delta, descending, in float64: from the r×r core of
-        the low-rank form where there is one (``low_rank``, if the caller has it already), else
-        from the dense delta."""
-        import torch
-
+    def singular_values(self, low_rank: LowRank | None = None) -> "numpy.ndarray":
+        """The singular values of the scaled delta, descending, float64 numpy: from the r×r core
+        of the low-rank form where there is one (``low_rank``, if the caller has it already; no
+        torch), else from the dense delta (torch)."""
         from loratool.lowrank import singular_values
 
         lr = low_rank if low_rank is not None else self.low_rank()
         if lr is not None:
             return singular_values(lr.B2, lr.A2, lr.scale)
+        import torch
+
         d = self.delta(torch.float64)
-        return torch.linalg.svdvals(d.reshape(d.shape[0], -1))
+        return torch.linalg.svdvals(d.reshape(d.shape[0], -1)).numpy()
 
     def delta_rows(self, i: int, j: int, dtype=None) -> "torch.Tensor":
         """Rows [i, j) of ``delta`` (a kind with a cheaper blockwise form overrides this)."""
@@ -273,9 +289,10 @@ class AdapterModule(ABC):
         a bias or a magnitude)."""
         return [dtype_of(t) for t in self.tensors().values()]
 
-    def load(self) -> "dict[str, torch.Tensor]":
-        """Every tensor of the module, read once."""
-        return {role: load_tensor(src) for role, src in self.tensors().items()}
+    def load(self) -> "dict[str, numpy.ndarray]":
+        """Every tensor of the module, read once, as numpy values (``float_values``: exact, no
+        torch for float16, bfloat16, float32 and float64)."""
+        return {role: float_values(src) for role, src in self.tensors().items()}
 
     # -- overflow (issue 11) ------------------------------------------------------------------
     def overflow(self, limit: float, dtype: str, scale: float | None = None, mags: Magnitudes | None = None,

@@ -31,8 +31,10 @@ from loratool.kinds.base import (
     shape_of,
 )
 from loratool.kinds.layout import LayerKind
+from loratool.safetensors_io import host_tensor, st_dtype, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy
     import torch
 
 
@@ -138,45 +140,60 @@ class LoraModule(AdapterModule):
     def B(self) -> "torch.Tensor":
         return load_tensor(self.lora_B)
 
-    def factors_2d(self, dtype=None, loaded: "dict[str, torch.Tensor] | None" = None
-                   ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors_2d(self, dtype=None, loaded: "dict[str, numpy.ndarray] | None" = None):
         """(B2, A2) with B2 (out, r), A2 (r, in·kh·kw): delta_2d = scale · B2 @ A2 (before any
-        transpose/reshape into the base layout). ``loaded``: this module's tensors as ``load()``
-        returned them, so that they are not read again."""
-        a, b = (loaded["lora_A"], loaded["lora_B"]) if loaded is not None else (self.A(), self.B())
-        if dtype is not None:
+        transpose/reshape into the base layout). Without ``dtype``: numpy arrays of the exact
+        values (``float_values``, no torch); with a torch ``dtype`` (the merge, ``delta``): torch
+        tensors in it. ``loaded``: this module's tensors as ``load()`` returned them, so that they
+        are not read again."""
+        if dtype is None:
+            a, b = (float_values(loaded["lora_A"]), float_values(loaded["lora_B"])) if loaded is not None \
+                else (float_values(self.lora_A), float_values(self.lora_B))
+        else:
+            a, b = (load_tensor(loaded["lora_A"]), load_tensor(loaded["lora_B"])) if loaded is not None \
+                else (self.A(), self.B())
             a, b = a.to(dtype), b.to(dtype)
         return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1)
 
-    def low_rank(self, dtype=None, loaded: "dict[str, torch.Tensor] | None" = None) -> LowRank:
+    def low_rank(self, dtype=None, loaded: "dict[str, numpy.ndarray] | None" = None) -> LowRank:
         return LowRank(*self.factors_2d(dtype, loaded), self.scale)
 
-    def factors_like(self, B2: "torch.Tensor", A2: "torch.Tensor", dtype=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors_like(self, B2, A2, dtype=None):
         """2-D factors B2 (out, k), A2 (k, in·kh·kw) in this module's layout (conv: A keeps the
-        kernel, B is 1×1), as (B, A) in ``dtype`` (default: each factor's own dtype)."""
-        from loratool.safetensors_io import torch_dtype
-
+        kernel, B is 1×1), as (B, A) in ``dtype`` (a torch dtype or a safetensors name; default:
+        each factor's own dtype). numpy factors give ``HostTensor``s, rounded as torch rounds
+        (``safetensors_io.host_tensor``: no torch); torch factors give torch tensors."""
         k = A2.shape[0]
         a_shape, b_shape = shape_of(self.lora_A), shape_of(self.lora_B)
-        a_dtype, b_dtype = (dtype, dtype) if dtype is not None else (
-            torch_dtype(dtype_of(self.lora_A)), torch_dtype(dtype_of(self.lora_B)))
-        A = A2.reshape(k, *a_shape[1:]).to(a_dtype).contiguous()
-        B = B2.reshape(b_shape[0], k, *b_shape[2:]).to(b_dtype).contiguous()
+        a_shape, b_shape = (k, *a_shape[1:]), (b_shape[0], k, *b_shape[2:])
+        if dtype is not None and not isinstance(dtype, str):
+            dtype = st_dtype(dtype)
+        a_dtype, b_dtype = (dtype, dtype) if dtype is not None else (dtype_of(self.lora_A), dtype_of(self.lora_B))
+        if not hasattr(A2, "detach"):  # numpy
+            return host_tensor(B2.reshape(b_shape), b_dtype), host_tensor(A2.reshape(a_shape), a_dtype)
+        A = A2.reshape(a_shape).to(torch_dtype(a_dtype)).contiguous()
+        B = B2.reshape(b_shape).to(torch_dtype(b_dtype)).contiguous()
         return B, A
 
-    def with_factors(self, B2: "torch.Tensor", A2: "torch.Tensor") -> "LoraModule":
-        """This module with new factors of rank k = A2.shape[0] (in its layout and dtypes), alpha
-        kept, so its scale becomes PEFT's for rank k; a lora_B bias is multiplied by scale_old /
-        scale_new so that its contribution, scale · bias, is unchanged. The config follows the
-        tensors (config_rank k), and no source keys remain."""
-        import torch
-
+    def with_factors(self, B2, A2) -> "LoraModule":
+        """This module with new factors of rank k = A2.shape[0] (in its layout and dtypes; numpy
+        factors give ``HostTensor``s, torch factors torch tensors), alpha kept, so its scale
+        becomes PEFT's for rank k; a lora_B bias is multiplied by scale_old / scale_new so that its
+        contribution, scale · bias, is unchanged. The config follows the tensors (config_rank k),
+        and no source keys remain."""
         B, A = self.factors_like(B2, A2)
         new = dataclasses.replace(self, lora_A=A, lora_B=B, config_rank=A2.shape[0], config_alpha=self.alpha,
                                   source_keys={})
         if self.lora_B_bias is not None:
-            t = load_tensor(self.lora_B_bias)
-            new.lora_B_bias = (t.to(torch.float64) * (self.scale / new.scale)).to(t.dtype)
+            ratio = self.scale / new.scale
+            if not hasattr(A2, "detach"):
+                new.lora_B_bias = host_tensor(float_values(self.lora_B_bias).astype("f8") * ratio,
+                                              dtype_of(self.lora_B_bias))
+            else:
+                import torch
+
+                t = load_tensor(self.lora_B_bias)
+                new.lora_B_bias = (t.to(torch.float64) * ratio).to(t.dtype)
         return new
 
     def delta(self, dtype=None) -> "torch.Tensor":
