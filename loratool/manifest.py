@@ -303,7 +303,9 @@ def record_manifest(
     api: Any = None,
 ) -> tuple[Manifest, Path]:
     """``loratool manifest``: fingerprint the base (if given), keep the lineage of an existing
-    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter.
+    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter. A
+    local base the adapter does not fit (``check_fit``) is refused: a manifest pins the base that
+    every later command trusts.
 
     Only an adapter at a local path gets one: a registry adapter's files are its content (their
     digest is its name), and a Hub snapshot belongs to the Hugging Face cache."""
@@ -314,6 +316,8 @@ def record_manifest(
                          "manifest in DIR, then add DIR again")
     adapter = _as_adapter(adapter_path)
     existing = load_manifest(adapter_path)
+    if base is not None:
+        check_fit(adapter, base)
     base_fp = _fingerprint(base, cache, True, refresh, api) if base is not None else (existing.base if existing else None)
     lineage = existing.lineage if existing else [lineage_entry("created", inputs=[base_fp] if base_fp else [])]
     manifest = build_manifest(adapter, base_fp=base_fp, lineage=lineage, cache=cache)
@@ -367,12 +371,41 @@ def _fit_problems(adapter: "Adapter", ckpt: "BaseCheckpoint") -> list[str]:
     return out
 
 
-def _same_name(a: str, b: str) -> bool:
-    """Names as PEFT and transformers record them: Hub ids or local paths; compare the last part."""
+def check_fit(adapter: "Adapter", base: BaseLike) -> None:
+    """Refuse (``BaseMismatchError``, exit 3, one line) a local ``base`` whose tensors the
+    adapter's modules do not fit (``_fit_problems``: each module's own ``fit_in``). A Hub base or
+    a bare fingerprint has no headers here to check."""
+    from loratool.checkpoint import BaseCheckpoint
+
+    if isinstance(base, BaseFingerprint) or (isinstance(base, str) and parse_hub_ref(base) is not None):
+        return
+    ckpt = base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
+    problems = _fit_problems(adapter, ckpt)
+    if problems:
+        total = len(adapter.modules) + len(adapter.modules_to_save)
+        raise BaseMismatchError(
+            f"{adapter.path or 'the adapter'} does not fit {ckpt.path} ({len(problems)} of its {total} modules "
+            f"and tensors): {listed(problems, _LIST_LIMIT)}; no manifest written: give the base the adapter "
+            "was trained on")
+
+
+def same_base_name(a: str, b: str) -> bool:
+    """Names as PEFT and transformers record them: Hub ids or local paths; compare the last part
+    (``meta-llama/Llama-3.2-1B`` and ``/models/Llama-3.2-1B`` are one base)."""
     def last(s: str) -> str:
         return s.rstrip("/").rsplit("/", 1)[-1].lower()
 
     return last(a) == last(b)
+
+
+def same_base_fingerprint(a: BaseFingerprint, b: BaseFingerprint) -> bool | None:
+    """Whether two recorded bases are one: by content where both record it, else by structure
+    (tensor names, shapes, dtypes); None when they record nothing comparable."""
+    for attr in ("content", "structure"):
+        x, y = getattr(a, attr), getattr(b, attr)
+        if x and y:
+            return x == y
+    return None
 
 
 def _record_hint(adapter_path: Path | None) -> str:
@@ -466,7 +499,7 @@ def check_base(
         declared = declared or (a.base_model if a else None)
         # names from configs are a stranger's JSON: compared only when both are text
         if isinstance(declared, str) and isinstance(found_name, str) and declared and found_name \
-                and not _same_name(declared, found_name):
+                and not same_base_name(declared, found_name):
             result.warnings.append(f"{label} names its base {declared!r}, but {base_label} is {found_name!r}")
         if a is not None and ckpt is not None:
             result.structure = "match"

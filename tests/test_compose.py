@@ -199,3 +199,69 @@ def test_kohya_inputs_give_a_kohya_output(tmp_path):
         M = W[0] * A.modules[name].delta(torch.float64) + W[1] * B.modules[name].delta(torch.float64)
         assert m.rank == 12 and m.alpha == 12 and m.dtypes() == {"F16"}
         assert rel(m.delta(torch.float64), M) < 2e-3, name  # exact up to float16 factors
+
+
+# -- adapters of different models (issue 13) ------------------------------------------------------
+
+def _renamed(src, dst, **fields):
+    """A copy of the PEFT adapter ``src`` whose adapter_config.json says ``fields``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("fa,fb,what", [
+    ({"base_model_name_or_path": "google/gemma-3-270m-it"}, {"base_model_name_or_path": "bigscience/bloom-560m"},
+     "base 'google/gemma-3-270m-it' vs 'bigscience/bloom-560m'"),
+    ({"base_model_name_or_path": "distilbert/distilgpt2"}, {"base_model_name_or_path": "openai-community/gpt2"},
+     "base 'distilbert/distilgpt2' vs 'openai-community/gpt2'"),
+    ({"task_type": "CAUSAL_LM"}, {"task_type": "SEQ_CLS"}, "task type CAUSAL_LM vs SEQ_CLS"),
+])
+def test_adapters_of_different_models_are_refused(pair, tmp_path, capsys, fa, fb, what):
+    a = _renamed(pair[0], tmp_path / "a", **fa)
+    b = _renamed(pair[1], tmp_path / "b", **fb)
+    with pytest.raises(SystemExit) as e:
+        main(["compose", "--adapters", f"{a},{b}", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"{a} and {b} are for different models: {what}" in err and "--allow-different-bases" in err
+    assert not (tmp_path / "out").exists()
+    # the override composes them, and the output's lineage says what was overridden
+    with pytest.raises(SystemExit) as e:
+        main(["compose", "--adapters", f"{a},{b}", "-o", str(tmp_path / "out"), "--allow-different-bases", "--json"])
+    assert e.value.code == 0
+    captured = capsys.readouterr()
+    assert what in captured.err and "--allow-different-bases" in captured.err
+    from loratool.manifest import load_manifest
+
+    step = load_manifest(tmp_path / "out").lineage[-1]
+    assert step.operation == "composed" and what in step.base_mismatch
+    assert step.params["allow_different_bases"] is True
+
+
+def test_one_base_under_two_names_composes(pair, tmp_path):
+    a = _renamed(pair[0], tmp_path / "a", base_model_name_or_path="/models/Llama-3.2-1B/", task_type="causal_lm")
+    b = _renamed(pair[1], tmp_path / "b", base_model_name_or_path="meta-llama/Llama-3.2-1B", task_type="CAUSAL_LM")
+    c = _renamed(pair[1], tmp_path / "c", base_model_name_or_path=None, task_type=None)  # records nothing
+    out, report = compose_adapters([load_adapter(p) for p in (a, b, c)], (1.0, 1.0, 1.0))
+    assert out.base_model == "/models/Llama-3.2-1B/" and not any("different" in w for w in report.warnings)
+
+
+def test_manifests_recording_different_bases_are_refused(fixtures_dir, tmp_path):
+    import shutil
+
+    from loratool.manifest import record_manifest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(fixtures_dir / "llama_r8", a)
+    shutil.copytree(fixtures_dir / "llama_r8", b)
+    record_manifest(a, base=fixtures_dir / "base_llama")
+    record_manifest(b, base=fixtures_dir / "base_llama_other")  # same shapes, other weights
+    with pytest.raises(InputError, match="their manifests record different bases"):
+        compose_adapters([load_adapter(a), load_adapter(b)], W)
+    record_manifest(b, base=fixtures_dir / "base_llama")
+    compose_adapters([load_adapter(a), load_adapter(b)], W)

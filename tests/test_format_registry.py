@@ -82,8 +82,10 @@ def test_unknown_layout_names_every_format(tmp_path):
     save_file({"something.weight": torch.ones(2)}, str(path))
     with pytest.raises(FormatError) as e:
         load_adapter(path)
-    assert ("expected PEFT (…lora_A.weight), kohya (lora_unet_….lora_down.weight) or diffusers "
-            "(unet.….lora_A.weight); pass --format") in str(e.value)
+    msg = str(e.value)
+    assert ("expected PEFT (base_model.model.….lora_A.weight, with adapter_config.json beside it); kohya "
+            "(lora_unet_….lora_down.weight); or diffusers (unet.….lora_A.weight") in msg
+    assert "take --format NAME" in msg and f"loratool convert {path} --format NAME" in msg
 
 
 # -- typed configs ----------------------------------------------------------------------------------

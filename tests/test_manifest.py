@@ -320,3 +320,23 @@ def test_cli_manifest(tmp_path, cli):
     m = load_manifest(adapter)
     assert m.base.content == fingerprint_base(base).content
     assert_valid(m)
+
+
+@pytest.mark.parametrize("adapter,base,found", [
+    # an SD kohya LoRA is no Llama adapter (issue 13: it was pinned there, exit 0)
+    ("kohya_sd.safetensors", "base_llama", "the base has no tensor text_encoder."),
+    # the right names, the wrong shapes (intermediate_size 96, not 128)
+    ("llama_r8", "base_llama_wrong", "has shape [96, 64]"),
+])
+def test_cli_manifest_refuses_a_base_the_adapter_does_not_fit(fixtures_dir, tmp_path, cli, adapter, base, found):
+    import shutil
+
+    src = tmp_path / adapter
+    (shutil.copytree if (fixtures_dir / adapter).is_dir() else shutil.copy)(fixtures_dir / adapter, src)
+    r = cli("manifest", src, "--base", fixtures_dir / base, env={"LORATOOL_HOME": str(tmp_path / "home")})
+    assert r.returncode == EXIT_BASE_MISMATCH and r.stderr.count("\n") == 1, r.stderr
+    assert f"{src} does not fit {fixtures_dir / base}" in r.stderr and found in r.stderr
+    assert not os.path.lexists(manifest_path(src))  # nothing pinned
+    if base == "base_llama_wrong":  # the base it was trained on is accepted
+        assert cli("manifest", src, "--base", fixtures_dir / "base_llama",
+                   env={"LORATOOL_HOME": str(tmp_path / "home")}).returncode == 0

@@ -24,8 +24,11 @@ from loratool.compose_methods import get_method, method_names, methods, methods_
 @rank_rule_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-different-bases", is_flag=True,
+              help="Compose adapters whose configs or manifests record different base models or task types "
+                   "(refused otherwise); the override is recorded in the output's lineage.")
 def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank,
-                as_json, overwrite):
+                as_json, overwrite, allow_different_bases):
     """Combine adapters into one: Σ wᵢ·ΔWᵢ per module over the union of their targets.
 
     The default rank is the largest input rank (every method but cat). The output has scale 1
@@ -39,7 +42,8 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
     parsed = parse_adapter_specs(specs)
     options = (rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank)
     rule = RankRule.from_options(*options) if any(v is not None for v in options) else None
-    report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite)
+    report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite,
+                           allow_different_bases=allow_different_bases)
     warn(report.warnings)
     emit(report, as_json, render)
     return 0

@@ -41,6 +41,13 @@ def get_format(name: str) -> Format:
     raise UsageError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}")
 
 
+# The commands whose --format overrides detection (a test keeps this in step with the CLI); any
+# other command reads what one of them wrote.
+FORMAT_OPTION_COMMANDS = ("convert", "inspect", "resize", "validate")
+FORMAT_HINT = (f"If you know its format, `{'`, `'.join(FORMAT_OPTION_COMMANDS)}` take --format NAME; for other "
+               "commands, convert it first: `loratool convert {path} --format NAME --to peft -o DIR`")
+
+
 def _describe_keys(keys: list[str], n: int = 3) -> str:
     shown = ", ".join(repr(k) for k in keys[:n])
     return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
@@ -79,17 +86,19 @@ def detect_format(path: str | os.PathLike) -> str:
         raise refuse_pickle(path, sniff_pickle(path))
     st = SafetensorsFile(path)
     keys = st.keys()
-    for f in sorted(REGISTRY, key=lambda f: f.sniff_order):
-        if f.sniff_keys(keys):
-            if f.needs_marker:
-                raise InputError(f"{path}: {f.needs_marker}")
-            return f.name
+    ordered = sorted(REGISTRY, key=lambda f: f.sniff_order)
+    found = next((f for f in ordered if f.sniff_metadata and f.sniff_metadata(keys, st.metadata)), None) \
+        or next((f for f in ordered if f.sniff_keys(keys)), None)
+    if found is not None:
+        if found.needs_marker:
+            raise InputError(f"{path}: {found.needs_marker}")
+        return found.name
     if not keys:
         raise FormatError(f"{path}: holds no tensors; not a LoRA adapter")
     expected = [f"{f.title} ({f.key_example})" for f in REGISTRY]
     raise FormatError(
-        f"{path}: unknown key layout: no LoRA factor names found (keys: {_describe_keys(sorted(keys))}); "
-        f"expected {', '.join(expected[:-1])} or {expected[-1]}; pass --format if you know better"
+        f"{path}: unknown key layout (keys: {_describe_keys(sorted(keys))}); expected "
+        f"{'; '.join(expected[:-1])}; or {expected[-1]}. {FORMAT_HINT.format(path=path)}"
     )
 
 

@@ -72,5 +72,9 @@ class Format:
     needs_marker: str | None = None
     # ``write`` for ``convert``, when converting carries more than writing (the source's metadata).
     write_converted: Callable[..., Any] | None = None
+    # Whether a .safetensors file's keys with its metadata are this format, where the keys alone
+    # cannot tell (diffusers' unprefixed lora_A/lora_B keys with ``lora_adapter_metadata``): tried
+    # for every format before any ``sniff_keys``.
+    sniff_metadata: Callable[[list[str], dict[str, str]], bool] | None = None
     peft_loadable: bool = False  # PEFT loads it into a transformers model as it is (forward parity)
     library_name: str | None = None  # the Hub's library_name for a model card of it

@@ -1,7 +1,10 @@
 """diffusers LoRA files: ``pytorch_lora_weights.safetensors`` (or any one .safetensors file).
 
 Keys carry the pipeline component as prefix (``unet.``, ``text_encoder.``, ``text_encoder_2.``,
-``transformer.``) followed by the module's path in that component. Three generations exist:
+``transformer.``) followed by the module's path in that component; a model's own save
+(``ModelMixin.save_lora_adapter``, once ``unet.save_attn_procs``) has no prefix. Detection: a
+component prefix with any factor name below, diffusers' own older factor names with or without
+one, or PEFT's names without a prefix plus ``lora_adapter_metadata``. Three generations exist:
 
   PEFT-style (diffusers >= 0.22)    unet.<module>.lora_A.weight / .lora_B.weight
                                     (+ .lora_magnitude_vector, .lora_B.bias, lora_embedding_A/B)
@@ -34,13 +37,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem, module_of
+from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem, float_values, module_of
 from loratool.text import number
 from loratool.errors import FormatError, InputError, OutputError, UsageError
 from loratool.formats import kohya, sdnames
 from loratool.formats.base import MISSING_FACTOR, BAD_FACTOR, Format, ReadProblem, factor_check
 from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, check_config_fields
-from loratool.formats.peft import build_pattern
+from loratool.formats.peft import PREFIX as PEFT_PREFIX, build_pattern
 from loratool.boundary import parse_json
 from loratool.safetensors_io import SafetensorsFile, atomic_dir, atomic_path, write_safetensors
 
@@ -74,8 +77,21 @@ _PROCESSOR = {"to_q": ("to_q", "q_proj"), "to_k": ("to_k", "k_proj"), "to_v": ("
               "to_out": ("to_out.0", "out_proj")}
 
 
+# factor names only diffusers writes, so they say diffusers with a component prefix or without
+# one (``unet.save_attn_procs`` saved the UNet's modules bare: ``down_blocks.….processor.to_q_lora.down.weight``)
+_OWN_SUFFIXES = ("_lora.down.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
+
+
 def sniff_keys(keys: list[str]) -> bool:
-    return any(k.split(".", 1)[0] in COMPONENTS and k.endswith(_FACTOR_SUFFIXES) for k in keys)
+    return any((k.split(".", 1)[0] in COMPONENTS and k.endswith(_FACTOR_SUFFIXES)) or k.endswith(_OWN_SUFFIXES)
+               for k in keys)
+
+
+def sniff_metadata(keys: list[str], metadata: dict[str, str]) -> bool:
+    """A model's LoRA saved by diffusers (``ModelMixin.save_lora_adapter``): PEFT's factor names
+    with no prefix, the LoraConfig in ``lora_adapter_metadata``."""
+    return METADATA_KEY in metadata and any(k.endswith(_FACTOR_SUFFIXES) and not k.startswith(PEFT_PREFIX)
+                                            for k in keys)
 
 
 def _split(key: str) -> tuple[str, str, str] | None:
@@ -182,7 +198,7 @@ def read(path: Path) -> Adapter:
             config_alpha = alpha
             use_rslora = cfg.use_rslora
         elif "alpha" in keys:
-            alpha = float(st.ref(keys["alpha"]).load().reshape(-1)[0].item())
+            alpha = float(float_values(st.ref(keys["alpha"])).reshape(-1)[0])
         else:
             alpha = float(sa[0])  # diffusers' default: lora_alpha = r per module
         if emb:
@@ -335,8 +351,9 @@ FORMAT = Format(
     read=read,
     write=write,
     sniff_keys=sniff_keys,
+    sniff_metadata=sniff_metadata,
     sniff_order=1,  # before PEFT: both name factors lora_A/lora_B
-    key_example="unet.….lora_A.weight",
+    key_example=f"unet.….lora_A.weight, or no prefix with {METADATA_KEY!r} metadata, or …processor.to_q_lora.down.weight",
     writes_directory=True,
     writes_file=True,
     marker=WEIGHTS,

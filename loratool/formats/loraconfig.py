@@ -25,6 +25,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_RANK = 2**31 - 1  # far beyond any real rank; keeps alpha/r and shapes in range
 DEFAULT_R = DEFAULT_ALPHA = 8  # LoraConfig's defaults
+# The heads PEFT's task models add to modules_to_save whatever the config says, on creation and on
+# loading (peft/peft_model.py: PeftModelForSequenceClassification and ...TokenClassification
+# "classifier", "score"; PeftModelForQuestionAnswering "qa_outputs").
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def _short(key: str, limit: int = 80) -> str:
@@ -170,6 +178,15 @@ class LoraConfig(FormatConfig):
     @property
     def modules_to_save(self) -> list[str]:
         return self.fields.get("modules_to_save") or []
+
+    @property
+    def saved_modules(self) -> list[str]:
+        """The modules_to_save PEFT loads the adapter with: the config's, plus the head its task
+        model adds (``TASK_MODULES_TO_SAVE``; a SEQ_CLS adapter's ``score`` even when the config
+        says ``modules_to_save: null``)."""
+        own = self.modules_to_save
+        task = TASK_MODULES_TO_SAVE.get((self.task_type or "").upper(), ())
+        return own + [m for m in task if m not in own]
 
     @property
     def use_rslora(self) -> bool:

@@ -181,14 +181,17 @@ def read(path: Path, component: str = "") -> Adapter:
             config_alpha=alpha,
         )
 
-    mts_patterns = config.modules_to_save
+    mts_patterns = config.saved_modules  # the config's, plus the head of its task type
     modules_to_save: dict[str, TensorSource] = {}
     extra: dict[str, TensorSource] = {}
     for k, ref in others.items():
         k2 = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
-        mod = k2.rsplit(".", 1)[0]
-        # PEFT's rule (_set_trainable): the module name ends with the entry, no dot boundary
-        if any(mod.endswith(p) for p in mts_patterns) and ".base_layer." not in k2:
+        # PEFT's rule (_set_trainable): a module whose name ends with the entry (no dot boundary)
+        # is saved whole, so a tensor is saved when its module or one above it matches
+        # (RoBERTa's head ``classifier`` saves ``classifier.dense.weight``)
+        owners = k2.split(".")[:-1]
+        paths = [".".join(owners[:i]) for i in range(1, len(owners) + 1)]
+        if any(m.endswith(p) for m in paths for p in mts_patterns) and ".base_layer." not in k2:
             modules_to_save[prefix + k2] = ref
         else:
             extra[prefix + k2] = ref
@@ -398,7 +401,7 @@ FORMAT = Format(
     write_converted=write_converted,
     sniff_keys=sniff_keys,
     sniff_order=2,  # kohya and diffusers keys are more specific
-    key_example="…lora_A.weight",
+    key_example=f"{PREFIX}….lora_A.weight, with {CONFIG} beside it",
     writes_directory=True,
     writes_file=False,
     marker=CONFIG,
