@@ -56,7 +56,7 @@ def resize_module(m: AdapterModule, rule: RankRule) -> tuple[AdapterModule, "Mod
     total = float((S ** 2).sum())
     warning = None
     k = rule.choose(S, shape)
-    row = dict(name=m.name, kind=m.kind.value, old_rank=r, old_alpha=m.alpha, singular_values=n)
+    row = dict(name=m.name, kind=m.kind.value, old_rank=r, old_alpha=m.alpha, numerical_rank=n)
     if rule.rank is not None and k > r:
         warning = f"module {m.name!r}: asked rank {k} is above its rank {r}; left as it is"
         return m, ModuleResize(**row, new_rank=r, new_alpha=m.alpha, energy_kept=1.0, relative_error=0.0,

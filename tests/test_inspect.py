@@ -27,7 +27,7 @@ def test_summary_of_an_all_linear_adapter(fixtures_dir):
 
 def test_patterns_flags_and_extras(fixtures_dir):
     r = inspect_path(fixtures_dir / "llama_rslora_patterns", modules=True)
-    assert r.rank is None and r.ranks == {"2": 1, "4": 2, "8": 11}
+    assert r.rank is None and r.rank_counts == {"2": 1, "4": 2, "8": 11}
     assert r.scale is None and r.use_rslora
     q0 = next(m for m in r.modules if m.name == "model.layers.0.self_attn.q_proj")
     assert q0.rank == 4 and q0.scale == pytest.approx(16 / 2)

@@ -83,8 +83,8 @@ def test_energy_rule_gives_ranks_per_module_and_loads_in_peft(tmp_path):
         assert rows[name].new_rank == ranks[name], name
         assert rows[name].energy_kept >= 0.9 or (e is not None and ranks[name] == 8)
     assert rows["model.layers.1.self_attn.v_proj"].new_rank == 1  # zero module: rank 1 of zeros
-    assert rows["model.layers.1.self_attn.v_proj"].singular_values == 0
-    assert rows["model.layers.0.self_attn.q_proj"].singular_values == 3
+    assert rows["model.layers.1.self_attn.v_proj"].numerical_rank == 0
+    assert rows["model.layers.0.self_attn.q_proj"].numerical_rank == 3
     assert len(set(ranks.values())) >= 3
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"] and not cfg["alpha_pattern"]

@@ -39,8 +39,8 @@ def render(r) -> None:
     t.add_row("modules", str(r.num_modules))
     t.add_row("targets", ", ".join(r.targets) or "-")
     t.add_row("kinds", ", ".join(f"{k} ×{v}" for k, v in r.kinds.items()) or "-")
-    t.add_row("rank", fmt_num(r.rank) if r.rank is not None else ", ".join(f"{k} ×{v}" for k, v in r.ranks.items()))
-    t.add_row("alpha", fmt_num(r.alpha) if r.alpha is not None else ", ".join(f"{k} ×{v}" for k, v in r.alphas.items()))
+    t.add_row("rank", fmt_num(r.rank) if r.rank is not None else ", ".join(f"{k} ×{v}" for k, v in r.rank_counts.items()))
+    t.add_row("alpha", fmt_num(r.alpha) if r.alpha is not None else ", ".join(f"{k} ×{v}" for k, v in r.alpha_counts.items()))
     t.add_row("scale", fmt_num(r.scale) if r.scale is not None else "varies per module")
     flags = [name for name, on in (("rsLoRA", r.use_rslora), ("DoRA", r.use_dora), ("lora_bias", r.lora_bias)) if on]
     t.add_row("flags", ", ".join(flags) or "-")

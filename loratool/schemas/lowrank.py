@@ -16,7 +16,7 @@ class ModuleResize(BaseModel):
     new_alpha: float
     energy_kept: float = Field(description="Share of ‖ΔW‖²_F (sum of σ²) kept by the new rank; 1 for a zero delta")
     relative_error: float = Field(description="‖ΔW − ΔW_k‖_F / ‖ΔW‖_F of the optimal rank-k truncation (0 for a zero delta)")
-    singular_values: int = Field(description="Numerical rank of the delta (σ above rounding noise)")
+    numerical_rank: int = Field(description="Numerical rank of the delta (σ above rounding noise)")
     status: str = Field(description="resized | unchanged (rule keeps every component) | kept (asked rank above the current one)")
 
 

@@ -28,7 +28,7 @@ class ModuleReport(BaseModel):
     b_shape: list[int]
     base_shape: list[int] = Field(description="Shape of the base weight the delta is added to")
     dtype: str
-    params: int
+    num_params: int
     dora: bool = False
     lora_bias: bool = False
     spectrum: Optional[Spectrum] = None
@@ -46,9 +46,9 @@ class InspectReport(BaseModel):
     num_modules: int
     targets: list[str] = Field(description="Short target names (last path component)")
     rank: Optional[int] = Field(None, description="The rank when all modules share it")
-    ranks: dict[str, int] = Field(description="rank -> number of modules with it")
+    rank_counts: dict[str, int] = Field(description="rank -> number of modules with it")
     alpha: Optional[float] = Field(None, description="The alpha when all modules share it")
-    alphas: dict[str, int] = Field(description="alpha -> number of modules with it")
+    alpha_counts: dict[str, int] = Field(description="alpha -> number of modules with it")
     scale: Optional[float] = Field(None, description="The scale when all modules share it")
     use_rslora: bool
     use_dora: bool
