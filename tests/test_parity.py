@@ -206,3 +206,20 @@ def test_ulp():
     assert ulp(x, "F32").tolist()[0] == 2**-23
     assert ulp(x, "F16").tolist()[4] == 2**-24  # subnormal spacing
     assert ulp(x, "BF16").tolist()[5] == 2**-133
+
+
+def test_one_ulp_rule_for_torch_and_numpy_checks():
+    """parity.ulp (torch paths) is paritystream's exponent rule: the spacing of dtype values at
+    |x| (x = m·2^e), never below the smallest normal's, as frexp/ldexp define it."""
+    import torch
+
+    from loratool.merge.parity import ulp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([0.0, 1.0, 1.5, -3.0, 1e-40, 65504.0, 2.0**-130, 1e300], dtype=torch.float64),
+                   torch.randn(1000, generator=g, dtype=torch.float64)
+                   * torch.pow(10.0, torch.randint(-40, 40, (1000,), generator=g).double())])
+    for dtype, (mant, emin) in {"BF16": (7, -126), "F16": (10, -14), "F32": (23, -126), "F64": (52, -1022)}.items():
+        _, e = torch.frexp(x)
+        exp = torch.where(x == 0, emin, torch.clamp(e.to(torch.int64) - 1, min=emin))
+        assert torch.equal(ulp(x, dtype), torch.ldexp(torch.ones_like(x), exp - mant)), dtype

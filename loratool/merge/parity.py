@@ -47,20 +47,22 @@ from loratool.safetensors_io import TensorRef, torch_dtype
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-U32 = 2.0**-24  # float32 unit roundoff
+U32 = paritystream.U32  # float32 unit roundoff
 # safetensors dtype -> (mantissa bits, smallest normal exponent)
-FLOAT_FORMATS = {"BF16": (7, -126), "F16": (10, -14), "F32": (23, -126), "F64": (52, -1022)}
+FLOAT_FORMATS = paritystream.FORMATS  # safetensors dtype -> (raw elements, mantissa bits, smallest normal exponent)
 TOLERANCE = "|M - X| <= 1 ulp(X) + float32 accumulation bound; X computed in float64"
 
 
 def ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
-    """The spacing of ``dtype`` values around each (float64) value of ``x``."""
+    """The spacing of ``dtype`` values around each (float64) value of ``x``: the one ulp rule,
+    ``paritystream.exponent_floor`` (X's power of two, at least the smallest normal) times
+    2^-mantissa, for the tensors parity checks in torch."""
+    import numpy as np
     import torch
 
-    mant, emin = FLOAT_FORMATS[dtype]
-    _, e = torch.frexp(x)  # x = m·2^e, ½ ≤ |m| < 1
-    exp = torch.where(x == 0, emin, torch.clamp(e.to(torch.int64) - 1, min=emin))
-    return torch.ldexp(torch.ones_like(x), exp - mant)
+    xn = np.ascontiguousarray(x.detach().to("cpu", torch.float64).numpy())
+    u = paritystream.exponent_floor(xn, dtype, np.empty_like(xn))
+    return torch.from_numpy(u * 2.0 ** -paritystream.FORMATS[dtype][1])
 
 
 class LayerParity(BaseModel):
