@@ -1,7 +1,7 @@
 """Canonical JSON: the one serialization whose sha256 is a digest (issue 12, "one of each").
 
 Config digests (``loratool.fingerprint.config_digest``) and registry trees (the sha256 of a
-tree's canonical JSON is the adapter's ``sha256:`` digest, ``loratool.registry.models.Tree``)
+tree's canonical JSON is the adapter's ``sha256:`` digest, ``loratool.schemas.registry.Tree``)
 both hash this text, so equal values give equal digests whatever their insertion or hash order:
 
 * keys sorted, no whitespace (``separators=(",", ":")``);

@@ -94,7 +94,7 @@ def list_cmd(ctx, name, fits, as_json):
     from loratool.registry.core import Registry
 
     from loratool.boundary import default_home
-    from loratool.registry.models import ListReport
+    from loratool.schemas.registry import ListReport
 
     home = _home(ctx)
     if _not_made_yet(Path(home) if home else default_home()):  # read-only: no registry is an empty one

@@ -8,49 +8,14 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pydantic import BaseModel, Field
 
 from loratool import boundary
 from loratool.manifest import BaseGuard, merged_manifest, write_merged_manifest
 from loratool.merge.executor import _execute
-from loratool.merge.parity import LayerDistance, tensor_distance
+from loratool.merge.parity import tensor_distance
 from loratool.merge.plan import TORCH_NAMES, Action, MergePlan, plan_merge
 from loratool.merge.specs import AdapterSpec, _specs, load_adapters, parse_size
-
-
-class MergeResult(BaseModel):
-    """What ``merge``/``unmerge`` wrote."""
-
-    operation: str  # "merge" | "unmerge"
-    out: str
-    base: str
-    adapters: list[str]  # PATH:WEIGHT
-    device: str
-    dtype: str  # "keep" or the output dtype
-    # counts are num_* in every command's JSON (lists and objects keep plain plural names)
-    num_tensors: int
-    num_merged: int  # tensors changed by LoRA deltas (weights and lora_bias biases)
-    num_replaced: int  # modules_to_save (merge) or restored from the base (unmerge)
-    num_copied: int  # raw bytes, never decoded
-    num_cast: int  # converted to --dtype only
-    num_files: int  # safetensors files written
-    bytes_written: int
-    seconds: float
-    warnings: list[str] = []
-    # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
-    # CLI before ``warnings``, and left out of --json (its output is unchanged since issue 12)
-    base_warnings: list[str] = Field(default_factory=list, exclude=True)
-
-    def describe(self) -> str:
-        verb = "merged" if self.operation == "merge" else "unmerged"
-        parts = [f"{self.num_merged} {verb}"]
-        if self.num_replaced:
-            parts.append(f"{self.num_replaced} {'replaced' if self.operation == 'merge' else 'restored'}")
-        parts.append(f"{self.num_copied} copied raw")
-        if self.num_cast:
-            parts.append(f"{self.num_cast} cast to {self.dtype}")
-        return (f"wrote {self.out}: {self.num_tensors} tensors ({', '.join(parts)}) in {self.num_files} "
-                f"file(s), {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}")
+from loratool.schemas.merge import MergeResult, UnmergeResult
 
 
 def _check_paths(out: Path, inputs: Sequence[Path], overwrite: bool, single_file: bool) -> None:
@@ -192,14 +157,6 @@ def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, 
         warnings=plan.warnings,
         base_warnings=base_warnings,
     )
-
-
-class UnmergeResult(MergeResult):
-    """``unmerge`` output, with the distance to the original base when it was given."""
-
-    distance: list[LayerDistance] = []
-    max_ulp: float | None = None
-    max_abs: float | None = None
 
 
 def unmerge(

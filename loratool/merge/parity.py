@@ -32,10 +32,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from pydantic import BaseModel, Field
 
 from loratool.boundary import open_regular
 from loratool.errors import UsageError
+from loratool.schemas.merge import (  # noqa: F401  (the models, re-exported)
+    TOLERANCE,
+    ForwardParity,
+    LayerDistance,
+    LayerParity,
+    ParityReport,
+)
 from loratool.formats import get_format
 from loratool.manifest import BaseGuard
 from loratool.merge import paritystream
@@ -50,7 +56,6 @@ if TYPE_CHECKING:  # pragma: no cover
 U32 = paritystream.U32  # float32 unit roundoff
 # safetensors dtype -> (mantissa bits, smallest normal exponent)
 FLOAT_FORMATS = paritystream.FORMATS  # safetensors dtype -> (raw elements, mantissa bits, smallest normal exponent)
-TOLERANCE = "|M - X| <= 1 ulp(X) + float32 accumulation bound; X computed in float64"
 
 
 def ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
@@ -63,63 +68,6 @@ def ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
     xn = np.ascontiguousarray(x.detach().to("cpu", torch.float64).numpy())
     u = paritystream.exponent_floor(xn, dtype, np.empty_like(xn))
     return torch.from_numpy(u * 2.0 ** -paritystream.FORMATS[dtype][1])
-
-
-class LayerParity(BaseModel):
-    name: str
-    action: str  # merge | replace
-    kind: str | None  # linear | conv1d | conv2d | embedding | bias
-    dora: bool = False
-    dtype: str
-    numel: int
-    adapters: list[str]
-    max_abs_err: float
-    max_ulp_err: float  # |M − X| / ulp(X)
-    max_err_over_tol: float  # |M − X| / tolerance: ≤ 1 passes
-    bad: int  # elements outside the tolerance
-    ok: bool
-
-
-class ForwardParity(BaseModel):
-    model_class: str
-    batch: int
-    seq_len: int
-    max_abs_diff: float
-    max_abs_logit: float
-    top1_agreement: float
-    min_top1: float
-    ok: bool
-
-
-class LayerDistance(BaseModel):
-    """How far one tensor is from another (``unmerge --base``: the result from the original)."""
-
-    name: str
-    dtype: str
-    numel: int
-    differing: int  # elements that are not bit-equal
-    max_abs: float
-    max_ulp: float  # in ulps of the reference tensor's dtype at the reference value
-
-
-class ParityReport(BaseModel):
-    base: str
-    merged: str
-    adapters: list[str]
-    ok: bool
-    tolerance: str = TOLERANCE
-    layers: list[LayerParity]  # the touched tensors, in checkpoint order
-    untouched: int  # tensors checked for byte (or cast) equality
-    untouched_mismatched: list[str] = []
-    missing: list[str] = []  # in the base, not in the merged checkpoint
-    unexpected: list[str] = []  # in the merged checkpoint, not in the base
-    problems: list[str] = []  # shape or dtype disagreements
-    max_ulp_err: float = 0.0
-    max_err_over_tol: float = 0.0
-    forward: ForwardParity | None = None
-    # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
-    # CLI, left out of --json (as before issue 12)
-    base_warnings: list[str] = Field(default_factory=list, exclude=True)
 
 
 # -- reading ------------------------------------------------------------------------------------

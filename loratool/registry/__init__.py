@@ -7,7 +7,8 @@ the Hugging Face Hub as its remote.
     refs.py    references (name, name@3, name:prod, sha256:…, hf://…): parsing only;
                ``loratool.resolve`` turns them into paths
     hub.py     download (adapter files only, into the HF cache), pull, push with a model card
-    models.py  the typed results (``--json`` prints them)
+    export.py  export in the registered format or converted
+The typed results (``--json`` prints them) are in ``loratool.schemas.registry``.
 
 Nothing is imported here: ``refs`` is parsed for every ``--adapters`` and must stay cheap to import.
 """

@@ -30,7 +30,7 @@ from loratool.text import listed, number, utc_now
 from loratool.errors import AmbiguousRefError, InputError, NotInRegistryError, UsageError
 from loratool.fingerprint import HashCache, hash_files
 from loratool.registry.index import Index
-from loratool.registry.models import (
+from loratool.schemas.registry import (
     AddResult,
     BaseInfo,
     CorruptBlob,

@@ -16,7 +16,7 @@ from loratool.boundary import note_input
 from loratool.errors import UsageError
 from loratool.formats import FORMATS
 from loratool.registry.core import Registry, protected_home
-from loratool.registry.models import ExportResult
+from loratool.schemas.registry import ExportResult
 
 
 def export(ref: str, out: str | os.PathLike, format: str | None = None, overwrite: bool = False,

@@ -21,7 +21,7 @@ from loratool.boundary import default_home
 from loratool.text import HUB_PREFIX
 from loratool.errors import InputError, UsageError
 from loratool.formats import get_format
-from loratool.registry.models import AddResult, PushResult, Source
+from loratool.schemas.registry import AddResult, PushResult, Source
 from loratool.registry.store import CorruptBlobError
 
 # PEFT (also one folder per component), diffusers, and loratool manifests beside any of them.

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loratool.merge.api import MergeResult, UnmergeResult
-from loratool.merge.parity import ParityReport
-from loratool.registry.models import (
+from loratool.schemas.convert import ConvertResult
+from loratool.schemas.lowrank import ComposeReport, ResizeReport
+from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
+from loratool.schemas.merge import MergeResult, ParityReport, UnmergeResult
+from loratool.schemas.registry import (
     AddResult,
     Details,
     ExportResult,
@@ -30,9 +32,6 @@ from loratool.registry.models import (
     UntagResult,
     VerifyReport,
 )
-from loratool.schemas.convert import ConvertResult
-from loratool.schemas.lowrank import ComposeReport, ResizeReport
-from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
 from loratool.schemas.reports import InspectReport, ValidationReport
 
 SCHEMAS: dict[str, type[BaseModel]] = {

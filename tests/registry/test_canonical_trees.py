@@ -17,7 +17,7 @@ import pytest
 
 from loratool.canonical import canonical_bytes
 from loratool.errors import InputError
-from loratool.registry.models import Tree, TreeFile
+from loratool.schemas.registry import Tree, TreeFile
 
 
 def old_canonical(tree: Tree) -> bytes:

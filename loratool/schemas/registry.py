@@ -1,4 +1,5 @@
-"""Typed results of registry operations (``--json`` prints them with ``model_dump_json``)."""
+"""Typed results of registry operations (``--json`` prints them with ``model_dump_json``) and the
+registry's stored records (``Tree``, ``Entry``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,108 @@
+"""The results of ``merge``, ``unmerge`` and ``parity`` (their ``--json`` is ``model_dump_json()``;
+the JSON Schemas in schemas/ are exported from these classes)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+TOLERANCE = "|M - X| <= 1 ulp(X) + float32 accumulation bound; X computed in float64"
+
+
+class LayerParity(BaseModel):
+    name: str
+    action: str  # merge | replace
+    kind: str | None  # linear | conv1d | conv2d | embedding | bias
+    dora: bool = False
+    dtype: str
+    numel: int
+    adapters: list[str]
+    max_abs_err: float
+    max_ulp_err: float  # |M − X| / ulp(X)
+    max_err_over_tol: float  # |M − X| / tolerance: ≤ 1 passes
+    bad: int  # elements outside the tolerance
+    ok: bool
+
+
+class ForwardParity(BaseModel):
+    model_class: str
+    batch: int
+    seq_len: int
+    max_abs_diff: float
+    max_abs_logit: float
+    top1_agreement: float
+    min_top1: float
+    ok: bool
+
+
+class LayerDistance(BaseModel):
+    """How far one tensor is from another (``unmerge --base``: the result from the original)."""
+
+    name: str
+    dtype: str
+    numel: int
+    differing: int  # elements that are not bit-equal
+    max_abs: float
+    max_ulp: float  # in ulps of the reference tensor's dtype at the reference value
+
+
+class ParityReport(BaseModel):
+    base: str
+    merged: str
+    adapters: list[str]
+    ok: bool
+    tolerance: str = TOLERANCE
+    layers: list[LayerParity]  # the touched tensors, in checkpoint order
+    untouched: int  # tensors checked for byte (or cast) equality
+    untouched_mismatched: list[str] = []
+    missing: list[str] = []  # in the base, not in the merged checkpoint
+    unexpected: list[str] = []  # in the merged checkpoint, not in the base
+    problems: list[str] = []  # shape or dtype disagreements
+    max_ulp_err: float = 0.0
+    max_err_over_tol: float = 0.0
+    forward: ForwardParity | None = None
+    # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
+    # CLI, left out of --json (as before issue 12)
+    base_warnings: list[str] = Field(default_factory=list, exclude=True)
+
+
+class MergeResult(BaseModel):
+    """What ``merge``/``unmerge`` wrote."""
+
+    operation: str  # "merge" | "unmerge"
+    out: str
+    base: str
+    adapters: list[str]  # PATH:WEIGHT
+    device: str
+    dtype: str  # "keep" or the output dtype
+    # counts are num_* in every command's JSON (lists and objects keep plain plural names)
+    num_tensors: int
+    num_merged: int  # tensors changed by LoRA deltas (weights and lora_bias biases)
+    num_replaced: int  # modules_to_save (merge) or restored from the base (unmerge)
+    num_copied: int  # raw bytes, never decoded
+    num_cast: int  # converted to --dtype only
+    num_files: int  # safetensors files written
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = []
+    # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
+    # CLI before ``warnings``, and left out of --json (its output is unchanged since issue 12)
+    base_warnings: list[str] = Field(default_factory=list, exclude=True)
+
+    def describe(self) -> str:
+        verb = "merged" if self.operation == "merge" else "unmerged"
+        parts = [f"{self.num_merged} {verb}"]
+        if self.num_replaced:
+            parts.append(f"{self.num_replaced} {'replaced' if self.operation == 'merge' else 'restored'}")
+        parts.append(f"{self.num_copied} copied raw")
+        if self.num_cast:
+            parts.append(f"{self.num_cast} cast to {self.dtype}")
+        return (f"wrote {self.out}: {self.num_tensors} tensors ({', '.join(parts)}) in {self.num_files} "
+                f"file(s), {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}")
+
+
+class UnmergeResult(MergeResult):
+    """``unmerge`` output, with the distance to the original base when it was given."""
+
+    distance: list[LayerDistance] = []
+    max_ulp: float | None = None
+    max_abs: float | None = None
