@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from loratool.cli.render import FORMAT_CHOICE
+from loratool.cli.render import FORMAT_CHOICE, emit
 
 
 def _home(ctx: click.Context):
@@ -67,11 +67,10 @@ def add_cmd(ctx, path, name, tags, as_json):
 
 
 def _render_add(result, as_json: bool) -> None:
-    if as_json:
-        from loratool.cli.render import print_json
+    emit(result, as_json, _add_lines)
 
-        print_json(result)
-        return
+
+def _add_lines(result) -> None:
     from loratool.cli.render import human_bytes
 
     tags = f", tagged {', '.join(result.tags)}" if result.tags else ""
@@ -91,9 +90,8 @@ def _render_add(result, as_json: bool) -> None:
 @click.pass_context
 def list_cmd(ctx, name, fits, as_json):
     """List registered adapters, one row per version."""
-    from loratool.registry.core import Registry
-
     from loratool.boundary import default_home
+    from loratool.registry.core import Registry
     from loratool.schemas.registry import ListReport
 
     home = _home(ctx)
@@ -192,12 +190,7 @@ class _Rows:
 
 
 def _emit(result, as_json: bool, line: str) -> None:
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(result)
-    else:
-        click.echo(line)
+    emit(result, as_json, lambda _: click.echo(line))
 
 
 @registry_group.command("tag")
@@ -246,17 +239,13 @@ def rm_cmd(ctx, ref, all_versions, as_json):
 @click.pass_context
 def gc_cmd(ctx, as_json):
     """Delete blobs no adapter references, leftovers of interrupted adds, stale materialized copies."""
-    with _registry(ctx) as reg:
-        r = reg.gc()
-    if as_json:
-        from loratool.cli.render import print_json
-
-        print_json(r)
-        return
     from loratool.cli.render import human_bytes
 
-    click.echo(f"removed {r.blobs_removed} blobs ({human_bytes(r.bytes_freed)}), {r.temp_files_removed} "
-               f"temporary files, {r.materialized_removed} materialized copies")
+    with _registry(ctx) as reg:
+        r = reg.gc()
+    emit(r, as_json, lambda r: click.echo(
+        f"removed {r.blobs_removed} blobs ({human_bytes(r.bytes_freed)}), {r.temp_files_removed} temporary "
+        f"files, {r.materialized_removed} materialized copies"))
 
 
 @registry_group.command("verify")
@@ -264,24 +253,22 @@ def gc_cmd(ctx, as_json):
 @click.pass_context
 def verify_cmd(ctx, as_json):
     """Re-hash every blob; exit 1 naming the adapters whose blobs are corrupt or missing."""
+    from loratool.cli.render import human_bytes
     from loratool.errors import EXIT_FINDINGS, LoratoolError
 
     with _registry(ctx) as reg:
         r = reg.verify()
         paths = {c.blob: reg.store.path(c.blob) for c in r.corrupt}
-    if as_json:
-        from loratool.cli.render import print_json
 
-        print_json(r)
-    else:
-        from loratool.cli.render import human_bytes
-
+    def lines(r) -> None:
         for c in r.corrupt:
             click.echo(f"{c.problem}: {paths[c.blob]} (held by {', '.join(c.adapters) or 'no named adapter'})")
         click.echo(f"checked {r.blobs_checked} blobs ({human_bytes(r.bytes_checked)}): "
                    + ("ok" if r.ok else f"{len(r.corrupt)} bad"))
         if r.temp_files:
             click.echo(f"note: {r.temp_files} temporary files left by interrupted adds; `gc` removes them")
+
+    emit(r, as_json, lines)
     if not r.ok:
         raise LoratoolError(
             f"registry verify: corrupt or missing blobs in {', '.join(r.bad_adapters) or 'unnamed adapters'}; "
