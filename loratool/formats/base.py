@@ -2,8 +2,8 @@
 (``loratool.formats`` lists them, in one place), the ``ReadProblem`` a reader reports, and the
 ``FormatConfig`` base of each format's typed config.
 
-A leaf module: it imports nothing of loratool, so that ``loratool.adapter`` can name these types
-and every format module can build them.
+It imports nothing of loratool at import time, so that ``loratool.adapter`` can name these types
+and every format module can build them (``pair_problem`` asks ``kinds.lora`` when called).
 """
 
 from __future__ import annotations
@@ -35,6 +35,21 @@ class ReadProblem:
 def factor_check(why: str) -> str:
     """The check id of what ``factor_problem`` answered (LT101 for a rank mismatch, else LT106)."""
     return RANK_MISMATCH if why.startswith("A/B rank mismatch") else BAD_FACTOR
+
+
+def pair_problem(a: Any, b: Any, label: str, module: str, names: tuple[str, str], found: str,
+                 embedding: bool = False, missing: tuple[str, str] | None = None) -> ReadProblem | None:
+    """What keeps a module's two factors from being read, or None: one of them missing (``a`` or
+    ``b`` None; ``missing``, default ``names``, says how the format calls them, ``found`` what it
+    found instead), or ``kinds.lora.factor_problem`` of the pair (``names`` in its message). Every
+    reader of a LoRA pair asks this, so the problems read the same in every format."""
+    if a is None or b is None:
+        which = (missing or names)[0 if a is None else 1]
+        return ReadProblem(MISSING_FACTOR, f"{label}: {which} is missing (only {found})", module)
+    from loratool.kinds.lora import factor_problem
+
+    why = factor_problem(a, b, names, embedding)
+    return ReadProblem(factor_check(why), f"{label}: {why}", module) if why else None
 
 
 class FormatConfig:

@@ -37,11 +37,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, factor_problem, float_values, module_of
+from loratool.adapter import Adapter, LayerKind, LoraModule, float_values, module_of
 from loratool.text import number
 from loratool.errors import FormatError, InputError, OutputError, UsageError
 from loratool.formats import kohya, sdnames
-from loratool.formats.base import MISSING_FACTOR, BAD_FACTOR, Format, ReadProblem, factor_check
+from loratool.formats.base import BAD_FACTOR, Format, ReadProblem, pair_problem
 from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, check_config_fields
 from loratool.formats.peft import PREFIX as PEFT_PREFIX, build_pattern
 from loratool.boundary import parse_json
@@ -179,17 +179,12 @@ def read(path: Path) -> Adapter:
         label = f"{weights}: module {name!r}"
         emb = "emb_A" in keys or "emb_B" in keys
         a_key, b_key = keys.get("emb_A" if emb else "A"), keys.get("emb_B" if emb else "B")
-        if a_key is None or b_key is None:
-            missing = "lora_A" if a_key is None else "lora_B"
-            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: {missing} is missing (only "
-                                        f"{sorted(keys.values())})", name))
+        a, b = (st.ref(k) if k is not None else None for k in (a_key, b_key))
+        problem = pair_problem(a, b, label, name, ("lora_A", "lora_B"), str(sorted(keys.values())), emb)
+        if problem:
+            problems.append(problem)
             continue
-        a, b = st.ref(a_key), st.ref(b_key)
         sa = a.shape
-        why = factor_problem(a, b, embedding=emb)
-        if why:
-            problems.append(ReadProblem(factor_check(why), f"{label}: {why}", name))
-            continue
         cfg = configs.get(comp)
         config_rank = config_alpha = None
         use_rslora = False

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Literal
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, factor_problem, float_values
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, float_values
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
-from loratool.formats.base import BAD_ALPHA, BAD_FACTOR, MISSING_FACTOR, Format, FormatConfig, ReadProblem, factor_check
+from loratool.formats.base import BAD_ALPHA, BAD_FACTOR, Format, FormatConfig, ReadProblem, pair_problem
 from loratool.boundary import parse_json
 from loratool.safetensors_io import (FLOAT_DTYPES, HostTensor, SafetensorsFile, TensorRef, atomic_path, host_tensor,
                                      write_safetensors)
@@ -137,17 +137,13 @@ def read(path: Path) -> Adapter:
     for lora_name, keys in sorted(groups.items()):
         label = f"{path}: module {lora_name!r}"
         a_key, b_key, alpha_key = keys.get("A"), keys.get("B"), keys.get("alpha")
-        if a_key is None or b_key is None:
-            missing = "lora_down" if a_key is None else "lora_up"
-            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: {missing}.weight is missing (only "
-                                        f"{sorted(keys.values())})", lora_name))
+        a, b = (st.ref(k) if k is not None else None for k in (a_key, b_key))
+        problem = pair_problem(a, b, label, lora_name, ("lora_down", "lora_up"), str(sorted(keys.values())),
+                               missing=("lora_down.weight", "lora_up.weight"))
+        if problem:
+            problems.append(problem)
             continue
-        a, b = st.ref(a_key), st.ref(b_key)
         sa = a.shape
-        why = factor_problem(a, b, ("lora_down", "lora_up"))
-        if why:
-            problems.append(ReadProblem(factor_check(why), f"{label}: {why}", lora_name))
-            continue
         name, from_sgm = module_name(lora_name) or (lora_name, False)  # the prefix was checked above
         if name in modules:
             problems.append(ReadProblem(BAD_FACTOR, f"{label}: maps to module {name!r}, like {origin[name]!r}; the "

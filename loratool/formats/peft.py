@@ -24,12 +24,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, factor_problem, module_of, shape_of
+from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, module_of, shape_of
 from loratool.boundary import read_json
 from loratool.text import number
 from loratool.errors import FormatError, InputError
 from loratool.formats import kohya
-from loratool.formats.base import MISSING_FACTOR, Format, ReadProblem, factor_check
+from loratool.formats.base import Format, ReadProblem, pair_problem
 from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, check_config_fields, selects
 from loratool.patterns import key_table
 from loratool.safetensors_io import (
@@ -148,14 +148,11 @@ def read(path: Path, component: str = "") -> Adapter:
         a = parts.get("emb_A" if emb else "lora_A")
         b = parts.get("emb_B" if emb else "lora_B")
         label = f"{weights}: module {module!r}"
-        if a is None or b is None:
-            missing = "A" if a is None else "B"
-            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: lora_{missing} is missing (only "
-                                        f"{sorted(keys_of[module].values())[0]!r})", module))
-            continue
-        why = factor_problem(a, b, ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B"), emb)
-        if why:
-            problems.append(ReadProblem(factor_check(why), f"{label}: {why}", module))
+        problem = pair_problem(a, b, label, module, ("lora_embedding_A", "lora_embedding_B") if emb else
+                               ("lora_A", "lora_B"), repr(sorted(keys_of[module].values())[0]), emb,
+                               missing=("lora_A", "lora_B"))
+        if problem:
+            problems.append(problem)
             continue
         sa = shape_of(a)
         if emb:
