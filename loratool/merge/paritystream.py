@@ -72,17 +72,13 @@ class Stats:
 # -- the low-rank form, in numpy ----------------------------------------------------------------
 
 def _low_rank_np(module) -> tuple[np.ndarray, np.ndarray] | None:
-    """(B2, A2) of a module as float64 numpy arrays (delta_2d = scale · B2 @ A2), exactly, or None
-    for a kind without a low-rank form. LoRA's factors are decoded from their raw bytes
-    (``float_values``: no torch); another kind's ``low_rank`` is asked in float64."""
-    a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-    if a is not None and b is not None:
-        a, b = float_values(a), float_values(b)
-        return (b.reshape(b.shape[0], -1).astype(np.float64), a.reshape(a.shape[0], -1).astype(np.float64))
-    import torch
-
-    lr = module.low_rank(torch.float64)
-    return None if lr is None else (lr.B2.cpu().numpy(), lr.A2.cpu().numpy())
+    """(B2, A2) of a module as float64 numpy arrays (delta_2d = scale · B2 @ A2), exactly: the
+    kind's low-rank form (LoRA's factors decoded from their raw bytes, no torch), or None for a
+    kind without one."""
+    lr = module.low_rank()
+    if lr is None:
+        return None
+    return np.asarray(lr.B2, dtype=np.float64), np.asarray(lr.A2, dtype=np.float64)
 
 
 @dataclass
