@@ -15,6 +15,7 @@ The delta-domain merges (TIES, DARE, magnitude pruning) are compose methods
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -174,15 +175,22 @@ def truncation_error(S: Array, k: int) -> float:
     return 0.0 if total == 0.0 else math.sqrt(float(e[k:].sum()) / total)
 
 
-RULES = ("rank", "energy", "sv_ratio", "sv_cumulative")
+RULES = ("rank", "energy", "sv_ratio", "sv_cumulative", "sv_fro")
+
+# kohya sd-scripts' ``resize_lora.py --dynamic-method`` names -> the rule that means the same
+# (its ``--dynamic-param`` is the rule's value).
+KOHYA_DYNAMIC_METHODS = {"sv_ratio": "sv_ratio", "sv_cumulative": "sv_cumulative", "sv_fro": "sv_fro"}
 
 
 @dataclass(frozen=True)
 class RankRule:
     """How many singular components to keep: exactly one of ``rank`` (K), ``energy`` (keep that
-    share of Σσ²), ``sv_ratio`` (keep σ ≥ σ₁/R) or ``sv_cumulative`` (keep that share of Σσ,
-    kohya's rule), then bounded by ``min_rank``/``max_rank``. Components below rounding noise
-    (``numerical_rank``) never count towards the energy, ratio or cumulative rules."""
+    share of Σσ²), ``sv_ratio`` (keep σ ≥ σ₁/R), ``sv_cumulative`` (keep that share of Σσ, of the
+    singular values themselves, not their squares) or ``sv_fro`` (keep that share F of the
+    Frobenius norm, √(Σ_k σ²/Σσ²) ≥ F, i.e. ``energy`` F²), then bounded by ``min_rank``/
+    ``max_rank``. The last three are kohya sd-scripts' ``--dynamic-method`` rules, with its
+    meanings. Components below rounding noise (``numerical_rank``) never count towards the
+    energy, ratio, cumulative or Frobenius rules."""
 
     rank: int | None = None
     energy: float | None = None
@@ -190,28 +198,29 @@ class RankRule:
     sv_cumulative: float | None = None
     min_rank: int = 1
     max_rank: int | None = None
+    sv_fro: float | None = None
 
     @classmethod
     def from_options(cls, rank=None, energy=None, sv_ratio=None, sv_cumulative=None, min_rank=None,
-                     max_rank=None, default_rank: int | None = None) -> "RankRule":
+                     max_rank=None, default_rank: int | None = None, sv_fro=None) -> "RankRule":
         """Build and check a rule from command-line values, collecting every problem into one
         ``UsageError``. With no rule given, ``default_rank`` is used (or the call fails)."""
         given = {k: v for k, v in (("rank", rank), ("energy", energy), ("sv_ratio", sv_ratio),
-                                   ("sv_cumulative", sv_cumulative)) if v is not None}
+                                   ("sv_cumulative", sv_cumulative), ("sv_fro", sv_fro)) if v is not None}
         problems = []
         if len(given) > 1:
             problems.append("give one rank rule, found " + ", ".join("--" + k.replace("_", "-") for k in given))
         if not given:
             if default_rank is None:
-                problems.append("give a rank rule: --rank K, --energy E, --sv-ratio R or --sv-cumulative C")
+                problems.append("give a rank rule: --rank K, --energy E, --sv-ratio R, --sv-cumulative C "
+                                "or --sv-fro F")
             else:
                 given = {"rank": default_rank}
         if rank is not None and rank < 1:
             problems.append(f"--rank must be at least 1, found {rank}")
-        if energy is not None and not 0 < energy <= 1:
-            problems.append(f"--energy must be in (0, 1], found {energy}")
-        if sv_cumulative is not None and not 0 < sv_cumulative <= 1:
-            problems.append(f"--sv-cumulative must be in (0, 1], found {sv_cumulative}")
+        for flag, value in (("--energy", energy), ("--sv-cumulative", sv_cumulative), ("--sv-fro", sv_fro)):
+            if value is not None and not 0 < value <= 1:
+                problems.append(f"{flag} must be in (0, 1], found {value}")
         if sv_ratio is not None and not sv_ratio >= 1:
             problems.append(f"--sv-ratio must be at least 1 (keep σ ≥ σ₁/R), found {sv_ratio}")
         if min_rank is not None and min_rank < 1:
@@ -224,6 +233,13 @@ class RankRule:
             raise UsageError("; ".join(problems))
         return cls(**given, min_rank=min_rank or 1, max_rank=max_rank)
 
+    def with_rank(self, k: int) -> "RankRule":
+        """This rule with its rank set to ``k`` (kohya's ``--new_conv_rank``): a fixed ``rank``
+        becomes k; any other rule keeps choosing, capped at k."""
+        if self.rank is not None:
+            return dataclasses.replace(self, rank=k, max_rank=None, min_rank=1)
+        return dataclasses.replace(self, max_rank=k, min_rank=min(self.min_rank, k))
+
     def describe(self) -> str:
         if self.rank is not None:
             s = f"rank {self.rank}"
@@ -231,6 +247,8 @@ class RankRule:
             s = f"energy {self.energy:g}"
         elif self.sv_ratio is not None:
             s = f"sv-ratio {self.sv_ratio:g}"
+        elif self.sv_fro is not None:
+            s = f"sv-fro {self.sv_fro:g}"
         else:
             s = f"sv-cumulative {self.sv_cumulative:g}"
         if self.min_rank != 1:
@@ -255,9 +273,11 @@ class RankRule:
                 k = 0
             elif self.energy is not None:
                 k = effective_rank(s, self.energy)
+            elif self.sv_fro is not None:  # kohya: cumsum(σ²)/Σσ² reaches F²
+                k = effective_rank(s, self.sv_fro ** 2)
             elif self.sv_ratio is not None:
                 k = int((s >= s[0] / self.sv_ratio * (1 - 1e-12)).sum())
-            else:
+            else:  # kohya: cumsum(σ)/Σσ reaches C
                 cum = np.cumsum(s) / s.sum()
                 k = int((cum < self.sv_cumulative - 1e-12).sum()) + 1
             k = min(k, n)

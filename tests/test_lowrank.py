@@ -121,6 +121,15 @@ def test_rank_rules():
     assert RankRule(sv_cumulative=8 / 15.5).choose(S) == 1
     assert RankRule(sv_cumulative=0.8).choose(S) == 3
     assert RankRule(sv_cumulative=1.0).choose(S) == 5
+    # kohya's sv_cumulative sums σ, not σ²: at 0.9 the σ² rule keeps 2, the σ rule 3
+    assert RankRule(sv_cumulative=0.9).choose(S) == 3 and RankRule(energy=0.9).choose(S) == 2
+    # sv_fro: Frobenius share √(Σₖσ²/Σσ²): 0.8665, 0.9687, 0.9926, 0.9985, 1
+    assert RankRule(sv_fro=0.86).choose(S) == 1
+    assert RankRule(sv_fro=0.9).choose(S) == 2
+    assert RankRule(sv_fro=float(math.sqrt(e[:3].sum()))).choose(S) == 3  # exactly at a boundary
+    assert RankRule(sv_fro=0.99).choose(S) == 3
+    assert RankRule(sv_fro=1.0).choose(S) == 5
+    assert RankRule(sv_fro=0.99, max_rank=2).choose(S) == 2
     assert RankRule(energy=0.5, min_rank=2).choose(S) == 2
     assert RankRule(energy=1.0, max_rank=2).choose(S) == 2
 
@@ -135,6 +144,17 @@ def test_rank_rule_options_collect_every_problem():
         RankRule.from_options()
     assert RankRule.from_options(default_rank=16) == RankRule(rank=16)
     assert RankRule.from_options(energy=0.9, max_rank=8).describe() == "energy 0.9, max rank 8"
+    assert RankRule.from_options(sv_fro=0.95).describe() == "sv-fro 0.95"
+    with pytest.raises(UsageError, match=r"give one rank rule, found --sv-ratio, --sv-fro; --sv-fro must be in \(0, 1\]"):
+        RankRule.from_options(sv_ratio=2, sv_fro=1.5)
+
+
+def test_rule_with_rank_is_kohyas_conv_rank():
+    S = [8.0, 4.0, 2.0, 1.0]
+    assert RankRule(rank=3, max_rank=2).with_rank(1) == RankRule(rank=1)
+    conv = RankRule(sv_fro=1.0, min_rank=3).with_rank(2)  # a dynamic rule is capped at the conv rank
+    assert conv == RankRule(sv_fro=1.0, min_rank=2, max_rank=2) and conv.choose(S) == 2
+    assert RankRule(sv_ratio=2).with_rank(3).choose(S) == 2  # under the cap: the rule's own choice
 
 
 def test_randomized_svd_matches_the_top_of_the_spectrum():

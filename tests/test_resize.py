@@ -182,3 +182,112 @@ def test_kohya_resize_keeps_format_alpha_and_dtype(tmp_path):
         best, err = optimal(m.delta(torch.float64), 3)
         assert rel(n.delta(torch.float64), best) < 2e-3, name  # float16 factors
         assert rows[name].relative_error == pytest.approx(err, rel=1e-9)
+
+
+# -- kohya sd-scripts' resize_lora.py options (issue 14) ------------------------------------------
+
+def _resize_cli(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as e:
+        main(["resize", *map(str, args), "--json"])
+    captured = capsys.readouterr()
+    assert e.value.code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_conv_rank_and_network_metadata_on_the_kohya_sd_fixture(fixtures_dir, tmp_path, capsys):
+    from loratool.formats.kohya import is_conv_kernel
+
+    src = fixtures_dir / "kohya_sd.safetensors"
+    out = tmp_path / "out.safetensors"
+    report = _resize_cli(capsys, src, "-o", out, "--rank", "2", "--conv-rank", "1")
+    before, after = load_adapter(src), load_adapter(out)
+    convs = {n for n, m in before.modules.items() if is_conv_kernel(m)}
+    assert convs and any(m.kind.value == "conv2d" and n not in convs for n, m in before.modules.items())  # 1×1 too
+    for name, m in after.modules.items():
+        assert m.rank == (1 if name in convs else 2), name
+    assert report["rule"] == "rank 2" and report["conv_rule"] == "rank 1"
+    md_in, md = SafetensorsFile(src).metadata, SafetensorsFile(out).metadata
+    assert (md_in["ss_network_dim"], md_in["ss_network_alpha"]) == ("4", "1.0")
+    assert json.loads(md_in["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    # one module of the fixture has alpha 8, the rest 1: the alphas differ, as kohya writes it
+    assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("2", "Dynamic")
+    assert json.loads(md["ss_network_args"]) == {"conv_dim": "1", "conv_alpha": "1.0"}
+    assert {k: v for k, v in md.items() if not k.startswith(("ss_network", "loratool."))} == \
+        {k: v for k, v in md_in.items() if not k.startswith(("ss_network", "loratool."))}
+    # a dynamic rule gives different ranks per module: "Dynamic"
+    _resize_cli(capsys, src, "-o", tmp_path / "dyn.safetensors", "--sv-fro", "0.9")
+    dyn = SafetensorsFile(tmp_path / "dyn.safetensors").metadata
+    assert len({m.rank for m in load_adapter(tmp_path / "dyn.safetensors").modules.values()
+                if not is_conv_kernel(m)}) > 1
+    assert dyn["ss_network_dim"] == "Dynamic"
+
+
+def test_network_metadata_keeps_true_values_and_reads_rslora_alpha():
+    from types import SimpleNamespace as NS
+
+    from loratool.formats.kohya import network_metadata
+
+    lin = NS(rank=4, alpha=2.0, use_rslora=False, base_weight_shape=(8, 8))
+    conv = NS(rank=2, alpha=1.0, use_rslora=False, base_weight_shape=(8, 8, 3, 3))
+    md = {"ss_network_dim": "4", "ss_network_alpha": "2", "ss_network_args": '{"conv_dim":"2","conv_alpha":"1"}',
+          "other": "x"}
+    assert network_metadata(md, [lin, conv]) == md  # already true: the text is kept
+    rs = NS(rank=4, alpha=2.0, use_rslora=True, base_weight_shape=(8, 8))
+    assert network_metadata(md, [rs, conv])["ss_network_alpha"] == "4.0"  # kohya's alpha: 2·√4
+    assert network_metadata({"other": "x"}, [lin]) == {"other": "x"}  # no ss_* keys: none added
+
+
+def test_dynamic_method_is_an_alias_of_the_rule(fixtures_dir, tmp_path, capsys):
+    src = fixtures_dir / "kohya_sd.safetensors"
+    for method, flag, value in (("sv_fro", "--sv-fro", "0.9"), ("sv_ratio", "--sv-ratio", "2"),
+                                ("sv_cumulative", "--sv-cumulative", "0.7")):
+        a = _resize_cli(capsys, src, "-o", tmp_path / f"a_{method}.safetensors", "--dynamic-method", method,
+                        "--dynamic-param", value)
+        b = _resize_cli(capsys, src, "-o", tmp_path / f"b_{method}.safetensors", flag, value)
+        assert a["rule"] == b["rule"] == f"{flag[2:]} {float(value):g}"
+        assert [m["new_rank"] for m in a["modules"]] == [m["new_rank"] for m in b["modules"]]
+    for args, msg in ((["--dynamic-method", "sv_fro"], "--dynamic-method and --dynamic-param go together"),
+                      (["--dynamic-method", "sv_fro", "--dynamic-param", "0.9", "--rank", "2"],
+                       "give one rank rule, found --rank, --sv-fro"),
+                      (["--dynamic-method", "sv_ratio", "--dynamic-param", "2", "--sv-ratio", "3"], "disagree")):
+        with pytest.raises(SystemExit) as e:
+            main(["resize", str(src), "-o", str(tmp_path / "bad.safetensors"), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and msg in err, err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", "F32"), ("bf16", "BF16"), ("keep", "F16")])
+def test_save_precision_sets_every_tensor_dtype(fixtures_dir, tmp_path, capsys, precision, dtype):
+    src = fixtures_dir / "kohya_sd.safetensors"
+    out = tmp_path / "out.safetensors"
+    # rank 4: the rank-8 module is resized, the others (rank ≤ 4) are left whole, and cast
+    report = _resize_cli(capsys, src, "-o", out, "--rank", "4", "--save-precision", precision)
+    assert report["save_precision"] == precision
+    assert {m["status"] for m in report["modules"]} == {"resized", "unchanged", "kept"}
+    a, b = SafetensorsFile(src), SafetensorsFile(out)
+    assert a.keys() == b.keys() and {b.info(k).dtype for k in b.keys()} == {dtype}  # alphas included
+    before, after = load_adapter(src), load_adapter(out)
+    for name, m in before.modules.items():
+        n = after.modules[name]
+        if m.rank <= 4:  # unchanged: the same values, cast (fp16 values are exact in fp32; bf16 rounds)
+            assert n.alpha == m.alpha
+            tol = 0 if precision != "bf16" else 1e-2
+            assert rel(n.delta(torch.float64), m.delta(torch.float64)) <= tol, name
+            if precision == "keep":
+                assert all(a.read_bytes(k) == b.read_bytes(k) for k in m.source_keys.values())
+
+
+def test_resize_table_fits_80_columns(fixtures_dir, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from loratool.cli.resize import render
+
+    report = resize_path(fixtures_dir / "kohya_sd.safetensors", tmp_path / "o.safetensors", RankRule(rank=2))
+    con = Console(width=80, file=io.StringIO(), color_system=None, record=True)
+    render(report, con)
+    text = con.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines()) and "…" not in text
+    assert "4 → 2" in text and f"{report.modules[0].energy_kept:.4%}" in text

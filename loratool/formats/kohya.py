@@ -294,6 +294,66 @@ def carry_metadata(adapter: Adapter) -> dict[str, str]:
     return md
 
 
+# sd-scripts' training metadata on the network's size; resize_lora.py writes "Dynamic" when the
+# ranks (and so, with its alpha policy, the alphas) differ from module to module.
+NETWORK_DIM, NETWORK_ALPHA, NETWORK_ARGS = "ss_network_dim", "ss_network_alpha", "ss_network_args"
+DYNAMIC = "Dynamic"
+
+
+def _same(old: str | None, new: str) -> bool:
+    if old == new:
+        return True
+    try:
+        return old is not None and new != DYNAMIC and float(old) == float(new)
+    except ValueError:
+        return False
+
+
+def network_metadata(metadata: dict[str, str], modules) -> dict[str, str]:
+    """``metadata`` with sd-scripts' ``ss_network_dim``/``ss_network_alpha`` and the ``conv_dim``/
+    ``conv_alpha`` of ``ss_network_args`` made true of ``modules`` (Conv2d modules with a kernel
+    above 1×1 are the conv ones, the rest the network's): the common rank or alpha, or "Dynamic"
+    when they differ. Only keys already there are touched, and one whose value is already true
+    keeps its text; the alpha is kohya's (alpha·√r for rsLoRA)."""
+
+    def values(conv: bool) -> tuple[str, str] | None:
+        mods = [m for m in modules if is_conv_kernel(m) == conv]
+        if not mods:
+            return None
+        ranks = {m.rank for m in mods}
+        alphas = {m.alpha * math.sqrt(m.rank) if m.use_rslora else m.alpha for m in mods}
+        return (str(ranks.pop()) if len(ranks) == 1 else DYNAMIC,
+                str(float(alphas.pop())) if len(alphas) == 1 else DYNAMIC)
+
+    modules = list(modules)
+    md = dict(metadata)
+    net = values(False)
+    if net is not None:
+        for key, value in zip((NETWORK_DIM, NETWORK_ALPHA), net):
+            if key in md and not _same(md[key], value):
+                md[key] = value
+    conv, raw = values(True), md.get(NETWORK_ARGS)
+    if conv is not None and raw:
+        try:
+            args = json.loads(raw)
+        except ValueError:
+            return md  # not ours to repair
+        if isinstance(args, dict):
+            changed = False
+            for key, value in zip(("conv_dim", "conv_alpha"), conv):
+                if key in args and not _same(str(args[key]), value):
+                    args[key], changed = value, True
+            if changed:
+                md[NETWORK_ARGS] = json.dumps(args)
+    return md
+
+
+def is_conv_kernel(m) -> bool:
+    """A Conv2d module with a kernel above 1×1: sd-scripts' conv_dim/conv_alpha apply to it."""
+    shape = tuple(m.base_weight_shape)
+    return len(shape) == 4 and shape[2] * shape[3] > 1
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 def default_te_prefix(components) -> str:

@@ -27,6 +27,10 @@ class ResizeReport(BaseModel):
     output: Optional[str] = None
     format: str
     rule: str = Field(description="The rank rule, e.g. 'rank 8' or 'energy 0.9, max rank 16'")
+    conv_rule: Optional[str] = Field(None, description="The rule for Conv2d modules with a kernel above 1x1, when "
+                                                       "--conv-rank gives them their own (None: `rule`)")
+    save_precision: str = Field("keep", description="Dtype of the output's tensors: fp32, fp16, bf16, or keep "
+                                                    "(each tensor its own)")
     alpha_policy: str = Field(description="How alpha and the factors were chosen")
     num_modules: int
     num_resized: int
