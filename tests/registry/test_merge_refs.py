@@ -15,8 +15,11 @@ def _same_tensors(a, b) -> bool:
     return ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
 
 
-def test_merge_by_name_and_tag(cli, fixtures_dir, tmp_path):
+def test_merge_by_name_and_tag(cli, fixtures_dir, tmp_path, monkeypatch):
+    from loratool.merge import merge
+
     env = {"LORATOOL_HOME": str(tmp_path / "home")}
+    monkeypatch.setenv("LORATOOL_HOME", env["LORATOOL_HOME"])  # the in-process merges below
     base = fixtures_dir / "base_llama"
     v1, v2 = tmp_path / "v1", tmp_path / "v2"
     shutil.copytree(fixtures_dir / "llama_r8", v1)
@@ -34,14 +37,14 @@ def test_merge_by_name_and_tag(cli, fixtures_dir, tmp_path):
     # by name (latest = v2) with a weight, against the same merge from the path
     p = cli("merge", "--base", base, "--adapters", "chat:0.5", "-o", tmp_path / "by_name", "--quiet", env=env)
     assert p.returncode == 0, p.stderr
-    cli("merge", "--base", base, "--adapters", f"{v2}:0.5", "-o", tmp_path / "by_path", "--quiet", env=env)
+    merge(base, f"{v2}:0.5", tmp_path / "by_path", device="cpu")  # the library, in process: the same merge
     assert _same_tensors(tmp_path / "by_name", tmp_path / "by_path")
 
     # by tag; moving the tag back to version 1 is the rollback, and the merge follows it
     cli("merge", "--base", base, "--adapters", "chat:prod", "-o", tmp_path / "prod2", "--quiet", env=env)
     assert cli("registry", "tag", "chat@1", "prod", env=env).returncode == 0
-    cli("merge", "--base", base, "--adapters", "chat:prod", "-o", tmp_path / "prod1", "--quiet", env=env)
-    cli("merge", "--base", base, "--adapters", str(v1), "-o", tmp_path / "v1_merged", "--quiet", env=env)
+    merge(base, "chat:prod", tmp_path / "prod1", device="cpu")
+    merge(base, str(v1), tmp_path / "v1_merged", device="cpu")
     assert _same_tensors(tmp_path / "prod1", tmp_path / "v1_merged")
     assert not _same_tensors(tmp_path / "prod1", tmp_path / "prod2")
 
