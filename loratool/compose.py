@@ -18,7 +18,8 @@ differ, and inputs recorded for different models (base names, manifest fingerpri
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+import threading
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from loratool.adapter import Adapter, AdapterModule, LayerKind, LoraModule, float_values, load_tensor
 from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
@@ -200,7 +201,8 @@ def _output_config(adapters: Sequence[Adapter], names: set[str]) -> "LoraConfig 
 def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], method: str = "linear",
                      rule: RankRule | None = None, density: float | None = None, seed: int = 0,
                      majority_sign_method: str = "total", dtype=None,
-                     allow_different_bases: bool = False) -> tuple[Adapter, "ComposeReport"]:
+                     allow_different_bases: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[Adapter, "ComposeReport"]:
     """Combine ``adapters`` with ``weights`` by ``method`` (a name of ``loratool.compose_methods``
     or a PEFT alias), with no I/O beyond reading their tensors.
 
@@ -208,6 +210,7 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
     takes none, the dense-delta methods a fixed rank only). ``dtype`` defaults to the inputs'
     common factor dtype (float32 when they differ). Adapters recorded for different models are
     refused unless ``allow_different_bases`` (``check_inputs``; the report then warns).
+    ``progress(n_done, n_total)`` is called after each module (in order, from worker threads).
     """
     from loratool.schemas.lowrank import ComposeInput, ComposeReport
 
@@ -228,17 +231,23 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
     options = ComposeOptions(rule, density, seed, majority_sign_method)
     modules, rows = {}, []
 
+    done, lock = [0], threading.Lock()
+
     def one(name):
         owners = [(i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules]
-        return compose_module(name, owners, weights, m, options, dtype, with_bias)
+        result = compose_module(name, owners, weights, m, options, dtype, with_bias)
+        if progress is not None:
+            with lock:  # called in order, from the worker threads
+                done[0] += 1
+                progress(done[0], len(names))
+        return result
 
-    if m.dense:  # dense d×k deltas: one module at a time (memory bounded by one module), torch threaded
-        results = [one(name) for name in names]
-    else:
-        # small tall-skinny work in factor space: modules spread over threads, one torch thread each
-        from loratool._threads import map_modules
+    from loratool._threads import default_workers, map_modules
 
-        results = map_modules(one, names)
+    # one torch thread per module, so a module's result does not depend on the worker count.
+    # Dense d×k deltas: two modules at a time (memory bounded by two modules' deltas); small
+    # tall-skinny work in factor space: modules spread over all the workers.
+    results = map_modules(one, names, workers=min(2, default_workers()) if m.dense else None)
     for name, (module, row) in zip(names, results):
         modules[name] = module
         rows.append(row)
@@ -291,10 +300,12 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
 
 def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLike, method: str = "linear",
                   rule: RankRule | None = None, density: float | None = None, seed: int = 0,
-                  overwrite: bool = False, allow_different_bases: bool = False) -> "ComposeReport":
+                  overwrite: bool = False, allow_different_bases: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> "ComposeReport":
     """Read the adapters of ``specs`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s, the grammar of
     ``loratool.adapter_specs``), compose them, write ``out``. With ``allow_different_bases``, what
-    differed is recorded in the lineage step (``base_mismatch``) and its params."""
+    differed is recorded in the lineage step (``base_mismatch``) and its params. ``progress``: as
+    ``compose_adapters``'s."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
@@ -309,7 +320,7 @@ def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLi
     for a in adapters:
         require_usable(a)
     composed, report = compose_adapters(adapters, weights, method, rule, density, seed,
-                                        allow_different_bases=allow_different_bases)
+                                        allow_different_bases=allow_different_bases, progress=progress)
     params = {"method": report.method, "weights": weights, "density": density, "seed": seed,
               "rule": _rule_params(rule) if rule is not None else None}
     different = model_differences(adapters) if allow_different_bases else []

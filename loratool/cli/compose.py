@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from loratool.cli.progress import progress
 from loratool.cli.render import emit, warn
 from loratool.cli.resize import rank_rule_options
 from loratool.compose_methods import get_method, method_names, methods, methods_help
@@ -27,8 +28,9 @@ from loratool.compose_methods import get_method, method_names, methods, methods_
 @click.option("--allow-different-bases", is_flag=True,
               help="Compose adapters whose configs or manifests record different base models or task types "
                    "(refused otherwise); the override is recorded in the output's lineage.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank,
-                as_json, overwrite, allow_different_bases):
+                as_json, overwrite, allow_different_bases, quiet):
     """Combine adapters into one: Σ wᵢ·ΔWᵢ per module over the union of their targets.
 
     The default rank is the largest input rank (every method but cat). The output has scale 1
@@ -42,8 +44,11 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
     parsed = parse_adapter_specs(specs)
     options = (rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank)
     rule = RankRule.from_options(*options) if any(v is not None for v in options) else None
-    report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite,
-                           allow_different_bases=allow_different_bases)
+    with progress(quiet, "composing", unit="modules") as advance:
+        # the library reports (modules done, total) once per module; the bar takes increments
+        report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite,
+                               allow_different_bases=allow_different_bases,
+                               progress=None if advance is None else lambda done, total: advance(1, total))
     warn(report.warnings)
     emit(report, as_json, render)
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
+from loratool.cli import main
 from loratool.cli.progress import PlainProgress, _duration
 from loratool.cli.render import human_bytes
 
@@ -63,3 +66,34 @@ def test_a_merge_in_a_log_ends_with_one_plain_line(cli, fixtures_dir, tmp_path):
     q = cli("merge", "--base", fixtures_dir / "base_llama", "--adapters", fixtures_dir / "llama_r8",
             "-o", tmp_path / "q", "--quiet")
     assert q.returncode == 0 and "merging" not in q.stderr, q.stderr
+
+
+def test_counts_of_other_units():
+    clock, out = Clock(), io.StringIO()
+    p = PlainProgress("composing", out, interval=10.0, clock=clock, unit="modules")
+    clock.t += 10
+    p.advance(1, 154)  # counts arrive one at a time
+    for _ in range(49):
+        p.advance(1, 154)
+    assert out.getvalue().splitlines() == ["loratool: composing: 0% (1 of 154 modules), 0.1 modules/s, ETA 25 min 30 s"]
+    clock.t += 10
+    p.advance(104, 154)
+    p.finish()
+    assert out.getvalue().splitlines()[-1] == "loratool: composing: 100% (154 of 154 modules), 7.7 modules/s, done in 20 s"
+    q = PlainProgress("composing", io.StringIO(), interval=1.0, clock=clock, unit="modules")
+    assert q.line().startswith("loratool: composing: 0 modules, 0.0 modules/s")
+
+
+def test_a_compose_in_a_log_ends_with_one_plain_line(fixtures_dir, tmp_path, capsys):
+    a, b = fixtures_dir / "llama_r8", fixtures_dir / "llama_r8_bf16"
+    for out, quiet in (("c", []), ("q", ["--quiet"])):
+        with pytest.raises(SystemExit) as e:
+            main(["compose", "--adapters", f"{a}:0.7,{b}:0.3", "-o", str(tmp_path / out), "--method", "ties",
+                  "--density", "0.5", "--rank", "4", *quiet])
+        assert e.value.code == 0
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("loratool: composing:")]
+        if quiet:
+            assert "composing" not in err, err
+        else:
+            assert len(lines) == 1 and lines[0].startswith("loratool: composing: 100% (") and " modules), " in lines[0], err
