@@ -55,24 +55,22 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
 
 
 def render(r) -> None:
-    from rich.table import Table
-
     from loratool.cli.render import console, fmt_num, human_count
+    from loratool.cli.tables import Column, fitted
+    from loratool.text import natural_key
 
     con = console()
-    it = Table(header_style="bold")
-    for col in ("#", "adapter", "weight", "format", "modules", "ranks"):
-        it.add_column(col, justify="right" if col in ("#", "weight", "modules") else "left")
-    for i, a in enumerate(r.inputs):
-        it.add_row(str(i), a.path, fmt_num(a.weight), a.format, str(a.num_modules), ", ".join(map(str, a.ranks)))
-    con.print(it)
-    t = Table(header_style="bold")
-    for col in ("module", "kind", "inputs", "ranks in", "rank", "energy kept", "rel. error"):
-        t.add_column(col, no_wrap=(col == "module"), justify="left" if col in ("module", "kind") else "right")
-    for m in r.modules:
-        t.add_row(m.name, m.kind, ",".join(map(str, m.inputs)), "+".join(map(str, m.input_ranks)), str(m.new_rank),
-                  "-" if m.energy_kept is None else f"{m.energy_kept:.4%}", f"{m.relative_error:.3e}")
-    con.print(t)
+    con.print(fitted([Column("#", right=True), Column("adapter", flexible=True), Column("weight", right=True),
+                      Column("format", drop=2), Column("modules", right=True), Column("ranks", flexible=True)],
+                     [[str(i), a.path, fmt_num(a.weight), a.format, str(a.num_modules), ", ".join(map(str, a.ranks))]
+                      for i, a in enumerate(r.inputs)], con.width))
+    cols = [Column("module", flexible=True), Column("kind", drop=2), Column("inputs", drop=3),
+            Column("ranks in", right=True, drop=1), Column("rank", right=True), Column("energy kept", right=True),
+            Column("rel. error", right=True)]
+    rows = [[m.name, m.kind, ",".join(map(str, m.inputs)), "+".join(map(str, m.input_ranks)), str(m.new_rank),
+             "-" if m.energy_kept is None else f"{m.energy_kept:.4%}", f"{m.relative_error:.3e}"]
+            for m in sorted(r.modules, key=lambda m: natural_key(m.name))]
+    con.print(fitted(cols, rows, con.width))
     extra = f", density {fmt_num(r.density)}, seed {r.seed}" if r.density is not None else ""
     peft = get_method(r.method).peft_name
     method = f"{r.method} (PEFT's {peft})" if peft and peft != r.method else r.method

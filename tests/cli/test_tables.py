@@ -120,3 +120,12 @@ def test_registry_tables_at_80_columns(fixtures_dir, tmp_path, cli):
     flat = "".join(line.strip() for line in shown.splitlines())  # wrapped values are whole once joined
     assert f"sha256:{details['entry']['digest']}" in flat.replace(" ", "")
     assert all(f["sha256"] in flat.replace(" ", "") for f in details["files"])
+
+
+def test_compose_at_80_columns(fixtures_dir, tmp_path, cli):
+    specs = f"{fixtures_dir / 'llama_r8'}:0.7,{fixtures_dir / 'llama_rslora_patterns'}:0.3"
+    text = run_in_terminal(80, "compose", "--adapters", specs, "--rank", "8", "-o", tmp_path / "c", "--quiet")
+    report = json.loads(cli("compose", "--adapters", specs, "--rank", "8", "-o", tmp_path / "j", "--json").stdout)
+    assert all(len(line) <= 80 for line in text.splitlines()) and "…" not in text, text
+    for m in report["modules"]:
+        assert f"{m['energy_kept']:.4%}" in text and f"{m['relative_error']:.3e}" in text
