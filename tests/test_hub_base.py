@@ -6,36 +6,18 @@ and model card name the repo and commit."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from loratool.errors import InputError
 from loratool.merge import merge, unmerge
 from loratool.resolve import resolve_base
-
-COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
-
-
-def hub_base(fixtures_dir, cache, repo_id="tiny-org/tiny-llama", pickles=False):
-    root = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = root / "snapshots" / COMMIT
-    shutil.copytree(fixtures_dir / "base_llama", snap)
-    if pickles:
-        for f in snap.glob("*.safetensors"):
-            f.rename(f.with_suffix(".bin"))
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    return snap
+from tests.hubcache import hub_base, use_cache
 
 
 def test_merge_from_a_hub_base_equals_the_local_merge(fixtures_dir, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     cache = tmp_path / "hf"
-    # huggingface_hub reads its environment once, at import: point its constants at the cache
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    use_cache(monkeypatch, cache)
     hub_base(fixtures_dir, cache)
     adapter = str(fixtures_dir / "llama_r8")
     merge("hf://tiny-org/tiny-llama", adapter, tmp_path / "hub", device="cpu")
@@ -65,9 +47,7 @@ def test_cli_validate_and_merge_take_hf_bases(fixtures_dir, tmp_path, cli):
 
 
 def test_a_hub_base_without_safetensors_is_refused(fixtures_dir, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    use_cache(monkeypatch, tmp_path / "hf")
     hub_base(fixtures_dir, tmp_path / "hf", pickles=True)
     with pytest.raises(InputError, match="no safetensors weights"):
         resolve_base("hf://tiny-org/tiny-llama", cache_dir=tmp_path / "hf")
