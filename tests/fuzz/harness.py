@@ -48,6 +48,7 @@ from tests.fuzz.workspace import COMMANDS, Fixtures, Workspace
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
+PROGRESS_LINE = re.compile(r"loratool: [a-z]+: (\d+% \(|[\d.]+ [KMGT]?i?B, )")
 OUTCOMES = ("ok", "refused", "INTERNAL", "HANG", "UNCLEAN", "SKIPPED")
 EFFECTS = ("PUBLISHED", "OUTSIDE", "INPUT-MODIFIED", "STRAY")
 ASSERTED = ("INTERNAL", "HANG", "PUBLISHED", "OUTSIDE", "INPUT-MODIFIED")
@@ -344,7 +345,8 @@ def classify(command: str, reply: dict, stdout: str, stderr: str, hang_text: str
         m = re.search(r"internal error: (\w+)", stderr)
         return "INTERNAL", f"{m.group(1) if m else 'traceback'} (exit {rc})", stderr.strip()[-300:]
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if not ln.startswith("loratool: warning:")]
+    # warnings, and the plain progress lines of loratool.cli.progress (stderr is not a terminal here)
+    errors = [ln for ln in lines if not ln.startswith("loratool: warning:") and not PROGRESS_LINE.match(ln)]
     if rc == 0:
         if command == "inspect_json":
             try:
