@@ -111,3 +111,17 @@ def test_readme_layout_names_every_module():
     names = {p.stem for p in LIB.glob("*.py")} | {p.name for p in LIB.iterdir() if (p / "__init__.py").exists()}
     missing = sorted(n for n in names if not n.startswith("_") and not re.search(rf"\b{re.escape(n)}\b", block))
     assert not missing, f"README's layout does not mention: {missing}"
+
+
+def test_pyproject_lists_every_package():
+    """A wheel holds only the packages pyproject names: a new subpackage missing there works in
+    an editable install and is absent from a real one."""
+    import tomllib
+
+    root = LIB.parent
+    conf = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(conf["tool"]["setuptools"]["packages"])
+    found = {"loratool." + ".".join(p.parent.relative_to(LIB).parts) if p.parent != LIB else "loratool"
+             for p in LIB.rglob("__init__.py")}
+    found.add("loratool.kernels")
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"

@@ -28,6 +28,7 @@ COMMANDS = {
     "unmerge": "loratool.cli.merge:unmerge_cmd",
     "fingerprint": "loratool.cli.fingerprint:fingerprint_cmd",
     "manifest": "loratool.cli.fingerprint:manifest_cmd",
+    "extract": "loratool.cli.extract:extract_cmd",
     "registry": "loratool.cli.registry:registry_group",
 }
 
