@@ -203,12 +203,22 @@ def adapter_tensors_digest(adapter: "Adapter") -> str:
     entries += [(name, "modules_to_save", t) for name, t in adapter.modules_to_save.items()]
     entries += [(name, "extra", t) for name, t in adapter.extra_tensors.items()]
     entries.sort(key=lambda e: (e[0], e[1]))
+    # Tensors in files are immutable here (inputs are never written): a command that records an
+    # input in both the manifest and the lineage hashes it once. In-memory tensors are not cached.
+    token = tuple((name, role, id(t.file), t.info.start, t.info.end) if isinstance(t, TensorRef) else None
+                  for name, role, t in entries)
+    cached = getattr(adapter, "_tensors_digest_memo", None)
+    if None not in token and cached is not None and cached[0] == token:
+        return cached[1]
     h = hashlib.sha256()
     for name, role, t in entries:
         head = [name, role, dtype_of(t), list(shape_of(t))]
         h.update(json.dumps(head, separators=(",", ":")).encode("utf-8") + b"\n")
         h.update(t.raw() if isinstance(t, TensorRef) else _tensor_bytes(t))
+    if None not in token:
+        adapter._tensors_digest_memo = (token, h.hexdigest())
     return h.hexdigest()
+
 
 
 def structure_fingerprint(tensors: Iterable[tuple[str, str, Sequence[int]]]) -> str:

@@ -282,3 +282,21 @@ def test_cli_fingerprint_json_and_cache(tmp_path, cli):
     r2 = cli("fingerprint", d, env=env)
     assert r2.returncode == 0 and "0 files" in r2.stdout and "1 from cache" in r2.stdout
     assert out["content"] in r2.stdout
+
+
+def test_tensors_digest_is_memoised_per_adapter_and_follows_its_tensors(fixtures_dir):
+    """compose and merge record each input in the manifest and the lineage: the digest of file
+    tensors is computed once per adapter object, and a module whose tensors change gets a new one."""
+    import dataclasses
+
+    from loratool.fingerprint import adapter_tensors_digest
+    from loratool.formats import load_adapter
+
+    a = load_adapter(fixtures_dir / "llama_r8")
+    first = adapter_tensors_digest(a)
+    assert adapter_tensors_digest(a) == first == adapter_tensors_digest(load_adapter(fixtures_dir / "llama_r8"))
+    other = load_adapter(fixtures_dir / "llama_rslora_patterns")
+    name = next(iter(a.modules))
+    peer = next(m for m in other.modules.values() if m.lora_A.shape == a.modules[name].lora_A.shape)
+    a.modules[name] = dataclasses.replace(a.modules[name], lora_A=peer.lora_A)
+    assert adapter_tensors_digest(a) != first

@@ -133,3 +133,20 @@ def test_unreadable_safetensors_output_is_never_published(tmp_path):
         with atomic_dir(d) as tmp:
             (tmp / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16"])
+def test_has_nonfinite_finds_every_nan_and_inf(dtype):
+    """The check that resize, compose and merge run on every factor before any arithmetic."""
+    import numpy as np
+
+    from loratool.adapter import has_nonfinite
+    from loratool.safetensors_io import host_tensor
+
+    x = np.linspace(-3e4, 3e4, 101)  # large but finite in every dtype (float16 tops at 65504)
+    assert not has_nonfinite(host_tensor(x, dtype))
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, 57, 100):
+            y = x.copy()
+            y[where] = bad
+            assert has_nonfinite(host_tensor(y, dtype)), (dtype, bad, where)

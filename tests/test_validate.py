@@ -120,3 +120,42 @@ def test_modules_the_config_leaves_out(cli, fixtures_dir, tmp_path):
     assert [f.module for f in r.findings if f.id == "LT104"] == ["model.layers.1.mlp.down_proj"]
     p = cli("merge", "--base", fixtures_dir / "base_llama", "--adapters", d, "-o", tmp_path / "out")
     assert p.returncode == 2 and "model.layers.1.mlp.down_proj" in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_exploding_singular_value_is_exact_not_a_bound(fixtures_dir, tmp_path):
+    """LT204 compares the delta's largest singular value with 1e3. validate settles most modules
+    with the bound σ₁ ≤ ‖B‖_F‖A‖_F; a module whose bound is above the threshold but whose σ₁ is
+    below must not warn, and one whose σ₁ is above must."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "explode"
+    shutil.copytree(fixtures_dir / "llama_r8", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    st = d / "adapter_model.safetensors"
+    tensors = load_file(st)
+    keys = sorted(k for k in tensors if k.endswith("lora_B.weight"))
+    scale = cfg["lora_alpha"] / cfg["r"]
+
+    def ortho(rows, cols, c):  # c · (orthonormal columns), as float32
+        q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((rows, cols)))
+        return (q * c).astype(np.float32)
+
+    # first module: B, Aᵀ with orthonormal columns scaled so σ₁ = 600 < 1e3, bound = 600·r > 1e3
+    # second: σ₁ = 2000
+    for key, sigma in ((keys[0], 600.0), (keys[1], 2000.0)):
+        a_key = key.replace("lora_B", "lora_A")
+        (out, r), k = tensors[key].shape, tensors[a_key].shape[1]
+        c = np.sqrt(sigma / scale)
+        tensors[key] = ortho(out, r, c)
+        tensors[a_key] = np.ascontiguousarray(ortho(k, r, c).T)
+        lr = (np.float64(scale) * tensors[key].astype(np.float64) @ tensors[a_key].astype(np.float64))
+        assert abs(np.linalg.svd(lr, compute_uv=False)[0] - sigma) < 1e-2 * sigma
+        assert scale * np.linalg.norm(tensors[key]) * np.linalg.norm(tensors[a_key]) > 1e3
+    save_file(tensors, st, metadata={"format": "pt"})
+    r = validate(d)
+    warned = [f.module for f in r.findings if f.id == "LT204"]
+    second = keys[1].split(".lora_B")[0].removeprefix("base_model.model.")
+    assert len(warned) == 1 and warned[0].endswith(second), r.findings
