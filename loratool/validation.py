@@ -50,8 +50,11 @@ from loratool.schemas.reports import Finding, Severity, ValidationReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from loratool.checkpoint import BaseCheckpoint
+    from loratool.errors import LoratoolError
 
 CHECKS: dict[str, str] = {
+    # what stops validation itself: in --json they are the report's one finding (exits 2 and 3)
+    "LT001": "unreadable", "LT002": "usage", "LT309": "base-not-recorded",
     "LT101": "ab-rank-mismatch", "LT102": "missing-factor", "LT103": "config-rank-mismatch",
     "LT104": "not-targeted", "LT105": "unused-pattern", "LT106": "bad-factor-shape",
     "LT107": "no-modules", "LT108": "dora-magnitude-shape", "LT109": "bias-shape", "LT110": "unknown-tensor",
@@ -297,6 +300,22 @@ def check_manifest(adapter: Adapter, base: "BaseCheckpoint", f: Findings, allow_
     result = check_manifest_base(manifest, base, allow_mismatch=allow_mismatch)
     if result.mismatch:
         f.warning("LT308", f"{result.mismatch} (allowed by --allow-base-mismatch)")
+
+
+def failed_report(path: str | Path, error: "LoratoolError", base: str | Path | None = None,
+                  target: str | None = None, strict: bool = False) -> ValidationReport:
+    """The report of a validation that could not run to the end: the input could not be read
+    (LT001, exit 2), the usage was wrong (LT002, exit 2), or the base is not the one the manifest
+    records (LT309, exit 3). ``validate --json`` prints it, so a CI job parses one shape of JSON
+    whatever happened; the one-line error still goes to stderr."""
+    from loratool.errors import BaseMismatchError, UsageError
+
+    cid = "LT309" if isinstance(error, BaseMismatchError) else "LT002" if isinstance(error, UsageError) else "LT001"
+    f = Findings()
+    f.error(cid, error.message)
+    return ValidationReport(path=str(path), base=str(base) if base else None, target=target, strict=strict,
+                            num_errors=1, num_warnings=0, passed=False, exit_code=error.exit_code,
+                            findings=f.items, counts={cid: 1})
 
 
 def validate(path: str | Path, base: str | Path | None = None, target: str | None = None,

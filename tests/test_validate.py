@@ -159,3 +159,23 @@ def test_exploding_singular_value_is_exact_not_a_bound(fixtures_dir, tmp_path):
     warned = [f.module for f in r.findings if f.id == "LT204"]
     second = keys[1].split(".lora_B")[0].removeprefix("base_model.model.")
     assert len(warned) == 1 and warned[0].endswith(second), r.findings
+
+
+def test_json_on_every_exit_code(cli, fixtures_dir, tmp_path):
+    """validate --json prints a report whatever stops it: an unreadable adapter (exit 2) and a
+    base that is not the one the manifest records (exit 3) give one error finding each, and the
+    one-line error still goes to stderr."""
+    p = cli("validate", "--json", fixtures_dir / "broken" / "truncated_file")
+    assert p.returncode == 2
+    data = json.loads(p.stdout)
+    assert data["passed"] is False and data["exit_code"] == 2 and data["num_errors"] == 1
+    assert [f["id"] for f in data["findings"]] == ["LT001"] and "truncated" in data["findings"][0]["message"]
+    assert len(p.stderr.strip().splitlines()) == 1 and "truncated" in p.stderr
+    adapter = _copy_with_manifest(fixtures_dir / "llama_r8", tmp_path / "a", fixtures_dir / "base_llama")
+    other = base_with_one_changed_tensor(fixtures_dir / "base_llama", tmp_path / "other_base")
+    p = cli("validate", "--json", adapter, "--base", other)
+    assert p.returncode == 3
+    data = json.loads(p.stdout)
+    assert data["exit_code"] == 3 and [f["id"] for f in data["findings"]] == ["LT309"]
+    assert data["findings"][0]["check"] == CHECKS["LT309"] == "base-not-recorded"
+    assert "--allow-base-mismatch" in p.stderr

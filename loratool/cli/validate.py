@@ -45,12 +45,19 @@ def validate_cmd(adapter, base, target, strict, as_json, fmt, allow_base_mismatc
     level, 2 when the input cannot be read or the usage is wrong, 3 when the base is not the one
     the adapter's manifest records.
     """
-    from loratool.validation import validate
+    from loratool.errors import LoratoolError
+    from loratool.validation import failed_report, validate
 
     if (allow_base_mismatch or require_manifest) and not base:
         raise click.UsageError("--allow-base-mismatch and --require-manifest need --base")
-    report = validate(adapter, base=base, target=target, strict=strict, format=fmt,
-                      allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest, ignore=ignore)
+    try:
+        report = validate(adapter, base=base, target=target, strict=strict, format=fmt,
+                          allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest,
+                          ignore=ignore)
+    except LoratoolError as e:
+        if as_json:  # CI parses the same JSON on every exit code; stderr keeps the one line
+            emit(failed_report(adapter, e, base=base, target=target, strict=strict), True, None)
+        raise
     emit(report, as_json, lambda r: click.echo("\n".join(render_lines(r, None if show_all else EXAMPLES))))
     return report.exit_code
 
