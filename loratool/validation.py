@@ -2,6 +2,8 @@
 
 Check ids are stable (CI configurations may filter on them); never renumber, only add.
 
+  LT001 unreadable              error    the adapter cannot be read (exit 2; --json reports it)
+  LT002 usage                   error    the command line is wrong (exit 2; --json reports it)
   LT101 ab-rank-mismatch        error    lora_A and lora_B disagree on the rank
   LT102 missing-factor          error    a module has only one of its two factors
   LT103 config-rank-mismatch    error    the config's r/rank_pattern disagrees with the tensors
@@ -28,6 +30,7 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT306 base-dtype              info     (--base) the base's dtype differs from the adapter's
   LT307 no-manifest             warning  (--base) no manifest records the base: checked by shape only
   LT308 base-mismatch-allowed   warning  (--base --allow-base-mismatch) the manifest's base differs
+  LT309 base-not-recorded       error    (--base) not the base the manifest records (exit 3)
   LT401 vllm-rank               error/info (--target vllm) rank above 512 / needs --max-lora-rank
   LT402 vllm-dora               error    (--target vllm) DoRA is not supported by vLLM
   LT403 vllm-lora-bias          error    (--target vllm) lora_bias is not supported by vLLM
@@ -35,10 +38,12 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT405 vllm-layer-kind         error    (--target vllm) conv layers are not supported
   LT406 vllm-scale-patterns     error    (--target vllm) per-module scales (rank/alpha patterns) are
                                          applied as one alpha/r by vLLM
+  LT407 vllm-not-a-language-model error  (--target vllm) a diffusion-model adapter (UNet, DiT)
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -65,6 +70,7 @@ CHECKS: dict[str, str] = {
     "LT307": "no-manifest", "LT308": "base-mismatch-allowed",
     "LT401": "vllm-rank", "LT402": "vllm-dora", "LT403": "vllm-lora-bias",
     "LT404": "vllm-modules-to-save", "LT405": "vllm-layer-kind", "LT406": "vllm-scale-patterns",
+    "LT407": "vllm-not-a-language-model",
 }
 
 # vLLM's accepted values of --max-lora-rank (vllm/config/lora.py); any rank up to the chosen
@@ -249,7 +255,17 @@ def check_base(adapter: Adapter, base: "BaseCheckpoint", f: Findings) -> None:
 
 # -- serving targets --------------------------------------------------------------------------
 
+# module names that only diffusion models have (diffusers' UNet and DiT blocks)
+_DIFFUSION_NAME = re.compile(r"(^|\.)(down_blocks|up_blocks|mid_block|single_transformer_blocks|transformer_blocks"
+                            r"|time_embedding|conv_in|conv_out)(\.|$)")
+
+
 def check_vllm(adapter: Adapter, f: Findings) -> None:
+    diffusion = [c for c in adapter.components if c not in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    named = next((m.name for m in adapter.modules.values() if _DIFFUSION_NAME.search(m.name)), None)
+    if diffusion or named:
+        what = f"its components are {', '.join(adapter.components)}" if diffusion else f"module {named} is a diffusion block"
+        f.error("LT407", f"this is a diffusion-model adapter ({what}); vLLM serves language models only")
     max_rank = max(adapter.ranks, default=0)
     if max_rank > VLLM_MAX_LORA_RANKS[-1]:
         f.error("LT401", f"rank {max_rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")

@@ -179,3 +179,28 @@ def test_json_on_every_exit_code(cli, fixtures_dir, tmp_path):
     assert data["exit_code"] == 3 and [f["id"] for f in data["findings"]] == ["LT309"]
     assert data["findings"][0]["check"] == CHECKS["LT309"] == "base-not-recorded"
     assert "--allow-base-mismatch" in p.stderr
+
+
+def test_vllm_refuses_diffusion_adapters_even_without_conv(fixtures_dir, tmp_path):
+    """vLLM serves language models: an SD adapter is refused for what it is (LT407), also when
+    every module is linear (attention-only UNet LoRA), never passed."""
+    r = validate(fixtures_dir / "kohya_sd.safetensors", target="vllm")
+    assert "LT407" in {f.id for f in r.findings} and not r.passed
+    assert "LT407" not in {f.id for f in validate(fixtures_dir / "llama_r8", target="vllm").findings}
+    # a PEFT adapter of a UNet's attention layers only: no components recorded, no conv modules
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "unet_attn"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for proj in ("to_q", "to_k", "to_v"):
+        stem = f"base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.{proj}"
+        tensors[f"{stem}.lora_A.weight"] = rng.standard_normal((4, 32)).astype(np.float32)
+        tensors[f"{stem}.lora_B.weight"] = rng.standard_normal((32, 4)).astype(np.float32)
+    save_file(tensors, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                       "target_modules": ["to_q", "to_k", "to_v"]}))
+    r = validate(d, target="vllm")
+    assert [f.id for f in r.findings if f.severity.value == "error"] == ["LT407"], r.findings
