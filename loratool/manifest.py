@@ -480,6 +480,14 @@ def check_base(
         result.mismatch = text
         return result
 
+    def misfit(problems: list[str], recorded: bool) -> BaseMismatchError:
+        """Modules that do not fit the base: no override can make a merge of them work, so none
+        is suggested, and without a manifest nothing was 'recorded' (issue 13)."""
+        why = ("it differs from the base the manifest records, and " if recorded else "")
+        return BaseMismatchError(f"{base_label} is not a base of {label}: {why}the adapter's modules do not fit "
+                                 f"its tensors: {listed(problems, _LIST_LIMIT)}; give the base the adapter was "
+                                 "trained on")
+
     if manifest is None or manifest.base is None:
         why = "has no loratool manifest" if manifest is None else "has a manifest without a base fingerprint"
         if require_manifest:
@@ -505,8 +513,7 @@ def check_base(
             result.structure = "match"
             problems = _fit_problems(a, ckpt)
             if problems:
-                result.structure = "mismatch"
-                return fail(result, f"the adapter's modules do not fit its tensors: {listed(problems, _LIST_LIMIT)}")
+                raise misfit(problems, recorded=False)
         return result
 
     recorded = manifest.base
@@ -518,8 +525,8 @@ def check_base(
             result.base = found
             details = _file_diffs(recorded, found, "structure")
             a = load_adapter_lazily()
-            if a is not None and ckpt is not None:
-                details = _fit_problems(a, ckpt) + details
+            if a is not None and ckpt is not None and (problems := _fit_problems(a, ckpt)):
+                raise misfit(problems, recorded=True)
             counts = f"{found.num_tensors} tensors, the manifest records {recorded.num_tensors}"
             return fail(result, f"different tensor names, shapes or dtypes ({counts})"
                         + (f": {listed(details, _LIST_LIMIT)}" if details else ""))

@@ -251,10 +251,24 @@ def test_structure_mismatch_names_tensors_and_skips_hashing(setup, tmp_path):
     with pytest.raises(BaseMismatchError) as e:
         check_base(adapter, other, cache=cache)
     msg = str(e.value)
-    assert "different tensor names, shapes or dtypes" in msg
+    assert "differs from the base the manifest records" in msg and "do not fit" in msg
     assert ("module model.layers.1.self_attn.v_proj: base tensor model.layers.1.self_attn.v_proj.weight has shape "
             "[8, 16], the adapter's linear delta has [16, 16]") in msg
     assert cache.misses == 0 and cache.hits == 0  # structure first: nothing was hashed
+    # modules that do not fit: no override helps, so none is offered, and it refuses even with one
+    assert "--allow-base-mismatch" not in msg
+    with pytest.raises(BaseMismatchError):
+        check_base(adapter, other, cache=cache, allow_mismatch=True)
+
+
+def test_misfit_without_manifest_is_not_a_recorded_base(fixtures_dir):
+    """No manifest: a base the modules do not fit is named as such, never as 'not the base
+    recorded', and --allow-base-mismatch is not suggested (it cannot make the shapes fit)."""
+    with pytest.raises(BaseMismatchError) as e:
+        check_base(fixtures_dir / "llama_r8", fixtures_dir / "base_llama_wrong", allow_mismatch=True)
+    msg = str(e.value)
+    assert "is not a base of" in msg and "recorded" not in msg and "--allow-base-mismatch" not in msg
+    assert "[64, 96]" in msg and "[64, 128]" in msg
 
 
 def test_content_check_can_be_skipped(setup):
