@@ -25,7 +25,7 @@ from loratool.adapter import Adapter, AdapterModule, LayerKind, LoraModule, floa
 from loratool.adapter_specs import AdapterSpec, parse_adapter_specs
 from loratool.compose_methods import ComposeMethod, ComposeOptions, Factors, get_method
 from loratool.errors import InputError, UsageError
-from loratool.formats import COMMON_FORMAT
+from loratool.formats import COMMON_FORMAT, get_format
 from loratool.lowrank import RankRule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -281,6 +281,14 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
         extra_tensors=extra,
         components=components,
     )
+    writable = get_format(fmt).check_writable
+    if fmt != COMMON_FORMAT and writable is not None:
+        try:
+            writable(out)
+        except UsageError as e:  # inputs read as a format their modules cannot be written in
+            warnings.append(f"written as {COMMON_FORMAT}, not {fmt}: {e.message}")
+            fmt = out.format = COMMON_FORMAT
+            out.metadata = {}
     report = ComposeReport(
         inputs=[ComposeInput(path=_label(a, i), weight=w, format=a.format, num_modules=len(a.modules),
                              ranks=sorted(set(a.ranks))) for i, (a, w) in enumerate(zip(adapters, weights))],
@@ -301,11 +309,11 @@ def compose_adapters(adapters: Sequence[Adapter], weights: Sequence[float], meth
 def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLike, method: str = "linear",
                   rule: RankRule | None = None, density: float | None = None, seed: int = 0,
                   overwrite: bool = False, allow_different_bases: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> "ComposeReport":
+                  progress: Callable[[int, int], None] | None = None, format: str | None = None) -> "ComposeReport":
     """Read the adapters of ``specs`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s, the grammar of
     ``loratool.adapter_specs``), compose them, write ``out``. With ``allow_different_bases``, what
     differed is recorded in the lineage step (``base_mismatch``) and its params. ``progress``: as
-    ``compose_adapters``'s."""
+    ``compose_adapters``'s. ``format``: read every input as this format (detection otherwise)."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
@@ -316,7 +324,7 @@ def compose_paths(specs: str | Sequence[AdapterSpec | str], out: str | os.PathLi
 
     specs = parse_adapter_specs(specs)
     weights = [s.weight for s in specs]
-    adapters = [load_adapter(s.path) for s in specs]
+    adapters = [load_adapter(s.path, format=format) for s in specs]
     for a in adapters:
         require_usable(a)
     composed, report = compose_adapters(adapters, weights, method, rule, density, seed,

@@ -211,3 +211,21 @@ def test_task_heads_are_modules_to_save(tmp_path, task, head, mts):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1,
                                                        "lora_alpha": 1, "modules_to_save": None}))
     assert list(load_adapter(d).extra_tensors) == [head]
+
+
+def test_compose_takes_format_for_files_detection_cannot_place(tmp_path, capsys):
+    """A bare file with diffusers' current key names but no metadata: detection refuses it, and
+    ``compose --format diffusers`` reads every input as that format (issue 13)."""
+    path = tmp_path / "bare.safetensors"
+    torch.manual_seed(0)
+    save_file({"layers.0.q.lora_A.weight": torch.randn(2, 4), "layers.0.q.lora_B.weight": torch.randn(4, 2)},
+              str(path))
+    code, _, err = run(capsys, "compose", "--adapters", f"{path}:0.5,{path}:0.5", "-o", tmp_path / "x")
+    assert code == 2 and not (tmp_path / "x").exists()
+    code, out, err = run(capsys, "compose", "--adapters", f"{path}:0.5,{path}:0.5", "-o", tmp_path / "out",
+                         "--format", "diffusers", "--quiet")
+    assert code == 0, err
+    composed = load_adapter(tmp_path / "out")
+    (m,) = composed.modules.values()
+    expected = load_adapter(path, format="diffusers").modules["layers.0.q"].delta(torch.float64)
+    assert torch.allclose(m.delta(torch.float64), expected, atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli.progress import progress
-from loratool.cli.render import emit, warn
+from loratool.cli.render import FORMAT_CHOICE, emit, warn
 from loratool.cli.resize import rank_rule_options
 from loratool.compose_methods import get_method, method_names, methods, methods_help
 
@@ -29,8 +29,10 @@ from loratool.compose_methods import get_method, method_names, methods, methods_
               help="Compose adapters whose configs or manifests record different base models or task types "
                    "(refused otherwise); the override is recorded in the output's lineage.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Override format detection for every input adapter.")
 def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank,
-                as_json, overwrite, allow_different_bases, quiet):
+                as_json, overwrite, allow_different_bases, quiet, fmt):
     """Combine adapters into one: Σ wᵢ·ΔWᵢ per module over the union of their targets.
 
     The default rank is the largest input rank (every method but cat). The output has scale 1
@@ -47,7 +49,7 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
     with progress(quiet, "composing", unit="modules") as advance:
         # the library reports (modules done, total) once per module; the bar takes increments
         report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite,
-                               allow_different_bases=allow_different_bases,
+                               allow_different_bases=allow_different_bases, format=fmt,
                                progress=None if advance is None else lambda done, total: advance(1, total))
     warn(report.warnings)
     emit(report, as_json, render)

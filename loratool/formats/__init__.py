@@ -43,7 +43,7 @@ def get_format(name: str) -> Format:
 
 # The commands whose --format overrides detection (a test keeps this in step with the CLI); any
 # other command reads what one of them wrote.
-FORMAT_OPTION_COMMANDS = ("convert", "inspect", "resize", "validate")
+FORMAT_OPTION_COMMANDS = ("compose", "convert", "inspect", "resize", "validate")
 FORMAT_HINT = (f"If you know its format, `{'`, `'.join(FORMAT_OPTION_COMMANDS)}` take --format NAME; for other "
                "commands, convert it first: `loratool convert {path} --format NAME --to peft -o DIR`")
 

@@ -91,5 +91,8 @@ class Format:
     # cannot tell (diffusers' unprefixed lora_A/lora_B keys with ``lora_adapter_metadata``): tried
     # for every format before any ``sniff_keys``.
     sniff_metadata: Callable[[list[str], dict[str, str]], bool] | None = None
+    # Raises a one-line UsageError when ``write`` cannot write this adapter (diffusers needs pipeline
+    # components), before any work: compose then writes the common format instead.
+    check_writable: Callable[[Any], None] | None = None
     peft_loadable: bool = False  # PEFT loads it into a transformers model as it is (forward parity)
     library_name: str | None = None  # the Hub's library_name for a model card of it

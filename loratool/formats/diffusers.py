@@ -352,4 +352,5 @@ FORMAT = Format(
     writes_directory=True,
     writes_file=True,
     marker=WEIGHTS,
+    check_writable=check_writable,
 )
