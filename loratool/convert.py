@@ -1,5 +1,14 @@
 """Convert an adapter between formats: any two of ``loratool.formats.REGISTRY`` (PEFT, kohya
-(sd-scripts), diffusers).
+(sd-scripts), diffusers); LyCORIS modules (LoHa, LoKr, LoCon+Tucker, full) become plain LoRA.
+
+LyCORIS -> LoRA (``to_lora``): exact where the rank allows, the optimal truncation otherwise
+(Eckart–Young), with the error reported per module:
+  LoKr   the SVD of W1 ⊗ W2 is the Kronecker product of the factors' SVDs: singular values σ1ᵢ·σ2ⱼ,
+         vectors u1ᵢ ⊗ u2ⱼ and v1ᵢ ⊗ v2ⱼ; truncation keeps the largest products.
+  LoHa, LoCon+Tucker  the exact low-rank form (rank r1·r2 through the face-splitting product; the
+         Tucker core folded into A), then its QR-core SVD.
+  full   the SVD of ΔW.
+Without --rank/--energy every component above rounding noise is kept (exact).
 
 Reading gives the format-neutral ``Adapter``; the target format's writer lays it out again. Factor
 tensors are copied raw, so every conversion is lossless in the tensors; what a target cannot hold
@@ -11,12 +20,15 @@ PEFT -> kohya and kohya -> diffusers -> kohya give back the original file's keys
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from loratool.errors import UsageError
 from loratool.formats import FORMATS
-from loratool.schemas.convert import ConvertResult
+from loratool.schemas.convert import ConvertResult, ModuleConversion
 
 TARGETS = FORMATS  # every format loratool reads, it writes
 
@@ -27,17 +39,26 @@ def convert(
     out: str | os.PathLike,
     format: str | None = None,
     overwrite: bool = False,
+    rank: int | None = None,
+    energy: float | None = None,
 ) -> ConvertResult:
     """Read the adapter at ``src`` (format detected unless ``format`` is given) and write it to
-    ``out`` in the ``to`` format, atomically."""
+    ``out`` in the ``to`` format, atomically. LyCORIS modules become LoRA (``to_lora``: at most
+    ``rank`` components, or the fewest that hold ``energy`` of ‖ΔW‖²); the result lists each
+    converted module with its error."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
     if to not in TARGETS:
         raise UsageError(f"unknown target format {to!r}; choose one of: {', '.join(TARGETS)}")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
     adapter = load_adapter(src, format=format)
     if not adapter.modules:
         raise UsageError(f"{src}: holds no LoRA modules; nothing to convert")
+    adapter, conversions = adapter_to_lora(adapter, rank, energy)
     from loratool.manifest import finish_output, stamp_adapter
 
     manifest = stamp_adapter(adapter, "converted", [adapter], {"from": adapter.format, "to": to})
@@ -52,4 +73,105 @@ def convert(
         output=Path(path),
         num_modules=len(adapter.modules),
         components=list(adapter.components),
+        conversions=[ModuleConversion(**dataclasses.asdict(c)) for c in conversions],
     )
+
+
+# -- LyCORIS -> LoRA ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraConversion:
+    """One module converted to LoRA: the algorithm, the exact rank, the rank kept, and the error
+    ‖ΔW − ΔW_k‖_F (absolute and relative to ‖ΔW‖_F), in float64 from the singular values."""
+
+    module: str
+    algorithm: str
+    exact_rank: int
+    rank: int
+    error: float
+    relative_error: float
+
+
+def _keep(S, shape, rank: int | None, energy: float | None) -> int:
+    from loratool.lowrank import effective_rank, numerical_rank
+
+    k = numerical_rank(S, shape)
+    if energy is not None:
+        k = min(k, max(1, effective_rank(S, energy)))
+    if rank is not None:
+        k = min(k, rank)
+    return max(k, 1)
+
+
+def lora_svd(m, rank: int | None = None, energy: float | None = None):
+    """(U·√S, √S·Vh, S, k): the best rank-k factors of m's scaled 2-D delta (float64), its singular
+    values S (descending, all of them) and k (see ``_keep``)."""
+    import numpy as np
+
+    from loratool.lowrank import core_svd
+
+    out, in_, kern = m.out_in()
+    shape = (out, in_ * math.prod(kern))
+    if m.module_kind == "lokr":
+        (u1, s1, v1), (u2, s2, v2) = m.factor_svds()
+        prod = np.outer(s1, s2).reshape(-1) * abs(m.scale)
+        order = np.argsort(-prod, kind="stable")
+        S = prod[order]
+        k = _keep(S, shape, rank, energy)
+        i1, i2 = np.divmod(order[:k], len(s2))
+        sign = 1.0 if m.scale >= 0 else -1.0
+        U = np.einsum("ak,ck->ack", u1[:, i1], u2[:, i2]).reshape(shape[0], k) * sign
+        Vh = np.einsum("kb,kd->kbd", v1[i1], v2[i2]).reshape(k, shape[1])
+    else:
+        f = m.exact_factors()
+        if f is None:
+            d = m._d2(np.float64) * m.scale
+            U, S, Vh = np.linalg.svd(d, full_matrices=False)
+        else:
+            U, S, Vh = core_svd(f[0], f[1], m.scale)
+        k = _keep(S, shape, rank, energy)
+        U, Vh = U[:, :k], Vh[:k]
+    root = np.sqrt(S[:k])
+    return U * root, root[:, None] * Vh, S, k
+
+
+def module_to_lora(m, rank: int | None = None, energy: float | None = None):
+    """A LyCORIS module as a plain LoRA (DoRA with its DoRA scale, a lora_B bias with full's diff_b),
+    factors in the module's dtype, scale 1 (alpha = rank), and its ``LoraConversion``."""
+    import dataclasses
+
+    import numpy as np
+
+    b, a, S, k = lora_svd(m, rank, energy)
+    total = float(np.sqrt((S ** 2).sum()))
+    err = float(np.sqrt((S[k:] ** 2).sum()))
+    # scale 1 (alpha = k): a loader that ignores alpha still applies it right
+    lora = dataclasses.replace(m.with_factors(b, a), alpha=float(k), use_rslora=False, config_rank=k,
+                               config_alpha=float(k))
+    return lora, LoraConversion(m.name, m.algorithm, m.exact_rank, k, err, err / total if total else 0.0)
+
+
+def adapter_to_lora(adapter, rank: int | None = None, energy: float | None = None):
+    """``adapter`` with every LyCORIS module made LoRA (``module_to_lora``), and the conversions;
+    LoRA and DoRA modules are kept as they are. A module the conversion cannot keep whole (a DoRA
+    scale per input column) is refused with the reason."""
+    import dataclasses
+
+    from loratool.kinds.lycoris_base import LycorisModule
+
+    lyco = [m for m in adapter.modules.values() if isinstance(m, LycorisModule)]
+    if not lyco:
+        return adapter, []
+    for m in lyco:
+        problems = m.structure_problems()
+        if problems:
+            raise UsageError(f"{adapter.path}: module {m.name}: {problems[0].message}")
+        if getattr(m, "dora_scale", None) is not None and m.dora_axis() != "out":
+            raise UsageError(f"{adapter.path}: module {m.name}: {m.merge_problem(1.0, 1)}; a LoRA cannot hold it")
+    from loratool._threads import map_modules
+
+    results = map_modules(lambda m: module_to_lora(m, rank, energy), lyco)
+    modules = dict(adapter.modules)
+    for lora, conv in results:
+        modules[lora.name] = lora
+    return dataclasses.replace(adapter, modules=modules), [c for _, c in results]

@@ -44,6 +44,7 @@ def module_report(m: AdapterModule, spectrum: bool = False) -> ModuleReport:
     return ModuleReport(
         name=m.name,
         kind=m.kind.value,
+        algorithm=m.algorithm,
         rank=m.rank,
         alpha=m.alpha,
         scale=m.scale,
@@ -65,6 +66,7 @@ def inspect_adapter(adapter: Adapter, modules: bool = False, spectrum: bool = Fa
     alphas = Counter(m.alpha for m in adapter.modules.values())
     scales = {m.scale for m in adapter.modules.values()}
     kinds = Counter(m.kind.value for m in adapter.modules.values())
+    algorithms = Counter(m.algorithm for m in adapter.modules.values())
     return InspectReport(
         path=str(adapter.path),
         format=adapter.format,
@@ -83,6 +85,7 @@ def inspect_adapter(adapter: Adapter, modules: bool = False, spectrum: bool = Fa
         use_dora=adapter.use_dora,
         lora_bias=adapter.lora_bias,
         kinds=dict(sorted(kinds.items())),
+        algorithms=dict(sorted(algorithms.items())),
         dtypes=dict(sorted(adapter.dtypes().items())),
         num_params=adapter.num_params,
         file_size=adapter.file_size(),

@@ -158,7 +158,7 @@ def test_cli_json_is_the_result_model(sd_files, tmp_path, capsys):
     assert e.value.code == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"input": str(src), "input_format": "kohya", "format": "peft", "output": str(tmp_path / "p"),
-                   "num_modules": 26, "components": out["components"]}
+                   "num_modules": 26, "components": out["components"], "conversions": []}
     assert out["components"] and ConvertResult.model_validate(out).output == tmp_path / "p"
     jsonschema.validate(out, json.loads((SCHEMA_DIR / "convert-result.schema.json").read_text()))
 

@@ -18,15 +18,22 @@ _FILES = ", ".join(f.name for f in REGISTRY if f.writes_file)
               help=f"Where to write: a directory ({_DIRS}) or a .safetensors file ({_FILES}).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None, help="Override format detection of ADAPTER.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--rank", type=int, default=None,
+              help="LyCORIS modules (LoHa, LoKr, LoCon+Tucker, full): keep at most this many components "
+                   "(the optimal truncation; exact when the rank allows).")
+@click.option("--energy", type=float, default=None,
+              help="LyCORIS modules: keep the fewest components holding this share of ‖ΔW‖² (0-1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert_cmd(adapter, to, out, fmt, overwrite, as_json):
+def convert_cmd(adapter, to, out, fmt, overwrite, rank, energy, as_json):
     """Convert ADAPTER (PEFT directory, kohya or diffusers file) to another format.
 
     Tensors are copied bit for bit; alpha, ranks and kohya's ss_* metadata are kept. What the
     target cannot hold (DoRA in kohya, an LLM adapter in kohya/diffusers) is refused with the reason.
+    LyCORIS modules become plain LoRA: exactly where the rank allows, optimally otherwise, with the
+    error reported.
     """
     from loratool.convert import convert
 
-    result = convert(adapter, to, out, format=fmt, overwrite=overwrite)
+    result = convert(adapter, to, out, format=fmt, overwrite=overwrite, rank=rank, energy=energy)
     emit(result, as_json, lambda r: click.echo(r.describe()))
     return 0

@@ -39,6 +39,8 @@ def render(r) -> None:
     t.add_row("modules", str(r.num_modules))
     t.add_row("targets", ", ".join(r.targets) or "-")
     t.add_row("kinds", ", ".join(f"{k} ×{v}" for k, v in r.kinds.items()) or "-")
+    if set(r.algorithms) - {"LoRA"}:
+        t.add_row("algorithms", ", ".join(f"{k} ×{v}" for k, v in r.algorithms.items()))
     t.add_row("rank", fmt_num(r.rank) if r.rank is not None else ", ".join(f"{k} ×{v}" for k, v in r.rank_counts.items()))
     t.add_row("alpha", fmt_num(r.alpha) if r.alpha is not None else ", ".join(f"{k} ×{v}" for k, v in r.alpha_counts.items()))
     t.add_row("scale", fmt_num(r.scale) if r.scale is not None else "varies per module")
@@ -70,7 +72,7 @@ def render(r) -> None:
     from loratool.text import natural_key
 
     for m in sorted(r.modules, key=lambda m: natural_key(m.name)):
-        row = [m.name, m.kind + (" DoRA" if m.dora else ""), str(m.rank), fmt_num(m.alpha), f"{m.scale:.4g}",
+        row = [m.name, m.kind + (f" {m.algorithm}" if m.algorithm != "LoRA" else ""), str(m.rank), fmt_num(m.alpha), f"{m.scale:.4g}",
                "×".join(map(str, m.a_shape)), "×".join(map(str, m.b_shape)), m.dtype]
         if spectra:
             s = m.spectrum

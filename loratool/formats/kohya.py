@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Literal
 
-from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, dtype_of, float_values
+from loratool.adapter import (Adapter, AdapterModule, LayerKind, LoraModule, TensorSource, dtype_of, float_values,
+                              module_of)
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
-from loratool.formats.base import BAD_ALPHA, BAD_FACTOR, Format, FormatConfig, ReadProblem, pair_problem
+from loratool.formats.base import (BAD_ALPHA, BAD_FACTOR, MISSING_FACTOR, Format, FormatConfig, ReadProblem,
+                                   pair_problem)
 from loratool.boundary import parse_json
 from loratool.safetensors_io import (FLOAT_DTYPES, HostTensor, SafetensorsFile, TensorRef, atomic_path, host_tensor,
                                      write_safetensors)
@@ -59,13 +61,31 @@ PREFIXES: tuple[tuple[str, str], ...] = (
 )
 COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 _ROLES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
-# Tensors of other networks that share the prefixes (LyCORIS, DoRA): named in the error.
-_FOREIGN = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon Tucker",
-            "diff": "full weight difference", "oft_": "OFT"}
+# LyCORIS tensors (lycoris/modules/*.py ``weight_list``) under the same prefixes: the algorithm of a
+# module is read from its tensors' suffixes (``_algorithm``).
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_LYCORIS_ROLES = {*_LOHA, *_LOKR, "lora_mid.weight", "dora_scale", "diff", "diff_b", "oft_blocks", "oft_diag",
+                  "rescale", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "weight", "on_input",
+                  "scalar"}
+# Kinds whose ΔW depends on the base weight (LyCORIS: OFT's (R − I)·W, IA3's W·diag(w), GLoRA's
+# W·A + B): named, with the reason, instead of an unknown layout.
+_BASE_DEPENDENT = {
+    "oft_blocks": "LyCORIS diag-OFT (oft_blocks): its ΔW = (R − I)·W depends on the base weight",
+    "oft_diag": "LyCORIS OFT (oft_diag): its ΔW depends on the base weight",
+    "on_input": "LyCORIS IA3 (weight/on_input): its ΔW = W·diag(w) depends on the base weight",
+    "a1.weight": "LyCORIS GLoRA (a1/a2/b1/b2): its ΔW = W·(a2 a1) + b2 b1 depends on the base weight",
+}
+# sd-scripts' UNet convolutions with a 3×3 kernel (diffusers names): a LoHa/LoKr conv module with
+# flattened factors (r, in·9) gets its kernel from its name; any other is read as Linear-shaped, and
+# a merge takes the kernel from the base (kinds/lycoris_base.kernel_fit).
+_CONV3 = ("conv1", "conv2", "conv", "conv_in", "conv_out")
 
 
 def sniff_keys(keys: list[str]) -> bool:
-    return any(k.endswith(".lora_down.weight") and k.startswith(tuple(p for p, _ in PREFIXES)) for k in keys)
+    prefixes = tuple(p for p, _ in PREFIXES)
+    return any(k.startswith(prefixes) and (k.endswith(".lora_down.weight") or k.partition(".")[2] in _LYCORIS_ROLES)
+               for k in keys)
 
 
 def split_prefix(lora_name: str) -> tuple[str, str, str] | None:
@@ -102,12 +122,50 @@ def _file(path: Path) -> Path:
     return path
 
 
-def _foreign(key: str) -> str | None:
-    rest = key.split(".", 1)[1] if "." in key else key
-    for marker, what in _FOREIGN.items():
-        if rest.startswith(marker):
-            return what
-    return None
+def _scalar(ref: TensorRef) -> float | None:
+    """A one-element tensor's value, of any numeric dtype (DyLoRA saves alpha as an integer), without
+    torch; None for a dtype that holds no number."""
+    import numpy as np
+
+    from loratool.safetensors_io import STORAGE
+
+    if ref.dtype in FLOAT_DTYPES:
+        return float(float_values(ref).reshape(-1)[0])
+    if ref.dtype not in STORAGE or ref.dtype.startswith("F8") or ref.dtype == "BOOL":
+        return None
+    return float(np.frombuffer(ref.raw(), STORAGE[ref.dtype]).reshape(-1)[0])
+
+
+def _algorithm(roles: set[str]) -> str:
+    """The network a module's tensor suffixes make: lora, loha, lokr, full, or a base-dependent kind."""
+    if roles & set(_LOHA):
+        return "loha"
+    if roles & set(_LOKR):
+        return "lokr"
+    if "diff" in roles:
+        return "full"
+    for marker in _BASE_DEPENDENT:
+        if marker in roles:
+            return marker
+    return "lora"
+
+
+def _kernel_hint(name: str, cols: int) -> tuple[int, ...]:
+    """The kernel of a UNet conv whose flattened LoHa/LoKr factors do not say it (see ``_CONV3``)."""
+    last = name.rsplit(".", 1)[-1]
+    if name.startswith("unet.") and last in _CONV3 and cols % 9 == 0:
+        return (3, 3)
+    if name.startswith("unet.") and last == "conv_shortcut":
+        return (1, 1)
+    return ()
+
+
+def _host_reshape(ref: TensorRef, shape: tuple[int, ...]) -> HostTensor:
+    import numpy as np
+
+    from loratool.safetensors_io import STORAGE
+
+    return HostTensor(ref.dtype, np.frombuffer(ref.raw(), STORAGE[ref.dtype]).reshape(shape))
 
 
 def read(path: Path) -> Adapter:
@@ -117,16 +175,14 @@ def read(path: Path) -> Adapter:
     problems: list[ReadProblem] = []
     for key in st.keys():
         lora_name, _, role = key.partition(".")
-        if role not in _ROLES or split_prefix(lora_name) is None:
-            what = _foreign(key)
-            why = (f"{what} tensors are not LoRA factors; loratool reads plain LoRA (lora_down/lora_up/alpha)"
-                   if what else "not a kohya LoRA key (expected lora_unet_/lora_te…_<module>.lora_down.weight, "
-                                ".lora_up.weight or .alpha)")
+        if (role not in _ROLES and role not in _LYCORIS_ROLES) or split_prefix(lora_name) is None:
+            why = ("not a kohya/LyCORIS key (expected lora_unet_/lora_te…_<module>.lora_down.weight, .lora_up.weight, "
+                   ".alpha, or a LyCORIS tensor: hada_*, lokr_*, lora_mid, dora_scale, diff)")
             problems.append(ReadProblem(BAD_FACTOR, f"{path}: tensor {key!r}: {why}"))
             continue
-        groups.setdefault(lora_name, {})[_ROLES[role]] = key
+        groups.setdefault(lora_name, {})[role] = key
 
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, AdapterModule] = {}
     origin: dict[str, str] = {}
     sgm = False
     te_prefixes: Counter[str] = Counter()
@@ -136,55 +192,53 @@ def read(path: Path) -> Adapter:
     no_alpha: list[str] = []
     for lora_name, keys in sorted(groups.items()):
         label = f"{path}: module {lora_name!r}"
-        a_key, b_key, alpha_key = keys.get("A"), keys.get("B"), keys.get("alpha")
-        a, b = (st.ref(k) if k is not None else None for k in (a_key, b_key))
-        problem = pair_problem(a, b, label, lora_name, ("lora_down", "lora_up"), str(sorted(keys.values())),
-                               missing=("lora_down.weight", "lora_up.weight"))
-        if problem:
-            problems.append(problem)
+        algo = _algorithm(set(keys))
+        if algo in _BASE_DEPENDENT:
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: {_BASE_DEPENDENT[algo]}; loratool merges and converts "
+                                        "deltas that do not (LoRA, LoCon, LoHa, LoKr, full)", lora_name))
             continue
-        sa = a.shape
         name, from_sgm = module_name(lora_name) or (lora_name, False)  # the prefix was checked above
         if name in modules:
             problems.append(ReadProblem(BAD_FACTOR, f"{label}: maps to module {name!r}, like {origin[name]!r}; the "
                                         "file holds the same module twice", lora_name))
             continue
-        sgm |= from_sgm
-        if lora_name.startswith(("lora_te_", "lora_te1_")):
-            te_prefixes[split_prefix(lora_name)[0]] += 1
-        rank = sa[0]
+        alpha_key = keys.get("alpha")
+        alpha = None
         if alpha_key is not None:
             ref = st.ref(alpha_key)
             if math.prod(ref.shape) != 1:
                 problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be one number, found shape "
                                             f"{list(ref.shape)}", lora_name))
                 continue
-            if ref.dtype not in FLOAT_DTYPES:
-                problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a floating-point number, found "
-                                            f"{ref.dtype}", lora_name))
+            alpha = _scalar(ref)
+            if alpha is None:
+                problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a number, found {ref.dtype}", lora_name))
                 continue
-            alpha = float(float_values(ref).reshape(-1)[0])
             if not math.isfinite(alpha) or alpha <= 0:
-                problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a positive finite number, found "
-                                            f"{alpha}", lora_name))
-                continue
+                if algo != "lora" and alpha == 0:
+                    alpha = None  # LyCORIS: alpha 0 means alpha = dim
+                else:
+                    problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a positive finite number, found "
+                                                f"{alpha}", lora_name))
+                    continue
+        if algo == "lora":
+            module = _lora_module(st, path, name, lora_name, keys, alpha, label, problems)
+        else:
+            module = _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems)
+        if module is None:
+            continue
+        if alpha_key is not None and alpha is not None:
+            ref = st.ref(alpha_key)
             alpha_dtypes[ref.dtype] += 1
             alpha_shapes[ref.shape] += 1
-            mismatched_alpha_dtype |= ref.dtype != a.dtype
-        else:
-            alpha = float(rank)
+            first = next(iter(module.tensors().values()))
+            mismatched_alpha_dtype |= ref.dtype != dtype_of(first)
+        elif algo == "lora":
             no_alpha.append(name)
-        source_keys = {"lora_A": a_key, "lora_B": b_key}
-        if alpha_key is not None:
-            source_keys["alpha"] = alpha_key
-        modules[name] = LoraModule(
-            name=name,
-            kind=LayerKind.CONV2D if len(sa) == 4 else LayerKind.LINEAR,
-            lora_A=a,
-            lora_B=b,
-            alpha=alpha,
-            source_keys=source_keys,
-        )
+        sgm |= from_sgm
+        if lora_name.startswith(("lora_te_", "lora_te1_")):
+            te_prefixes[split_prefix(lora_name)[0]] += 1
+        modules[name] = module
         origin[name] = lora_name
 
     te_prefix = None
@@ -212,6 +266,99 @@ def read(path: Path) -> Adapter:
         problems=problems,
         components=tuple(c for c in COMPONENT_ORDER if c in present),
     )
+
+
+def _lora_module(st, path, name, lora_name, keys, alpha, label, problems) -> AdapterModule | None:
+    """A LoRA/LoCon module (lora_down/lora_up), with a Tucker core (lora_mid) or a DoRA scale."""
+    a_key, b_key = keys.get("lora_down.weight"), keys.get("lora_up.weight")
+    a, b = (st.ref(k) if k is not None else None for k in (a_key, b_key))
+    if a is not None and b is not None and len(a.shape) == 4 and len(b.shape) == 2 and "lora_mid.weight" not in keys:
+        b = _host_reshape(b, (*b.shape, 1, 1))  # DyLoRA conv: a 2-D lora_up under a 4-D lora_down
+    mid_key = keys.get("lora_mid.weight")
+    found = str(sorted(keys.values()))
+    if mid_key is None:
+        problem = pair_problem(a, b, label, lora_name, ("lora_down", "lora_up"), found,
+                               missing=("lora_down.weight", "lora_up.weight"))
+        if problem:
+            problems.append(problem)
+            return None
+    elif a is None or b is None:
+        which = "lora_down.weight" if a is None else "lora_up.weight"
+        problems.append(ReadProblem(MISSING_FACTOR, f"{label}: {which} is missing (only {found})", lora_name))
+        return None
+    rank = a.shape[0]
+    source_keys = {"lora_A": a_key, "lora_B": b_key}
+    for role, k in (("alpha", "alpha"), ("lora_mid", "lora_mid.weight"), ("dora_scale", "dora_scale")):
+        if k in keys:
+            source_keys[role] = keys[k]
+    fields: dict[str, Any] = {}
+    if mid_key is not None:
+        fields["lora_mid"] = st.ref(mid_key)
+        if "dora_scale" in keys:
+            fields["dora_scale"] = st.ref(keys["dora_scale"])
+    elif "dora_scale" in keys:  # LyCORIS DoRA on a LoRA: PEFT's magnitude (wd_on_out=True), flat
+        ds = st.ref(keys["dora_scale"])
+        out = b.shape[0]
+        if tuple(d for d in ds.shape if d != 1) not in ((out,), ()) or (ds.shape and ds.shape[0] != out):
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: DoRA scale (dora_scale) has shape {list(ds.shape)}, "
+                                        f"expected [{out}, 1…] (one per output row; a per-input-column scale, "
+                                        "wd_on_out=False, is not merged)", lora_name))
+            return None
+        fields["magnitude"] = _host_reshape(ds, (out,))
+    m = module_of(name=name, kind=LayerKind.CONV2D if len(a.shape) == 4 else LayerKind.LINEAR, lora_A=a, lora_B=b,
+                  alpha=float(rank) if alpha is None else alpha, source_keys=source_keys, **fields)
+    return m
+
+
+_LYCORIS_KIND = {"loha": "LohaModule", "lokr": "LokrModule", "full": "FullModule"}
+
+
+def _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems) -> AdapterModule | None:
+    """A LoHa, LoKr or full module: its tensors by role, dimensions from their shapes."""
+    from loratool import kinds
+
+    refs = {role: st.ref(k) for role, k in keys.items() if role != "alpha"}
+    source_keys = {role: k for role, k in keys.items()}
+    if algo == "full":
+        diff = refs["diff"]
+        kind = LayerKind.CONV2D if len(diff.shape) == 4 else LayerKind.LINEAR
+        m = kinds.FullModule(name=name, kind=kind, diff=diff, lora_B_bias=refs.get("diff_b"),
+                             source_keys={"diff": keys["diff"], **({"lora_B_bias": keys["diff_b"]} if "diff_b" in keys else {})})
+    else:
+        cls = getattr(kinds, _LYCORIS_KIND[algo])
+        roles = set(_LOHA if algo == "loha" else _LOKR) | {"dora_scale"}
+        extra = sorted(set(refs) - roles)
+        if extra:
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: {', '.join(extra)} do not belong to a LyCORIS "
+                                        f"{cls.algorithm} module", lora_name))
+            return None
+        if algo == "loha":
+            missing = [r for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if r not in refs]
+            if missing:
+                problems.append(ReadProblem(MISSING_FACTOR, f"{label}: LyCORIS LoHa without {', '.join(missing)} "
+                                            f"(found {sorted(keys)})", lora_name))
+                return None
+        four_d = any(len(r.shape) == 4 for role, r in refs.items() if role != "dora_scale")
+        fields = {role: refs[role] for role in refs}
+        if algo == "lokr" and alpha is None and "lokr_w1_b" not in refs and "lokr_w2_b" not in refs:
+            alpha = 1.0  # both factors full: scale 1 whatever alpha says
+        flat_b = refs.get("hada_w1_b") if algo == "loha" else refs.get("lokr_w2_b")
+        kernel = ()
+        if not four_d and flat_b is not None and len(flat_b.shape) == 2:
+            kernel = _kernel_hint(name, flat_b.shape[1])
+        kind = LayerKind.CONV2D if four_d or kernel else LayerKind.LINEAR
+        try:
+            m = cls(name=name, kind=kind, alpha=1.0, kernel=kernel, source_keys=source_keys, **fields)
+        except TypeError as e:  # pragma: no cover - the roles were checked above
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: {e}", lora_name))
+            return None
+        if algo == "lokr":
+            why = [p for p in m.structure_problems() if p.check in ("LT101", "LT102")]
+            if why:
+                problems.append(ReadProblem(why[0].check, f"{label}: {why[0].message}", lora_name))
+                return None
+        m.alpha = float(m.dim) if alpha is None and m.dim is not None else (1.0 if alpha is None else alpha)
+    return m
 
 
 # -- layout that survives other formats ----------------------------------------------------------
@@ -378,6 +525,9 @@ def check_writable(adapter: Adapter) -> None:
     if orphans:
         _refuse(adapter, f"module {orphans[0]!r} belongs to no component of {list(adapter.components)}")
     for m in adapter.modules.values():
+        if m.module_kind not in ("lora", "dora"):
+            _refuse(adapter, f"module {m.name!r} is {getattr(m, 'algorithm', m.module_kind)}, not LoRA; `loratool convert "
+                             "--to kohya` writes it as a LoRA (exactly, or at --rank/--energy)")
         if m.use_dora:
             _refuse(adapter, f"module {m.name!r} is DoRA (magnitude vector); a kohya LoRA file has no place for it")
         if m.lora_B_bias is not None:

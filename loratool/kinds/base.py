@@ -161,6 +161,7 @@ class AdapterModule(ABC):
     # the kind from the tensors a reader found.
     required: ClassVar[frozenset[str]]
     use_dora: ClassVar[bool] = False  # DoRA's per-row rescaling applies (see kinds/dora.py)
+    algorithm: ClassVar[str] = "LoRA"  # the name reports show: "LoRA", "DoRA", "LoHa", "LoKr", …
 
     name: str
     kind: LayerKind

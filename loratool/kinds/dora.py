@@ -33,6 +33,7 @@ def magnitude_length(shape: tuple[int, ...]) -> int | None:
 @dataclass
 class DoraModule(LoraModule):
     module_kind: ClassVar[str] = "dora"
+    algorithm: ClassVar[str] = "DoRA"
     required: ClassVar[frozenset[str]] = frozenset({"lora_A", "lora_B", "magnitude"})
 
     magnitude: TensorSource | None = None  # lora_magnitude_vector, one value per output feature

@@ -21,6 +21,7 @@ class Spectrum(BaseModel):
 class ModuleReport(BaseModel):
     name: str
     kind: str
+    algorithm: str = Field("LoRA", description="LoRA, DoRA, or the LyCORIS algorithm: LoHa, LoKr, LoCon+Tucker, full")
     rank: int
     alpha: float
     scale: float
@@ -54,6 +55,8 @@ class InspectReport(BaseModel):
     use_dora: bool
     lora_bias: bool
     kinds: dict[str, int]
+    algorithms: dict[str, int] = Field(default_factory=dict,
+                                       description="Algorithm (LoRA, DoRA, LoHa, LoKr, ...) -> number of modules")
     dtypes: dict[str, int] = Field(description="dtype -> number of tensors")
     num_params: int
     file_size: int = Field(description="Bytes on disk of the adapter's files")

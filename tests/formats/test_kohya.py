@@ -220,7 +220,7 @@ def test_write_back_is_bit_exact(sd_files, tmp_path):
 @pytest.mark.parametrize("case, needle", [
     ("missing_up", "lora_up.weight is missing"),
     ("rank_mismatch", "A/B rank mismatch: lora_down has rank 4"),
-    ("loha", "LyCORIS LoHa tensors are not LoRA factors"),
+    ("loha", "LyCORIS LoHa without hada_w1_b, hada_w2_a, hada_w2_b"),
     ("alpha_shape", "alpha must be one number"),
 ])
 def test_problems_name_file_and_module(tmp_path, case, needle):
