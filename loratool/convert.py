@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratool.errors import UsageError
-from loratool.formats import FORMATS
+from loratool.formats import FORMATS, as_component
 from loratool.schemas.convert import ConvertResult, ModuleConversion
 
 TARGETS = FORMATS  # every format loratool reads, it writes
@@ -41,11 +41,13 @@ def convert(
     overwrite: bool = False,
     rank: int | None = None,
     energy: float | None = None,
+    component: str | None = None,
 ) -> ConvertResult:
     """Read the adapter at ``src`` (format detected unless ``format`` is given) and write it to
     ``out`` in the ``to`` format, atomically. LyCORIS modules become LoRA (``to_lora``: at most
     ``rank`` components, or the fewest that hold ``energy`` of ‖ΔW‖²); the result lists each
-    converted module with its error."""
+    converted module with its error. ``component``: the adapter is that part of a diffusers
+    pipeline (a UNet adapter PEFT saved, ``unet``), so that kohya and diffusers can name it."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
@@ -58,6 +60,8 @@ def convert(
     adapter = load_adapter(src, format=format)
     if not adapter.modules:
         raise UsageError(f"{src}: holds no LoRA modules; nothing to convert")
+    if component is not None:
+        adapter = as_component(adapter, component)
     adapter, conversions = adapter_to_lora(adapter, rank, energy)
     from loratool.manifest import finish_output, stamp_adapter
 

@@ -12,6 +12,7 @@ from fixtures import sd as sdfix
 from loratool.adapter import Adapter, LayerKind, LoraModule
 from loratool.cli import main
 from loratool.convert import convert
+from loratool.errors import UsageError
 from loratool.formats import load_adapter, peft
 from loratool.safetensors_io import SafetensorsFile
 
@@ -175,3 +176,26 @@ def test_cli_errors_are_one_line(sd_files, tmp_path, capsys, args, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("loratool: error:") and needle in err[0]
+
+
+def test_a_unet_peft_saved_converts_with_component(sd_files, tmp_path, capsys):
+    """A UNet adapter as PEFT saves it (no component in its names) converts to kohya and diffusers
+    with --component unet: the kohya file holds exactly the original file's UNet keys and bytes,
+    and without --component the refusal says what to pass (issue 13)."""
+    src = sd_files / "kohya_sd.safetensors"
+    peft_dir = convert(src, "peft", tmp_path / "p").output / "unet"  # one sub-directory per component
+    with pytest.raises(UsageError) as e:
+        convert(peft_dir, "kohya", tmp_path / "refused.safetensors")
+    assert "--component unet" in str(e.value) and not (tmp_path / "refused.safetensors").exists()
+    back = convert(peft_dir, "kohya", tmp_path / "unet.safetensors", component="unet").output
+    orig, got = SafetensorsFile(src), SafetensorsFile(back)
+    unet_keys = {k for k in orig.keys() if k.startswith("lora_unet_")}
+    assert set(got.keys()) == unet_keys
+    assert all(orig.read_bytes(k) == got.read_bytes(k) for k in unet_keys)
+    d = convert(peft_dir, "diffusers", tmp_path / "d", component="unet")
+    assert d.components == ["unet"] and d.num_modules == len({k.split(".")[0] for k in unet_keys})
+    with pytest.raises(UsageError) as e:
+        convert(src, "diffusers", tmp_path / "x", component="unet")
+    assert "already holds components" in str(e.value)
+    with pytest.raises(UsageError):
+        convert(peft_dir, "kohya", tmp_path / "y.safetensors", component="vae")

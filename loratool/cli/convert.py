@@ -23,8 +23,11 @@ _FILES = ", ".join(f.name for f in REGISTRY if f.writes_file)
                    "(the optimal truncation; exact when the rank allows).")
 @click.option("--energy", type=float, default=None,
               help="LyCORIS modules: keep the fewest components holding this share of ‖ΔW‖² (0-1].")
+@click.option("--component", default=None, metavar="NAME",
+              help="The pipeline component ADAPTER belongs to (unet, text_encoder, transformer, ...), for an "
+                   "adapter of one model that PEFT saved: kohya and diffusers name modules by component.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert_cmd(adapter, to, out, fmt, overwrite, rank, energy, as_json):
+def convert_cmd(adapter, to, out, fmt, overwrite, rank, energy, component, as_json):
     """Convert ADAPTER (PEFT directory, kohya or diffusers file) to another format.
 
     Tensors are copied bit for bit; alpha, ranks and kohya's ss_* metadata are kept. What the
@@ -34,6 +37,7 @@ def convert_cmd(adapter, to, out, fmt, overwrite, rank, energy, as_json):
     """
     from loratool.convert import convert
 
-    result = convert(adapter, to, out, format=fmt, overwrite=overwrite, rank=rank, energy=energy)
+    result = convert(adapter, to, out, format=fmt, overwrite=overwrite, rank=rank, energy=energy,
+                     component=component)
     emit(result, as_json, lambda r: click.echo(r.describe()))
     return 0

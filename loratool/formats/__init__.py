@@ -53,6 +53,31 @@ def _describe_keys(keys: list[str], n: int = 3) -> str:
     return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
+def as_component(adapter: Adapter, component: str) -> Adapter:
+    """``adapter`` (of one model, e.g. a UNet that PEFT saved) as the ``component`` of a
+    diffusers pipeline: module names get the ``component.`` prefix the kohya and diffusers formats
+    key modules by, and the config becomes that component's. ``convert --component``."""
+    import dataclasses
+
+    from loratool.formats.diffusers import COMPONENTS
+    from loratool.formats.loraconfig import ComponentConfigs, LoraConfig
+
+    where = adapter.path or "adapter"
+    if component not in COMPONENTS:
+        raise UsageError(f"--component {component!r} is not a pipeline component; choose one of: {', '.join(COMPONENTS)}")
+    if adapter.components:
+        raise UsageError(f"{where}: already holds components ({', '.join(adapter.components)}); --component is "
+                         "for an adapter of one model, such as a UNet that PEFT saved")
+    if adapter.modules_to_save or adapter.extra_tensors:
+        extra = next(iter({**adapter.modules_to_save, **adapter.extra_tensors}))
+        raise UsageError(f"{where}: {extra!r} is not a LoRA factor and has no place in a pipeline component's LoRA")
+    modules = {f"{component}.{n}": dataclasses.replace(m, name=f"{component}.{n}") for n, m in adapter.modules.items()}
+    config = adapter.config
+    if isinstance(config, LoraConfig):
+        config = ComponentConfigs({component: config})
+    return dataclasses.replace(adapter, modules=modules, components=(component,), config=config)
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """Return the format name of an adapter at ``path``, or raise a one-line ``InputError``."""
     path = Path(path)

@@ -279,7 +279,9 @@ def check_writable(adapter: Adapter) -> None:
     if not adapter.components:
         raise UsageError(f"{where}cannot write as diffusers: the adapter has no pipeline components (unet, "
                          "text_encoder, transformer); diffusers keys start with the component each module "
-                         "belongs to, so only adapters of diffusers pipelines can be written; use --to peft")
+                         "belongs to, so only adapters of diffusers pipelines can be written; for one part of "
+                         "a pipeline (a UNet that PEFT saved) pass --component unet (or text_encoder, ...), else "
+                         "use --to peft")
     unknown = [c for c in adapter.components if c not in COMPONENTS]
     if unknown:
         raise UsageError(f"{where}cannot write as diffusers: component {unknown[0]!r} is not a diffusers "

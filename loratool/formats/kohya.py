@@ -517,7 +517,8 @@ def check_writable(adapter: Adapter) -> None:
     if not adapter.components:
         _refuse(adapter, "the adapter has no model components (unet, text_encoder); kohya keys name the "
                          "component of each module (lora_unet_, lora_te_), so only Stable Diffusion-style "
-                         "adapters can be written; use --to peft")
+                         "adapters can be written; for one part of a pipeline (a UNet that PEFT saved) pass "
+                         "--component unet (or text_encoder, ...), else use --to peft")
     unknown = [c for c in adapter.components if c not in COMPONENT_ORDER]
     if unknown:
         _refuse(adapter, f"component {unknown[0]!r} has no kohya prefix (known: {', '.join(COMPONENT_ORDER)})")
