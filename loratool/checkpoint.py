@@ -9,6 +9,10 @@ Layouts understood:
   adapters name their modules;
 * a single ``.safetensors`` file.
 
+A checkpoint that transformers saved with bitsandbytes 4-bit weights is read as the 16-bit model
+they dequantize to (``loratool.quant.stored``): ``ref(name)`` of such a weight is a
+``QuantizedRef`` whose dtype and shape are the original's; ``quantized`` names them.
+
 Only headers are read up front (names, shapes, dtypes, offsets); tensors are read one at a time.
 """
 
@@ -20,6 +24,7 @@ from typing import Any, Iterator
 
 from loratool.boundary import InputRoot, read_json
 from loratool.errors import FormatError, InputError, UnsafePathError
+from loratool.quant.stored import group as group_quantized
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorRef, refuse_pickle
 
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
@@ -116,6 +121,9 @@ class BaseCheckpoint:
             if os.path.lexists(cfg):
                 data = _read_json(self.root.inside(cfg))
                 self.config = data if isinstance(data, dict) else {}
+        # bitsandbytes 4-bit weights (a ``*-bnb-4bit`` checkpoint): each one presented as the 16-bit
+        # tensor it dequantizes to, its quant-state tensors hidden (``loratool.quant.stored``)
+        self._tensors, self.quantized = group_quantized(self._tensors)
 
     def _add_files(self, prefix: str, files: list[Path]) -> None:
         for f in files:

@@ -53,29 +53,52 @@ def _report(result, as_json: bool) -> None:
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
               help="Where the math runs: the CPU (PEFT's arithmetic, bit for bit) or CUDA (Triton).")
 @click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB); default: keep the base's shards.")
+@click.option("--base-precision", default="keep", show_default=True, metavar="keep|nf4|fp4[,blocksize=N][,double-quant]",
+              help="Merge onto bitsandbytes' dequant(quant(W)) of each changed Linear weight, the base a QLoRA "
+                   "adapter was trained against (bit for bit), and report per tensor how much that changes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @base_options
-def merge_cmd(base, adapters, out, dtype, device, max_shard_size, overwrite, quiet, as_json,
+def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision, overwrite, quiet, as_json,
               allow_base_mismatch, require_manifest):
     """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, rounded once.
 
     The output keeps BASE's shard layout, index, metadata, config and tokenizer files; tensors no
     adapter touches are copied as raw bytes. On the CPU one adapter with weight 1.0 follows PEFT's
     float32 arithmetic and gives exactly merge_and_unload's bits; weighted merges accumulate in
-    float64. A base other than the one an adapter's manifest records is refused (exit 3).
+    float64. A base other than the one an adapter's manifest records is refused (exit 3). A base
+    saved in 4 bits by bitsandbytes is dequantized as stored and written in 16 bits.
     """
     from loratool.merge import merge
 
     with progress(quiet, "merging") as cb:
         result = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
                        overwrite=overwrite, progress=cb, allow_base_mismatch=allow_base_mismatch,
-                       require_manifest=require_manifest, **_engine_options())
+                       require_manifest=require_manifest, base_precision=base_precision, **_engine_options())
     warn(result.base_warnings)
     warn(result.warnings)
+    if result.quantization and not as_json:
+        _render_quantization(result)
     _report(result, as_json)
     return 0
+
+
+def _render_quantization(result) -> None:
+    """The per-tensor table of ``--base-precision``: what the quantization term is next to the delta."""
+    from loratool.cli.render import console
+    from loratool.cli.tables import Column, fitted
+
+    con = console()
+    cols = [Column("tensor", flexible=True), Column("‖W‖", right=True, drop=2), Column("‖q‖", right=True),
+            Column("‖ΔW‖", right=True), Column("‖q‖/‖ΔW‖", right=True), Column("‖q‖/‖W‖", right=True, drop=1),
+            Column("")]
+    rows = [[q.name, f"{q.base_norm:.4g}", f"{q.quant_norm:.4g}", f"{q.delta_norm:.4g}",
+             f"{q.quant_over_delta:.3g}" if q.quant_over_delta is not None else "inf", f"{q.relative_change:.3%}",
+             "[yellow]q > ΔW[/yellow]" if q.warn else ""] for q in result.quantization]
+    con.print(fitted(cols, rows, con.width))
+    con.print(f"q = W − dequant(quant(W)) at {result.base_precision}; ‖q‖/‖W‖ is how far the choice moves "
+              "the merged weight")
 
 
 @click.command("unmerge")

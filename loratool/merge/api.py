@@ -11,11 +11,14 @@ from typing import Callable, Sequence
 
 from loratool import boundary
 from loratool.manifest import BaseGuard, merged_manifest, write_merged_manifest
+from loratool.errors import UsageError
+from loratool.merge.basequant import report as quant_report
 from loratool.merge.executor import _execute
 from loratool.merge.parity import tensor_distance
 from loratool.merge.plan import TORCH_NAMES, Action, MergePlan, plan_merge
 from loratool.merge.specs import AdapterSpec, _specs, load_adapters, parse_size
-from loratool.schemas.merge import MergeResult, UnmergeResult
+from loratool.quant.bnb import QuantSpec, parse_precision
+from loratool.schemas.merge import MergeResult, QuantLayer, UnmergeResult
 
 
 def _check_paths(out: Path, inputs: Sequence[Path], overwrite: bool, single_file: bool) -> None:
@@ -38,7 +41,11 @@ def _lineage(guard: BaseGuard, operation: str, params: dict) -> Callable[[Path, 
         if not root.is_dir():  # a single-file output has no place for it
             return
         adapters = [la.adapter for la in plan.adapters]
-        write_merged_manifest(merged_manifest(operation, guard.base, adapters, params, guard.mismatch), root)
+        precision = _precision(plan)
+        recorded = params
+        if precision != "keep":  # the choice and what it changed, per tensor (issue 16)
+            recorded = {**params, "base_precision": precision, "quantization": quant_report(plan)}
+        write_merged_manifest(merged_manifest(operation, guard.base, adapters, recorded, guard.mismatch), root)
         _model_card(root, plan, guard, operation)
 
     return write
@@ -87,6 +94,7 @@ def merge(
     direct_io: bool | None = None,
     allow_base_mismatch: bool = False,
     require_manifest: bool = False,
+    base_precision: str | QuantSpec | None = "keep",
 ) -> MergeResult:
     """Merge ``adapters`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s) into the checkpoint at ``base``
     and write the result to ``out`` (same layout, atomically), with ``loratool.json`` (the
@@ -97,23 +105,31 @@ def merge(
     with ``require_manifest`` an adapter without one is refused too. What the check could not
     verify is in ``result.base_warnings``.
 
+    ``base_precision``: ``"keep"`` (the base as it is), or ``"nf4|fp4[,blocksize=N][,double-quant]"``
+    (a ``QuantSpec``): each Linear weight an adapter changes is first made bitsandbytes'
+    dequant(quant(W)), the base a QLoRA adapter was trained against, bit for bit; ``result.quantization``
+    says per tensor how much that changed. A base stored in 4 bits (a bitsandbytes checkpoint) is
+    dequantized as stored, and the output is 16-bit.
+
     ``progress(advance, total)``: bytes written so far are reported as they go. ``engine`` and
     ``direct_io``: how the bytes are computed and written (``execute``); the result is the same.
     """
     return _merge(base, adapters, out, dtype, device, max_shard_size, overwrite, progress, engine=engine,
-                  direct_io=direct_io, allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
+                  direct_io=direct_io, allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest,
+                  base_precision=base_precision)
 
 
 def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None, overwrite=False, progress=None,
            *, engine: str = "auto", direct_io: bool | None = None, allow_base_mismatch: bool = False,
            require_manifest: bool = False, block_bytes: int | None = None,
-           fail_after_tensors: int | None = None) -> MergeResult:
+           fail_after_tensors: int | None = None, base_precision: str | QuantSpec | None = "keep") -> MergeResult:
     """``merge``, with the executor's test parameters (``block_bytes``, ``fail_after_tensors``)."""
     from loratool.checkpoint import BaseCheckpoint
 
     from loratool.resolve import resolve_base
 
     t0 = time.perf_counter()
+    spec = _parse_precision(base_precision)
     specs = _specs(adapters)
     out = Path(out)
     base = resolve_base(base)  # hf://owner/name[@rev]: downloaded into the Hugging Face cache
@@ -124,7 +140,7 @@ def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None
     for la in loaded:  # another base: BaseMismatchError (exit 3) before anything is planned or written
         guard(la.adapter, ckpt)
     plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype,
-                      max_shard_size=parse_size(max_shard_size))
+                      max_shard_size=parse_size(max_shard_size), base_precision=spec)
     params = {"adapters": _given(adapters), "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     return _run(plan, MergeResult, "merge", out, t0, overwrite=overwrite, device=device, progress=progress,
                 before_commit=_lineage(guard, "merged", params), base_warnings=guard.messages, engine=engine,
@@ -139,6 +155,15 @@ def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, 
     cb = (lambda n: progress(n, total)) if progress is not None else None
     written, dev = _execute(plan, out, overwrite, device, cb, before_commit, engine=engine, direct_io=direct_io,
                             block_bytes=block_bytes, fail_after=fail_after_tensors)
+    layers = [QuantLayer(**row) for row in quant_report(plan)]
+    warnings = list(plan.warnings)
+    loud = [q for q in layers if q.warn]
+    if loud:
+        worst = max(loud, key=lambda q: q.quant_over_delta or float("inf"))
+        ratio = f"{worst.quant_over_delta:.3g}×" if worst.quant_over_delta is not None else "∞ (ΔW = 0)"
+        warnings.append(f"{len(loud)} of {len(layers)} merged tensors: the quantization term ‖W − dequant(quant(W))‖ "
+                        f"exceeds the adapter's delta ‖ΔW‖ (worst {worst.name}: {ratio}); the base precision "
+                        f"({_precision(plan)}) changes these weights more than the adapter does")
     return result(
         operation=operation,
         out=str(out),
@@ -154,9 +179,31 @@ def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, 
         num_files=len(plan.shards),
         bytes_written=written,
         seconds=round(time.perf_counter() - t0, 3),
-        warnings=plan.warnings,
+        warnings=warnings,
         base_warnings=base_warnings,
+        base_precision=_precision(plan),
+        quantization=layers,
     )
+
+
+def _parse_precision(value: str | QuantSpec | None) -> QuantSpec | None:
+    """``--base-precision`` as a ``QuantSpec`` (None: keep); a ``UsageError`` naming the problem."""
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    try:
+        return parse_precision(str(value))
+    except ValueError as e:
+        raise UsageError(f"--base-precision {value!r}: {e}") from None
+
+
+def _precision(plan: MergePlan) -> str:
+    """What the deltas were added to: "keep", the spec, or "stored:<spec>" (a 4-bit base)."""
+    if plan.base_precision is not None:
+        return str(plan.base_precision)
+    if plan.quantized_base:
+        specs = sorted({str(plan.base.ref(n).spec) for n in plan.quantized_base})
+        return "stored:" + ";".join(specs)
+    return "keep"
 
 
 def unmerge(

@@ -97,13 +97,23 @@ def tensor_spans(t: TensorPlan, device: str = "cpu", block_bytes: int | None = N
     rows = shape[0] if shape else 1
     cols = t.numel // max(1, rows)
     if t.action is Action.CAST:
-        return row_spans(rows, max(1, CAST_BLOCK_BYTES // max(1, cols * DTYPES[t.src.dtype][0])))
+        return row_spans(rows, _quantized(t, cols, max(1, CAST_BLOCK_BYTES // max(1, cols * DTYPES[t.src.dtype][0]))))
     if t.action is not Action.MERGE or len(shape) < 2:
         return [(0, rows)]
     if not layout.row_blocked(t.kind, t.dora):
         return [(0, rows)]  # computed whole, as PEFT does (DoRA's norm spans the columns here)
     target = block_bytes or (BLOCK_BYTES if device == "cpu" else GPU_BLOCK_BYTES)
-    return row_spans(rows, block_rows(cols, target=target))
+    return row_spans(rows, _quantized(t, cols, block_rows(cols, target=target)))
+
+
+def _quantized(t: TensorPlan, cols: int, block: int) -> int:
+    """``block`` rows, made a multiple of the rows that hold whole quantization blocks when the
+    base rows are transformed (``basequant``: bitsandbytes' blocks run over the flattened tensor)."""
+    if t.transform is None:
+        return block
+    q = t.transform.rows_quantum(cols)
+    unit = q if block % ROW_ALIGN else q * ROW_ALIGN // math.gcd(q, ROW_ALIGN)
+    return max(unit, block // unit * unit)
 
 
 # -- the arithmetic -----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from loratool import boundary
 from loratool.adapter import load_tensor
 from loratool.errors import OutputError, UsageError
 from loratool.merge import numpy_engine
+from loratool.merge.basequant import transformed
 from loratool.merge.engines import BlockEngine, TorchEngine, check_engine, resolve_device, tensor_spans
 from loratool.merge.overflow import check_overflow
 from loratool.merge.plan import Action, MergePlan, TensorPlan
@@ -153,7 +154,11 @@ def _write_other_files(plan: MergePlan, root: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if rel in plan.json_updates:
             data = boundary.read_json(src)
-            data.update(plan.json_updates[rel])
+            for key, value in plan.json_updates[rel].items():
+                if value is None:
+                    data.pop(key, None)  # e.g. a 4-bit base's quantization_config
+                else:
+                    data[key] = value
             dest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
             boundary.copy_regular(src, dest)  # a regular file, whatever the source was
@@ -197,6 +202,8 @@ def _stream(plan: MergePlan, engine: BlockEngine, writer: OutputWriter, fail_aft
                         raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
                     if t.action in (Action.MERGE, Action.CAST):
                         rows = engine.tensor(t)
+                        if t.transform is not None:  # the base rows as the adapter saw them (issue 16)
+                            rows = transformed(rows, t.transform.prepare(t))
                         for _ in spans[id(t)]:
                             bt, i, j, buf, n = reader.get()
                             assert bt is t, "reader and executor disagree on the order of blocks"

@@ -20,7 +20,10 @@ from loratool import boundary
 from loratool.adapter import AdapterModule, LayerKind, TensorSource, shape_of
 from loratool.text import listed
 from loratool.errors import BaseMismatchError, InputError, UsageError
+from loratool.merge.basequant import BaseTransform, Dequantize, Requantize
 from loratool.merge.specs import LoadedAdapter, parse_dtype
+from loratool.quant.bnb import QuantSpec
+from loratool.quant.stored import QuantizedRef
 from loratool.safetensors_io import DTYPES, PICKLE_SUFFIXES, SafetensorsFile, TensorRef, encode_header
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +63,8 @@ class TensorPlan:
     action: Action
     terms: list[Term] = field(default_factory=list)
     replacement: TensorSource | None = None
+    # the base rows as the adapter saw them (issue 16): dequant(quant(W)), or a stored 4-bit weight's
+    transform: BaseTransform | None = None
 
     @property
     def key(self) -> str:
@@ -112,8 +117,11 @@ class MergePlan:
     single_file: bool = False  # the base is one .safetensors file: so is the output
     indexes: dict[str, bytes] = field(default_factory=dict)  # rel -> content
     copies: list[tuple[Path, str]] = field(default_factory=list)  # other files: source -> rel
-    json_updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> keys to set
+    json_updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> keys to set (None: drop)
     warnings: list[str] = field(default_factory=list)
+    base_precision: QuantSpec | None = None  # --base-precision (None: keep)
+    requantize: Requantize | None = None  # its transform, which measures the quantization term
+    quantized_base: list[str] = field(default_factory=list)  # base weights stored in 4 bits
 
     def tensors(self) -> Iterator[TensorPlan]:
         for shard in self.shards:
@@ -144,11 +152,13 @@ def plan_merge(
     max_shard_size: int | None = None,
     sign: int = 1,
     restore: "BaseCheckpoint | None" = None,
+    base_precision: QuantSpec | None = None,
 ) -> MergePlan:
     """Decide, from headers only, what happens to every base tensor.
 
     ``sign=-1`` plans an unmerge (deltas subtracted); ``restore`` is then the original base, from
-    which modules_to_save tensors are restored. Problems (a module without a base tensor, shapes
+    which modules_to_save tensors are restored. ``base_precision``: merge onto bitsandbytes'
+    dequant(quant(W)) of each Linear weight an adapter changes (issue 16). Problems (a module without a base tensor, shapes
     that do not fit, a weighted DoRA merge) are collected and raised together.
     """
     out_dtype = parse_dtype(dtype)
@@ -231,10 +241,23 @@ def plan_merge(
         raise BaseMismatchError(f"adapter and base do not fit: {listed(misfits)}; is {base.path} the "
                                 "base these adapters were trained on?")
 
+    quantized = [name for name, ref in base.items() if isinstance(ref, QuantizedRef)]
+    if quantized and base_precision is not None:
+        raise UsageError(f"--base-precision {base_precision}: {base.path} is stored in 4 bits already "
+                         f"({len(quantized)} bitsandbytes weights); the merge dequantizes them as stored, so "
+                         "use --base-precision keep")
+    requantize = Requantize(base_precision) if base_precision is not None else None
     warnings: list[str] = []
     plans: dict[str, TensorPlan] = {}
     for name, ref in base.items():
         dt = out_dtype if (out_dtype and ref.dtype in CONVERTIBLE) else ref.dtype
+        if isinstance(ref, QuantizedRef):  # never copied raw: its bytes are the packed ones
+            if name in replacements and sign > 0:
+                plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=replacements[name][0])
+            else:
+                plans[name] = TensorPlan(name, ref, dt, Action.MERGE if name in terms else Action.CAST,
+                                         terms=terms.get(name, []), transform=Dequantize(ref))
+            continue
         if name in replacements:
             src, label = replacements[name]
             if sign < 0:
@@ -249,11 +272,15 @@ def plan_merge(
                 plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=src)
         elif name in terms:
             plans[name] = TensorPlan(name, ref, dt, Action.MERGE, terms=terms[name])
+            t = plans[name]
+            if requantize is not None and t.kind is LayerKind.LINEAR and len(t.shape) == 2:
+                t.transform = requantize  # bitsandbytes quantizes Linear weights only
         else:
             plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
 
     plan = MergePlan(base=base, adapters=list(adapters), shards=[], dtype=out_dtype, sign=sign,
-                     warnings=warnings)
+                     warnings=warnings, base_precision=base_precision, requantize=requantize,
+                     quantized_base=quantized)
     _plan_layout(plan, plans, max_shard_size)
     return plan
 
@@ -295,7 +322,13 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
             plan.shards.append(ShardPlan(str(rel_dir / f.name), tensors, meta))
         if idx is not None:
             rel = str(idx.relative_to(root))
-            if plan.dtype is None:
+            if plan.quantized_base:  # the quant-state tensors are gone, and the weights are 16-bit
+                data = boundary.read_json(idx)
+                data["weight_map"] = {t.key: f.name for f in files for t in sorted(
+                    by_file.get(f, []), key=lambda t: t.key)}
+                data.setdefault("metadata", {})["total_size"] = sum(t.nbytes for f in files for t in by_file.get(f, []))
+                plan.indexes[rel] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+            elif plan.dtype is None:
                 plan.indexes[rel] = boundary.read_bytes(idx)  # unchanged: copied byte for byte
             else:
                 data = boundary.read_json(idx)
@@ -312,6 +345,9 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
                                  "(they would not hold the merge)")
             continue
         plan.copies.append((src, str(rel)))
+        if plan.quantized_base and src.name == "config.json" and src.parent in groups:
+            # the output holds 16-bit weights: transformers must not load it as a 4-bit model
+            plan.json_updates.setdefault(str(rel), {})["quantization_config"] = None
         if plan.dtype is not None and src.name == "config.json" and src.parent in groups:
             try:
                 cfg = boundary.read_json(src)
@@ -319,7 +355,7 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
                 continue
             keys = [k for k in ("torch_dtype", "dtype") if k in cfg] if isinstance(cfg, dict) else []
             if keys:
-                plan.json_updates[str(rel)] = {k: TORCH_NAMES[plan.dtype] for k in keys}
+                plan.json_updates.setdefault(str(rel), {}).update({k: TORCH_NAMES[plan.dtype] for k in keys})
 
 
 def _reshard(plan: MergePlan, d: Path, files: list[Path], by_file: dict[Path, list[TensorPlan]],

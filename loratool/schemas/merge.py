@@ -65,6 +65,19 @@ class ParityReport(BaseModel):
     base_warnings: list[str] = Field(default_factory=list, exclude=True)
 
 
+class QuantLayer(BaseModel):
+    """What ``merge --base-precision`` changed in one tensor (issue 16): q = W − dequant(quant(W))."""
+
+    name: str
+    numel: int
+    base_norm: float  # ‖W‖ (the 16-bit base)
+    quant_norm: float  # ‖q‖
+    delta_norm: float  # ‖Σ wᵢ·sᵢ·ΔWᵢ‖
+    quant_over_delta: float | None  # ‖q‖ / ‖ΔW‖ (None: ΔW = 0)
+    relative_change: float  # ‖q‖ / ‖W‖: how far the choice moves the merged weight
+    warn: bool  # ‖q‖ > ‖ΔW‖: the precision matters more than the adapter here
+
+
 class MergeResult(BaseModel):
     """What ``merge``/``unmerge`` wrote."""
 
@@ -84,6 +97,10 @@ class MergeResult(BaseModel):
     bytes_written: int
     seconds: float
     warnings: list[str] = []
+    # the base the deltas were added to (issue 16): "keep", "nf4,blocksize=64[,double-quant]"...,
+    # or "stored:<spec>" for a base stored in 4 bits; per tensor what the choice changed
+    base_precision: str = "keep"
+    quantization: list[QuantLayer] = []
     # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
     # CLI before ``warnings``, and left out of --json (its output is unchanged since issue 12)
     base_warnings: list[str] = Field(default_factory=list, exclude=True)
@@ -96,8 +113,11 @@ class MergeResult(BaseModel):
         parts.append(f"{self.num_copied} copied raw")
         if self.num_cast:
             parts.append(f"{self.num_cast} cast to {self.dtype}")
-        return (f"wrote {self.out}: {self.num_tensors} tensors ({', '.join(parts)}) in {self.num_files} "
+        text = (f"wrote {self.out}: {self.num_tensors} tensors ({', '.join(parts)}) in {self.num_files} "
                 f"file(s), {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}")
+        if self.base_precision != "keep":
+            text += f"; base precision {self.base_precision}"
+        return text
 
 
 class UnmergeResult(MergeResult):

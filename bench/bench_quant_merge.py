@@ -1,0 +1,118 @@
+"""Benchmark `loratool merge --base-precision nf4` against the plain merge, in the same run
+(issue 16: goal at most 1.5x the plain merge's time, with flat memory).
+
+On the TinyLlama-shaped 1.1B bf16 base of ``bench/workload.py`` (cached) and its r=16 PEFT
+adapter: the plain merge, ``--base-precision nf4`` and ``--base-precision nf4,double-quant``,
+each a subprocess as a user runs it, timed (fastest of --repeat) with the peak RSS of the process
+(``getrusage(RUSAGE_CHILDREN)`` of a wrapper). With ``--check N`` the first N merged tensors of
+the nf4 output are compared with round(dequant(quant(W)) + ΔW) computed independently by
+bitsandbytes and torch (PEFT's float32 arithmetic).
+
+    python bench/bench_quant_merge.py [--layers 22] [--work /tmp/loratool-bench-quant] [--repeat 1]
+                                      [--check 4] [--out bench/results/quant_merge.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WRAPPER = """
+import resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:]).returncode
+dt = time.perf_counter() - t
+print(f"@@ {rc} {dt:.3f} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+"""
+
+
+def run(cmd: list[str]) -> tuple[float, int, str]:
+    """(seconds, peak RSS in MB, stdout) of ``cmd`` in a wrapper process."""
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
+    line = [x for x in p.stderr.splitlines() if x.startswith("@@ ")]
+    if not line or line[-1].split()[1] != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    _, _, dt, rss = line[-1].split()
+    return float(dt), int(rss) // 1024, p.stdout
+
+
+def check(base: Path, adapter: Path, out: Path, count: int) -> list[str]:
+    """The first ``count`` merged tensors of ``out`` against bitsandbytes + torch."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from safetensors import safe_open
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    lines = []
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as fa:
+        names = sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in fa.keys() if k.endswith("lora_A.weight"))
+        index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+        for name in names[:count]:
+            key = name + ".weight"
+            with safe_open(str(base / index[key]), "pt") as fb, safe_open(str(out / index[key]), "pt") as fo:
+                w, got = fb.get_tensor(key), fo.get_tensor(key)
+            packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+            b = fa.get_tensor(f"base_model.model.{name}.lora_B.weight").float()
+            a = fa.get_tensor(f"base_model.model.{name}.lora_A.weight").float()
+            want = (dequantize_4bit(packed, state).float() + (b @ a) * scale).to(torch.bfloat16)
+            same = torch.equal(got.view(torch.int16), want.view(torch.int16))
+            lines.append(f"  {key}: {'bit-equal' if same else 'DIFFERS'} ({got.numel()} elements)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench-quant"))
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--check", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from bench.workload import workload
+
+    w = workload(layers=args.layers)
+    base, adapter = Path(w["base"]), Path(w["r16_a"])
+    args.work.mkdir(parents=True, exist_ok=True)
+    lines = [f"# bench_quant_merge: {base} ({args.layers} layers), adapter {adapter.name}, "
+             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"]
+    results = {}
+    for label, extra in [("plain", []), ("nf4", ["--base-precision", "nf4"]),
+                         ("nf4,double-quant", ["--base-precision", "nf4,double-quant"])]:
+        best = None
+        for _ in range(args.repeat):
+            out = args.work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "loratool", "merge", "--base", str(base), "--adapters", str(adapter),
+                   "-o", str(out), "-q", "--json", *extra]
+            dt, rss, stdout = run(cmd)
+            if best is None or dt < best[0]:
+                best = (dt, rss)
+        results[label] = best
+        res = json.loads(stdout)
+        warns = sum(1 for q in res.get("quantization", []) if q["warn"])
+        ratio = best[0] / results["plain"][0]
+        lines.append(f"{label:18s} {best[0]:7.2f} s  {ratio:5.2f}x plain  peak RSS {best[1]:6d} MB"
+                     + (f"  ({len(res['quantization'])} tensors, {warns} with ‖q‖ > ‖ΔW‖)" if label != "plain" else ""))
+        print(lines[-1], flush=True)
+        if label == "nf4" and args.check:
+            lines.append(f"check of nf4 against bitsandbytes + torch, first {args.check} merged tensors:")
+            lines += check(base, adapter, out, args.check)
+            print("\n".join(lines[-args.check - 1:]), flush=True)
+        shutil.rmtree(args.work / "out", ignore_errors=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Quantized bases: bitsandbytes' 4-bit formats (NF4, FP4, double quantization) in numpy.
+
+    bnb     quantize/dequantize bit for bit as bitsandbytes 0.50 does on the CPU; ``QuantSpec``
+            and ``parse_precision`` (``merge --base-precision``); the quant state's JSON
+    stored  ``QuantizedRef``: a 4-bit weight of a checkpoint that transformers saved, read as
+            the 16-bit tensor it dequantizes to
+"""
+
+from __future__ import annotations
+
+from loratool.quant.bnb import QuantSpec, dequantize, parse_precision, quantize_4bit, roundtrip
+
+__all__ = ["QuantSpec", "dequantize", "parse_precision", "quantize_4bit", "roundtrip"]

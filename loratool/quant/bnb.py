@@ -1,0 +1,407 @@
+"""bitsandbytes' 4-bit quantization (NF4, FP4, double quantization) in numpy, bit for bit.
+
+QLoRA holds the base in 4 bits: each weight tensor is flattened and cut into blocks of
+``blocksize`` elements (64 by default); each block keeps its absolute maximum (``absmax``, float32)
+and each element the index of the nearest value of a 16-entry code (NF4's normal quantiles or
+FP4's floats, scaled to [-1, 1]), two indices per byte (the first element in the high nibble).
+Double quantization ("compress_statistics", bnb_4bit_use_double_quant) stores the absmax vector
+itself in 8 bits: its mean (``offset``) is subtracted and the rest quantized blockwise (256 values
+a block) with bitsandbytes' signed dynamic 8-bit code. The adapter of a QLoRA run learns a
+correction to ``dequant(quant(W))``, not to W.
+
+This module repeats, in numpy, the arithmetic that bitsandbytes 0.50 runs on the CPU, down to
+the rounding (``tests/test_quant_bnb.py`` compares it with ``bitsandbytes.functional`` bit for
+bit):
+
+* ``quantize_4bit`` (the ``default`` torch kernel): the element times ``1 / absmax`` (a float32
+  reciprocal, absmax clamped to 1e-38), clamped to [-1, 1], except in the short last block,
+  where it is divided by its absmax; the index is ``bucketize`` against the midpoints of the
+  sorted code (a value on a midpoint takes the lower code), FP4's sorted order mapped back to
+  its bit patterns (there +0 sorts before -0: small positive values get -0's pattern);
+* ``dequantize_4bit`` (the C kernel): ``code[q] * absmax`` in float32, rounded to nearest even
+  to the original dtype;
+* double quantization: ``offset`` is torch's float32 ``mean`` of the absmax vector (its
+  summation order: ``torch_sum_f32``); the 8-bit quantization (the C kernel) divides by the
+  block's absmax and looks the index up in a 65536-entry table of [-1, 1] (``_lut``), which is
+  not always the nearest code; dequantization is ``code[q] * nested_absmax`` in float32, plus
+  ``offset`` in float32;
+* a tensor whose last dimension is odd is dequantized by the ``default`` torch kernel (compiled by
+  ``torch.compile``), which writes +0 where FP4's -0 code comes out (``dequantize``).
+
+The one input to all of this that depends on the machine is the offset's last bit: torch sums
+in an order that depends on its vector width (AVX2: 8 lanes; AVX-512: 16) and, past 32768
+absmax values (tensors of 2M elements and more at blocksize 64), on its thread count. This module
+sums in the single-threaded order of the given vector width (``LANES``); a checkpoint that
+bitsandbytes wrote stores its offset, and reading it is exact whatever the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256  # double quantization's blocks of absmax values
+LANES = 8  # torch's float32 vector width on AVX2 (the summation order of the offset)
+
+# NF4: bitsandbytes' get_4bit_type("nf4"), as float32
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], dtype=np.float32)
+# FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 2) in bit-pattern order, divided by its max (12) in float32
+FP4 = np.array([0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+               dtype=np.float32) / np.float32(12.0)
+CODES = {"nf4": NF4, "fp4": FP4}
+# the codes sorted by value, as torch.argsort orders them (FP4's +0 before -0)
+ORDER = {"nf4": np.arange(16), "fp4": np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3])}
+_CLAMP_MIN = np.float32(1e-38)
+
+
+def bounds(quant_type: str) -> np.ndarray:
+    """The midpoints between the sorted code values (float32): bucketize's boundaries."""
+    c = CODES[quant_type][ORDER[quant_type]]
+    return (c[:-1] + c[1:]) / np.float32(2)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a tensor is (or is to be) held in 4 bits."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.quant_type},blocksize={self.blocksize}" + (",double-quant" if self.double_quant else "")
+
+
+def parse_precision(text: str) -> QuantSpec | None:
+    """``keep`` (None) or ``nf4|fp4[,blocksize=N][,double-quant]``; ValueError with the reason."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("empty; expected keep, nf4 or fp4")
+    head = parts[0].lower()
+    if head == "keep":
+        if len(parts) > 1:
+            raise ValueError("keep takes no options")
+        return None
+    if head not in QUANT_TYPES:
+        raise ValueError(f"{parts[0]!r}: expected keep, nf4 or fp4")
+    blocksize, double = 64, False
+    for p in parts[1:]:
+        key, _, value = p.partition("=")
+        key = key.strip().lower().replace("_", "-")
+        if key in ("double-quant", "dq") and not value:
+            double = True
+        elif key == "blocksize" and value.strip().isdigit() and int(value) in BLOCKSIZES:
+            blocksize = int(value)
+        elif key == "blocksize":
+            raise ValueError(f"blocksize {value!r}: expected one of {', '.join(map(str, BLOCKSIZES))}")
+        else:
+            raise ValueError(f"{p!r}: unknown option; expected blocksize=N or double-quant")
+    return QuantSpec(head, blocksize, double)
+
+
+# -- 4-bit ----------------------------------------------------------------------------------------
+
+def absmax_4bit(x: np.ndarray, blocksize: int) -> np.ndarray:
+    """The absolute maximum of each block of the flat float32 ``x`` (the last one may be short)."""
+    n = x.size
+    full = n - n % blocksize
+    out = np.empty(-(-n // blocksize), np.float32)
+    if full:
+        np.abs(x[:full].reshape(-1, blocksize)).max(axis=1, out=out[: full // blocksize])
+    if n % blocksize:
+        out[-1] = max(np.abs(x[full:]).max(), _CLAMP_MIN)  # bitsandbytes stores the clamped value here
+    return out
+
+
+def quantize_4bit(x: np.ndarray, blocksize: int = 64, quant_type: str = "nf4",
+                  absmax: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 of ceil(n/2) bytes, absmax float32) of the flat float32 ``x``, as
+    ``bitsandbytes.functional.quantize_4bit`` computes them. ``absmax``: the blocks' absmax when
+    known already (``x`` may then be any run of whole blocks, ``absmax`` theirs)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    n = x.size
+    if absmax is None:
+        absmax = absmax_4bit(x, blocksize)
+    full = n - n % blocksize
+    scaled = np.empty(n + n % 2, np.float32)
+    scaled[n:] = 0  # an odd count is padded with a zero
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if full:
+            recip = np.float32(1) / np.maximum(absmax[: full // blocksize], _CLAMP_MIN)
+            np.multiply(x[:full].reshape(-1, blocksize), recip[:, None], out=scaled[:full].reshape(-1, blocksize))
+        if n % blocksize:
+            np.divide(x[full:], absmax[-1], out=scaled[full:n])
+    np.clip(scaled, -1, 1, out=scaled)
+    q = np.searchsorted(bounds(quant_type), scaled, side="left").astype(np.uint8)
+    if quant_type != "nf4":
+        q = ORDER[quant_type].astype(np.uint8)[q]
+    return (q[0::2] << 4) | q[1::2], absmax
+
+
+def codes_4bit(packed: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` 4-bit indices of ``packed`` (high nibble first), as uint8."""
+    q = np.empty(packed.size * 2, np.uint8)
+    np.right_shift(packed, 4, out=q[0::2])
+    np.bitwise_and(packed, 0xF, out=q[1::2])
+    return q[:n]
+
+
+def dequantize_4bit_f32(packed: np.ndarray, absmax: np.ndarray, n: int, blocksize: int = 64,
+                        quant_type: str = "nf4") -> np.ndarray:
+    """``code[q] * absmax`` in float32 (flat, ``n`` values), before the cast to the dtype."""
+    v = CODES[quant_type][codes_4bit(np.asarray(packed, np.uint8).reshape(-1), n)]
+    full = n - n % blocksize
+    if full:
+        v[:full].reshape(-1, blocksize).__imul__(absmax[: full // blocksize, None])
+    if n % blocksize:
+        v[full:] *= absmax[full // blocksize]
+    return v
+
+
+def to_dtype_bits(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``v`` rounded to nearest even to ``dtype`` ("BF16", "F16", "F32") as raw elements
+    (bfloat16 as its uint16 bits)."""
+    if dtype == "F32":
+        return v.astype("<f4", copy=False)
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return v.astype("<f2")
+    u = v.astype(np.float32, copy=False).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype("<u2")
+
+
+def from_dtype_bits(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw elements of ``dtype`` (bfloat16 as uint16 bits) as float32 (exact)."""
+    if dtype == "BF16":
+        return (np.asarray(raw).view("<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw).view("<f2" if dtype == "F16" else "<f4").astype(np.float32)
+
+
+# -- double quantization --------------------------------------------------------------------------
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' ``create_dynamic_map()`` (signed, 7 exponent bits, 8 bits) in float32: the
+    midpoints of ``torch.linspace(0.1, 1, 2**i + 1)`` times 10**(i - 6), both signs, 0 and 1."""
+    data: list[float] = []
+    for i in range(7):
+        m = _linspace_f32(0.1, 1.0, 2 ** i + 1)
+        means = (m[:-1] + m[1:]) / np.float32(2)
+        vals = np.float32(10.0 ** (-6 + i)) * means
+        data += vals.tolist() + (-vals).tolist()
+    data += [0.0, 1.0]
+    return np.sort(np.array(data, np.float32))
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps, dtype=float32) on the CPU: a float32 step, then
+    start + step·i for the first half and end - step·(steps - 1 - i) for the second, each one
+    fused multiply-add (exact product, one rounding to float32)."""
+    s, e = np.float32(start), np.float32(end)
+    step = (e - s) / np.float32(steps - 1)
+    i = np.arange(steps, dtype=np.float64)
+    half = steps // 2
+    out = np.where(i < half, np.float64(s) + np.float64(step) * i, np.float64(e) - np.float64(step) * (steps - 1 - i))
+    return out.astype(np.float32)
+
+
+def torch_sum_f32(x: np.ndarray, lanes: int = LANES) -> np.float32:
+    """torch's single-threaded float32 sum of a contiguous vector (``cascade_sum`` in
+    aten/src/ATen/native/cpu/SumKernel.cpp): vectors of ``lanes`` elements summed by four
+    accumulators with a 4-level cascade (16 steps a level), the leftover vectors into the first,
+    the four added together, then the scalar tail and the lanes added one by one."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    n = x.size
+    if n < lanes:  # shorter than a vector: the same cascade over single elements
+        lanes = 1
+    nvec = n // lanes
+    size = nvec // 4  # rows of 4 vectors
+    acc0 = np.zeros((4, lanes), np.float32)
+    if size:
+        rows = x[: size * 4 * lanes].reshape(size, 4, lanes)
+        power = max(4, _ceil_log2(size) // 4)
+        step = 1 << power
+        mask = step - 1
+        levels = [np.zeros((4, lanes), np.float32) for _ in range(4)]
+        i = 0
+        groups = size // step
+        if groups:
+            # each full group of ``step`` rows: a sequential chain from zero into level 0
+            g = np.add.accumulate(rows[: groups * step].reshape(groups, step, 4, lanes), axis=1,
+                                  dtype=np.float32)[:, -1]
+            for k in range(groups):
+                levels[0] = levels[0] + g[k]
+                i += step
+                for j in range(1, 4):
+                    levels[j] = levels[j] + levels[j - 1]
+                    levels[j - 1] = np.zeros((4, lanes), np.float32)
+                    if i & (mask << (j * power)):
+                        break
+        for r in range(i, size):
+            levels[0] = levels[0] + rows[r]
+        acc0 = levels[0]
+        for j in range(1, 4):
+            acc0 = acc0 + levels[j]
+    vec = acc0[0].copy()
+    for r in range(size * 4, nvec):
+        vec = vec + x[r * lanes:(r + 1) * lanes]
+    for k in range(1, 4):
+        vec = vec + acc0[k]
+    total = np.float32(0)
+    for v in x[nvec * lanes:]:
+        total = np.float32(total + v)
+    for v in vec:
+        total = np.float32(total + v)
+    return total
+
+
+def _ceil_log2(x: int) -> int:
+    return 1 if x <= 2 else math.ceil(math.log2(x))
+
+
+LUT_STEPS = 65535  # the CPU kernel's table of normalized values: 65536 entries over [-1, 1]
+
+
+def _lut(code: np.ndarray) -> np.ndarray:
+    """The CPU kernel's lookup table: for each k of 0..65535, the index of the code value nearest
+    to k/65535·2 - 1 (the lower one on a tie)."""
+    key = code.tobytes()
+    lut = _LUTS.get(key)
+    if lut is None:
+        vals = np.arange(LUT_STEPS + 1) / LUT_STEPS * 2 - 1
+        c = code.astype(np.float64)
+        lo = np.clip(np.searchsorted(c, vals, side="right") - 1, 0, c.size - 1)
+        hi = np.minimum(lo + 1, c.size - 1)
+        lut = np.where(np.abs(vals - c[hi]) < np.abs(vals - c[lo]), hi, lo).astype(np.uint8)
+        _LUTS[key] = lut
+    return lut
+
+
+_LUTS: dict[bytes, np.ndarray] = {}
+
+
+def quantize_blockwise_8bit(x: np.ndarray, code: np.ndarray, blocksize: int = NESTED_BLOCKSIZE
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 indices, absmax float32) of the flat float32 ``x``, as bitsandbytes' CPU kernel
+    computes them: each value divided by its block's absmax, clamped to [-1, 1], mapped to
+    k = trunc(((v + 1)·0.5)·65535 + 0.5) in float32, and k through a table of the nearest code
+    index (``_lut``): not always the nearest code to v itself."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    n = x.size
+    nb = -(-n // blocksize)
+    padded = np.zeros(nb * blocksize, np.float32)
+    padded[:n] = x
+    absmax = np.abs(padded.reshape(nb, blocksize)).max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = (padded.reshape(nb, blocksize) / absmax[:, None]).reshape(-1)[:n]
+    v = np.clip(v, np.float32(-1), np.float32(1))
+    k = ((v + np.float32(1)) * np.float32(0.5)) * np.float32(LUT_STEPS) + np.float32(0.5)
+    k = np.nan_to_num(k, nan=0.0).astype(np.int64)
+    return _lut(np.asarray(code, np.float32))[k], absmax
+
+
+def dequantize_blockwise_8bit(q: np.ndarray, absmax: np.ndarray, code: np.ndarray,
+                              blocksize: int = NESTED_BLOCKSIZE) -> np.ndarray:
+    """``code[q] * absmax`` in float32 (flat)."""
+    q = np.asarray(q, np.uint8).reshape(-1)
+    v = code.astype(np.float32)[q]
+    return v * np.repeat(absmax.astype(np.float32), blocksize)[: q.size]
+
+
+@dataclass
+class NestedAbsmax:
+    """The absmax vector of a 4-bit tensor in 8 bits (double quantization)."""
+
+    qabsmax: np.ndarray  # uint8, one per 4-bit block
+    nested_absmax: np.ndarray  # float32, one per NESTED_BLOCKSIZE values
+    nested_code: np.ndarray  # float32 (256,)
+    offset: np.float32
+    blocksize: int = NESTED_BLOCKSIZE
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 absmax the 4-bit dequantization scales by."""
+        v = dequantize_blockwise_8bit(self.qabsmax, self.nested_absmax, self.nested_code, self.blocksize)
+        return v + np.float32(self.offset)
+
+
+def quantize_absmax(absmax: np.ndarray, lanes: int = LANES) -> NestedAbsmax:
+    """Double quantization of ``absmax``, as ``quantize_4bit(..., compress_statistics=True)``."""
+    absmax = np.asarray(absmax, np.float32)
+    offset = np.float32(torch_sum_f32(absmax, lanes) / np.float32(absmax.size))
+    code = dynamic_map()
+    q, nested = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
+    return NestedAbsmax(q, nested, code, offset)
+
+
+def scales(x: np.ndarray, spec: QuantSpec, lanes: int = LANES) -> np.ndarray:
+    """The float32 factor each 4-bit block of the flat float32 ``x`` is dequantized with: its
+    absmax, or with double quantization the absmax after its 8-bit round trip."""
+    absmax = absmax_4bit(x, spec.blocksize)
+    return quantize_absmax(absmax, lanes).dequantize() if spec.double_quant else absmax
+
+
+def dequantize(packed: np.ndarray, scale: np.ndarray, shape: tuple[int, ...], dtype: str, blocksize: int = 64,
+               quant_type: str = "nf4", count: int | None = None) -> np.ndarray:
+    """Raw elements of ``dtype`` (flat): bitsandbytes' ``dequantize_4bit`` of a tensor of
+    ``shape`` (``count`` of its first elements; all by default) from its ``packed`` bytes and the
+    float32 ``scale`` of each block (absmax, or the double-quantized absmax dequantized)."""
+    n = math.prod(shape) if count is None else count
+    v = dequantize_4bit_f32(packed, scale, n, blocksize, quant_type)
+    if shape and shape[-1] % 2 and quant_type == "fp4":
+        v += np.float32(0)  # -0 + 0 = +0: the compiled fallback kernel's zeros (see the module docstring)
+    return to_dtype_bits(v, dtype)
+
+
+def roundtrip(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | None = None,
+              absmax: np.ndarray | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """dequant(quant(W)) of the raw elements ``raw`` (``dtype``: "BF16", "F16" or "F32"), as raw
+    elements of ``dtype``, in ``raw``'s shape: bitsandbytes' ``dequantize_4bit(*quantize_4bit(W))``.
+
+    ``raw`` may be a run of whole blocks of a larger tensor (a row block) whose ``shape`` is then
+    given; ``scale`` (the dequantization factors, ``scales``) and ``absmax`` (the blocks' absmax)
+    are then those blocks'. Without them they are computed from ``raw`` (which must then be the
+    whole tensor)."""
+    out_shape = np.shape(raw)
+    x = from_dtype_bits(np.ascontiguousarray(raw).reshape(-1), dtype)
+    if absmax is None:
+        absmax = absmax_4bit(x, spec.blocksize)
+    if scale is None:
+        scale = quantize_absmax(absmax).dequantize() if spec.double_quant else absmax
+    packed, _ = quantize_4bit(x, spec.blocksize, spec.quant_type, absmax=absmax)
+    bits = dequantize(packed, scale, shape or out_shape, dtype, spec.blocksize, spec.quant_type, count=x.size)
+    return bits.reshape(out_shape)
+
+
+# -- the quant state as transformers serialises it ------------------------------------------------
+
+STATE_PREFIX = "quant_state.bitsandbytes__"
+AUX_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def parse_state(payload: bytes) -> dict:
+    """The JSON of a ``quant_state.bitsandbytes__nf4|fp4`` tensor (``pack_dict_to_tensor``);
+    ValueError on anything else."""
+    state = json.loads(bytes(payload).decode("utf-8"))
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    qt = state.get("quant_type")
+    if qt not in QUANT_TYPES:
+        raise ValueError(f"quant_type {qt!r}: expected nf4 or fp4")
+    if state.get("blocksize") not in BLOCKSIZES:
+        raise ValueError(f"blocksize {state.get('blocksize')!r}: expected one of {BLOCKSIZES}")
+    if state.get("dtype") not in TORCH_TO_ST:
+        raise ValueError(f"dtype {state.get('dtype')!r}: expected bfloat16, float16 or float32")
+    shape = state.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"shape {shape!r}: expected a list of sizes")
+    if "nested_offset" in state and not isinstance(state["nested_offset"], (int, float)):
+        raise ValueError(f"nested_offset {state['nested_offset']!r}: expected a number")
+    return state
