@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.measure import run_child  # noqa: E402
 
 W = (0.7, 0.3)
 DENSITY, RANK = 0.5, 16
@@ -68,22 +69,7 @@ def child_peft(base: str, a: str, b: str, combination: str, ours: str) -> dict:
 
 
 def run(cmd: list[str], label: str) -> dict:
-    """Run a child; its wall time, CPU time and peak RSS (wait4), and its JSON stdout."""
-    print(f"  running {label} ...", flush=True)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if code != 0:
-        raise SystemExit(f"{label} failed ({code}):\n{stderr[-3000:]}")
-    data = json.loads(stdout) if stdout.strip().startswith("{") else {}
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_mb": usage.ru_maxrss / 1024,
-            "data": data, "stderr": stderr}
-
+    return run_child(cmd, label)
 
 def compose_cmd(w: dict, out: Path, method: str) -> list[str]:
     return [sys.executable, "-m", "loratool", "compose", "--adapters", f"{w['r16_a']}:{W[0]},{w['r16_b']}:{W[1]}",

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.measure import run_child  # noqa: E402
 
 W = (0.7, 0.3)
 
@@ -125,21 +126,7 @@ CHILDREN = {"compose": child_compose, "peft_svd": child_peft_svd, "resize": chil
 # -- parent --------------------------------------------------------------------------------------
 
 def run(cmd: list[str], label: str) -> dict:
-    """Run a child process; return its wall time, peak RSS (wait4) and parsed JSON stdout."""
-    print(f"  running {label} ...", flush=True)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if p.returncode != 0:
-        raise SystemExit(f"{label} failed ({p.returncode}):\n{stderr[-3000:]}")
-    data = json.loads(stdout) if stdout.strip().startswith("{") else {}
-    return {"wall_s": wall, "maxrss_mb": usage.ru_maxrss / 1024, "data": data}
-
+    return run_child(cmd, label)
 
 def child_cmd(name: str, *args) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", name, *map(str, args)]
