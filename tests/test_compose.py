@@ -265,3 +265,22 @@ def test_manifests_recording_different_bases_are_refused(fixtures_dir, tmp_path)
         compose_adapters([load_adapter(a), load_adapter(b)], W)
     record_manifest(b, base=fixtures_dir / "base_llama")
     compose_adapters([load_adapter(a), load_adapter(b)], W)
+
+
+def test_cli_compose_sv_fro_keeps_the_smallest_rank_holding_that_norm(pair, tmp_path, capsys):
+    """--sv-fro (kohya's sv_fro) on compose as on resize: per module, the smallest k with
+    sqrt(Σₖσ²/Σσ²) ≥ F, from the exact sum's singular values."""
+    import numpy as np
+
+    a, b = pair
+    with pytest.raises(SystemExit) as e:
+        main(["compose", "--adapters", f"{a}:0.7,{b}:0.3", "-o", str(tmp_path / "out"), "--sv-fro", "0.9", "--json"])
+    assert e.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "sv_fro" in report["rule"] or "fro" in report["rule"].lower()
+    exact, _ = compose_adapters([load_adapter(a), load_adapter(b)], W, "cat", None)
+    for m in report["modules"]:
+        s = np.linalg.svd(exact.modules[m["name"]].delta(torch.float64).reshape(
+            exact.modules[m["name"]].delta(torch.float64).shape[0], -1).numpy(), compute_uv=False)
+        share = np.sqrt(np.cumsum(s**2) / np.sum(s**2))
+        assert m["new_rank"] == int(np.searchsorted(share, 0.9 - 1e-12) + 1), m

@@ -31,7 +31,7 @@ from loratool.compose_methods import get_method, method_names, methods, methods_
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
               help="Override format detection for every input adapter.")
-def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank,
+def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cumulative, sv_fro, min_rank, max_rank,
                 as_json, overwrite, allow_different_bases, quiet, fmt):
     """Combine adapters into one: Σ wᵢ·ΔWᵢ per module over the union of their targets.
 
@@ -44,8 +44,9 @@ def compose_cmd(specs, out, method, density, seed, rank, energy, sv_ratio, sv_cu
     from loratool.lowrank import RankRule
 
     parsed = parse_adapter_specs(specs)
-    options = (rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank)
-    rule = RankRule.from_options(*options) if any(v is not None for v in options) else None
+    options = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro,
+                   min_rank=min_rank, max_rank=max_rank)
+    rule = RankRule.from_options(**options) if any(v is not None for v in options.values()) else None
     with progress(quiet, "composing", unit="modules") as advance:
         # the library reports (modules done, total) once per module; the bar takes increments
         report = compose_paths(parsed, out, method=method, rule=rule, density=density, seed=seed, overwrite=overwrite,

@@ -11,7 +11,8 @@ from loratool.resize import SAVE_PRECISIONS
 
 
 def rank_rule_options(f):
-    """--rank / --energy / --sv-ratio / --sv-cumulative / --min-rank / --max-rank (resize and compose)."""
+    """--rank / --energy / --sv-ratio / --sv-cumulative / --sv-fro / --min-rank / --max-rank (resize and
+    compose)."""
     options = [
         click.option("--rank", type=int, default=None, help="Keep K components per module (a module never gets more than it has)."),
         click.option("--energy", type=float, default=None,
@@ -19,6 +20,9 @@ def rank_rule_options(f):
         click.option("--sv-ratio", type=float, default=None, help="Keep singular values σ ≥ σ₁/R."),
         click.option("--sv-cumulative", type=float, default=None,
                      help="Keep the smallest rank holding this share (0-1] of the sum of singular values (σ, not σ²; kohya's sv_cumulative)."),
+        click.option("--sv-fro", type=float, default=None,
+                     help="Keep the smallest rank holding this share (0-1] of the Frobenius norm, "
+                          "sqrt(Σₖσ²/Σσ²) (kohya's sv_fro)."),
         click.option("--min-rank", type=int, default=None, help="Lower bound on the rank a rule picks (default 1)."),
         click.option("--max-rank", type=int, default=None, help="Upper bound on the rank a rule picks."),
     ]
@@ -28,12 +32,9 @@ def rank_rule_options(f):
 
 
 def kohya_resize_options(f):
-    """resize only: --sv-fro, kohya's --dynamic-method/--dynamic-param spelling of the sv_* rules,
+    """resize only: kohya's --dynamic-method/--dynamic-param spelling of the sv_* rules,
     --conv-rank and --save-precision (sd-scripts' resize_lora.py options)."""
     options = [
-        click.option("--sv-fro", type=float, default=None,
-                     help="Keep the smallest rank holding this share (0-1] of the Frobenius norm, "
-                          "sqrt(Σₖσ²/Σσ²) (kohya's sv_fro)."),
         click.option("--dynamic-method", type=click.Choice(list(KOHYA_DYNAMIC_METHODS)), default=None,
                      help="kohya's spelling of --sv-ratio/--sv-fro/--sv-cumulative, with --dynamic-param."),
         click.option("--dynamic-param", type=float, default=None, help="The value of --dynamic-method's rule."),

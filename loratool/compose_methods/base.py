@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy
     import torch
 
-RULE_KINDS = ("rank", "energy", "sv_ratio", "sv_cumulative")  # the fields of RankRule, one set per rule
+RULE_KINDS = ("rank", "energy", "sv_ratio", "sv_cumulative", "sv_fro")  # the fields of RankRule, one set per rule
 
 
 @dataclass(frozen=True)
