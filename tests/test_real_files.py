@@ -125,7 +125,7 @@ def test_unknown_layout_message_is_true_and_advises_what_the_command_has(tmp_pat
     assert "no LoRA factor names found" not in msg
     assert f"`loratool convert {path} --format NAME --to peft -o DIR`" in msg
     code, _, err = run(capsys, "compose", "--adapters", path, "-o", tmp_path / "out")
-    assert code == 2 and err.count("\n") == 1 and "take --format NAME; for other commands, convert it first" in err
+    assert code == 2 and err.count("\n") == 1 and "take --format NAME; for other commands (registry add), convert it first" in err
 
 
 def test_the_commands_named_as_taking_format_are_those_that_do():
@@ -229,3 +229,31 @@ def test_compose_takes_format_for_files_detection_cannot_place(tmp_path, capsys)
     (m,) = composed.modules.values()
     expected = load_adapter(path, format="diffusers").modules["layers.0.q"].delta(torch.float64)
     assert torch.allclose(m.delta(torch.float64), expected, atol=1e-6)
+
+
+def test_merge_parity_unmerge_take_format(fixtures_dir, tmp_path, capsys):
+    """merge, parity and unmerge read every adapter as --format says (issue 13): a file of bare
+    lora_A/lora_B keys that detection cannot place merges into the base it names, checks out
+    within one rounding, and unmerges to within an ulp of the base."""
+    src = load_adapter(fixtures_dir / "llama_r8")
+    tensors = {}
+    for name, m in list(src.modules.items())[:3]:
+        tensors[f"{name}.lora_A.weight"] = m.lora_A.load().float()
+        tensors[f"{name}.lora_B.weight"] = m.lora_B.load().float()
+    path = tmp_path / "bare.safetensors"
+    save_file(tensors, str(path))
+    base = fixtures_dir / "base_llama"
+    code, _, err = run(capsys, "merge", "--base", base, "--adapters", path, "-o", tmp_path / "refused", "--quiet")
+    assert code == 2 and not (tmp_path / "refused").exists()
+    code, _, err = run(capsys, "merge", "--base", base, "--adapters", path, "-o", tmp_path / "m", "--quiet",
+                       "--format", "diffusers")
+    assert code == 0, err
+    code, out, err = run(capsys, "parity", "--base", base, "--merged", tmp_path / "m", "--adapters", path,
+                         "--format", "diffusers", "--quiet", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and sum(lay["action"] == "merge" for lay in report["layers"]) == 3
+    code, out, err = run(capsys, "unmerge", "--merged", tmp_path / "m", "--adapters", path, "-o", tmp_path / "u",
+                         "--base", base, "--format", "diffusers", "--quiet", "--json")
+    assert code == 0, err
+    assert json.loads(out)["max_ulp"] <= 1.0

@@ -7,7 +7,7 @@ import os
 import click
 
 from loratool.cli.progress import progress
-from loratool.cli.render import emit, warn
+from loratool.cli.render import FORMAT_CHOICE, emit, warn
 
 ADAPTERS_HELP = ("Adapters as PATH[:WEIGHT], comma-separated or repeated (the weight is the last "
                  ":number, default 1.0), e.g. a:0.7,b:0.3.")
@@ -58,9 +58,11 @@ def _report(result, as_json: bool) -> None:
                    "adapter was trained against (bit for bit), and report per tensor how much that changes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Override format detection for every adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @base_options
-def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision, overwrite, quiet, as_json,
+def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision, overwrite, quiet, fmt, as_json,
               allow_base_mismatch, require_manifest):
     """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, rounded once.
 
@@ -75,7 +77,8 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision
     with progress(quiet, "merging") as cb:
         result = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
                        overwrite=overwrite, progress=cb, allow_base_mismatch=allow_base_mismatch,
-                       require_manifest=require_manifest, base_precision=base_precision, **_engine_options())
+                       require_manifest=require_manifest, base_precision=base_precision, format=fmt,
+                       **_engine_options())
     warn(result.base_warnings)
     warn(result.warnings)
     if result.quantization and not as_json:
@@ -111,8 +114,10 @@ def _render_quantization(result) -> None:
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Override format detection for every adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as_json):
+def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, fmt, as_json):
     """Subtract adapters from a merged checkpoint: round(M − Σ wᵢ·sᵢ·ΔWᵢ).
 
     The merge rounded once, so the result is within about one ulp of the original base, not
@@ -122,7 +127,7 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
 
     with progress(quiet, "unmerging") as cb:
         result = unmerge(merged, list(adapters), out, base=base, dtype=dtype, device=device,
-                         overwrite=overwrite, progress=cb, **_engine_options())
+                         overwrite=overwrite, progress=cb, format=fmt, **_engine_options())
     warn(result.warnings)
     _report(result, as_json)
     if not as_json and result.distance:
@@ -145,9 +150,11 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, as
               help="With --forward: the share of positions whose top-1 token must agree.")
 @click.option("--all", "show_all", is_flag=True, help="List every checked tensor, not only failures and the worst.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Override format detection for every adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @base_options
-def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_json, allow_base_mismatch,
+def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, fmt, as_json, allow_base_mismatch,
                require_manifest):
     """Check that MERGED equals BASE plus the adapters' deltas within one rounding, layer by layer.
 
@@ -157,7 +164,8 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, as_js
 
     with progress(quiet, "checking") as cb:
         report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb,
-                              allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest)
+                              allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest,
+                              format=fmt)
     warn(report.base_warnings)
     emit(report, as_json, lambda r: _render_parity(r, show_all))
     return 0 if report.ok else 1

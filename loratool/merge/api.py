@@ -95,6 +95,7 @@ def merge(
     allow_base_mismatch: bool = False,
     require_manifest: bool = False,
     base_precision: str | QuantSpec | None = "keep",
+    format: str | None = None,
 ) -> MergeResult:
     """Merge ``adapters`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s) into the checkpoint at ``base``
     and write the result to ``out`` (same layout, atomically), with ``loratool.json`` (the
@@ -116,13 +117,14 @@ def merge(
     """
     return _merge(base, adapters, out, dtype, device, max_shard_size, overwrite, progress, engine=engine,
                   direct_io=direct_io, allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest,
-                  base_precision=base_precision)
+                  base_precision=base_precision, format=format)
 
 
 def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None, overwrite=False, progress=None,
            *, engine: str = "auto", direct_io: bool | None = None, allow_base_mismatch: bool = False,
            require_manifest: bool = False, block_bytes: int | None = None,
-           fail_after_tensors: int | None = None, base_precision: str | QuantSpec | None = "keep") -> MergeResult:
+           fail_after_tensors: int | None = None, base_precision: str | QuantSpec | None = "keep",
+           format: str | None = None) -> MergeResult:
     """``merge``, with the executor's test parameters (``block_bytes``, ``fail_after_tensors``)."""
     from loratool.checkpoint import BaseCheckpoint
 
@@ -135,7 +137,7 @@ def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None
     base = resolve_base(base)  # hf://owner/name[@rev]: downloaded into the Hugging Face cache
     _check_paths(out, [Path(base), *(s.path for s in specs)], overwrite, Path(base).is_file())
     ckpt = BaseCheckpoint(base)
-    loaded = load_adapters(specs)
+    loaded = load_adapters(specs, format=format)
     guard = BaseGuard(allow_base_mismatch, require_manifest)
     for la in loaded:  # another base: BaseMismatchError (exit 3) before anything is planned or written
         guard(la.adapter, ckpt)
@@ -218,6 +220,7 @@ def unmerge(
     *,
     engine: str = "auto",
     direct_io: bool | None = None,
+    format: str | None = None,
 ) -> UnmergeResult:
     """Subtract the adapters' deltas from ``merged``: round(M − Σ wᵢ sᵢ ΔWᵢ). DoRA is refused
     (its per-row rescaling needs the original norms). With ``base`` the modules_to_save tensors
@@ -239,7 +242,7 @@ def unmerge(
                  Path(merged).is_file())
     ckpt = BaseCheckpoint(merged)
     original = BaseCheckpoint(base) if base is not None else None
-    loaded = load_adapters(specs)
+    loaded = load_adapters(specs, format=format)
     plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype, sign=-1, restore=original)
     params = {"adapters": _given(adapters), "dtype": dtype, "device": device}
     res = _run(plan, UnmergeResult, "unmerge", out, t0, overwrite=overwrite, device=device, progress=progress,

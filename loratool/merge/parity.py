@@ -263,6 +263,7 @@ def check_parity(
     *,
     allow_base_mismatch: bool = False,
     require_manifest: bool = False,
+    format: str | None = None,
 ) -> ParityReport:
     """Check that ``merged`` is ``base`` with ``adapters`` (``"a:0.7,b:0.3"`` or specs) merged,
     tensor by tensor; with ``forward`` also compare logits through transformers + PEFT.
@@ -276,7 +277,7 @@ def check_parity(
     specs = _specs(adapters)
     base_path = resolve_base(base)  # hf://owner/name[@rev]: downloaded into the Hugging Face cache
     base_ck = BaseCheckpoint(base_path)
-    loaded = load_adapters(specs)
+    loaded = load_adapters(specs, format=format)
     guard = BaseGuard(allow_base_mismatch, require_manifest)
     for la in loaded:  # before the merged checkpoint is read
         guard(la.adapter, base_ck)

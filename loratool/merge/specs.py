@@ -56,15 +56,15 @@ def _specs(adapters) -> list[AdapterSpec]:
     return parse_adapter_specs(adapters)
 
 
-def load_adapters(specs: Sequence[AdapterSpec]) -> list[LoadedAdapter]:
+def load_adapters(specs: Sequence[AdapterSpec], format: str | None = None) -> list[LoadedAdapter]:
     """Read each adapter (a path, or a registry or Hub reference: ``loratool.resolve``) lazily,
-    refusing one that holds nothing to merge, non-finite values, or tensors the merge would
-    leave out."""
+    as ``format`` when given (detected otherwise), refusing one that holds nothing to merge,
+    non-finite values, or tensors the merge would leave out."""
     from loratool.resolve import load_adapter
 
     loaded = []
     for spec in specs:
-        adapter = load_adapter(spec.path)
+        adapter = load_adapter(spec.path, format=format)
         if not adapter.modules and not adapter.modules_to_save:
             raise InputError(f"{spec.path}: holds no LoRA modules and no modules_to_save; nothing to merge")
         # NaN/Inf or a non-finite scale would be written into the model: refuse before anything is
