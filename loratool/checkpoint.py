@@ -7,7 +7,13 @@ Layouts understood:
   ``text_encoder_2/``, ``transformer/`` …, each one file or sharded): tensor names are then
   prefixed with the component, ``unet.down_blocks.0….weight``, which is how multi-component
   adapters name their modules;
-* a single ``.safetensors`` file.
+* a single ``.safetensors`` file, among them single-file SD/SDXL checkpoints (LDM names,
+  ``model.diffusion_model.input_blocks.1.1.proj_in.weight``), and a bare pipeline component
+  (``unet/``) given on its own.
+
+Adapter names meet base tensors through one rule, ``tensor_name`` (and ``weight_name`` for a
+module): the fit check (``kinds``: validate, the manifest's base check) and the merge plan (merge,
+parity, unmerge) all use it.
 
 A checkpoint that transformers saved with bitsandbytes 4-bit weights is read as the 16-bit model
 they dequantize to (``loratool.quant.stored``): ``ref(name)`` of such a weight is a
@@ -124,6 +130,12 @@ class BaseCheckpoint:
         # bitsandbytes 4-bit weights (a ``*-bnb-4bit`` checkpoint): each one presented as the 16-bit
         # tensor it dequantizes to, its quant-state tensors hidden (``loratool.quant.stored``)
         self._tensors, self.quantized = group_quantized(self._tensors)
+        from loratool.formats import sdnames
+
+        # how adapter names find tensors here (``tensor_name``): a single-file SD/SDXL checkpoint
+        # (LDM names), or the one pipeline component a bare folder or file holds
+        self.ldm = not self.components and sdnames.is_ldm(self._tensors)
+        self.component = None if self.components or self.ldm else _component_of(self.path, list(self._tensors), self.config)
 
     def _add_files(self, prefix: str, files: list[Path]) -> None:
         for f in files:
@@ -190,20 +202,111 @@ class BaseCheckpoint:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self._tensors.values())
 
-    # -- adapter module -> base tensor ---------------------------------------------------------
+    # -- adapter names -> base tensors (issue 13): the one rule ----------------------------------
     def weight_name(self, module: str) -> str | None:
-        """The base tensor that a module's delta is added to, or None.
+        """The base tensor that a module's delta is added to, or None: ``tensor_name`` of
+        ``<module>.weight``."""
+        return self.tensor_name(f"{module}.weight")
 
-        Exact ``<module>.weight`` first; then the ``model.`` prefix added or removed, which is
-        how an adapter trained on the bare backbone (LlamaModel) meets a ForCausalLM checkpoint
-        (vLLM and PEFT's loaders tolerate the same difference).
+    def tensor_name(self, name: str) -> str | None:
+        """The base tensor that an adapter's tensor ``name`` (loratool's canonical naming:
+        ``unet.down_blocks.0.….weight``, ``text_encoder.text_model.encoder.….weight``,
+        ``model.layers.0.….weight``) refers to, or None when it refers to none or to several.
+
+        The name itself, if the base has it; else the one tensor that exactly one of these forms
+        names (zero or several: None, never a guess):
+
+        * the ``model.`` prefix added or removed (an adapter of the bare backbone, LlamaModel, on
+          a ForCausalLM checkpoint: vLLM's and PEFT's loaders tolerate the same);
+        * a CLIP text encoder's path with or without ``text_model.`` (transformers 4 and every SD
+          checkpoint vs transformers 5's flattened CLIPTextModel), both ways;
+        * in a pipeline folder, an adapter name without a component prefix (a UNet that PEFT
+          saved) under each component;
+        * in a bare component folder (``unet/``, or a diffusers UNet's weights on their own), the
+          component prefix dropped;
+        * in a single-file SD/SDXL checkpoint, the UNet's and CLIP-L's LDM names
+          (``sdnames.ldm_names``).
         """
-        candidates = [f"{module}.weight"]
-        if module.startswith("model."):
-            candidates.append(f"{module[len('model.'):]}.weight")
-        else:
-            candidates.append(f"model.{module}.weight")
-        for c in candidates:
-            if c in self._tensors:
-                return c
-        return None
+        if name in self._tensors:
+            return name
+        found = self._matches(name)
+        return found[0] if len(found) == 1 else None
+
+    def missing(self, name: str) -> str:
+        """Why ``tensor_name(name)`` is None, as one clause for messages."""
+        found = self._matches(name)
+        if len(found) > 1:
+            return (f"{name} matches {len(found)} base tensors ({', '.join(found[:3])}); the adapter's name "
+                    "does not say which (a component prefix would: convert --component NAME)")
+        text = f"the base has no tensor {name}"
+        if self.ldm:
+            from loratool.formats import sdnames
+
+            comp, _, _ = name.partition(".")
+            why = sdnames.ldm_refusal(comp, self._tensors)
+            if why:
+                return f"{text}: {why}"
+            tried = [c for c in self._candidates(name) if "." in c and not c.startswith(comp + ".")]
+            if tried:
+                return f"{text} (as {tried[0]} in this single-file SD checkpoint)"
+        return text
+
+    def _matches(self, name: str) -> list[str]:
+        return sorted({c for c in self._candidates(name) if c in self._tensors})
+
+    def _candidates(self, name: str) -> list[str]:
+        head, dot, leaf = name.rpartition(".")
+        if not dot:
+            return []
+        comp, _, path = head.partition(".")
+        if comp not in PIPELINE_COMPONENTS or not path:
+            comp, path = "", head
+        out: list[str] = []
+        if self.components:  # a pipeline folder: every tensor is component-prefixed
+            for c in ([comp] if comp else self.components):
+                out += [f"{c}.{p}" for p in _clip_forms(c, path)]
+        elif self.ldm:
+            for c in ([comp] if comp else ("unet", "text_encoder")):
+                out += [n for p in _clip_forms(c, path) for n in _ldm_names(c, p)]
+        else:  # one model: a bare component folder drops its own prefix, nothing else
+            stem = path if comp and comp == self.component else head
+            out += [stem, stem[len("model."):] if stem.startswith("model.") else f"model.{stem}"]
+            out += _clip_forms("", stem)
+        return [f"{n}.{leaf}" for n in out]
+
+
+def _clip_forms(component: str, path: str) -> list[str]:
+    """``path`` and, for a CLIP text encoder's module (or one of no known component), the same
+    module under the other transformers version's naming (``text_model.`` added or removed)."""
+    if component and not component.startswith("text_encoder"):
+        return [path]
+    from loratool.formats import sdnames
+
+    t4 = sdnames.canonical_text_encoder_path(path)
+    if t4 != path:
+        return [path, t4]
+    return [path, path[len("text_model."):]] if path.startswith("text_model.") else [path]
+
+
+def _ldm_names(component: str, path: str) -> list[str]:
+    from loratool.formats import sdnames
+
+    return sdnames.ldm_names(component, path)
+
+
+def _component_of(path: Path, names: list[str], config: dict[str, Any]) -> str | None:
+    """Which pipeline component a checkpoint that is not a pipeline holds, when it says so: its
+    folder's name (``unet/``, or the folder of a file given as the base), its diffusers config's
+    ``_class_name``, or a diffusers UNet's tensor names; else None."""
+    folder = path if path.is_dir() else path.parent
+    if folder.name in PIPELINE_COMPONENTS:
+        return folder.name
+    cls = str(config.get("_class_name", ""))
+    if "UNet" in cls:
+        return "unet"
+    if "Transformer" in cls:
+        return "transformer"
+    if "conv_in.weight" in names and any(n.startswith("down_blocks.") for n in names) \
+            and any(n.startswith("up_blocks.") for n in names):
+        return "unet"
+    return None

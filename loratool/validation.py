@@ -239,10 +239,11 @@ def check_base(adapter: Adapter, base: "BaseCheckpoint", f: Findings) -> None:
         if not fit.ok:
             f.error(fit.check, f"module {m.name}: {fit.message}", m.name, str(base.path))
     for name, src in adapter.modules_to_save.items():
-        if name not in base:
-            f.error("LT304", f"modules_to_save {name}: the base has no such tensor", name, str(base.path))
-        elif tuple(base.shape(name)) != shape_of(src):
-            f.error("LT304", f"modules_to_save {name}: base is {list(base.shape(name))}, the adapter's is "
+        target = base.tensor_name(name)  # the one name rule, as merge uses it
+        if target is None:
+            f.error("LT304", f"modules_to_save {name}: {base.missing(name)}", name, str(base.path))
+        elif tuple(base.shape(target)) != shape_of(src):
+            f.error("LT304", f"modules_to_save {name}: base {target} is {list(base.shape(target))}, the adapter's is "
                     f"{list(shape_of(src))}", name, str(base.path))
     base_name = base.config.get("_name_or_path") if base.config else None
     if adapter.base_model and base_name and adapter.base_model != base_name:

@@ -69,14 +69,14 @@ def to_kohya(name: str) -> str:
 
 # -- SGM (original Stability UNet) <-> diffusers UNet2DConditionModel ----------------------------
 
-# Inside a ResBlock: SGM child -> diffusers child. (in_layers.0/out_layers.0 are norms, which
-# LoRA does not target; names outside these tables are left unmapped.)
+# Inside a ResBlock: SGM child -> diffusers child (the norms too: modules_to_save may name them;
+# names outside these tables are left unmapped).
 _RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
-           "skip_connection": "conv_shortcut"}
+           "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}
 _RESNET_BACK = {v: k for k, v in _RESNET.items()}
 _TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
         "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-        "input_blocks.0.0": "conv_in", "out.2": "conv_out"}
+        "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
 _TOP_BACK = {v: k for k, v in _TOP.items()}
 _SGM_HEADS = ("input_blocks.", "middle_block.", "output_blocks.")
 LAYERS_PER_BLOCK = 2  # every SD 1.x / 2.x / XL UNet
@@ -181,3 +181,52 @@ def version_neutral_text_encoder_target(path: str) -> str:
     """A PEFT target/pattern key that matches the module under both transformers 4
     (``text_model.encoder…``) and 5 (``encoder…``): PEFT matches it as a dot-bounded suffix."""
     return path[len("text_model."):] if path.startswith("text_model.") else path
+
+
+# -- single-file Stable Diffusion checkpoints (LDM / SGM names) -----------------------------------
+# What kohya's merge_lora.py, A1111/ComfyUI and most SD users hold: one .safetensors file with the
+# original Stability names. The UNet sits under ``model.diffusion_model.`` with SGM block names
+# (``diffusers_to_sgm``; the inner names of attention blocks are diffusers'), the CLIP-L text
+# encoder under ``cond_stage_model.transformer.`` (SD 1.x) or ``conditioner.embedders.0.transformer.``
+# (SDXL) with transformers 4 names. SD 2.x's text encoder and SDXL's second one are OpenCLIP
+# (``….model.transformer.resblocks.N.attn.in_proj_weight``): q, k and v are rows of one fused
+# tensor, which no LoRA module names on its own. The VAE (``first_stage_model.``) has no LoRA.
+LDM_UNET = "model.diffusion_model."
+LDM_CLIP_L = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+LDM_OPEN_CLIP = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
+
+
+def is_ldm(names) -> bool:
+    """Whether tensor ``names`` are a single-file SD/SDXL checkpoint's (a UNet under
+    ``model.diffusion_model.``)."""
+    return any(n.startswith(LDM_UNET) for n in names)
+
+
+def ldm_names(component: str, path: str) -> list[str]:
+    """The tensor-name stems (without ``.weight``) that the diffusers module ``path`` of pipeline
+    ``component`` may have in a single-file checkpoint: the caller keeps the one that exists.
+    A UNet upsampler has two (``output_blocks.N.1.conv`` when its up block has no attention, as in
+    SD 1.x's first one, else ``….2.conv``); names with no LDM form have none."""
+    if component == "unet":
+        m = re.match(r"up_blocks\.(\d+)\.", path)
+        forms = {diffusers_to_sgm(path, set()), diffusers_to_sgm(path, {int(m.group(1))} if m else set())}
+        return sorted(LDM_UNET + n for n in forms if n != path)
+    if component == "text_encoder" and path.startswith("text_model."):
+        return [p + path for p in LDM_CLIP_L]
+    return []
+
+
+def ldm_refusal(component: str, names) -> str | None:
+    """Why a module of ``component`` cannot be merged into the single-file checkpoint whose tensor
+    ``names`` are given, when the reason is the checkpoint's layout (OpenCLIP's fused q/k/v)."""
+    if component not in ("text_encoder", "text_encoder_2"):
+        return None
+    clip_l = any(n.startswith(LDM_CLIP_L) for n in names)
+    if component == "text_encoder" and clip_l:
+        return None
+    open_clip = [p for p in LDM_OPEN_CLIP if any(n.startswith(p) for n in names)]
+    if open_clip:
+        return (f"{component} is OpenCLIP in a single-file SD checkpoint ({open_clip[-1]}…, q/k/v fused in "
+                "in_proj_weight), which has no tensor per LoRA module; merge into the diffusers pipeline "
+                f"folder instead, or drop the {component} modules")
+    return None

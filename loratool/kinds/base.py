@@ -270,8 +270,11 @@ class AdapterModule(ABC):
 
     def fit_in(self, base: Any) -> Fit:
         """``fit`` against a base checkpoint (``loratool.checkpoint.BaseCheckpoint``: headers only)."""
-        target = base.weight_name(self.name)
-        return self.fit(None if target is None else tuple(base.shape(target)), target)
+        target = base.weight_name(self.name)  # the one name rule (``BaseCheckpoint.tensor_name``)
+        fit = self.fit(None if target is None else tuple(base.shape(target)), target)
+        if target is None and hasattr(base, "missing"):  # why: e.g. an ambiguous or unmappable name
+            fit = dataclasses.replace(fit, message=base.missing(f"{self.name}.weight"))
+        return fit
 
     # -- sizes --------------------------------------------------------------------------------
     @property

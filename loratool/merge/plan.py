@@ -136,15 +136,6 @@ class MergePlan:
         return sum(s.nbytes for s in self.shards)
 
 
-def _resolve(base: "BaseCheckpoint", name: str) -> str | None:
-    """A tensor name of an adapter (modules_to_save) in the base, tolerating the ``model.``
-    prefix difference that ``BaseCheckpoint.weight_name`` tolerates for modules."""
-    if name in base:
-        return name
-    alt = name[len("model."):] if name.startswith("model.") else "model." + name
-    return alt if alt in base else None
-
-
 def plan_merge(
     base: "BaseCheckpoint",
     adapters: Sequence[LoadedAdapter],
@@ -210,10 +201,10 @@ def plan_merge(
                     terms.setdefault(bias, []).append(
                         Term(module, sign * w * module.scale, w, label, part="bias"))
         for name, src in a.modules_to_save.items():
-            target = _resolve(base, name)
+            target = base.tensor_name(name)  # the one name rule, as modules use (``fit_in``)
             where = f"{label}: modules_to_save tensor {name!r}"
             if target is None:
-                misfits.append(f"{where} has no counterpart in the base")
+                misfits.append(f"{where} has no counterpart in the base ({base.missing(name)})")
                 continue
             if tuple(shape_of(src)) != tuple(base.shape(target)):
                 misfits.append(f"{where} has shape {list(shape_of(src))}, base {target!r} has "
