@@ -40,6 +40,7 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT406 vllm-scale-patterns     error    (--target vllm) per-module scales (rank/alpha patterns) are
                                          applied as one alpha/r by vLLM
   LT407 vllm-not-a-language-model error  (--target vllm) a diffusion-model adapter (UNet, DiT)
+  LT408 vllm-algorithm          error    (--target vllm) LoHa, LoKr, ... modules (LoRA and DoRA only)
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ CHECKS: dict[str, str] = {
     "LT307": "no-manifest", "LT308": "base-mismatch-allowed",
     "LT401": "vllm-rank", "LT402": "vllm-dora", "LT403": "vllm-lora-bias",
     "LT404": "vllm-modules-to-save", "LT405": "vllm-layer-kind", "LT406": "vllm-scale-patterns",
-    "LT407": "vllm-not-a-language-model",
+    "LT407": "vllm-not-a-language-model", "LT408": "vllm-algorithm",
 }
 
 # vLLM's accepted values of --max-lora-rank (vllm/config/lora.py); any rank up to the chosen
@@ -274,6 +275,10 @@ def check_vllm(adapter: Adapter, f: Findings) -> None:
     elif max_rank:
         need = next(r for r in VLLM_MAX_LORA_RANKS if r >= max_rank)
         f.info("LT401", f"vLLM needs --max-lora-rank {need} or more for rank {max_rank}")
+    other = sorted({m.algorithm for m in adapter.modules.values()} - {"LoRA", "DoRA"})
+    if other:
+        f.error("LT408", f"{', '.join(other)} modules: vLLM loads LoRA only; `loratool convert ADAPTER --to peft -o DIR` "
+                "writes them as plain LoRA (exactly, or optimally at --rank)")
     if adapter.use_dora:
         f.error("LT402", "DoRA (lora_magnitude_vector) is not supported by vLLM; merge it into the base instead")
     if adapter.lora_bias:

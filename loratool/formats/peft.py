@@ -8,11 +8,22 @@ Key layout written by PEFT's ``save_pretrained`` (adapter name removed):
   base_model.model.<module>.weight                            modules_to_save (replacement)
   base_model.model.<module>.base_layer.weight                 embedding layers saved beside
                                                               (save_embedding_layers)
+  base_model.model.<module>.hada_w1_a / …                     peft_type LOHA (tuners/loha)
+  base_model.model.<module>.lokr_w1 / lokr_w2_a / …           peft_type LOKR (tuners/lokr)
 A multi-component adapter (diffusers pipelines: unet + text_encoder) is a directory holding one
 PEFT directory per component; module names then carry the component as prefix.
 
 adapter_config.json becomes a typed ``LoraConfig`` (``formats/loraconfig.py``; one per component,
 ``ComponentConfigs``, for a multi-component adapter); the writer keeps every field it does not set.
+
+PEFT's LyCORIS types (issue 15) are read as the kinds ``kinds/loha.py`` and ``kinds/lokr.py``; their
+config (``LycorisConfig``) names alpha ``alpha``, not ``lora_alpha``. PEFT stores the factors in
+LyCORIS's orientation (hada_w1_a (out, r), hada_w1_b (r, in); Tucker hada_t (r, r, kh, kw) with
+hada_w_a (r, out), hada_w_b (r, in); lokr_w1 (a, b), lokr_w2 (c, d): ΔW = W1 ⊗ W2). Its scale is
+alpha / r for both (``update_layer``), with r the config's (``r``/``rank_pattern``): for LoHa that is
+the factors' rank, for LoKr it holds whatever the factors are (full W1 and W2 included), where
+LyCORIS's forward pass uses 1 (``LokrModule.peft_rank``). These adapters are merged, inspected and
+converted (to LoRA); PEFT LoHa/LoKr files are not written (``convert`` makes them LoRA first).
 """
 
 from __future__ import annotations
@@ -21,16 +32,17 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LayerKind, LoraModule, TensorSource, module_of, shape_of
 from loratool.boundary import read_json
 from loratool.text import number
-from loratool.errors import FormatError, InputError
+from loratool.errors import FormatError, InputError, UsageError
 from loratool.formats import kohya
-from loratool.formats.base import Format, ReadProblem, pair_problem
-from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, check_config_fields, selects
+from loratool.formats.base import BAD_FACTOR, MISSING_FACTOR, RANK_MISMATCH, Format, ReadProblem, pair_problem
+from loratool.formats.loraconfig import ComponentConfigs, LoraConfig, _number_problem, check_config_fields, selects
 from loratool.patterns import key_table
 from loratool.safetensors_io import (
     PICKLE_SUFFIXES,
@@ -54,10 +66,20 @@ _SUFFIXES = {
     ".lora_embedding_A": "emb_A",
     ".lora_embedding_B": "emb_B",
 }
+# PEFT's LyCORIS tensors (LoHaLayer/LoKrLayer.adapter_layer_names), saved without ".weight"
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LYCORIS_TYPES = {"LOHA": ("LoHa", LOHA_ROLES), "LOKR": ("LoKr", LOKR_ROLES)}
+_SUFFIXES.update({f".{role}": role for role in (*LOHA_ROLES, *LOKR_ROLES)})
+_LYCORIS_NAMED = re.compile(r"\.(" + "|".join((*LOHA_ROLES, *LOKR_ROLES)) + r")\.[^.]+$")
+# LoHaConfig/LoKrConfig fields a LoraConfig has no use for (dropped when one is written as LoRA)
+_LYCORIS_FIELDS = ("alpha", "rank_dropout", "module_dropout", "init_weights", "use_effective_conv2d",
+                   "decompose_both", "decompose_factor", "rank_dropout_scale")
 
 
 def sniff_keys(keys: list[str]) -> bool:
-    return any(k.startswith(PREFIX) and (".lora_A." in k or ".lora_embedding_A" in k) for k in keys)
+    return any(k.startswith(PREFIX) and (".lora_A." in k or ".lora_embedding_A" in k
+                                         or k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a"))) for k in keys)
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -80,13 +102,48 @@ def _strip_adapter_name(key: str) -> str:
     """Tolerate files saved with the adapter name left in (``…lora_A.default.weight``)."""
     key = re.sub(r"\.(lora_A|lora_B)\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
     key = re.sub(r"\.lora_magnitude_vector\.(?!weight$)[^.]+(\.weight)?$", ".lora_magnitude_vector", key)
+    key = _LYCORIS_NAMED.sub(r".\1", key)
     return re.sub(r"\.(lora_embedding_A|lora_embedding_B)\.[^.]+$", r".\1", key)
+
+
+@dataclass(eq=False)
+class LycorisConfig(LoraConfig):
+    """A LoHaConfig or LoKrConfig (peft_type LOHA/LOKR): a ``LoraConfig`` whose alpha is the field
+    ``alpha`` (PEFT's default 8, like lora_alpha's), with no rsLoRA, DoRA or fan_in_fan_out."""
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.fields.get("peft_type")).upper()
+
+    @property
+    def lora_alpha(self) -> float | None:
+        return float(self.fields["alpha"]) if "alpha" in self.fields else None
+
+    @property
+    def use_rslora(self) -> bool:
+        return False
+
+    @property
+    def use_dora(self) -> bool:
+        return False
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return False
+
+    def lora_fields(self) -> dict[str, Any]:
+        """The fields a LoraConfig of the same modules keeps (what a LoRA written from it starts from)."""
+        return {k: v for k, v in self.fields.items() if k not in _LYCORIS_FIELDS and k != "peft_type"}
+
+    def composed(self, same_modules: bool) -> LoraConfig:
+        return LoraConfig(self.lora_fields()).composed(same_modules)
 
 
 def read_config(path: Path) -> LoraConfig:
     """The adapter_config.json of a PEFT directory, read within bounds (a regular file, size,
     depth, digits, valid Unicode: ``loratool.boundary.read_json``) and type-checked field by
-    field before any value is used."""
+    field before any value is used. peft_type LORA gives a ``LoraConfig``, LOHA and LOKR a
+    ``LycorisConfig``; any other type is refused with its name."""
     cfg_path = path / CONFIG
     config = read_json(cfg_path, what="adapter config")
     if not isinstance(config, dict):
@@ -94,11 +151,17 @@ def read_config(path: Path) -> LoraConfig:
     peft_type = config.get("peft_type", "LORA")
     if peft_type is not None and not isinstance(peft_type, str):
         raise FormatError(f"{cfg_path}: peft_type must be a string such as \"LORA\", found {peft_type!r}")
-    if str(peft_type).upper() != "LORA":
-        raise FormatError(f"{cfg_path}: peft_type is {str(peft_type).upper()[:40]!r}, not LORA; loratool handles "
-                          "LoRA adapters only")
+    peft_type = str(peft_type).upper()
+    if peft_type != "LORA" and peft_type not in LYCORIS_TYPES:
+        raise FormatError(f"{cfg_path}: peft_type is {peft_type[:40]!r}, not LORA, LOHA or LOKR; loratool reads "
+                          "PEFT's LoRA, LoHa and LoKr adapters")
     check_config_fields(config, str(cfg_path))
-    return LoraConfig(config, cfg_path)
+    if peft_type == "LORA":
+        return LoraConfig(config, cfg_path)
+    why = _number_problem(config["alpha"], False) if "alpha" in config else None
+    if why:
+        raise FormatError(f"{cfg_path}: alpha {why}")
+    return LycorisConfig(config, cfg_path)
 
 
 def _weights_file(path: Path) -> Path:
@@ -143,7 +206,14 @@ def read(path: Path, component: str = "") -> Adapter:
 
     modules: dict[str, LoraModule] = {}
     problems: list[ReadProblem] = []
+    lycoris_type = config.peft_type if isinstance(config, LycorisConfig) else None
     for module, parts in roles.items():
+        if lycoris_type or any(r in _LYCORIS_ROLE_SET for r in parts):
+            m = _lycoris_module(config, lycoris_type, prefix + module, module, parts, keys_of[module],
+                                f"{weights}: module {module!r}", problems)
+            if m is not None:
+                modules[m.name] = m
+            continue
         emb = "emb_A" in parts or "emb_B" in parts
         a = parts.get("emb_A" if emb else "lora_A")
         b = parts.get("emb_B" if emb else "lora_B")
@@ -207,6 +277,47 @@ def read(path: Path, component: str = "") -> Adapter:
         extra_tensors=extra,
         problems=problems,
     )
+
+
+_LYCORIS_ROLE_SET = frozenset((*LOHA_ROLES, *LOKR_ROLES))
+
+
+def _lycoris_module(config: LoraConfig, peft_type: str | None, name: str, module: str,
+                    parts: dict[str, TensorSource], keys: dict[str, str], label: str, problems: list[ReadProblem]):
+    """A LoHa or LoKr module of a PEFT LOHA/LOKR adapter (or None, with the problem added): its
+    tensors by role, the kind from their shapes, rank and alpha from the config (PEFT's scale
+    alpha / r)."""
+    from loratool import kinds
+
+    found = sorted(parts)
+    algo = "LOHA" if any(r in LOHA_ROLES for r in parts) else "LOKR" if any(r in LOKR_ROLES for r in parts) else None
+    if peft_type is None or algo != peft_type:
+        what = f"{LYCORIS_TYPES[algo][0]} tensors ({', '.join(found)})" if algo else f"LoRA tensors ({', '.join(found)})"
+        problems.append(ReadProblem(BAD_FACTOR, f"{label}: {what} in an adapter whose {CONFIG} says peft_type "
+                                    f"{peft_type or 'LORA'}; PEFT would not load them", module))
+        return None
+    title, own = LYCORIS_TYPES[algo]
+    extra = [r for r in found if r not in own]
+    if extra:
+        problems.append(ReadProblem(BAD_FACTOR, f"{label}: {', '.join(extra)} do not belong to a PEFT {title} module "
+                                    f"(found {', '.join(found)})", module))
+        return None
+    r, alpha = config.rank_alpha(module)
+    kind = LayerKind.CONV2D if any(len(shape_of(t)) == 4 for t in parts.values()) else LayerKind.LINEAR
+    common = dict(name=name, kind=kind, alpha=alpha, config_rank=r, config_alpha=alpha, source_keys=dict(keys))
+    if algo == "LOHA":
+        missing = [x for x in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if x not in parts]
+        if missing:
+            problems.append(ReadProblem(MISSING_FACTOR, f"{label}: PEFT LoHa without {', '.join(missing)} (found "
+                                        f"{', '.join(found)})", module))
+            return None
+        return kinds.LohaModule(**common, **parts)
+    m = kinds.LokrModule(**common, peft_rank=r, **parts)  # PEFT: alpha / r, whatever the factors are
+    why = [p for p in m.structure_problems() if p.check in (RANK_MISMATCH, MISSING_FACTOR)]
+    if why:
+        problems.append(ReadProblem(why[0].check, f"{label}: {why[0].message}", module))
+        return None
+    return m
 
 
 def _read_multi(path: Path, subdirs: list[Path]) -> Adapter:
@@ -353,12 +464,25 @@ def components(adapter: Adapter) -> dict[str, dict[str, LoraModule]]:
     return {c: mods for c, mods in groups.items() if mods}
 
 
+def check_writable(adapter: Adapter) -> None:
+    """Refuse (one line) an adapter with modules a PEFT LoRA cannot hold (LoHa, LoKr, …): ``convert``
+    makes them LoRA first."""
+    for m in adapter.modules.values():
+        if m.module_kind not in ("lora", "dora"):
+            where = f"{adapter.path}: " if adapter.path else ""
+            raise UsageError(f"{where}cannot write as PEFT LoRA: module {m.name!r} is {m.algorithm}; `loratool "
+                             "convert --to peft` writes it as a LoRA (exactly, or at --rank/--energy)")
+
+
 def write(adapter: Adapter, out: Path, overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write a PEFT directory (atomically). Tensors keep their dtype; raw tensors are copied
     byte for byte."""
+    check_writable(adapter)
     groups = components(adapter)
     own = adapter.config if adapter.format == NAME else None  # another format's config is not PEFT's to keep
     base_config = own.fields if isinstance(own, LoraConfig) else {}
+    if isinstance(own, LycorisConfig):  # a LoHa/LoKr adapter written as LoRA: LoRA fields only
+        base_config = own.lora_fields()
     md = {"format": "pt"}
     if "loratool.manifest" in adapter.metadata:  # the output's own manifest (loratool.manifest)
         md["loratool.manifest"] = adapter.metadata["loratool.manifest"]

@@ -155,6 +155,12 @@ class LokrModule(LycorisModule):
             out.append(Problem("LT101", f"LoKr lokr_w2_a @ lokr_w2_b does not multiply: {text}"))
         if self.lokr_w2 is not None and len(s["lokr_w2"]) not in (2, 4):
             out.append(Problem("LT106", f"LoKr lokr_w2 must be 2-D or 4-D (conv), found {list(s['lokr_w2'])}"))
+        if self.peft_rank is not None and not out:  # PEFT makes every decomposed factor of rank r
+            inner = [(role, s[role][0]) for role in ("lokr_w1_b", "lokr_w2_b") if role in s]
+            off = [(role, k) for role, k in inner if k != self.peft_rank]
+            if off:
+                out.append(Problem("LT103", f"the config asks for rank {self.peft_rank} (r / rank_pattern) but "
+                                            f"{off[0][0]} has rank {off[0][1]}; PEFT will refuse to load it"))
         return out + self.dora_problems()
 
     # -- values -------------------------------------------------------------------------------

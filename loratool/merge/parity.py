@@ -357,6 +357,7 @@ def forward_parity(
     try:
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.lycoris_utils import LycorisLayer
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as e:
         raise UsageError(f"--forward needs transformers and peft ({e}); install them or drop --forward") from None
@@ -389,7 +390,7 @@ def forward_parity(
         for name, la in zip(names[1:], adapters[1:]):
             pm.load_adapter(str(la.spec.path), adapter_name=name)
         for mod in pm.modules():  # an adapter's weight multiplies its scale, as in the merge
-            if isinstance(mod, LoraLayer):
+            if isinstance(mod, (LoraLayer, LycorisLayer)):  # LoHa/LoKr keep the same ``scaling`` dict
                 for name, la in zip(names, adapters):
                     if name in mod.scaling:
                         mod.scaling[name] *= la.spec.weight
