@@ -3,10 +3,12 @@
 
 On the TinyLlama-shaped 1.1B bf16 base of ``bench/workload.py`` (cached) and its r=16 PEFT
 adapter: the plain merge, ``--base-precision nf4`` and ``--base-precision nf4,double-quant``,
-each a subprocess as a user runs it, timed (fastest of --repeat) with the peak RSS of the process
-(``getrusage(RUSAGE_CHILDREN)`` of a wrapper). With ``--check N`` the first N merged tensors of
-the nf4 output are compared with round(dequant(quant(W)) + ΔW) computed independently by
-bitsandbytes and torch (PEFT's float32 arithmetic).
+each a subprocess as a user runs it, timed (fastest of --repeat) with its CPU time (user + system)
+and the peak RSS of the process (``getrusage(RUSAGE_CHILDREN)`` of a wrapper): on a machine
+shared with other work the wall time moves with the load, the CPU time much less. With
+``--check N`` the first N merged tensors of the nf4 and nf4,double-quant outputs are compared with
+round(dequant(quant(W)) + ΔW) computed independently by bitsandbytes and torch (PEFT's float32
+arithmetic; torch on one thread, whose float32 mean the double quantization's offset follows).
 
     python bench/bench_quant_merge.py [--layers 22] [--work /tmp/loratool-bench-quant] [--repeat 1]
                                       [--check 4] [--out bench/results/quant_merge.txt]
@@ -31,23 +33,26 @@ import resource, subprocess, sys, time
 t = time.perf_counter()
 rc = subprocess.run(sys.argv[1:]).returncode
 dt = time.perf_counter() - t
-print(f"@@ {rc} {dt:.3f} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"@@ {rc} {dt:.3f} {ru.ru_maxrss} {ru.ru_utime + ru.ru_stime:.3f}", file=sys.stderr)
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int, str]:
-    """(seconds, peak RSS in MB, stdout) of ``cmd`` in a wrapper process."""
+def run(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(seconds, peak RSS in MB, stdout, CPU seconds) of ``cmd`` in a wrapper process."""
     p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
     line = [x for x in p.stderr.splitlines() if x.startswith("@@ ")]
     if not line or line[-1].split()[1] != "0":
         raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
-    _, _, dt, rss = line[-1].split()
-    return float(dt), int(rss) // 1024, p.stdout
+    _, _, dt, rss, cpu = line[-1].split()
+    return float(dt), int(rss) // 1024, p.stdout, float(cpu)
 
 
-def check(base: Path, adapter: Path, out: Path, count: int) -> list[str]:
+def check(base: Path, adapter: Path, out: Path, count: int, double_quant: bool) -> list[str]:
     """The first ``count`` merged tensors of ``out`` against bitsandbytes + torch."""
     import torch
+
+    torch.set_num_threads(1)  # the offset of double quantization: torch's single-threaded mean
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
     from safetensors import safe_open
 
@@ -61,7 +66,7 @@ def check(base: Path, adapter: Path, out: Path, count: int) -> list[str]:
             key = name + ".weight"
             with safe_open(str(base / index[key]), "pt") as fb, safe_open(str(out / index[key]), "pt") as fo:
                 w, got = fb.get_tensor(key), fo.get_tensor(key)
-            packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+            packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
             b = fa.get_tensor(f"base_model.model.{name}.lora_B.weight").float()
             a = fa.get_tensor(f"base_model.model.{name}.lora_A.weight").float()
             want = (dequantize_4bit(packed, state).float() + (b @ a) * scale).to(torch.bfloat16)
@@ -85,7 +90,8 @@ def main() -> None:
     base, adapter = Path(w["base"]), Path(w["r16_a"])
     args.work.mkdir(parents=True, exist_ok=True)
     lines = [f"# bench_quant_merge: {base} ({args.layers} layers), adapter {adapter.name}, "
-             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"]
+             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}",
+             "# command: python bench/bench_quant_merge.py " + " ".join(sys.argv[1:])]
     results = {}
     for label, extra in [("plain", []), ("nf4", ["--base-precision", "nf4"]),
                          ("nf4,double-quant", ["--base-precision", "nf4,double-quant"])]:
@@ -95,19 +101,21 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "loratool", "merge", "--base", str(base), "--adapters", str(adapter),
                    "-o", str(out), "-q", "--json", *extra]
-            dt, rss, stdout = run(cmd)
+            dt, rss, stdout, cpu = run(cmd)
             if best is None or dt < best[0]:
-                best = (dt, rss)
+                best = (dt, rss, cpu)
         results[label] = best
         res = json.loads(stdout)
         warns = sum(1 for q in res.get("quantization", []) if q["warn"])
         ratio = best[0] / results["plain"][0]
-        lines.append(f"{label:18s} {best[0]:7.2f} s  {ratio:5.2f}x plain  peak RSS {best[1]:6d} MB"
+        cpu_ratio = best[2] / results["plain"][2]
+        lines.append(f"{label:18s} {best[0]:7.2f} s  {ratio:5.2f}x plain  CPU {best[2]:6.2f} s {cpu_ratio:5.2f}x  "
+                     f"peak RSS {best[1]:6d} MB"
                      + (f"  ({len(res['quantization'])} tensors, {warns} with ‖q‖ > ‖ΔW‖)" if label != "plain" else ""))
         print(lines[-1], flush=True)
-        if label == "nf4" and args.check:
-            lines.append(f"check of nf4 against bitsandbytes + torch, first {args.check} merged tensors:")
-            lines += check(base, adapter, out, args.check)
+        if label != "plain" and args.check:
+            lines.append(f"check of {label} against bitsandbytes + torch, first {args.check} merged tensors:")
+            lines += check(base, adapter, out, args.check, "double-quant" in label)
             print("\n".join(lines[-args.check - 1:]), flush=True)
         shutil.rmtree(args.work / "out", ignore_errors=True)
     if args.out:

@@ -87,3 +87,73 @@ def test_parse_precision(text, want):
 def test_parse_precision_refuses(text):
     with pytest.raises(ValueError):
         Q.parse_precision(text)
+
+
+# -- the fused round trip (the table of top 16 bits) against the step-by-step reference -----------
+
+def _every_finite(dtype: str, rng) -> np.ndarray:
+    """Every finite value of a 16-bit ``dtype`` (shuffled, as raw bits), in blocks of 64 whose
+    largest magnitude varies, so that the scaled values land on and around every midpoint; for
+    F32, the midpoints themselves, their neighbours and random values, scaled by 1."""
+    if dtype == "F32":
+        mids = np.concatenate([Q.bounds("nf4"), Q.bounds("fp4")])
+        near = [mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2)),
+                np.array([0, -0.0, 1, -1, 1e-45, -1e-45], np.float32),
+                rng.uniform(-1, 1, 4000).astype(np.float32)]
+        x = np.concatenate(near).astype(np.float32)
+        x = np.concatenate([x, np.zeros(-x.size % 63, np.float32)]).reshape(-1, 63)
+        return np.concatenate([np.ones((x.shape[0], 1), np.float32), x], axis=1).reshape(-1)
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    exp = (bits >> (7 if dtype == "BF16" else 10)) & (0xFF if dtype == "BF16" else 0x1F)
+    bits = rng.permutation(bits[exp != (0xFF if dtype == "BF16" else 0x1F)])
+    return bits[: bits.size // 64 * 64]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fused_roundtrip_is_the_reference_on_every_midpoint(dtype, quant_type):
+    raw = _every_finite(dtype, np.random.default_rng(7))
+    spec = Q.QuantSpec(quant_type, 64, False)
+    want = Q.roundtrip_reference(raw, dtype, spec)
+    got = Q.roundtrip(raw, dtype, spec)
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), f"{np.count_nonzero(got != want)} differ"
+    # the midpoints are hit: some values take the slow, exact path
+    s = Q.from_dtype_bits(raw, dtype).reshape(-1, 64) / Q.absmax_4bit(Q.from_dtype_bits(raw, dtype), 64)[:, None]
+    assert np.isnan(Q.key_table(quant_type)[s.astype(np.float32).view(np.uint32) >> 16]).any()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_values_on_the_midpoints_quantize_as_bitsandbytes(quant_type):
+    """float32 values exactly on each midpoint (and one ulp either side) take bitsandbytes' code."""
+    x = _every_finite("F32", np.random.default_rng(11))
+    w = torch.from_numpy(x.copy())
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+    want = F.dequantize_4bit(packed, state).numpy().reshape(-1)
+    got = Q.roundtrip(x, "F32", Q.QuantSpec(quant_type, 64, False))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_key_table_is_exact_where_it_answers():
+    """Every run of 65536 floats the table answers for has that one nearest code (both ends)."""
+    for qt in ("nf4", "fp4"):
+        table = Q.key_table(qt)
+        first = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+        for ends in (first, first | np.uint32(0xFFFF)):
+            q = np.searchsorted(Q.bounds(qt), ends.view(np.float32), side="left")
+            code = Q.CODES[qt][Q.ORDER[qt][q]]
+            ok = ~np.isnan(table)
+            assert np.array_equal(table[ok].view(np.uint32), code[ok].view(np.uint32))
+        assert 0 < np.isnan(table).sum() <= 4 * 15  # a few runs straddle a midpoint
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_roundtrip_norms(dtype):
+    w = (torch.randn(96, 80, generator=torch.Generator().manual_seed(5)) * 0.03).to(DTYPES[dtype])
+    raw = _bits(w)
+    spec = Q.QuantSpec("nf4", 64, True)
+    out, w_sq, q_sq = Q.roundtrip_norms(raw, dtype, spec)
+    assert np.array_equal(out, Q.roundtrip_reference(raw, dtype, spec))
+    x = Q.from_dtype_bits(raw.reshape(-1), dtype).astype(np.float64)
+    q = x - Q.from_dtype_bits(out.reshape(-1), dtype)
+    assert w_sq == pytest.approx(float(x @ x), rel=1e-5) and q_sq == pytest.approx(float(q @ q), rel=1e-5)
+    assert q_sq > 0

@@ -142,3 +142,41 @@ def test_base_precision_is_checked(tmp_path, base, cli):
     r = cli("merge", "--base", base, "--adapters", _adapter(tmp_path), "-o", tmp_path / "out",
             "--base-precision", "nf4,blocksize=100")
     assert r.returncode == 2 and "blocksize" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_streamed_absmax_is_the_whole_tensors(tmp_path, monkeypatch, dtype):
+    """Double quantization's absmax pass reads the tensor a chunk at a time (here 3 blocks of 64, a
+    short last block): the same vector as from the whole tensor at once."""
+    import numpy as np
+
+    from loratool.merge import basequant
+    from loratool.quant import bnb
+    from loratool.safetensors_io import SafetensorsFile
+
+    w = (torch.randn(37, 51, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    save_file({"w": w}, str(tmp_path / "t.safetensors"))
+    ref = SafetensorsFile(tmp_path / "t.safetensors").ref("w")
+    monkeypatch.setattr(basequant, "CHUNK_BYTES", 3 * 64 * 2)
+    got = basequant.streamed_absmax(ref, 64)
+    x = bnb.from_dtype_bits(w.view(torch.int16).numpy().view(np.uint16).reshape(-1), ref.dtype)
+    want = bnb.absmax_4bit(x, 64)
+    assert got.shape == want.shape == (-(-37 * 51 // 64),)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_blocks_split_across_threads_merge_exactly(tmp_path, base, monkeypatch):
+    """Row blocks cut into pieces of a few quantization blocks, computed in several threads (as the
+    torch engine's blocks are), with the absmax pass read in small chunks: the same bits."""
+    from loratool.merge import basequant
+
+    monkeypatch.setattr(basequant, "SPLIT_MIN", 64)
+    monkeypatch.setattr(basequant, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(basequant, "_ways", lambda: 3)
+    assert basequant.split_points(1000, 64, 3) == [0, 320, 640, 1000]
+    assert basequant.split_points(100, 64, 3) == [0, 100]
+    adapter = _adapter(tmp_path)
+    _merge(base, str(adapter), tmp_path / "out", engine="torch", base_precision="nf4,double-quant", block_bytes=4096)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, w in _expected(base, adapter, "nf4", 64, True).items():
+        assert torch.equal(got[name].view(torch.int16), w.view(torch.int16)), name

@@ -4,10 +4,12 @@ deltas are added (issue 16).
 * ``Requantize`` (``merge --base-precision nf4|fp4[,blocksize=N][,double-quant]`` over a 16-bit
   base): the rows become bitsandbytes' dequant(quant(W)) (``loratool.quant.bnb``), bit for bit,
   so that the merge writes round(dequant(quant(W)) + ΔW), the weight a QLoRA adapter was trained
-  against plus the adapter. Row blocks hold whole quantization blocks (``rows_quantum``); with
-  double quantization the nested absmax needs the whole tensor's absmax vector, computed first
-  (``prepare``: one read of the tensor, a float32 per block kept). It also measures, per tensor,
-  ‖W‖ and ‖W − dequant(quant(W))‖ (the report: ``QuantTerm``).
+  against plus the adapter. Row blocks hold whole quantization blocks (``rows_quantum``) and are
+  computed by ``bnb.roundtrip_norms`` (the fused, table-driven round trip) in the engine's worker
+  threads; with double quantization the nested absmax needs the whole tensor's absmax vector,
+  computed first (``prepare``: ``streamed_absmax``, one pass over the tensor a few MB at a time, a
+  float32 per block kept). It also measures, per tensor, ‖W‖ and ‖W − dequant(quant(W))‖ (the
+  report: ``QuantTerm``; float32 sums of 64K elements added in float64).
 * ``Dequantize`` (a base whose weights are stored in 4 bits, ``loratool.quant.stored``): the
   packed rows become the 16-bit rows bitsandbytes' ``dequantize_4bit`` gives.
 
@@ -18,17 +20,23 @@ and torch's engines are unchanged.
 from __future__ import annotations
 
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from loratool import boundary
+from loratool._threads import default_workers
+from loratool.errors import InputError
 from loratool.quant import bnb
 from loratool.quant.stored import QuantizedRef
 from loratool.safetensors_io import TensorRef
 
 RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+UINT = bnb.UINT
 
 
 @dataclass
@@ -71,26 +79,114 @@ class Requantize(BaseTransform):
         bs = self.blocksize
         scale = absmax = None
         if self.spec.double_quant:  # the nested absmax: the whole tensor's absmax vector first
-            x = bnb.from_dtype_bits(np.frombuffer(t.src.raw(), RAW[dtype]), dtype)
-            absmax = bnb.absmax_4bit(x, bs)
+            absmax = streamed_absmax(t.src, bs)
             scale = bnb.quantize_absmax(absmax).dequantize()
-            del x
         term = self.terms.setdefault(t.name, QuantTerm())
+
+        def part(raw: np.ndarray, out: np.ndarray, b0: int, e0: int, e1: int) -> tuple[float, float]:
+            """Elements [e0, e1) of a row block whose first quantization block is b0."""
+            c0, c1 = b0 + e0 // bs, b0 + -(-e1 // bs)
+            _, w_sq, q_sq = bnb.roundtrip_norms(raw[e0:e1], dtype, self.spec, shape=shape, out=out[e0:e1],
+                                                scale=None if scale is None else scale[c0:c1],
+                                                absmax=None if absmax is None else absmax[c0:c1])
+            return w_sq, q_sq
 
         def apply(buf, n: int, i: int, j: int):
             raw = np.frombuffer(buf, RAW[dtype], count=n // RAW[dtype].itemsize)
-            b0, b1 = i * cols // bs, -(-(j * cols) // bs)
-            out = bnb.roundtrip(raw, dtype, self.spec, scale=None if scale is None else scale[b0:b1],
-                                absmax=None if absmax is None else absmax[b0:b1], shape=shape)
-            w = bnb.from_dtype_bits(raw, dtype).astype(np.float64)
-            q = w - bnb.from_dtype_bits(out, dtype)
-            w_sq, q_sq = float(np.dot(w, w)), float(np.dot(q, q))
+            out = _out(raw.size * RAW[dtype].itemsize).view(RAW[dtype])
+            cuts = split_points(raw.size, bs, _ways())
+            jobs = [_pool().submit(part, raw, out, i * cols // bs, e0, e1) for e0, e1 in zip(cuts[1:-1], cuts[2:])]
+            sums = [part(raw, out, i * cols // bs, cuts[0], cuts[1])] + [f.result() for f in jobs]
             with self._lock:
-                term.w_sq += w_sq
-                term.q_sq += q_sq
+                term.w_sq += sum(s[0] for s in sums)
+                term.q_sq += sum(s[1] for s in sums)
             return out, out.nbytes
 
         return apply
+
+
+_OUT = threading.local()
+
+
+def _out(nbytes: int) -> np.ndarray:
+    """This thread's output buffer of ``nbytes`` bytes (uint8), reused from block to block (no
+    fresh pages to fault in for every block): ``transformed`` hands a block's output to the
+    engine, which reads it, on the same thread, before the thread transforms its next block."""
+    buf = getattr(_OUT, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _OUT.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+    return buf[:nbytes]
+
+
+# -- threads: a block split across the cores where the engine runs one block at a time ------------
+
+SPLIT_MIN = 1 << 16  # elements: smaller pieces are not worth a thread's hand-off
+MATH_THREADS = "loratool-math"  # the executor's pool (numpy's engine): blocks already run in parallel
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _ways() -> int:
+    """Pieces to cut a block into: one in the executor's worker threads (the engine computes
+    blocks in parallel already), else one per worker (``default_workers``): the torch engine
+    computes blocks one by one on the executor's thread, and the round trip, which is numpy and
+    releases the GIL, takes the other cores meanwhile."""
+    if threading.current_thread().name.startswith(MATH_THREADS):
+        return 1
+    return default_workers()
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max(1, default_workers() - 1), thread_name_prefix="loratool-quant"))
+        return _POOL[0]
+
+
+def split_points(n: int, blocksize: int, ways: int) -> list[int]:
+    """Cuts [0, ..., n] of ``n`` elements into at most ``ways`` pieces of whole blocks, none under
+    SPLIT_MIN elements (one piece when ``n`` is small)."""
+    ways = max(1, min(ways, n // SPLIT_MIN))
+    blocks = -(-n // blocksize)
+    cuts = [min(n, blocks * k // ways * blocksize) for k in range(ways)] + [n]
+    return cuts
+
+
+CHUNK_BYTES = 4 << 20  # bytes of the base read at a time by ``streamed_absmax``
+
+
+def streamed_absmax(src, blocksize: int) -> np.ndarray:
+    """The absmax of each 4-bit block of the base tensor ``src`` (``bnb.absmax_4bit``), read a
+    chunk of whole blocks at a time into one reused buffer: a float32 per block is all it keeps,
+    so the pass before a double-quantized tensor's blocks leaves the peak where it was."""
+    dtype = src.dtype
+    item = RAW[dtype].itemsize
+    if not isinstance(src, TensorRef):  # already in memory
+        return bnb.absmax_bits(np.frombuffer(src.raw(), RAW[dtype]), dtype, blocksize)
+    numel = src.nbytes // item
+    step = max(1, CHUNK_BYTES // (blocksize * item)) * blocksize  # elements a chunk
+    out = np.empty(-(-numel // blocksize), np.float32)
+    buf = bytearray(min(numel, step) * item)
+    scratch = np.empty(min(numel, step), UINT[dtype])
+    path, name = src.file.path, src.info.name
+    try:
+        fd = boundary.open_regular(path)
+        try:
+            for e0 in range(0, numel, step):
+                e1 = min(numel, e0 + step)
+                view, off, got = memoryview(buf)[: (e1 - e0) * item], src.info.start + e0 * item, 0
+                while got < len(view):
+                    k = os.preadv(fd, [view[got:]], off + got)
+                    if k == 0:
+                        raise InputError(f"{path}: truncated while reading tensor {name!r}")
+                    got += k
+                raw = np.frombuffer(buf, RAW[dtype], count=e1 - e0)
+                out[e0 // blocksize: -(-e1 // blocksize)] = bnb.absmax_bits(raw, dtype, blocksize, scratch)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read tensor {name!r}: {e.strerror or e}") from None
+    return out
 
 
 class Dequantize(BaseTransform):

@@ -33,12 +33,18 @@ in an order that depends on its vector width (AVX2: 8 lanes; AVX-512: 16) and, p
 absmax values (tensors of 2M elements and more at blocksize 64), on its thread count. This module
 sums in the single-threaded order of the given vector width (``LANES``); a checkpoint that
 bitsandbytes wrote stores its offset, and reading it is exact whatever the machine.
+
+``roundtrip`` (what a merge onto dequant(quant(W)) needs) does not go through the packed codes:
+``roundtrip_norms`` maps each scaled value to its code's value by a table of its top 16 bits and
+decides the few values near a midpoint as ``quantize_4bit`` does, with the same bits as the
+step-by-step ``roundtrip_reference`` at a tenth of its cost (see "the fused round trip" below).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -367,6 +373,18 @@ def roundtrip(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | 
     ``raw`` may be a run of whole blocks of a larger tensor (a row block) whose ``shape`` is then
     given; ``scale`` (the dequantization factors, ``scales``) and ``absmax`` (the blocks' absmax)
     are then those blocks'. Without them they are computed from ``raw`` (which must then be the
+    whole tensor). Computed by ``roundtrip_norms`` (the fused path)."""
+    return roundtrip_norms(raw, dtype, spec, scale, absmax, shape, norms=False)[0]
+
+
+def roundtrip_reference(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | None = None,
+              absmax: np.ndarray | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """``roundtrip`` step by step, as bitsandbytes runs it: the packed codes by ``searchsorted``
+    against the midpoints, then ``dequantize`` (the reference ``roundtrip`` is checked against).
+
+    ``raw`` may be a run of whole blocks of a larger tensor (a row block) whose ``shape`` is then
+    given; ``scale`` (the dequantization factors, ``scales``) and ``absmax`` (the blocks' absmax)
+    are then those blocks'. Without them they are computed from ``raw`` (which must then be the
     whole tensor)."""
     out_shape = np.shape(raw)
     x = from_dtype_bits(np.ascontiguousarray(raw).reshape(-1), dtype)
@@ -378,6 +396,156 @@ def roundtrip(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | 
     bits = dequantize(packed, scale, shape or out_shape, dtype, spec.blocksize, spec.quant_type, count=x.size)
     return bits.reshape(out_shape)
 
+
+# -- the fused round trip -------------------------------------------------------------------------
+#
+# dequant(quant(W)) needs the code *value* of each element, never its packed index, so the fused
+# path goes straight from the scaled float32 value to the code value, by table: the top 16 bits of
+# a float32 (sign, exponent, 7 mantissa bits) name a run of 65536 consecutive floats, monotonic in
+# value, and for all but the few runs that hold a midpoint between two codes every float of the run
+# has the same nearest code. ``key_table`` holds that code's value for each run, NaN for the runs
+# that straddle a midpoint; the elements that land there (a few percent) are decided exactly as
+# ``quantize_4bit`` decides them (``searchsorted`` against the midpoints, a value on a midpoint
+# taking the lower code). Everything else is float32 arithmetic in the order bitsandbytes runs it,
+# in per-thread buffers reused from block to block.
+
+UINT = {"BF16": np.dtype("<u2"), "F16": np.dtype("<u2"), "F32": np.dtype("<u4")}
+_ABS_MASK = {"BF16": 0x7FFF, "F16": 0x7FFF, "F32": 0x7FFFFFFF}
+_KEYS: dict[str, np.ndarray] = {}
+_SCRATCH = threading.local()
+SCRATCH_MAX = 1 << 22  # elements: per-thread buffers are kept for blocks up to this size
+NORM_CHUNK = 1 << 16  # float32 elements summed by one dot product (the chunks' sums added in float64)
+
+
+def key_table(quant_type: str) -> np.ndarray:
+    """float32 (65536,): the code value (unscaled) of the float32 values whose top 16 bits are the
+    index, NaN where those values do not all have the same nearest code."""
+    table = _KEYS.get(quant_type)
+    if table is None:
+        first = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+        b = bounds(quant_type)
+        lo = np.searchsorted(b, first.view(np.float32), side="left")
+        hi = np.searchsorted(b, (first | np.uint32(0xFFFF)).view(np.float32), side="left")
+        table = CODES[quant_type][ORDER[quant_type][lo]].astype(np.float32)
+        table[lo != hi] = np.nan
+        _KEYS[quant_type] = table
+    return table
+
+
+def absmax_bits(raw: np.ndarray, dtype: str, blocksize: int, scratch: np.ndarray | None = None) -> np.ndarray:
+    """``absmax_4bit`` of the flat raw elements ``raw`` (``dtype``) from their bits: |x| is the
+    bits without the sign, whose integer order is the order of the values (a NaN above them all,
+    as ``max`` propagates it). ``scratch``: room for ``raw.size`` elements of UINT[dtype]."""
+    u = np.asarray(raw).view(UINT[dtype]).reshape(-1)
+    n = u.size
+    a = np.empty(n, u.dtype) if scratch is None else scratch.view(u.dtype)[:n]
+    np.bitwise_and(u, u.dtype.type(_ABS_MASK[dtype]), out=a)
+    full = n - n % blocksize
+    m = np.empty(-(-n // blocksize), u.dtype)
+    if full:
+        a[:full].reshape(-1, blocksize).max(axis=1, out=m[: full // blocksize])
+    if n % blocksize:
+        m[-1] = a[full:].max()
+    out = from_dtype_bits(m, dtype)
+    if n % blocksize:
+        out[-1] = max(out[-1], _CLAMP_MIN)  # bitsandbytes stores the clamped value here
+    return out
+
+
+def _buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Four float32 buffers of ``n`` elements: this thread's, reused, for blocks up to SCRATCH_MAX."""
+    if n > SCRATCH_MAX:
+        return tuple(np.empty(n, np.float32) for _ in range(4))
+    s = _SCRATCH.__dict__
+    if s.get("n", 0) < n:
+        s["bufs"], s["n"] = [np.empty(n, np.float32) for _ in range(4)], n
+    return tuple(b[:n] for b in s["bufs"])
+
+
+def _sum_sq(x: np.ndarray) -> float:
+    """Σ x² of float32 ``x``: float32 dot products of NORM_CHUNK elements, added in float64."""
+    return sum(float(np.dot(x[k:k + NORM_CHUNK], x[k:k + NORM_CHUNK])) for k in range(0, x.size, NORM_CHUNK))
+
+
+def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | None = None,
+                    absmax: np.ndarray | None = None, shape: tuple[int, ...] | None = None,
+                    norms: bool = True, out: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+    """(``roundtrip``'s raw elements, ‖W‖², ‖W − dequant(quant(W))‖²) of ``raw``; the two sums
+    (float32 chunks added in float64) are 0 unless ``norms``. Arguments as ``roundtrip``; ``out``:
+    where to write the raw elements (flat, ``raw.size`` of them, dtype's raw elements), else a new
+    array. Per-thread buffers: calls may run in several threads at once."""
+    out_shape = np.shape(raw)
+    raw = np.ascontiguousarray(raw).reshape(-1)
+    n, bs = raw.size, spec.blocksize
+    x, s, v, k = _buffers(n)
+    if absmax is None:
+        absmax = absmax_bits(raw, dtype, bs, k)
+    if scale is None:
+        scale = quantize_absmax(absmax).dequantize() if spec.double_quant else absmax
+    if dtype == "BF16":  # exact: the bits, shifted up
+        xu = x.view(np.uint32)
+        np.copyto(xu, raw.view("<u2"))
+        np.left_shift(xu, 16, out=xu)
+    else:
+        np.copyto(x, raw.view(RAW_FLOAT[dtype]))
+    full, nb = n - n % bs, n // bs
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # the scaled values, as quantize_4bit computes them (no clamp: no midpoint lies outside (-1, 1))
+        if full:
+            recip = np.float32(1) / np.maximum(absmax[:nb], _CLAMP_MIN)
+            np.multiply(x[:full].reshape(-1, bs), recip[:, None], out=s[:full].reshape(-1, bs))
+        if n % bs:
+            np.divide(x[full:], absmax[nb], out=s[full:])
+        # their codes' values, by the table of top 16 bits; the straddling runs exactly
+        ku = k.view(np.uint32)
+        np.right_shift(s.view(np.uint32), 16, out=ku)
+        np.take(key_table(spec.quant_type), ku, out=v, mode="clip")  # keys < 65536: no check
+        amb = np.flatnonzero(np.isnan(v))
+        if amb.size:
+            q = np.searchsorted(bounds(spec.quant_type), s[amb], side="left")
+            v[amb] = CODES[spec.quant_type][ORDER[spec.quant_type][q]]
+        # dequantize: code · scale in float32, rounded to the dtype
+        if full:
+            np.multiply(v[:full].reshape(-1, bs), scale[:nb, None], out=v[:full].reshape(-1, bs))
+        if n % bs:
+            np.multiply(v[full:], scale[nb], out=v[full:])
+    if shape is None:
+        shape = out_shape
+    if shape and shape[-1] % 2 and spec.quant_type == "fp4":
+        v += np.float32(0)  # -0 + 0 = +0: the compiled fallback kernel's zeros (see the module docstring)
+    out = _round_into(v, dtype, ku, out)
+    if not norms:
+        return out.reshape(out_shape), 0.0, 0.0
+    np.subtract(x, v, out=s)  # v holds the rounded values now: the quantization term q, exact
+    return out.reshape(out_shape), _sum_sq(x), _sum_sq(s)
+
+
+RAW_FLOAT = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+
+
+def _round_into(v: np.ndarray, dtype: str, scratch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``v`` rounded to nearest even to ``dtype`` (as ``to_dtype_bits``) into ``out`` (raw
+    elements; a new array if None); ``v`` is left holding the rounded values as float32.
+    ``scratch``: uint32 of ``v``'s size."""
+    if dtype == "BF16":
+        u = v.view(np.uint32)
+        np.right_shift(u, 16, out=scratch)
+        np.bitwise_and(scratch, 1, out=scratch)
+        np.add(scratch, 0x7FFF, out=scratch)
+        np.add(u, scratch, out=u)
+        np.bitwise_and(u, np.uint32(0xFFFF0000), out=u)
+        out = np.empty(v.size, "<u2") if out is None else out.view("<u2")
+        np.right_shift(u, 16, out=out, casting="unsafe")
+        return out
+    if dtype == "F16":
+        out = np.empty(v.size, "<f2") if out is None else out.view("<f2")
+        with np.errstate(over="ignore"):
+            np.copyto(out, v, casting="same_kind")
+        np.copyto(v, out)
+        return out
+    out = np.empty(v.size, "<f4") if out is None else out.view("<f4")
+    np.copyto(out, v)
+    return out
 
 # -- the quant state as transformers serialises it ------------------------------------------------
 
