@@ -191,3 +191,21 @@ def test_rules_take_numpy_or_torch(rule):
     S = np.array([5.0, 3.0, 1.0, 0.25, 0.0])
     assert rule.choose(S, (9, 7)) == rule.choose(torch.from_numpy(S), (9, 7)) == rule.choose(list(S), (9, 7))
     assert effective_rank(S, 0.99) == effective_rank(torch.from_numpy(S), 0.99) == 3
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 9e2, 1e5, 1e9])
+def test_singular_values_keep_their_accuracy_whatever_the_conditioning(cond):
+    """``singular_values`` takes R from the Gram's Cholesky factor when a tall factor is well
+    conditioned and from Householder QR otherwise: either way the spectrum of scale·B@A matches
+    the dense SVD (float64) to 1e-9 relative to each value, small ones included."""
+    rng = np.random.default_rng(int(cond) % 997)
+    d, k, r = 400, 300, 8
+    qb, _ = np.linalg.qr(rng.standard_normal((d, r)))
+    qa, _ = np.linalg.qr(rng.standard_normal((k, r)))
+    sig = np.geomspace(1.0, 1.0 / cond, r)
+    B = qb * sig  # cond(B) = cond
+    A = (qa * np.linspace(1.0, 0.5, r)).T
+    want = np.linalg.svd(0.75 * B @ A, compute_uv=False)[:r]
+    got = singular_values(B, A, 0.75)
+    keep = want > 1e-12 * want[0]  # values below the dense SVD's own rounding are not compared
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-9 if cond < 1e6 else 1e-6)
