@@ -61,6 +61,25 @@ def _fix_signs(U: np.ndarray, Vh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # Gram matrix: the Gram squares the condition number, so with cond ≤ 1e3 the singular values keep
 # about 1e-10 relative accuracy (float64); worse-conditioned factors take Householder QR.
 _CHOL_MIN_RATIO = 1e-3
+# core_svd also forms U = B·R⁻¹·Uc, whose orthonormality loses cond² · eps: it asks for cond ≤ 100.
+_CHOL_CORE_MIN_RATIO = 1e-2
+
+
+def _chol_r(x: np.ndarray, min_ratio: float) -> np.ndarray | None:
+    """R (n × n, upper triangular, invertible) with x = Q·R for an orthonormal Q, from the
+    Cholesky factor of xᵀx, when x is tall and its computed R has σ_min/σ_max above
+    ``min_ratio``; else None (the caller takes Householder QR)."""
+    import numpy as np
+
+    m, n = x.shape
+    if not n or m < 4 * n:
+        return None
+    try:
+        R = np.linalg.cholesky(x.T @ x).T
+    except np.linalg.LinAlgError:
+        return None
+    s = np.linalg.svd(R, compute_uv=False)
+    return R if s[-1] > min_ratio * s[0] else None
 
 
 def _r(x: np.ndarray) -> np.ndarray:
@@ -71,17 +90,8 @@ def _r(x: np.ndarray) -> np.ndarray:
     x cannot look well-conditioned through its Gram (its small σ² drown in rounding of σ₁²)."""
     import numpy as np
 
-    m, n = x.shape
-    if n and m >= 4 * n:
-        try:
-            R = np.linalg.cholesky(x.T @ x).T
-        except np.linalg.LinAlgError:
-            R = None
-        if R is not None:
-            s = np.linalg.svd(R, compute_uv=False)
-            if s[-1] > _CHOL_MIN_RATIO * s[0]:
-                return R
-    return np.linalg.qr(x, mode="r")
+    R = _chol_r(x, _CHOL_MIN_RATIO)
+    return R if R is not None else np.linalg.qr(x, mode="r")
 
 
 def core_svd(B: Array, A: Array, scale: float = 1.0, keep: "int | Callable[[np.ndarray], int] | None" = None):
@@ -99,14 +109,23 @@ def core_svd(B: Array, A: Array, scale: float = 1.0, keep: "int | Callable[[np.n
     import numpy as np
 
     B, A = _f64(B), _f64(A)
-    Qb, Rb = np.linalg.qr(B)  # B = Qb Rb, Qb d×p_b
-    Qa, Ra = np.linalg.qr(A.T)  # Aᵀ = Qa Ra, Qa k×p_a
+    # Well-conditioned tall factors (cond ≤ 100): R from the Gram's Cholesky factor and U = B·R⁻¹·Uc
+    # (Q never formed; U orthonormal to ~1e-12); otherwise Householder QR.
+    Rb, Ra = _chol_r(B, _CHOL_CORE_MIN_RATIO), _chol_r(A.T, _CHOL_CORE_MIN_RATIO)
+    chol = Rb is not None and Ra is not None
+    if not chol:
+        Qb, Rb = np.linalg.qr(B)  # B = Qb Rb, Qb d×p_b
+        Qa, Ra = np.linalg.qr(A.T)  # Aᵀ = Qa Ra, Qa k×p_a
     Uc, S, Vhc = np.linalg.svd((Rb @ Ra.T) * scale, full_matrices=False)
     n = S.shape[0]
     if keep is not None:
         n = max(0, min(n, keep(S) if callable(keep) else int(keep)))
-    U = Qb @ Uc[:, :n]
-    Vh = (Qa @ Vhc[:n].T).T
+    if chol:  # Qb = B·Rb⁻¹, never formed
+        U = B @ np.linalg.solve(Rb, Uc[:, :n])
+        Vh = (A.T @ np.linalg.solve(Ra, Vhc[:n].T)).T
+    else:
+        U = Qb @ Uc[:, :n]
+        Vh = (Qa @ Vhc[:n].T).T
     U, Vh = _fix_signs(U, Vh)
     return U, S, np.ascontiguousarray(Vh)
 

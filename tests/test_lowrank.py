@@ -209,3 +209,22 @@ def test_singular_values_keep_their_accuracy_whatever_the_conditioning(cond):
     got = singular_values(B, A, 0.75)
     keep = want > 1e-12 * want[0]  # values below the dense SVD's own rounding are not compared
     np.testing.assert_allclose(got[keep], want[keep], rtol=1e-9 if cond < 1e6 else 1e-6)
+
+
+@pytest.mark.parametrize("cond", [1.0, 50.0, 1e4, 1e9])
+def test_core_svd_factors_stay_orthonormal_whatever_the_conditioning(cond):
+    """core_svd forms U = B·R⁻¹·Uc from the Gram's Cholesky factor only for cond ≤ 100 and takes
+    Householder QR otherwise: U and Vh orthonormal to 1e-11 and U·S·Vh the delta, in every case."""
+    rng = np.random.default_rng(7)
+    d, k, r = 500, 350, 12
+    qb, _ = np.linalg.qr(rng.standard_normal((d, r)))
+    qa, _ = np.linalg.qr(rng.standard_normal((k, r)))
+    B = qb * np.geomspace(1.0, 1.0 / cond, r)
+    A = (qa * np.linspace(2.0, 1.0, r)).T
+    U, S, Vh = core_svd(B, A, 1.5, keep=6)
+    assert U.shape == (d, 6) and Vh.shape == (6, k) and S.shape == (r,)
+    np.testing.assert_allclose(U.T @ U, np.eye(6), atol=1e-11)
+    np.testing.assert_allclose(Vh @ Vh.T, np.eye(6), atol=1e-11)
+    M = 1.5 * B @ A
+    Ud, Sd, Vhd = np.linalg.svd(M, full_matrices=False)
+    np.testing.assert_allclose((U * S[:6]) @ Vh, (Ud[:, :6] * Sd[:6]) @ Vhd[:6], atol=1e-10 * Sd[0])
