@@ -167,6 +167,8 @@ def adapter_to_lora(adapter, rank: int | None = None, energy: float | None = Non
     if not lyco:
         return adapter, []
     for m in lyco:
+        if m.needs_base:  # OFT, IA3, GLoRA: no delta without the base
+            raise UsageError(f"{adapter.path}: module {m.name}: {m.base_problem()}")
         problems = m.structure_problems()
         if problems:
             raise UsageError(f"{adapter.path}: module {m.name}: {problems[0].message}")

@@ -184,6 +184,8 @@ def check_values(adapter: Adapter, f: Findings) -> None:
         if why:
             f.error("LT207", f"module {m.name}: {why}", m.name)
             continue
+        if m.needs_base:  # ΔW depends on the base weight (OFT, IA3, GLoRA): the merge checks its blocks
+            continue
         lr = m.low_rank(loaded=loaded)  # None for a kind without a low-rank form: its dense delta
         if not bool(lr.B2.any() if lr is not None else m.delta().any()):
             zero_b += 1

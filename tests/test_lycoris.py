@@ -177,7 +177,8 @@ def test_structure_findings_are_specific(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(t, str(path))
     a = load_adapter(path, tolerant=True)
-    assert [p.module for p in a.problems] == [o] and "diag-OFT" in a.problems[0].message
+    assert not a.problems  # diag-OFT reads (its merge: tests/test_lycoris_based.py)
+    assert a.modules["unet.down_blocks.0.attentions.0.proj_out"].algorithm == "OFT"
     m = a.modules["unet.down_blocks.0.resnets.0.conv1"]
     assert m.alpha == 4.0  # an integer alpha (DyLoRA) reads
     (p,) = m.structure_problems()

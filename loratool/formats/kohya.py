@@ -68,13 +68,13 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 _LYCORIS_ROLES = {*_LOHA, *_LOKR, "lora_mid.weight", "dora_scale", "diff", "diff_b", "oft_blocks", "oft_diag",
                   "rescale", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "weight", "on_input",
                   "scalar"}
-# Kinds whose ΔW depends on the base weight (LyCORIS: OFT's (R − I)·W, IA3's W·diag(w), GLoRA's
-# W·A + B): named, with the reason, instead of an unknown layout.
+# Kinds whose ΔW depends on the base weight (LyCORIS OFT's (R − I)·W, IA3's W ∘ w, GLoRA's
+# W·a1·a2 + b1·b2; kinds/lycoris_based.py), by the tensor that marks them, and their tensors.
 _BASE_DEPENDENT = {
-    "oft_blocks": "LyCORIS diag-OFT (oft_blocks): its ΔW = (R − I)·W depends on the base weight",
-    "oft_diag": "LyCORIS OFT (oft_diag): its ΔW depends on the base weight",
-    "on_input": "LyCORIS IA3 (weight/on_input): its ΔW = W·diag(w) depends on the base weight",
-    "a1.weight": "LyCORIS GLoRA (a1/a2/b1/b2): its ΔW = W·(a2 a1) + b2 b1 depends on the base weight",
+    "oft_blocks": ("oft", {"oft_blocks", "rescale"}),
+    "oft_diag": ("oft", {"oft_diag", "rescale"}),
+    "on_input": ("ia3", {"weight", "on_input"}),
+    "a1.weight": ("glora", {"a1.weight", "a2.weight", "b1.weight", "b2.weight"}),
 }
 # sd-scripts' UNet convolutions with a 3×3 kernel (diffusers names): a LoHa/LoKr conv module with
 # flattened factors (r, in·9) gets its kernel from its name; any other is read as Linear-shaped, and
@@ -193,10 +193,6 @@ def read(path: Path) -> Adapter:
     for lora_name, keys in sorted(groups.items()):
         label = f"{path}: module {lora_name!r}"
         algo = _algorithm(set(keys))
-        if algo in _BASE_DEPENDENT:
-            problems.append(ReadProblem(BAD_FACTOR, f"{label}: {_BASE_DEPENDENT[algo]}; loratool merges and converts "
-                                        "deltas that do not (LoRA, LoCon, LoHa, LoKr, full)", lora_name))
-            continue
         name, from_sgm = module_name(lora_name) or (lora_name, False)  # the prefix was checked above
         if name in modules:
             problems.append(ReadProblem(BAD_FACTOR, f"{label}: maps to module {name!r}, like {origin[name]!r}; the "
@@ -215,7 +211,9 @@ def read(path: Path) -> Adapter:
                 problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a number, found {ref.dtype}", lora_name))
                 continue
             if not math.isfinite(alpha) or alpha <= 0:
-                if algo != "lora" and alpha == 0:
+                if algo in ("oft_blocks", "oft_diag") and alpha == 0:
+                    pass  # OFT: alpha is the constraint, 0 none
+                elif algo != "lora" and alpha == 0:
                     alpha = None  # LyCORIS: alpha 0 means alpha = dim
                 else:
                     problems.append(ReadProblem(BAD_ALPHA, f"{label}: alpha must be a positive finite number, found "
@@ -223,6 +221,8 @@ def read(path: Path) -> Adapter:
                     continue
         if algo == "lora":
             module = _lora_module(st, path, name, lora_name, keys, alpha, label, problems)
+        elif algo in _BASE_DEPENDENT:
+            module = _based_module(st, name, lora_name, keys, alpha, algo, label, problems)
         else:
             module = _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems)
         if module is None:
@@ -358,6 +358,55 @@ def _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems) -> 
                 problems.append(ReadProblem(why[0].check, f"{label}: {why[0].message}", lora_name))
                 return None
         m.alpha = float(m.dim) if alpha is None and m.dim is not None else (1.0 if alpha is None else alpha)
+    return m
+
+
+def _based_module(st, name, lora_name, keys, alpha, marker, label, problems) -> AdapterModule | None:
+    """An OFT, IA3 or GLoRA module (kinds/lycoris_based.py): its ΔW depends on the base weight."""
+    from loratool import kinds
+
+    algo, roles = _BASE_DEPENDENT[marker]
+    refs = {role: st.ref(k) for role, k in keys.items() if role != "alpha"}
+    extra = sorted(set(refs) - roles)
+    if extra:
+        what = {"oft": "OFT", "ia3": "IA3", "glora": "GLoRA"}[algo]
+        why = " (GLoRA with a Tucker core, bm, is not read)" if "bm.weight" in extra else ""
+        problems.append(ReadProblem(BAD_FACTOR, f"{label}: {', '.join(extra)} do not belong to a LyCORIS {what} "
+                                    f"module{why}", lora_name))
+        return None
+    missing = sorted(roles - set(refs) - {"rescale", "oft_diag", "oft_blocks"})
+    if missing:
+        problems.append(ReadProblem(MISSING_FACTOR, f"{label}: LyCORIS {algo} module without {', '.join(missing)} "
+                                    f"(found {sorted(keys)})", lora_name))
+        return None
+    source_keys = dict(keys)
+    if algo == "oft":
+        blocks = refs.get("oft_blocks", refs.get("oft_diag"))
+        rescale = refs.get("rescale")
+        kind = LayerKind.CONV2D if rescale is not None and len(rescale.shape) == 4 else LayerKind.LINEAR
+        source_keys["oft_blocks"] = keys[marker]
+        m = kinds.OftModule(name=name, kind=kind, oft_blocks=blocks, rescale=rescale, is_r=marker == "oft_diag",
+                            alpha=0.0 if alpha is None or marker == "oft_diag" else alpha, source_keys=source_keys)
+    elif algo == "ia3":
+        on_input = _scalar(refs["on_input"]) if math.prod(refs["on_input"].shape) == 1 else None
+        if on_input not in (0.0, 1.0):
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: IA3 on_input must be 0 or 1, found "
+                                        f"{on_input if on_input is not None else list(refs['on_input'].shape)}",
+                                        lora_name))
+            return None
+        w = refs["weight"]
+        kind = LayerKind.CONV2D if len(w.shape) == 4 else LayerKind.LINEAR
+        m = kinds.Ia3Module(name=name, kind=kind, weight=w, on_input=bool(on_input), source_keys=source_keys)
+    else:
+        f = {r.split(".")[0]: refs[r] for r in roles}
+        m = kinds.GloraModule(name=name, kind=LayerKind.CONV2D if len(f["b2"].shape) == 4 else LayerKind.LINEAR,
+                              alpha=1.0, source_keys={r.split(".")[0]: k for r, k in keys.items()}, **f)
+    why = m.structure_problems()
+    if why:
+        problems.append(ReadProblem(BAD_FACTOR, f"{label}: {why[0].message}", lora_name))
+        return None
+    if algo == "glora":
+        m.alpha = float(m.rank) if alpha is None else alpha  # LyCORIS: alpha 0 or none means alpha = dim
     return m
 
 

@@ -9,6 +9,7 @@
   loha.py    LoHa (Hadamard product of two low-rank products; exact LoRA of rank r1·r2)
   lokr.py    LoKr (Kronecker product; its SVD is the Kronecker product of the factors' SVDs)
   lycoris_misc.py  LoCon with a Tucker core (lora_mid), the full weight difference
+  lycoris_based.py OFT, IA3, GLoRA: deltas that depend on the base weight (``needs_base``)
 
 Merge, parity, validation, inspection, resize and compose go through ``AdapterModule``; format
 readers build modules with ``module_of`` (or a kind's class). A new kind is one module here that
@@ -22,8 +23,9 @@ from loratool.kinds.lora import LoraModule, factor_problem
 from loratool.kinds.loha import LohaModule
 from loratool.kinds.lokr import LokrModule
 from loratool.kinds.lycoris_base import LycorisModule
+from loratool.kinds.lycoris_based import GloraModule, Ia3Module, OftModule
 from loratool.kinds.lycoris_misc import FullModule, LoconTuckerModule
 
-__all__ = ["KINDS", "AdapterModule", "DoraModule", "Fit", "FullModule", "LayerKind", "LoconTuckerModule",
-           "LohaModule", "LokrModule", "LoraModule", "LowRank", "LycorisModule", "Problem", "factor_problem",
+__all__ = ["KINDS", "AdapterModule", "DoraModule", "Fit", "FullModule", "GloraModule", "Ia3Module", "LayerKind", "LoconTuckerModule",
+           "LohaModule", "LokrModule", "LoraModule", "LowRank", "LycorisModule", "OftModule", "Problem", "factor_problem",
            "module_of", "register_kind"]

@@ -162,6 +162,9 @@ class AdapterModule(ABC):
     required: ClassVar[frozenset[str]]
     use_dora: ClassVar[bool] = False  # DoRA's per-row rescaling applies (see kinds/dora.py)
     algorithm: ClassVar[str] = "LoRA"  # the name reports show: "LoRA", "DoRA", "LoHa", "LoKr", …
+    # The delta depends on the base weight W (LyCORIS OFT, IA3, GLoRA): ``delta()`` refuses, and the
+    # merge engines call ``delta_from_base`` with the base rows of each block.
+    needs_base: ClassVar[bool] = False
 
     name: str
     kind: LayerKind
@@ -236,6 +239,12 @@ class AdapterModule(ABC):
     def delta_rows(self, i: int, j: int, dtype=None) -> "torch.Tensor":
         """Rows [i, j) of ``delta`` (a kind with a cheaper blockwise form overrides this)."""
         return self.delta(dtype)[i:j]
+
+    def delta_from_base(self, W_rows: "numpy.ndarray", i: int, j: int) -> "numpy.ndarray":
+        """For a kind that ``needs_base``: rows [i, j) of the scaled delta, in the base layout and in
+        W_rows' dtype (float32 or float64 numpy), given those rows of the base weight, W_rows. A kind
+        whose rows mix (OFT) says which row blocks it takes (``row_quantum``)."""
+        raise NotImplementedError(f"a {self.module_kind} module's delta does not depend on the base")
 
     def merge_problem(self, weight: float, sign: int) -> str | None:
         """Why this module cannot be merged at ``weight`` (``sign`` -1: unmerged), or None."""

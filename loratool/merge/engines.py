@@ -103,7 +103,13 @@ def tensor_spans(t: TensorPlan, device: str = "cpu", block_bytes: int | None = N
     if not layout.row_blocked(t.kind, t.dora):
         return [(0, rows)]  # computed whole, as PEFT does (DoRA's norm spans the columns here)
     target = block_bytes or (BLOCK_BYTES if device == "cpu" else GPU_BLOCK_BYTES)
-    return row_spans(rows, _quantized(t, cols, block_rows(cols, target=target)))
+    block = _quantized(t, cols, block_rows(cols, target=target))
+    for term in t.terms:  # a kind whose rows mix (OFT's blocks of R): spans start at its multiples
+        q = term.module.row_quantum() if term.module.needs_base else 1
+        if q > 1 and block % q:
+            unit = block * q // math.gcd(block, q)
+            block = unit if unit < rows else rows
+    return row_spans(rows, block)
 
 
 def _quantized(t: TensorPlan, cols: int, block: int) -> int:
@@ -194,11 +200,22 @@ class TensorMath:
         else:
             acc = w.to(self.device, self.dtype, copy=True)
         for term, b, a in self.factors:
-            if not self._fused(term, b):
+            if term.part == "weight" and term.module.needs_base:  # ΔW from the base rows (OFT, IA3, GLoRA)
+                acc.add_(self.base_delta(term, w, i, j))
+            elif not self._fused(term, b):
                 acc.add_(self.delta(term, b, a, i, j))
             else:  # one addmm: rows [i, j) of the delta are left @ right
                 acc.addmm_(*layout.block_factors(term.module.kind, b, a, i, j), alpha=term.coef)
         return acc
+
+    def base_delta(self, term: Term, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
+        """±weight · ΔW for rows [i, j) of a kind whose delta depends on the base (``needs_base``),
+        from the base rows ``w`` (as the block holds them: the original base, or its transform)."""
+        import torch
+
+        w64 = w.detach().to("cpu", torch.float64).numpy()
+        d = torch.from_numpy(term.module.delta_from_base(w64, i, j))
+        return d.to(self.device, self.dtype).mul_(math.copysign(abs(term.weight), term.coef))
 
     def _fused(self, term: Term, b) -> bool:
         """Whether ``addmm_(…, alpha=coef)`` may replace mm, mul_ and add_ (one pass, one FMA

@@ -126,7 +126,13 @@ def _bound(math64: TensorMath, w: "torch.Tensor", exact: "torch.Tensor", i: int,
     mag = w.to(torch.float64).abs()
     r = 0
     for term, b, a in math64.factors:
-        mag.add_(math64.delta(replace(term, coef=abs(term.coef)), b.abs(), a.abs() if a is not None else None, i, j))
+        pos = replace(term, coef=abs(term.coef))
+        if term.part == "weight" and term.module.needs_base:  # OFT, IA3, GLoRA: ΔW from the base rows
+            mag.add_(math64.base_delta(pos, w.abs(), i, j).abs())
+        elif b is None:  # a kind without a low-rank form (full): its dense delta rows
+            mag.add_(math64.delta(pos, None, None, i, j).abs())
+        else:
+            mag.add_(math64.delta(pos, b.abs(), a.abs() if a is not None else None, i, j))
         r += term.module.rank if term.part == "weight" else 1
     gamma = (r + 4) * U32
     if math64.magnitude is None:
