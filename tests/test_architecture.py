@@ -125,3 +125,20 @@ def test_pyproject_lists_every_package():
              for p in LIB.rglob("__init__.py")}
     found.add("loratool.kernels")
     assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
+
+
+def test_no_fixture_module_shadows_a_package():
+    """`make fixtures` runs fixtures/generate.py as a script, so fixtures/ is first on sys.path:
+    a fixtures/lycoris.py made `import lycoris` import itself and broke fixture generation."""
+    import importlib.util
+    import sys
+
+    fixtures = LIB.parent / "fixtures"
+    saved = list(sys.path)
+    try:
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != fixtures.resolve()]
+        clashes = [p.name for p in fixtures.glob("*.py")
+                   if p.stem not in ("__init__",) and importlib.util.find_spec(p.stem) is not None]
+    finally:
+        sys.path[:] = saved
+    assert clashes == [], f"fixtures modules named like importable packages: {clashes}"

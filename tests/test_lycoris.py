@@ -1,5 +1,5 @@
 """LyCORIS kinds (LoCon+Tucker, LoHa, LoKr, full; loratool/kinds/loha.py, lokr.py, lycoris_misc.py):
-read from files that lycoris-lora writes itself (fixtures/lycoris.py), the delta against
+read from files that lycoris-lora writes itself (fixtures/lycoris_nets.py), the delta against
 lycoris's own forward pass in float64, the merge within one rounding of W + ΔW, and conversion to
 plain LoRA (exact at the exact rank, the optimal truncation below it).
 """
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("lycoris")
 
-from fixtures import lycoris as fx  # noqa: E402
+from fixtures import lycoris_nets as fx  # noqa: E402
 from loratool.formats import load_adapter  # noqa: E402
 from loratool.kinds.lycoris_base import LycorisModule  # noqa: E402
 

@@ -1,5 +1,5 @@
 """LyCORIS kinds whose ΔW depends on the base weight (OFT, IA3, GLoRA; loratool/kinds/lycoris_based.py):
-read from files lycoris-lora writes itself (fixtures/lycoris.py ``BASED_CASES``), ΔW from the base
+read from files lycoris-lora writes itself (fixtures/lycoris_nets.py ``BASED_CASES``), ΔW from the base
 rows against lycoris's own ``get_diff_weight`` in float64, the merge within one rounding of
 W + ΔW (OFT cut at its block boundaries), and the commands without a base refusing with the reason.
 """
@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("lycoris")
 
-from fixtures import lycoris as fx  # noqa: E402
+from fixtures import lycoris_nets as fx  # noqa: E402
 from loratool.formats import load_adapter  # noqa: E402
 
 SEED = 47
