@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from loratool.boundary import default_home, open_regular, read_json
 from loratool.canonical import canonical_json
-from loratool.text import HUB_PREFIX
-from loratool.errors import InputError
-from loratool.schemas.manifest import BaseFingerprint, FileDigest
+from loratool.text import HUB_PREFIX, utc_now
+from loratool.errors import BaseMismatchError, InputError
+from loratool.schemas.manifest import BaseFingerprint, FileDigest, QuantDerivation
 
 if TYPE_CHECKING:  # pragma: no cover
     from loratool.adapter import Adapter
@@ -103,6 +103,66 @@ class HashCache:
             os.replace(tmp, entry)
         except OSError:
             pass  # a cache we cannot write only costs speed
+
+
+class DerivationStore:
+    """Verified quantization relations (``QuantDerivation``), under ``$LORATOOL_HOME/derivations``:
+    one small JSON file per (4-bit base's content fingerprint, 16-bit base's content fingerprint),
+    written atomically like the hash cache's entries. Content fingerprints name the bytes of every
+    file, so a relation verified once holds for any copy of the two bases. Only relations that
+    were verified are stored; a damaged or foreign entry is ignored."""
+
+    def __init__(self, home: str | os.PathLike):
+        self.dir = Path(home) / "derivations"
+
+    @classmethod
+    def default(cls) -> "DerivationStore":
+        return cls(default_home())
+
+    @classmethod
+    def beside(cls, cache: "HashCache | None") -> "DerivationStore":
+        """The store in the hash cache's home (the default home without a cache)."""
+        return cls(cache.dir.parent) if cache is not None else cls.default()
+
+    def _entry(self, quant: str, source: str) -> Path:
+        return self.dir / quant[:2] / f"{quant}-{source}.json"
+
+    def _read(self, entry: Path, quant: str) -> QuantDerivation | None:
+        try:
+            data = read_json(entry, what="derivation record", limit=64 * 1024)
+            if isinstance(data, dict) and data.get("quant_content") == quant:
+                found = QuantDerivation.model_validate(data.get("derivation"))
+                if entry.name == f"{quant}-{found.source_content}.json":
+                    return found
+        except (InputError, ValueError):
+            pass
+        return None
+
+    def get(self, quant: str | None, source: str | None) -> QuantDerivation | None:
+        """The recorded relation of the 4-bit base ``quant`` to the 16-bit base ``source`` (content
+        fingerprints), or None."""
+        if not (quant and source and re.fullmatch(r"[0-9a-f]{64}", quant) and re.fullmatch(r"[0-9a-f]{64}", source)):
+            return None
+        entry = self._entry(quant, source)
+        return self._read(entry, quant) if entry.is_file() else None
+
+    def sources(self, quant: str | None) -> list[QuantDerivation]:
+        """Every recorded 16-bit source of the 4-bit base ``quant``, the latest verified first."""
+        if not (quant and re.fullmatch(r"[0-9a-f]{64}", quant)):
+            return []
+        found = [d for e in sorted((self.dir / quant[:2]).glob(f"{quant}-*.json")) if (d := self._read(e, quant))]
+        return sorted(found, key=lambda d: d.time, reverse=True)
+
+    def put(self, quant: str, derivation: QuantDerivation) -> None:
+        entry = self._entry(quant, derivation.source_content)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=entry.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"quant_content": quant, "derivation": derivation.model_dump(mode="json")}, f)
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # unrecorded: `fingerprint --source` says so
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
@@ -283,7 +343,7 @@ def fingerprint_local(
     ]
     files.sort(key=lambda fd: fd.path)
     name, repo_id, revision = _local_name(ckpt)
-    return BaseFingerprint(
+    fp = BaseFingerprint(
         name=name,
         repo_id=repo_id,
         revision=revision,
@@ -293,6 +353,63 @@ def fingerprint_local(
         num_tensors=len(triples),
         num_params=num_params,
     )
+    if content and ckpt.quantized and cache is not None:  # a 4-bit base: the relation recorded earlier
+        sources = DerivationStore.beside(cache).sources(fp.content)
+        if sources:
+            fp.derived_from = sources[0]
+            if len(sources) > 1:
+                fp.notes.append(f"{len(sources)} 16-bit bases are recorded as its source; derived_from names "
+                                "the latest verified")
+    return fp
+
+
+def fingerprint_derived(
+    base: "str | os.PathLike",
+    source: "str | os.PathLike",
+    cache: HashCache | None = None,
+    refresh: bool = False,
+) -> tuple[BaseFingerprint, bool]:
+    """``loratool fingerprint BASE --source BASE16``: the fingerprint of the 4-bit ``base`` with
+    ``derived_from`` filled in once ``loratool.quant.identity.verify_derived`` finds it is, bit for
+    bit, bitsandbytes' quantization of the 16-bit ``source``; and whether the verdict came from the
+    record of an earlier run (``DerivationStore``, skipped with ``refresh``). The relation is
+    recorded for ``check_base``. Not derived: ``BaseMismatchError`` (exit 3) naming the first
+    difference."""
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.quant.identity import verify_derived
+
+    for ref, what in ((base, "BASE"), (source, "--source")):
+        if isinstance(ref, str) and parse_hub_ref(ref) is not None:
+            raise InputError(f"{ref}: --source compares the weights of two local bases; download {what} first "
+                             "(`huggingface-cli download`) and give its folder")
+    ckpt4, ckpt16 = BaseCheckpoint(base), BaseCheckpoint(source)
+    if not ckpt4.quantized:
+        raise InputError(f"{base}: holds no bitsandbytes 4-bit weights; --source relates a 4-bit base (a "
+                         "*-bnb-4bit checkpoint) to the 16-bit base it was quantized from")
+    if ckpt16.quantized:
+        raise InputError(f"{source}: holds bitsandbytes 4-bit weights itself; --source names the 16-bit base")
+    fp4 = fingerprint_local(ckpt4, cache=cache, refresh=refresh)
+    fp16 = fingerprint_local(ckpt16, cache=cache, refresh=refresh)
+    store = DerivationStore.beside(cache)
+    found = None if refresh else store.get(fp4.content, fp16.content)
+    cached = found is not None
+    if found is None:
+        result = verify_derived(ckpt16, ckpt4)
+        if not result.derived:
+            raise BaseMismatchError(f"{base} is not bitsandbytes' 4-bit quantization of {source}: {result.mismatch}")
+        from loratool._version import __version__
+
+        found = QuantDerivation(
+            source_content=fp16.content, source_structure=fp16.structure, source_name=fp16.name,
+            base_precision=result.spec or "; ".join(result.specs), quantized_tensors=len(result.quantized),
+            copied_tensors=len(result.copied), loratool_version=__version__, time=utc_now())
+        store.put(fp4.content, found)
+        if store.get(fp4.content, fp16.content) is None:
+            fp4.notes.append(f"the relation could not be recorded under {store.dir} (not writable?): check_base "
+                             "will not accept the one base for the other")
+    fp4.derived_from = found
+    fp4.notes = [n for n in fp4.notes if "derived_from names" not in n]
+    return fp4, cached
 
 
 # -- Hub ------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from loratool.boundary import default_home, parse_json, read_bytes
 from loratool.text import listed, utc_now
 from loratool.errors import BaseMismatchError, FormatError, InputError
 from loratool.fingerprint import (
+    DerivationStore,
     HashCache,
     adapter_tensors_digest,
     canonical_json,
@@ -53,6 +54,7 @@ from loratool.schemas.manifest import (
     InputRef,
     LineageEntry,
     Manifest,
+    QuantDerivation,
     Summary,
 )
 
@@ -419,6 +421,35 @@ def _record_hint(adapter_path: Path | None) -> str:
     return f"record one with `loratool manifest {adapter_path or 'ADAPTER'} --base BASE`"
 
 
+def _quant_relation(recorded: BaseFingerprint, found: BaseFingerprint,
+                    cache: HashCache | None) -> tuple[str, QuantDerivation] | None:
+    """Whether ``found`` is the verified 4-bit derivative of the ``recorded`` base, or its 16-bit
+    source: from a ``derived_from`` either fingerprint carries, else from the relations that
+    ``loratool fingerprint --source`` recorded (``DerivationStore``). Content fingerprints only:
+    they name every byte of both bases."""
+    if not (recorded.content and found.content):
+        return None
+    store = DerivationStore.beside(cache)
+    for seen, quant, source in (("4-bit derivative", found, recorded), ("16-bit source", recorded, found)):
+        d = quant.derived_from
+        if d is None or d.source_content != source.content:
+            d = store.get(quant.content, source.content)
+        if d is not None:
+            return seen, d
+    return None
+
+
+def _relation_note(relation: tuple[str, QuantDerivation], base_label: str, label: str) -> str:
+    seen, d = relation
+    if seen == "4-bit derivative":
+        return (f"{base_label} is the 4-bit derivative ({d.base_precision}) of the base recorded for {label}, verified "
+                f"bit for bit by `loratool fingerprint --source` ({d.time}): its weights read as dequant(quant(W)), "
+                "which differ from the recorded base's by the quantization term")
+    return (f"{base_label} is the 16-bit base that the 4-bit base recorded for {label} quantizes ({d.base_precision}), "
+            f"verified bit for bit by `loratool fingerprint --source` ({d.time}): the adapter saw dequant(quant(W)); "
+            f"merge with --base-precision {d.base_precision.split('; ')[0]} to merge onto those weights")
+
+
 def check_base(
     manifest_or_adapter: "Manifest | Adapter | PathLike",
     base: BaseLike,
@@ -434,6 +465,13 @@ def check_base(
     with ``content=False``). A mismatch raises ``BaseMismatchError`` (exit 3) with one line naming
     the files or tensors that differ, unless ``allow_mismatch``: then the result's ``mismatch``
     says what differed, for the caller to record in lineage.
+
+    Quantized derivatives (issue 16): when the contents differ but one base is the verified
+    bitsandbytes 4-bit quantization of the other (``_quant_relation``: a ``derived_from`` in either
+    fingerprint, or a relation ``loratool fingerprint BASE4 --source BASE16`` recorded), the check
+    passes with ``content="derived"`` and ``seen`` saying which one it saw ("4-bit derivative" of
+    the recorded base, or its "16-bit source"), and a warning saying so. A 4-bit base without a
+    recorded relation fails with the command that records it.
 
     Without a manifest (or one without a base): ``require_manifest`` raises; otherwise the result
     is "unverified", with a warning, and what can still be checked is: the adapter's modules fit
@@ -541,19 +579,32 @@ def check_base(
         if not hub and ckpt is not None:
             found = _fingerprint(ckpt, cache, content=True)
         if recorded.content and found.content:
-            if recorded.content != found.content:
+            relation = _quant_relation(recorded, found, cache) if recorded.content != found.content else None
+            if relation is not None:
+                result.content, result.seen, result.derivation = "derived", relation[0], relation[1]
+                if relation[0] == "4-bit derivative":  # the base as found, with the relation it was accepted by
+                    found = found.model_copy(update={"derived_from": relation[1]})
+                result.warnings.append(_relation_note(relation, base_label, label))
+            elif recorded.content != found.content:
                 result.content = "mismatch"
                 result.base = found
                 details = _file_diffs(recorded, found, "sha256")
                 what = ("same tensor names, shapes and dtypes but different values"
                         if result.structure == "match" else "different file contents")
-                return fail(result, what + (f": {listed(details, _LIST_LIMIT)}" if details else ""))
-            result.content = "match"
+                what += f": {listed(details, _LIST_LIMIT)}" if details else ""
+                if ckpt is not None and ckpt.quantized:
+                    what += (f"; {base_label} holds bitsandbytes 4-bit weights, and no relation to the recorded base "
+                             f"is recorded: if it is the 4-bit quantization of that base, record it with `loratool "
+                             f"fingerprint {base_label} --source BASE16` (BASE16: the recorded base"
+                             + (f", {recorded.name}" if recorded.name else "") + ")")
+                return fail(result, what)
+            else:
+                result.content, result.seen = "match", "recorded"
         else:
             result.warnings.append("content not compared: "
                                    + ("the manifest records none" if not recorded.content else f"unknown for {base_label}"))
     result.base = found
-    compared = "match" in (result.structure, result.content)
+    compared = "match" in (result.structure, result.content) or result.content == "derived"
     result.status = "match" if compared else "unverified"
     return result
 

@@ -4,6 +4,8 @@
             and ``parse_precision`` (``merge --base-precision``); the quant state's JSON
     stored  ``QuantizedRef``: a 4-bit weight of a checkpoint that transformers saved, read as
             the 16-bit tensor it dequantizes to
+    identity  ``verify_derived``: whether a 4-bit base is bitsandbytes' quantization of a 16-bit
+            base, bit for bit (``fingerprint --source``)
 """
 
 from __future__ import annotations

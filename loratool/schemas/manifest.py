@@ -63,6 +63,24 @@ class FileDigest(_Model):
     num_tensors: int | None = Field(default=None, ge=0)
 
 
+class QuantDerivation(_Model):
+    """A 4-bit base verified to be, bit for bit, bitsandbytes' quantization of a 16-bit base
+    (``loratool fingerprint QUANT_BASE --source BASE16``): every 4-bit weight's packed codes and
+    absmax (and nested state) equal ``quantize_4bit`` of the 16-bit weight with the recorded
+    quant config, every other tensor the 16-bit base's bytes."""
+
+    source_content: Sha256 = Field(description="The 16-bit base's content fingerprint")
+    source_structure: Sha256 | None = Field(default=None, description="The 16-bit base's structure fingerprint")
+    source_name: str | None = Field(default=None, description="The 16-bit base's name when verified")
+    base_precision: str = Field(
+        description="The quant config, as merge --base-precision spells it: nf4|fp4,blocksize=N[,double-quant] "
+        "(several joined by '; ' when the weights differ)")
+    quantized_tensors: int = Field(ge=0, description="4-bit weights that matched quantize_4bit of the 16-bit ones")
+    copied_tensors: int = Field(ge=0, description="Tensors kept in 16 bits, byte-equal to the 16-bit base's")
+    loratool_version: str = Field(description="The loratool that verified it")
+    time: str = Field(description="When it was verified (UTC, ISO 8601)")
+
+
 class BaseFingerprint(_Model):
     """The identity of a base model: where it came from, its files, and two fingerprints."""
 
@@ -88,6 +106,10 @@ class BaseFingerprint(_Model):
     num_tensors: int | None = Field(default=None, ge=0)
     num_params: int | None = Field(default=None, ge=0)
     notes: list[str] = Field(default_factory=list, description="What could not be determined, and why")
+    derived_from: QuantDerivation | None = Field(
+        default=None,
+        description="For a bitsandbytes 4-bit base: the 16-bit base it was verified to quantize bit for bit "
+        "(recorded by `loratool fingerprint BASE --source BASE16`); None when no relation is recorded")
 
 
 class Summary(_Model):
@@ -170,7 +192,14 @@ class BaseCheckResult(_Model):
 
     status: Literal["match", "mismatch", "unverified"]
     structure: Literal["match", "mismatch", "unknown"] = "unknown"
-    content: Literal["match", "mismatch", "unknown", "skipped"] = "unknown"
+    content: Literal["match", "mismatch", "unknown", "skipped", "derived"] = Field(
+        default="unknown", description="'derived': the bytes differ, but one base is the recorded "
+        "4-bit quantization of the other (``seen``)")
+    seen: Literal["recorded", "4-bit derivative", "16-bit source"] | None = Field(
+        default=None, description="Which base the check saw: the recorded one, the verified 4-bit derivative "
+        "of the recorded base, or the 16-bit base the recorded 4-bit base quantizes; None when not verified")
+    derivation: QuantDerivation | None = Field(
+        default=None, description="The verified relation, when ``seen`` is a derivative or a source")
     mismatch: str | None = None
     warnings: list[str] = Field(default_factory=list)
     base: BaseFingerprint | None = Field(default=None, description="The base as found now")
