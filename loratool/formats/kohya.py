@@ -7,8 +7,12 @@ Key layout (sd-scripts networks/lora.py, ``LoRANetwork`` / ``LoRAModule``):
 with ``<path>`` the module's path in the model, dots replaced by underscores, and the component
 in the prefix: ``lora_unet_`` (UNet), ``lora_te_`` (SD 1.x/2.x text encoder), ``lora_te1_`` /
 ``lora_te2_`` (SDXL's two text encoders), ``lora_te3_`` (SD3's T5), ``lora_transformer_``
-(OneTrainer's name for a diffusers transformer). Training metadata (``ss_*``, ``modelspec.*``)
-lives in the safetensors ``__metadata__`` and is kept as it is.
+(OneTrainer's name for a diffusers transformer). Flux is written as sd-scripts writes it, under
+BFL's module names (``lora_unet_double_blocks_0_img_attn_qkv``), which diffusers loads; a BFL
+module that holds several diffusers modules (q, k and v) is their exact fusion, split again on
+reading (``sdnames.flux_fuse``/``flux_split``); OneTrainer's names are kept for a file that had
+them (``KohyaLayout.transformer_names``) and for transformers that are not Flux. Training metadata
+(``ss_*``, ``modelspec.*``) lives in the safetensors ``__metadata__`` and is kept as it is.
 
 Reading maps names to dotted diffusers names (``formats/sdnames.py``); SDXL files from sd-scripts
 use the original Stability UNet names (``input_blocks_4_1_…``), which are mapped onto
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any, Collection, Literal
 
 from loratool.adapter import (Adapter, AdapterModule, LayerKind, LoraModule, TensorSource, dtype_of, float_values,
-                              module_of)
+                              module_of, shape_of)
 from loratool.errors import InputError, OutputError, UsageError
 from loratool.formats import sdnames
 from loratool.formats.base import (BAD_ALPHA, BAD_FACTOR, MISSING_FACTOR, Format, FormatConfig, ReadProblem,
@@ -47,6 +51,7 @@ from loratool.safetensors_io import (FLOAT_DTYPES, HostTensor, SafetensorsFile, 
 
 NAME = "kohya"
 LAYOUT_KEY = "loratool.kohya_layout"
+FUSED_KEY = "loratool.flux_fused"  # {lora_name: {"rows", "ranks", "alphas"}}: how Flux parts were fused
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
 # kohya prefix -> component; lora_te1_ must be tried before lora_te_ is (it is not a prefix of it,
@@ -102,6 +107,9 @@ def module_name(lora_name: str) -> tuple[str, bool] | None:
     if split is None:
         return None
     _, comp, rest = split
+    bfl = sdnames.bfl_from_kohya(rest) if comp == "unet" else None
+    if bfl is not None:  # sd-scripts' Flux (BFL names): the pipeline's transformer
+        return f"transformer.{bfl}", False
     dotted = sdnames.from_kohya(rest)
     sgm = False
     if comp == "unet" and sdnames.is_sgm(dotted):
@@ -190,6 +198,8 @@ def read(path: Path) -> Adapter:
     alpha_shapes: Counter[tuple[int, ...]] = Counter()
     mismatched_alpha_dtype = False
     no_alpha: list[str] = []
+    onetrainer = False
+    fused = sdnames.fused_record(st.metadata.get(FUSED_KEY))
     for lora_name, keys in sorted(groups.items()):
         label = f"{path}: module {lora_name!r}"
         algo = _algorithm(set(keys))
@@ -227,6 +237,14 @@ def read(path: Path) -> Adapter:
             module = _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems)
         if module is None:
             continue
+        parts = [module]
+        if name.startswith("transformer.") and algo == "lora" and not keys.keys() & {"lora_mid.weight", "dora_scale"}:
+            parts = sdnames.flux_split(module, name.split(".", 1)[1], fused.get(lora_name)) or parts
+        again = [p.name for p in parts if p.name in modules]
+        if again:
+            problems.append(ReadProblem(BAD_FACTOR, f"{label}: maps to module {again[0]!r}, like "
+                                        f"{origin[again[0]]!r}; the file holds the same module twice", lora_name))
+            continue
         if alpha_key is not None and alpha is not None:
             ref = st.ref(alpha_key)
             alpha_dtypes[ref.dtype] += 1
@@ -234,12 +252,14 @@ def read(path: Path) -> Adapter:
             first = next(iter(module.tensors().values()))
             mismatched_alpha_dtype |= ref.dtype != dtype_of(first)
         elif algo == "lora":
-            no_alpha.append(name)
+            no_alpha.extend(p.name for p in parts)
         sgm |= from_sgm
+        onetrainer |= lora_name.startswith("lora_transformer_")
         if lora_name.startswith(("lora_te_", "lora_te1_")):
             te_prefixes[split_prefix(lora_name)[0]] += 1
-        modules[name] = module
-        origin[name] = lora_name
+        for part in parts:
+            modules[part.name] = part
+            origin[part.name] = lora_name
 
     te_prefix = None
     if te_prefixes:  # the first text encoder's prefix, where the writer would not guess it
@@ -253,6 +273,7 @@ def read(path: Path) -> Adapter:
         alpha_shape=alpha_shapes.most_common(1)[0][0] if alpha_shapes else (),
         no_alpha="all" if no_alpha and len(no_alpha) == len(modules) else tuple(sorted(no_alpha)),
         no_format_metadata="format" not in st.metadata,
+        transformer_names="onetrainer" if onetrainer else None,
     )
 
     present = {n.split(".", 1)[0] for n in modules}
@@ -423,6 +444,7 @@ class KohyaLayout(FormatConfig):
     alpha_shape: tuple[int, ...] = ()  # the alphas' shape: (1,) instead of a 0-d scalar
     no_alpha: tuple[str, ...] | Literal["all"] = ()  # modules written without alpha ("all": every one)
     no_format_metadata: bool = False  # the file's __metadata__ has no "format" entry
+    transformer_names: str | None = None  # "onetrainer": Flux as lora_transformer_… (default: sd-scripts')
 
     def as_json(self) -> dict[str, Any]:
         """The layout as JSON: the ``loratool.kohya_layout`` metadata note, and the config digest."""
@@ -439,6 +461,8 @@ class KohyaLayout(FormatConfig):
             out["no_alpha"] = self.no_alpha if self.no_alpha == "all" else list(self.no_alpha)
         if self.no_format_metadata:
             out["no_format_metadata"] = True
+        if self.transformer_names:
+            out["transformer_names"] = self.transformer_names
         return out
 
     @classmethod
@@ -457,7 +481,8 @@ class KohyaLayout(FormatConfig):
         return cls(sgm_unet=note.get("unet_names") == "sgm", te_prefix=text("te_prefix"),
                    alpha_dtype=text("alpha_dtype"), alpha_shape=tuple(shape) if ints else (),
                    no_alpha="all" if no_alpha == "all" else tuple(no_alpha) if names else (),
-                   no_format_metadata=bool(note.get("no_format_metadata")))
+                   no_format_metadata=bool(note.get("no_format_metadata")),
+                   transformer_names="onetrainer" if note.get("transformer_names") == "onetrainer" else None)
 
     def document(self, ignored: Collection[str] = ()) -> dict[str, Any]:
         return {"kohya_layout": self.as_json()}
@@ -483,7 +508,7 @@ def layout_of(adapter: Adapter) -> KohyaLayout:
 def carry_metadata(adapter: Adapter) -> dict[str, str]:
     """Metadata to write when ``adapter`` goes into another format: its own (ss_* and the like),
     without keys that describe the old file only, plus the kohya layout when there is one."""
-    md = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY)}
+    md = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY, FUSED_KEY)}
     layout = layout_of(adapter).as_json()
     if layout:
         md[LAYOUT_KEY] = json.dumps(layout, sort_keys=True, separators=(",", ":"))
@@ -631,13 +656,21 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
 
     items: list[tuple[str, TensorSource]] = []
     written: dict[str, str] = {}
+    flux = layout.transformer_names != "onetrainer" and sdnames.is_flux(
+        (n.split(".", 1)[1], m.in_features) for n, m in adapter.modules.items()
+        if n.startswith("transformer.") and m.kind == LayerKind.LINEAR)
+    groups: dict[str, list[LoraModule | None]] = {}
     for name, m in adapter.modules.items():
         comp, path = name.split(".", 1)
+        bfl = sdnames.flux_to_bfl(path) if comp == "transformer" and flux else None
+        if bfl is not None:  # sd-scripts' names; the parts of a BFL module are fused
+            groups.setdefault(bfl[0], [None] * len(sdnames.flux_from_bfl(bfl[0])))[bfl[1]] = m
+            continue
         if comp == "unet" and sgm:
             path = sdnames.diffusers_to_sgm(path, up_attn)
         elif comp.startswith("text_encoder"):
             path = sdnames.canonical_text_encoder_path(path)  # lora_te_text_model_…, whatever transformers made it
-        lora_name = prefix_of[comp] + sdnames.to_kohya(path)
+        lora_name = ("lora_unet_" if comp == "transformer" and flux else prefix_of[comp]) + sdnames.to_kohya(path)
         if lora_name in written:
             raise OutputError(f"{out}: modules {written[lora_name]!r} and {name!r} both become {lora_name!r} "
                               "in kohya naming")
@@ -651,8 +684,25 @@ def write(adapter: Adapter, out: Path, overwrite: bool = False) -> Path:
         if ref is None:
             ref = _alpha_tensor(alpha, alpha_dtype or dtype_of(m.lora_A)).reshape(alpha_shape)
         items.append((f"{lora_name}.alpha", ref))
+    records = {}
+    for bfl, parts in groups.items():
+        lora_name = "lora_unet_" + sdnames.to_kohya(bfl)
+        names = [m.name for m in parts if m is not None]
+        if lora_name in written:
+            raise OutputError(f"{out}: modules {written[lora_name]!r} and {names[0]!r} both become {lora_name!r}")
+        written[lora_name] = names[0]
+        a, b, alpha, records[lora_name] = sdnames.flux_fuse(bfl, parts, fold_final=adapter.format != NAME)
+        items += [(f"{lora_name}.lora_down.weight", a), (f"{lora_name}.lora_up.weight", b)]
+        if not ((no_alpha == "all" or set(names) <= set(no_alpha)) and alpha == shape_of(a)[0]):
+            ref = _source_alpha(source, next(m for m in parts if m is not None), alpha)
+            if ref is None:
+                ref = _alpha_tensor(alpha, alpha_dtype or dtype_of(a)).reshape(alpha_shape)
+            items.append((f"{lora_name}.alpha", ref))
 
-    metadata = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY)}
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in (LAYOUT_KEY, DIFFUSERS_METADATA_KEY, FUSED_KEY)}
+    records = {k: v for k, v in records.items() if v}
+    if records:  # the parts' ranks and alphas, so that reading gives them back
+        metadata[FUSED_KEY] = json.dumps(records, sort_keys=True, separators=(",", ":"))
     if layout.no_format_metadata:
         metadata.pop("format", None)
     with atomic_path(out, overwrite=overwrite) as tmp:

@@ -21,6 +21,7 @@ name's content rather than from a UNet config; ``diffusers_to_sgm`` is its inver
 
 from __future__ import annotations
 
+import math
 import re
 
 # Multi-word module names, as tuples of their ``_`` tokens. Sources: diffusers
@@ -230,3 +231,282 @@ def ldm_refusal(component: str, names) -> str | None:
                 "in_proj_weight), which has no tensor per LoRA module; merge into the diffusers pipeline "
                 f"folder instead, or drop the {component} modules")
     return None
+
+
+# -- Flux: diffusers' FluxTransformer2DModel <-> BFL's original names (sd-scripts) ---------------
+# sd-scripts trains Flux.1 on Black Forest Labs' own model (library/flux_models.py) and names its
+# modules ``lora_unet_double_blocks_0_img_attn_qkv``; diffusers loads those files
+# (loaders/lora_conversion_utils.py ``_convert_kohya_flux_lora_to_diffusers``), where the
+# OneTrainer names (``lora_transformer_…``) lose the blocks' MLPs, norms and proj_out. BFL fuses what
+# diffusers splits: ``img_attn.qkv`` is to_q, to_k and to_v stacked by rows, a single block's
+# ``linear1`` is to_q, to_k, to_v and proj_mlp; ``final_layer.adaLN_modulation.1`` is diffusers'
+# ``norm_out.linear`` with the two halves of its output (shift, scale) in the other order.
+_FLUX_DOUBLE = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+_FLUX_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+                "modulation.lin": ("norm.linear",)}
+_FLUX_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+FLUX_SWAPPED = "final_layer.adaLN_modulation.1"  # rows: BFL (shift, scale), diffusers (scale, shift)
+FLUX_MLP_RATIO = 4  # Flux.1: proj_mlp has 4 × hidden outputs (diffusers' converter: 12288 = 4 · 3072)
+FLUX_HIDDEN = 3072
+_BLOCKS = {"double_blocks": ("transformer_blocks", _FLUX_DOUBLE), "single_blocks": ("single_transformer_blocks",
+                                                                                    _FLUX_SINGLE)}
+_TO_BFL: dict[str, tuple[str, dict[str, tuple[str, int]]]] = {
+    d: (b, {part: (bfl, i) for bfl, parts in table.items() for i, part in enumerate(parts)})
+    for b, (d, table) in _BLOCKS.items()}
+_FLUX_TOP_BACK = {v: k for k, v in _FLUX_TOP.items()}
+_KOHYA_TAILS = {b: {to_kohya(k): k for k in table} for b, (_, table) in _BLOCKS.items()}
+_KOHYA_TOP = {to_kohya(k): k for k in _FLUX_TOP}
+
+
+def flux_from_bfl(path: str) -> tuple[str, ...] | None:
+    """BFL module -> the diffusers modules it holds, in row order: ``double_blocks.0.img_attn.qkv``
+    -> (``transformer_blocks.0.attn.to_q``, ``….to_k``, ``….to_v``); None for any other name."""
+    if path in _FLUX_TOP:
+        return (_FLUX_TOP[path],)
+    m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", path)
+    if not m or m.group(3) not in _BLOCKS[m.group(1)][1]:
+        return None
+    head, table = _BLOCKS[m.group(1)]
+    return tuple(f"{head}.{m.group(2)}.{p}" for p in table[m.group(3)])
+
+
+def flux_to_bfl(path: str) -> tuple[str, int] | None:
+    """diffusers Flux module -> (BFL module, the part it is of it): ``single_transformer_blocks.3.
+    proj_mlp`` -> (``single_blocks.3.linear1``, 3); None for a name with no BFL form."""
+    if path in _FLUX_TOP_BACK:
+        return _FLUX_TOP_BACK[path], 0
+    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
+    if not m or m.group(3) not in _TO_BFL[m.group(1)][1]:
+        return None
+    head, table = _TO_BFL[m.group(1)]
+    bfl, i = table[m.group(3)]
+    return f"{head}.{m.group(2)}.{bfl}", i
+
+
+def bfl_from_kohya(rest: str) -> str | None:
+    """sd-scripts' Flux name without ``lora_unet_`` -> BFL's dotted name (``double_blocks_0_img_attn_
+    qkv`` -> ``double_blocks.0.img_attn.qkv``); None if it is not one."""
+    if rest in _KOHYA_TOP:
+        return _KOHYA_TOP[rest]
+    m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(.+)", rest)
+    tail = _KOHYA_TAILS[m.group(1)].get(m.group(3)) if m else None
+    return f"{m.group(1)}.{m.group(2)}.{tail}" if tail else None
+
+
+def is_flux(paths_and_inputs) -> bool:
+    """Whether a pipeline's ``transformer`` modules, as (path, in_features) pairs, are Flux.1's:
+    every name has a BFL form (or is one), and one is Flux's alone (single blocks, the guidance
+    embedder, x_embedder) or has Flux's width (SD3 shares the double-block names, not the width)."""
+    items = list(paths_and_inputs)
+    if not items or not all(flux_to_bfl(p) or flux_from_bfl(p) for p, _ in items):
+        return False
+    own = ("single_transformer_blocks.", "single_blocks.", "double_blocks.", "x_embedder", "img_in",
+           "time_text_embed.guidance_embedder.", "guidance_in.")
+    return any(p.startswith(own) or n == FLUX_HIDDEN for p, n in items)
+
+
+def flux_part_rows(bfl: str, outs: list[int | None], in_features: int, total: int | None = None) -> list[int] | None:
+    """The output rows of each part of the fused BFL module ``bfl``, from the parts' own row counts
+    (None where a part is missing) or, for a fused module read whole, from its ``total`` rows.
+    q, k and v have as many rows as each other, and as the module has inputs (Flux's hidden size)
+    where none is known; proj_mlp ``FLUX_MLP_RATIO`` times as many. None if the rows do not fit."""
+    n = len(flux_from_bfl(bfl) or ())
+    attn = next((o for o in outs[:3] if o is not None), None)
+    if total is not None:
+        if n == 3:
+            attn = total // 3 if total % 3 == 0 else None
+        elif attn is None:
+            attn = in_features if total == (3 + FLUX_MLP_RATIO) * in_features else (
+                total // (3 + FLUX_MLP_RATIO) if total % (3 + FLUX_MLP_RATIO) == 0 else None)
+        if attn is None:
+            return None
+    attn = attn if attn is not None else in_features
+    rows = [attn] * 3 + ([FLUX_MLP_RATIO * attn] if n == 4 else [])
+    rows = [o if o is not None else r for o, r in zip(outs, rows)] if outs else rows
+    return rows if total is None or sum(rows) == total else None
+
+
+# -- Flux: BFL modules that hold several diffusers modules (flux_from_bfl) -----------------------
+# Writing stacks the parts' A (Σr × in) over a block-diagonal B (Σout × Σr) under one alpha, each
+# part's scale over the first's multiplied into its block of B, so that the fused ΔW is the parts'
+# ΔW one under the other; a missing part is zero rows. When all parts share A and scale (what
+# reading an sd-scripts file gives), A is kept and the B are stacked: the file's own bytes. The
+# parts' ranks and alphas go into the metadata (kohya's FUSED_KEY); reading splits by them when B
+# is zero off their blocks, else gives every part the whole A and its rows of B (rank Σr, same ΔW).
+# final_layer's two modules are written with alpha = r and their scale in B: diffusers (0.42)
+# reads them without their alpha (a kohya file's own alpha is kept, as sd-scripts and ComfyUI read it). A scale ratio that is a power of two is exact in any dtype; any
+# other is one float32 rounding (16-bit factors are then written in float32).
+
+def _storage(src):
+    """A factor in memory, bit for bit (bfloat16 as its bits): a ``HostTensor``."""
+    import numpy as np
+
+    from loratool.adapter import dtype_of, float_values
+    from loratool.safetensors_io import STORAGE, HostTensor, TensorRef, host_tensor
+
+    if isinstance(src, HostTensor):
+        return src
+    if isinstance(src, TensorRef):
+        return HostTensor(src.dtype, np.frombuffer(src.raw(), STORAGE[src.dtype]).reshape(src.shape))
+    return host_tensor(float_values(src), dtype_of(src))
+
+
+def _kohya_alpha(m) -> float:
+    return m.alpha * math.sqrt(m.rank) if m.use_rslora else m.alpha  # kohya's scale is alpha/r
+
+
+def _swap_halves(t):
+    """Rows (a, b) -> (b, a): BFL's final_layer.adaLN_modulation.1 <-> diffusers' norm_out.linear."""
+    import numpy as np
+
+    from loratool.safetensors_io import HostTensor
+
+    h = t.shape[0] // 2
+    return HostTensor(t.dtype, np.concatenate([t.array[h:], t.array[:h]]))
+
+
+def flux_fuse(bfl: str, parts: list, fold_final: bool = True):
+    """(A, B, kohya alpha, fused record or None) of the BFL module ``bfl`` from its diffusers parts
+    (LoRA modules, in row order; None for a missing one). ``fold_final``: final_layer's scale goes
+    into B (not for an adapter read from a kohya file, whose alpha stays as it was)."""
+    import numpy as np
+
+    from loratool.adapter import float_values
+    from loratool.safetensors_io import STORAGE, HostTensor, host_tensor
+
+    present = [m for m in parts if m is not None]
+    first = present[0]
+    if len(parts) == 1:
+        b, alpha = first.lora_B, _kohya_alpha(first)
+        if fold_final and bfl.startswith("final_layer.") and alpha != first.rank:  # diffusers 0.42 reads these without alpha
+            x, ratio = _storage(b), alpha / first.rank
+            bd = x.dtype if x.dtype in ("F32", "F64") or math.frexp(ratio)[0] == 0.5 else "F32"
+            b, alpha = host_tensor(float_values(x).astype("f8") * ratio, bd), float(first.rank)
+        b = _swap_halves(_storage(b)) if bfl == FLUX_SWAPPED else b
+        return first.lora_A, b, alpha, None
+    rows = flux_part_rows(bfl, [m.out_features if m is not None else None for m in parts], first.in_features)
+    # the rows go on record where reading could not tell them from the fused module's shape
+    record: dict = {} if flux_part_rows(bfl, [], first.in_features, sum(rows)) == rows else {"rows": rows}
+    A = [_storage(m.lora_A) if m is not None else None for m in parts]
+    B = [_storage(m.lora_B) if m is not None else None for m in parts]
+    a0, s0 = A[parts.index(first)], _kohya_alpha(first) / first.rank
+    if all(_kohya_alpha(m) / m.rank == s0 and a.dtype == a0.dtype and a.raw() == a0.raw() for m, a in
+           zip(parts, A) if m is not None) and len({b.dtype for b in B if b is not None}) == 1:
+        bd = next(b for b in B if b is not None).dtype
+        zero = lambda n: np.zeros((n, first.rank), STORAGE[bd])  # noqa: E731
+        stack = [b.array if b is not None else zero(n) for b, n in zip(B, rows)]
+        return first.lora_A, HostTensor(bd, np.concatenate(stack)), _kohya_alpha(first), record
+    ranks = [m.rank if m is not None else 0 for m in parts]
+    ratios = [_kohya_alpha(m) / m.rank / s0 if m is not None else 1.0 for m in parts]
+    ad, bd = ({x.dtype for x in X if x is not None} for X in (A, B))
+    ad = ad.pop() if len(ad) == 1 else "F64" if "F64" in ad else "F32"
+    bd = bd.pop() if len(bd) == 1 else "F64" if "F64" in bd else "F32"
+    if bd not in ("F32", "F64") and any(math.frexp(r)[0] != 0.5 for r in ratios):
+        bd = "F32"  # a scale ratio that is no power of two: one float32 rounding, not a half-precision one
+    a = np.concatenate([(x if x.dtype == ad else host_tensor(float_values(x), ad)).array for x in A if x is not None])
+    b = np.zeros((sum(rows), sum(ranks)), STORAGE[bd])
+    r0 = c0 = 0
+    for x, n, r, ratio in zip(B, rows, ranks, ratios):
+        if x is not None:
+            same = ratio == 1.0 and x.dtype == bd
+            b[r0:r0 + n, c0:c0 + r] = (x if same else host_tensor(float_values(x).astype("f8") * ratio, bd)).array
+        r0, c0 = r0 + n, c0 + r
+    alphas = [_kohya_alpha(m) if m is not None else None for m in parts]
+    return HostTensor(ad, a), HostTensor(bd, b), s0 * sum(ranks), {**record, "ranks": ranks, "alphas": alphas}
+
+
+def fused_record(raw: str | None) -> dict[str, dict]:
+    """The fused-module note that ``flux_fuse``'s records make in a kohya file's metadata:
+    lora_name -> {"rows": [...], "ranks": [...], "alphas": [...]} (each optional, ranks and alphas
+    together); entries or fields of another shape are left out."""
+    import json
+
+    try:
+        note = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    def counts(x):
+        return isinstance(x, list) and all(type(r) is int and r >= 0 for r in x)
+
+    out: dict[str, dict] = {}
+    for k, v in (note.items() if isinstance(note, dict) else ()):
+        if not isinstance(v, dict):
+            continue
+        rows, ranks, alphas, entry = v.get("rows"), v.get("ranks"), v.get("alphas"), {}
+        if counts(rows):
+            entry["rows"] = rows
+        if (counts(ranks) and isinstance(alphas, list) and len(ranks) == len(alphas)
+                and all((a is None) == (r == 0) and (a is None or (type(a) in (int, float) and a > 0))
+                        for r, a in zip(ranks, alphas))):
+            entry.update(ranks=ranks, alphas=alphas)
+        out[k] = entry
+    return out
+
+
+def flux_split(m, bfl: str, record) -> list | None:
+    """A LoRA module read under a BFL name as the diffusers modules it holds (None: keep it whole),
+    split by its ``fused_record`` entry where B is zero off the recorded blocks."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from loratool.adapter import LayerKind, float_values
+    from loratool.safetensors_io import HostTensor, host_tensor
+
+    names = flux_from_bfl(bfl)
+    if names is None or m.kind != LayerKind.LINEAR:
+        return None
+    if len(names) == 1:
+        if bfl == FLUX_SWAPPED:
+            if m.out_features % 2:
+                return None
+            return [replace(m, name=f"transformer.{names[0]}", lora_B=_swap_halves(_storage(m.lora_B)))]
+        return [replace(m, name=f"transformer.{names[0]}")]
+    record = record or {}
+    rows = record.get("rows")
+    if rows is None or len(rows) != len(names) or sum(rows) != m.out_features:
+        rows = flux_part_rows(bfl, [], m.in_features, m.out_features)
+    if rows is None:
+        return None
+    a, b = _storage(m.lora_A), _storage(m.lora_B)
+    edges = np.cumsum([0, *rows])
+    if len(record.get("ranks", ())) == len(names) and sum(record["ranks"]) == m.rank:
+        ranks, alphas = record["ranks"], record["alphas"]
+        cols = np.cumsum([0, *ranks])
+        mask = np.ones(b.shape, bool)
+        for i in range(len(names)):
+            mask[edges[i]:edges[i + 1], cols[i]:cols[i + 1]] = False
+        if not float_values(b)[mask].any():
+            out, s_f = [], m.alpha / m.rank
+            for i, (n, r, al) in enumerate(zip(names, ranks, alphas)):
+                if r == 0:
+                    continue  # a part that the fused module held as zero rows only
+                bi = HostTensor(b.dtype, b.array[edges[i]:edges[i + 1], cols[i]:cols[i + 1]])
+                ratio = al / r / s_f
+                if ratio != 1.0:
+                    bi = host_tensor(float_values(bi).astype("f8") / ratio, b.dtype)
+                out.append(replace(m, name=f"transformer.{n}", lora_A=HostTensor(a.dtype, a.array[cols[i]:cols[i + 1]]),
+                                   lora_B=bi, alpha=float(al)))
+            return out
+    return [replace(m, name=f"transformer.{n}", lora_B=HostTensor(b.dtype, b.array[edges[i]:edges[i + 1]]))
+            for i, n in enumerate(names)]
