@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loratool.schemas.convert import ConvertResult
+from loratool.schemas.extract import ExtractReport
 from loratool.schemas.lowrank import ComposeReport, ResizeReport
 from loratool.schemas.manifest import BaseFingerprint, Manifest, MergedManifest
 from loratool.schemas.merge import MergeResult, ParityReport, UnmergeResult
@@ -42,6 +43,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "validation-report.schema.json": ValidationReport,
     "resize-report.schema.json": ResizeReport,
     "compose-report.schema.json": ComposeReport,
+    "extract-report.schema.json": ExtractReport,
     "convert-result.schema.json": ConvertResult,
     "merge-result.schema.json": MergeResult,
     "unmerge-result.schema.json": UnmergeResult,
@@ -64,6 +66,7 @@ COMMAND_SCHEMAS: dict[str, str] = {
     "convert": "convert-result.schema.json",
     "resize": "resize-report.schema.json",
     "compose": "compose-report.schema.json",
+    "extract": "extract-report.schema.json",
     "merge": "merge-result.schema.json",
     "unmerge": "unmerge-result.schema.json",
     "parity": "parity-report.schema.json",

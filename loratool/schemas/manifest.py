@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 MANIFEST_KIND = "loratool.manifest"
 
-Operation = Literal["created", "converted", "resized", "composed", "merged", "unmerged"]
+Operation = Literal["created", "converted", "resized", "composed", "merged", "unmerged", "extracted"]
 # lowercase hex sha256
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
