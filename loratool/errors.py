@@ -7,7 +7,8 @@ what was found, what was expected and, where there is one, the fix. The CLI catc
 
 Exit codes (stable, documented in README.md):
   0  success
-  1  findings at error level (validate), parity failure
+  1  findings at error level (validate), parity failure, an adapter that does not fit the base
+     (module shapes or names: MisfitError)
   2  unreadable input or bad usage
   3  base mismatch (manifest/fingerprint does not match the base given)
 """
@@ -58,6 +59,13 @@ class UsageError(LoratoolError):
 
 class BaseMismatchError(LoratoolError):
     exit_code = EXIT_BASE_MISMATCH
+
+
+class MisfitError(LoratoolError):
+    """The adapter's modules do not fit the base (a missing target, other shapes): a finding about
+    the pair, exit 1 with the shapes, as ``validate --base`` reports it; no override applies."""
+
+    exit_code = EXIT_FINDINGS
 
 
 class OutputError(LoratoolError):

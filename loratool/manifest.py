@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from loratool._version import __version__
 from loratool.boundary import default_home, parse_json, read_bytes
 from loratool.text import listed, utc_now
-from loratool.errors import BaseMismatchError, FormatError, InputError
+from loratool.errors import BaseMismatchError, FormatError, InputError, MisfitError
 from loratool.fingerprint import (
     DerivationStore,
     HashCache,
@@ -374,7 +374,7 @@ def _fit_problems(adapter: "Adapter", ckpt: "BaseCheckpoint") -> list[str]:
 
 
 def check_fit(adapter: "Adapter", base: BaseLike) -> None:
-    """Refuse (``BaseMismatchError``, exit 3, one line) a local ``base`` whose tensors the
+    """Refuse (``MisfitError``, exit 1, one line) a local ``base`` whose tensors the
     adapter's modules do not fit (``_fit_problems``: each module's own ``fit_in``). A Hub base or
     a bare fingerprint has no headers here to check."""
     from loratool.checkpoint import BaseCheckpoint
@@ -385,7 +385,7 @@ def check_fit(adapter: "Adapter", base: BaseLike) -> None:
     problems = _fit_problems(adapter, ckpt)
     if problems:
         total = len(adapter.modules) + len(adapter.modules_to_save)
-        raise BaseMismatchError(
+        raise MisfitError(
             f"{adapter.path or 'the adapter'} does not fit {ckpt.path} ({len(problems)} of its {total} modules "
             f"and tensors): {listed(problems, _LIST_LIMIT)}; no manifest written: give the base the adapter "
             "was trained on")
@@ -518,11 +518,11 @@ def check_base(
         result.mismatch = text
         return result
 
-    def misfit(problems: list[str], recorded: bool) -> BaseMismatchError:
+    def misfit(problems: list[str], recorded: bool) -> MisfitError:
         """Modules that do not fit the base: no override can make a merge of them work, so none
         is suggested, and without a manifest nothing was 'recorded' (issue 13)."""
         why = ("it differs from the base the manifest records, and " if recorded else "")
-        return BaseMismatchError(f"{base_label} is not a base of {label}: {why}the adapter's modules do not fit "
+        return MisfitError(f"{base_label} is not a base of {label}: {why}the adapter's modules do not fit "
                                  f"its tensors: {listed(problems, _LIST_LIMIT)}; give the base the adapter was "
                                  "trained on")
 

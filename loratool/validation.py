@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from loratool.adapter import DTYPE_MAX, Adapter, LayerKind, count_nonfinite, shape_of
-from loratool.errors import EXIT_FINDINGS, EXIT_OK
+from loratool.errors import EXIT_FINDINGS, EXIT_OK, MisfitError
 from loratool.formats.loraconfig import lora_config
 from loratool.safetensors_io import FLOAT_DTYPES
 from loratool.schemas.reports import Finding, Severity, ValidationReport
@@ -337,7 +337,8 @@ def failed_report(path: str | Path, error: "LoratoolError", base: str | Path | N
     whatever happened; the one-line error still goes to stderr."""
     from loratool.errors import BaseMismatchError, UsageError
 
-    cid = "LT309" if isinstance(error, BaseMismatchError) else "LT002" if isinstance(error, UsageError) else "LT001"
+    cid = ("LT309" if isinstance(error, BaseMismatchError) else "LT002" if isinstance(error, UsageError)
+           else "LT302" if isinstance(error, MisfitError) else "LT001")
     f = Findings()
     f.error(cid, error.message)
     return ValidationReport(path=str(path), base=str(base) if base else None, target=target, strict=strict,
@@ -369,7 +370,11 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
 
         ckpt = BaseCheckpoint(resolve_base(base))  # a path, or hf://owner/name[@rev] from the HF cache
         check_base(adapter, ckpt, f)
-        check_manifest(adapter, ckpt, f, allow_base_mismatch, require_manifest)
+        try:
+            check_manifest(adapter, ckpt, f, allow_base_mismatch, require_manifest)
+        except MisfitError:  # the modules do not fit: check_base's findings (LT301-LT303) say where
+            if not any(x.id in ("LT301", "LT302", "LT303") for x in f.items):
+                raise
     if target == "vllm":
         check_vllm(adapter, f)
     kept = _grouped([x for x in f.items if x.id not in ignored_ids])

@@ -283,8 +283,8 @@ def test_a_new_kind_that_does_not_fit(toy_kind, base, tmp_path):
                            f"delta has [{OUT + 1}, {IN}] (delta_weight [{OUT + 1}, {IN}])")
     problems = _fit_problems(adapter, base)
     assert len(problems) == 2 and any("the base has no tensor nowhere.weight" in p for p in problems)
-    from loratool.errors import BaseMismatchError
+    from loratool.errors import MisfitError
 
-    with pytest.raises(BaseMismatchError, match="delta_weight .* is not 2-D") as e:
+    with pytest.raises(MisfitError, match="delta_weight .* is not 2-D") as e:
         plan_merge(base, [LoadedAdapter(AdapterSpec(tmp_path / "adapter"), adapter)])
     assert "module 'nowhere': the base has no tensor nowhere.weight" in str(e.value)

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from tinybase import FakeHubApi, base_tensors, save_adapter, save_base
 
-from loratool.errors import EXIT_BASE_MISMATCH, BaseMismatchError, FormatError, InputError
+from loratool.errors import EXIT_BASE_MISMATCH, EXIT_FINDINGS, BaseMismatchError, FormatError, InputError, MisfitError
 from loratool.fingerprint import HashCache, config_digest, fingerprint_base
 from loratool.formats import load_adapter
 from loratool.formats import peft as peft_format
@@ -248,7 +248,7 @@ def test_structure_mismatch_names_tensors_and_skips_hashing(setup, tmp_path):
     t["model.layers.1.self_attn.v_proj.weight"] = t["model.layers.1.self_attn.v_proj.weight"][:8]
     other = save_base(tmp_path / "other", t, shards=2)
     cache = HashCache(tmp_path / "home")
-    with pytest.raises(BaseMismatchError) as e:
+    with pytest.raises(MisfitError) as e:
         check_base(adapter, other, cache=cache)
     msg = str(e.value)
     assert "differs from the base the manifest records" in msg and "do not fit" in msg
@@ -257,14 +257,14 @@ def test_structure_mismatch_names_tensors_and_skips_hashing(setup, tmp_path):
     assert cache.misses == 0 and cache.hits == 0  # structure first: nothing was hashed
     # modules that do not fit: no override helps, so none is offered, and it refuses even with one
     assert "--allow-base-mismatch" not in msg
-    with pytest.raises(BaseMismatchError):
+    with pytest.raises(MisfitError):
         check_base(adapter, other, cache=cache, allow_mismatch=True)
 
 
 def test_misfit_without_manifest_is_not_a_recorded_base(fixtures_dir):
     """No manifest: a base the modules do not fit is named as such, never as 'not the base
     recorded', and --allow-base-mismatch is not suggested (it cannot make the shapes fit)."""
-    with pytest.raises(BaseMismatchError) as e:
+    with pytest.raises(MisfitError) as e:
         check_base(fixtures_dir / "llama_r8", fixtures_dir / "base_llama_wrong", allow_mismatch=True)
     msg = str(e.value)
     assert "is not a base of" in msg and "recorded" not in msg and "--allow-base-mismatch" not in msg
@@ -303,14 +303,15 @@ def test_without_manifest_same_name_by_last_component(tmp_path):
     assert len(check_base(adapter, base).warnings) == 1  # only "no manifest"
 
 
-def test_without_manifest_shape_misfit_is_a_mismatch(tmp_path):
+def test_without_manifest_shape_misfit_is_a_misfit(tmp_path):
     base = save_base(tmp_path / "base", base_tensors())
     adapter = save_adapter(tmp_path / "adapter", seed=3)
     t = base_tensors()
     del t["model.layers.0.self_attn.q_proj.weight"]
     wrong = save_base(tmp_path / "wrong", t)
-    with pytest.raises(BaseMismatchError, match="the base has no tensor model.layers.0.self_attn.q_proj.weight"):
+    with pytest.raises(MisfitError, match="the base has no tensor model.layers.0.self_attn.q_proj.weight") as e:
         check_base(adapter, wrong)
+    assert e.value.exit_code == 1
     assert check_base(adapter, base).status == "unverified"
 
 
@@ -348,7 +349,7 @@ def test_cli_manifest_refuses_a_base_the_adapter_does_not_fit(fixtures_dir, tmp_
     src = tmp_path / adapter
     (shutil.copytree if (fixtures_dir / adapter).is_dir() else shutil.copy)(fixtures_dir / adapter, src)
     r = cli("manifest", src, "--base", fixtures_dir / base, env={"LORATOOL_HOME": str(tmp_path / "home")})
-    assert r.returncode == EXIT_BASE_MISMATCH and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == EXIT_FINDINGS and r.stderr.count("\n") == 1, r.stderr
     assert f"{src} does not fit {fixtures_dir / base}" in r.stderr and found in r.stderr
     assert not os.path.lexists(manifest_path(src))  # nothing pinned
     if base == "base_llama_wrong":  # the base it was trained on is accepted

@@ -23,7 +23,7 @@ import torch
 from peft_oracle import Kinds
 
 from loratool.checkpoint import BaseCheckpoint
-from loratool.errors import BaseMismatchError, OutputError, UsageError
+from loratool.errors import BaseMismatchError, MisfitError, OutputError, UsageError
 from loratool.merge import AdapterSpec, merge, parse_adapter_specs, parse_size, row_spans, unmerge
 from loratool.merge.api import _merge  # merge, with the executor's test parameters
 from loratool.merge.parity import ulp
@@ -407,9 +407,10 @@ def test_adapter_for_another_base_is_refused(llama, tmp_path):
     base, _, _, _ = llama["bf16"]
     other = tiny_gpt2(torch.bfloat16)
     a = save_adapter(other, tmp_path / "gpt2", 1, r=4, fan_in_fan_out=True, target_modules=["c_attn"])
-    # the base check refuses it (exit 3) before the plan would (the same fit check, LT301)
-    with pytest.raises(BaseMismatchError, match="the base has no tensor .*c_attn.weight"):
+    # the base check refuses it (exit 1, the shapes named) before the plan would (the same fit check, LT301)
+    with pytest.raises(MisfitError, match="the base has no tensor .*c_attn.weight") as e:
         merge(base, str(a), tmp_path / "out", device="cpu")
+    assert e.value.exit_code == 1 and "--allow-base-mismatch" not in e.value.message
     assert not (tmp_path / "out").exists()
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures import sd as sdfix
 from loratool.checkpoint import BaseCheckpoint
-from loratool.errors import BaseMismatchError
+from loratool.errors import MisfitError
 from loratool.formats import kohya, load_adapter
 from loratool.merge import merge
 from loratool.safetensors_io import SafetensorsFile
@@ -218,7 +218,7 @@ def test_bare_unet_folder_and_unprefixed_adapter(sd, tmp_path):
     table = {d: s for d, s in SD15_LDM.items() if f"{d.split('.', 1)[1]}.weight" in changed}
     assert len(table) == n and _same_bits(tmp_path / "peft.safetensors", tmp_path / "ref", table) == 2 * n
     # the whole diffusers adapter (text encoder too) has no home in a bare unet/ folder
-    with pytest.raises(BaseMismatchError, match="the base has no tensor text_encoder.text_model"):
+    with pytest.raises(MisfitError, match="the base has no tensor text_encoder.text_model"):
         merge(sd["pipe"] / "unet", str(sd["diffusers"]), tmp_path / "no", device="cpu")
 
 
@@ -285,7 +285,7 @@ def test_sdxl_single_file(sd, tmp_path):
         want = SafetensorsFile(next((tmp_path / "ref" / comp).glob("*.safetensors")))
         assert got.read_bytes(lstem + ".weight") == want.read_bytes(path + ".weight"), dname
     assert len(_changed(tmp_path / "sdxl.safetensors", tmp_path / "out.safetensors")) == len(table)
-    with pytest.raises(BaseMismatchError) as e:
+    with pytest.raises(MisfitError) as e:
         merge(tmp_path / "sdxl.safetensors", str(sd["dir"] / "adapters" / "kohya_sdxl.safetensors"),
               tmp_path / "te2.safetensors", device="cpu")
     msg = str(e.value)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from loratool import boundary
 from loratool.adapter import AdapterModule, LayerKind, TensorSource, shape_of
 from loratool.text import listed
-from loratool.errors import BaseMismatchError, InputError, UsageError
+from loratool.errors import InputError, MisfitError, UsageError
 from loratool.merge.basequant import BaseTransform, Dequantize, Requantize
 from loratool.merge.specs import LoadedAdapter, parse_dtype
 from loratool.quant.bnb import QuantSpec
@@ -229,8 +229,8 @@ def plan_merge(
     if usage:
         raise UsageError(f"cannot merge: {listed(usage)}")
     if misfits:
-        raise BaseMismatchError(f"adapter and base do not fit: {listed(misfits)}; is {base.path} the "
-                                "base these adapters were trained on?")
+        raise MisfitError(f"adapter and base do not fit: {listed(misfits)}; is {base.path} the "
+                          "base these adapters were trained on?")
 
     quantized = [name for name, ref in base.items() if isinstance(ref, QuantizedRef)]
     if quantized and base_precision is not None:
