@@ -19,14 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.measure import run_child  # noqa: E402
 
 SAMPLED = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.5.mlp.down_proj",
            "model.layers.10.mlp.gate_proj")
@@ -87,22 +87,8 @@ def child_peft(base: str, ours: str) -> dict:
 
 
 def run(cmd: list[str], label: str, check: bool = True) -> dict:
-    """Run a child; its wall time, CPU time and peak RSS (wait4), and its JSON stdout (a failure
-    ends the bench unless ``check`` is False: its exit code is then in ``code``)."""
-    print(f"  running {label} ...", flush=True)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if code != 0 and check:
-        raise SystemExit(f"{label} failed ({code}):\n{stderr[-3000:]}")
-    data = json.loads(stdout) if stdout.strip().startswith("{") else {}
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_mb": usage.ru_maxrss / 1024,
-            "data": data, "stderr": stderr, "code": code}
+    """``bench.measure.run_child``; a failure ends the bench unless ``check`` is False."""
+    return run_child(cmd, label, check=check)
 
 
 class _Lines(list):
@@ -188,7 +174,7 @@ def main() -> None:
                             check=False)
                     lines.append(line("mergekit-extract-lora --max-rank 16, 22 layers", r)
                                  + (f" (exit {r['code']}: {r['stderr'].strip().splitlines()[-1][:200]})"
-                                    if r["code"] else ""))
+                                    if r["returncode"] else ""))
                     ours = runs[22]
                     lines.append(f"  ratio: mergekit takes {r['wall_s'] / ours['wall_s']:.1f}x the wall time and "
                                  f"{r['maxrss_mb'] / ours['maxrss_mb']:.2f}x the peak RSS of ours")
