@@ -8,6 +8,13 @@ LyCORIS -> LoRA (``to_lora``): exact where the rank allows, the optimal truncati
   LoHa, LoCon+Tucker  the exact low-rank form (rank r1·r2 through the face-splitting product; the
          Tucker core folded into A), then its QR-core SVD.
   full   the SVD of ΔW.
+  OFT, IA3, GLoRA  ΔW depends on the base weight W (``needs_base``): with ``base`` (``--base``) it is
+         computed from the module's base tensor (the one name rule, ``BaseCheckpoint.tensor_name``)
+         by the kind's ``delta_from_base`` over the whole tensor, in float64, then its SVD; without
+         a base they are refused with the reason.
+With a base, every module's layer also comes from it (flattened LoHa/LoKr factors do not say
+whether SD 1.5's proj_in is a 1×1 Conv2d or a Linear); without one, a layer is Linear-shaped
+unless the kohya reader knows its kernel by name.
 Without --rank/--energy every component above rounding noise is kept (exact).
 
 Reading gives the format-neutral ``Adapter``; the target format's writer lays it out again. Factor
@@ -25,10 +32,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loratool.errors import UsageError
+from loratool.errors import LoratoolError, MisfitError, UsageError
 from loratool.formats import FORMATS, as_component
 from loratool.schemas.convert import ConvertResult, ModuleConversion
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy
 
 TARGETS = FORMATS  # every format loratool reads, it writes
 
@@ -42,12 +53,15 @@ def convert(
     rank: int | None = None,
     energy: float | None = None,
     component: str | None = None,
+    base: str | os.PathLike | None = None,
 ) -> ConvertResult:
     """Read the adapter at ``src`` (format detected unless ``format`` is given) and write it to
     ``out`` in the ``to`` format, atomically. LyCORIS modules become LoRA (``to_lora``: at most
     ``rank`` components, or the fewest that hold ``energy`` of ‖ΔW‖²); the result lists each
     converted module with its error. ``component``: the adapter is that part of a diffusers
-    pipeline (a UNet adapter PEFT saved, ``unet``), so that kohya and diffusers can name it."""
+    pipeline (a UNet adapter PEFT saved, ``unet``), so that kohya and diffusers can name it.
+    ``base``: the base checkpoint (a path or hf://owner/name[@rev]) that OFT, IA3 and GLoRA
+    modules' ΔW is computed from; those are refused without it."""
     from loratool.formats import write_adapter
     from loratool.resolve import load_adapter
 
@@ -62,10 +76,17 @@ def convert(
         raise UsageError(f"{src}: holds no LoRA modules; nothing to convert")
     if component is not None:
         adapter = as_component(adapter, component)
-    adapter, conversions = adapter_to_lora(adapter, rank, energy)
+    ckpt = None
+    if base is not None:
+        from loratool.checkpoint import BaseCheckpoint
+        from loratool.resolve import resolve_base
+
+        ckpt = BaseCheckpoint(resolve_base(base))
+    adapter, conversions = adapter_to_lora(adapter, rank, energy, base=ckpt)
     from loratool.manifest import finish_output, stamp_adapter
 
-    manifest = stamp_adapter(adapter, "converted", [adapter], {"from": adapter.format, "to": to})
+    params = {"from": adapter.format, "to": to, **({"base": os.fspath(base)} if base is not None else {})}
+    manifest = stamp_adapter(adapter, "converted", [adapter], params)
     # converting carries the source's metadata (ss_* notes, kohya layout) where the target's
     # writer would not by itself, so that a later conversion back can restore them
     path = write_adapter(adapter, out, to, overwrite=overwrite, converting=True)
@@ -107,16 +128,21 @@ def _keep(S, shape, rank: int | None, energy: float | None) -> int:
     return max(k, 1)
 
 
-def lora_svd(m, rank: int | None = None, energy: float | None = None):
+def lora_svd(m, rank: int | None = None, energy: float | None = None, delta=None):
     """(U·√S, √S·Vh, S, k): the best rank-k factors of m's scaled 2-D delta (float64), its singular
-    values S (descending, all of them) and k (see ``_keep``)."""
+    values S (descending, all of them) and k (see ``_keep``). ``delta``: that scaled delta, dense
+    (out, in·kh·kw), given (a base-dependent kind's, from the base: ``delta_from_base``)."""
     import numpy as np
 
     from loratool.lowrank import core_svd
 
     out, in_, kern = m.out_in()
     shape = (out, in_ * math.prod(kern))
-    if m.module_kind == "lokr":
+    if delta is not None:
+        U, S, Vh = np.linalg.svd(np.asarray(delta, np.float64).reshape(shape), full_matrices=False)
+        k = _keep(S, shape, rank, energy)
+        U, Vh = U[:, :k], Vh[:k]
+    elif m.module_kind == "lokr":
         (u1, s1, v1), (u2, s2, v2) = m.factor_svds()
         prod = np.outer(s1, s2).reshape(-1) * abs(m.scale)
         order = np.argsort(-prod, kind="stable")
@@ -139,14 +165,15 @@ def lora_svd(m, rank: int | None = None, energy: float | None = None):
     return U * root, root[:, None] * Vh, S, k
 
 
-def module_to_lora(m, rank: int | None = None, energy: float | None = None):
+def module_to_lora(m, rank: int | None = None, energy: float | None = None, delta=None):
     """A LyCORIS module as a plain LoRA (DoRA with its DoRA scale, a lora_B bias with full's diff_b),
-    factors in the module's dtype, scale 1 (alpha = rank), and its ``LoraConversion``."""
+    factors in the module's dtype, scale 1 (alpha = rank), and its ``LoraConversion``. ``delta``:
+    its scaled ΔW, dense, where the kind needs the base for it (``base_delta``)."""
     import dataclasses
 
     import numpy as np
 
-    b, a, S, k = lora_svd(m, rank, energy)
+    b, a, S, k = lora_svd(m, rank, energy, delta)
     total = float(np.sqrt((S ** 2).sum()))
     err = float(np.sqrt((S[k:] ** 2).sum()))
     # scale 1 (alpha = k): a loader that ignores alpha still applies it right
@@ -155,10 +182,39 @@ def module_to_lora(m, rank: int | None = None, energy: float | None = None):
     return lora, LoraConversion(m.name, m.algorithm, m.exact_rank, k, err, err / total if total else 0.0)
 
 
-def adapter_to_lora(adapter, rank: int | None = None, energy: float | None = None):
+def base_problem(m, base=None) -> str:
+    """Why a base-dependent module (OFT, IA3, GLoRA) cannot be converted: no base given, or its
+    base tensor missing or of another shape; one clause."""
+    why = f"LyCORIS {m.algorithm}'s ΔW = {m.formula} depends on the base weight"
+    if base is None:
+        return (f"{why}; give the base it was trained on with --base BASE to convert it to LoRA "
+                "(`loratool merge` applies it to a base)")
+    return why
+
+
+def base_delta(m, base) -> "numpy.ndarray":
+    """The scaled ΔW (float64, the base layout) of a base-dependent module ``m`` from its tensor in
+    ``base`` (a ``BaseCheckpoint``; the one name rule, ``fit_in``), the whole tensor at once.
+    ``m`` takes the dimensions its tensors do not say from the base (``fit``)."""
+    import numpy as np
+
+    from loratool.kinds.base import float_values
+
+    fit = m.fit_in(base)
+    if not fit.ok:
+        raise MisfitError(f"{base_problem(m, base)}, and {fit.message}")
+    w = np.asarray(float_values(base.ref(fit.target)), np.float64)
+    return m.delta_from_base(w, 0, w.shape[0])
+
+
+def adapter_to_lora(adapter, rank: int | None = None, energy: float | None = None, base=None):
     """``adapter`` with every LyCORIS module made LoRA (``module_to_lora``), and the conversions;
     LoRA and DoRA modules are kept as they are. A module the conversion cannot keep whole (a DoRA
-    scale per input column) is refused with the reason."""
+    scale per input column) is refused with the reason. OFT, IA3 and GLoRA modules need ``base``
+    (a ``BaseCheckpoint``): their ΔW is computed from it (``base_delta``); refused without it. With
+    ``base`` every LyCORIS module must fit it, and takes from it the kernel its flattened factors do
+    not say (``kernel_fit``: LoHa/LoKr on SD 1.5's 1×1 proj_in/proj_out convs, which diffusers
+    loads only as Conv2d LoRA); without it they stay Linear-shaped (SDXL's Linear proj_in)."""
     import dataclasses
 
     from loratool.kinds.lycoris_base import LycorisModule
@@ -167,8 +223,8 @@ def adapter_to_lora(adapter, rank: int | None = None, energy: float | None = Non
     if not lyco:
         return adapter, []
     for m in lyco:
-        if m.needs_base:  # OFT, IA3, GLoRA: no delta without the base
-            raise UsageError(f"{adapter.path}: module {m.name}: {m.base_problem()}")
+        if m.needs_base and base is None:  # OFT, IA3, GLoRA: no delta without the base
+            raise UsageError(f"{adapter.path}: module {m.name}: {base_problem(m)}")
         problems = m.structure_problems()
         if problems:
             raise UsageError(f"{adapter.path}: module {m.name}: {problems[0].message}")
@@ -176,7 +232,21 @@ def adapter_to_lora(adapter, rank: int | None = None, energy: float | None = Non
             raise UsageError(f"{adapter.path}: module {m.name}: {m.merge_problem(1.0, 1)}; a LoRA cannot hold it")
     from loratool._threads import map_modules
 
-    results = map_modules(lambda m: module_to_lora(m, rank, energy), lyco)
+    def one(m):
+        if base is None:
+            return module_to_lora(m, rank, energy)
+        try:
+            if not m.needs_base:
+                # the base says what flattened factors do not: a 1×1 Conv2d (SD 1.5's proj_in) or a Linear
+                fit = m.fit_in(base)
+                if not fit.ok:
+                    raise MisfitError(f"the base does not fit it: {fit.message}")
+                return module_to_lora(m, rank, energy)
+            return module_to_lora(m, rank, energy, base_delta(m, base))
+        except LoratoolError as e:
+            raise type(e)(f"{adapter.path}: module {m.name}: {e}", e.exit_code) from None
+
+    results = map_modules(one, lyco)
     modules = dict(adapter.modules)
     for lora, conv in results:
         modules[lora.name] = lora

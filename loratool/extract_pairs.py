@@ -20,6 +20,7 @@ from loratool.text import listed, natural_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
+    import torch
 
     from loratool.checkpoint import BaseCheckpoint
     from loratool.safetensors_io import TensorRef
@@ -232,4 +233,30 @@ def read_delta(files: _Files, pair: Pair, dtype) -> "np.ndarray":
         _decode(_read_rows(files, pair.tuned, i, j, rt, buf_t), pair.tuned.dtype, block.reshape(-1))
         _decode(_read_rows(files, pair.base, i, j, rb, buf_b), pair.base.dtype, t.reshape(-1))
         np.subtract(block, t, out=block)
+    return out
+
+
+def read_delta_torch(files: _Files, pair: Pair, dtype, device: str) -> "torch.Tensor":
+    """``read_delta`` on ``device``: the raw rows of both tensors are copied there a block at a
+    time and TUNED − BASE is formed there in ``dtype`` (a torch dtype)."""
+    import torch
+
+    from loratool.safetensors_io import torch_dtype
+
+    rows = pair.shape[0] if pair.shape else 1
+    cols = math.prod(pair.shape[1:]) if pair.shape else 1
+    out = torch.empty((rows, cols), dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
+    rb, rt = pair.base.nbytes // rows, pair.tuned.nbytes // rows
+    step = max(1, BLOCK_BYTES // max(rb, rt, 1))
+    buf_b, buf_t = bytearray(step * rb), bytearray(step * rt)
+    src_t, src_b = torch_dtype(pair.tuned.dtype), torch_dtype(pair.base.dtype)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        # each block is copied into ``out`` before its buffer is read into again
+        raw = torch.frombuffer(_read_rows(files, pair.tuned, i, j, rt, buf_t), dtype=src_t)
+        out[i:j].copy_(raw.reshape(j - i, cols))
+        raw = torch.frombuffer(_read_rows(files, pair.base, i, j, rb, buf_b), dtype=src_b)
+        out[i:j].sub_(raw.reshape(j - i, cols).to(device=device, dtype=dtype))
     return out

@@ -194,38 +194,129 @@ class Sketch:
         return math.sqrt(max(left, 0.0) / self.total)
 
 
-def frobenius2(M: "np.ndarray") -> float:
+# -- the array backends ---------------------------------------------------------------------------
+# The range finder is written once against these few operations; a delta is a numpy array (the
+# CPU path, which never imports torch) or a torch tensor (on CUDA, or on the CPU when forced).
+# Both draw the same Gaussian sketch from the same numpy generator, and both take the small ℓ×ℓ
+# SVD with LAPACK on the host in float64 (tiny; cuSOLVER is slower there), so that they pick the
+# same ranks from the same Ritz values up to the rounding of the big products.
+
+class _NumpyOps:
+    name = "numpy"
+
+    @staticmethod
+    def qr(x):
+        import numpy as np
+
+        return np.linalg.qr(x, mode="reduced")
+
+    @staticmethod
+    def gaussian(rng, shape, like):
+        return rng.standard_normal(shape).astype(like.dtype, copy=False)
+
+    @staticmethod
+    def sumsq(block) -> float:
+        import numpy as np
+
+        b = block.ravel().astype(np.float64)  # float32 sums lose the small errors' digits
+        return float(np.dot(b, b))
+
+    @staticmethod
+    def host(x):
+        """A float64 numpy array."""
+        import numpy as np
+
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def put(x, like, f64: bool = False):
+        """The numpy array ``x`` as ``like``'s kind of array, in its dtype (or float64) and on its
+        device."""
+        import numpy as np
+
+        return x.astype(np.float64 if f64 else like.dtype, copy=False)
+
+    @staticmethod
+    def f64(x):
+        import numpy as np
+
+        return x.astype(np.float64, copy=False)
+
+    @staticmethod
+    def svd(M, small: bool):
+        import numpy as np
+
+        return np.linalg.svd(M.astype(np.float64) if small else M, full_matrices=False)
+
+
+class _TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def qr(x):
+        import torch
+
+        return torch.linalg.qr(x, mode="reduced")
+
+    @staticmethod
+    def gaussian(rng, shape, like):
+        import torch
+
+        return torch.from_numpy(rng.standard_normal(shape)).to(device=like.device, dtype=like.dtype)
+
+    @staticmethod
+    def sumsq(block) -> float:
+        b = block.reshape(-1).double()
+        return float(b @ b)
+
+    @staticmethod
+    def host(x):
+        import numpy as np
+
+        return np.asarray(x.detach().double().cpu().numpy()) if hasattr(x, "detach") else np.asarray(x, np.float64)
+
+    @staticmethod
+    def put(x, like, f64: bool = False):
+        import torch
+
+        return torch.from_numpy(x).to(device=like.device, dtype=torch.float64 if f64 else like.dtype)
+
+    @staticmethod
+    def f64(x):
+        return x.double()
+
+    @staticmethod
+    def svd(M, small: bool):
+        import torch
+
+        return torch.linalg.svd(M.double() if small else M, full_matrices=False)
+
+
+def ops(M):
+    """The backend of the array ``M`` (torch's only for a torch tensor: numpy never loads it)."""
+    return _TorchOps if type(M).__module__.startswith("torch") else _NumpyOps
+
+
+def frobenius2(M) -> float:
     """‖M‖²_F in float64, a block of rows at a time (no float64 copy of M)."""
-    import numpy as np
-
+    xp = ops(M)
     rows = max(1, ROW_BLOCK_BYTES // max(1, M.shape[1] * M.itemsize))
-    total = 0.0
-    for i in range(0, M.shape[0], rows):
-        b = M[i:i + rows].ravel().astype(np.float64)  # float32 sums lose the small errors' digits
-        total += float(np.dot(b, b))
-    return total
-
-
-def _qr(x):
-    import numpy as np
-
-    return np.linalg.qr(x, mode="reduced")
+    return sum((xp.sumsq(M[i:i + rows]) for i in range(0, M.shape[0], rows)), 0.0)
 
 
 def _project(L, C, R, total: float, reliable: int, passes: int, ell: int) -> Sketch:
-    """The projection L·C·Rᵀ with the SVD of its small C (float64)."""
+    """The projection L·C·Rᵀ with the SVD of its small C (float64, LAPACK, on the host)."""
     import numpy as np
 
-    Uc, S, Vch = np.linalg.svd(C.astype(np.float64), full_matrices=False)
+    Uc, S, Vch = np.linalg.svd(ops(C).host(C), full_matrices=False)
     return Sketch(L, Uc, S, Vch, R, total, reliable, passes, ell)
 
 
-def exact_svd(M: "np.ndarray", total: float) -> Sketch:
-    """LAPACK's SVD of the whole delta (float64 for small ones)."""
-    import numpy as np
-
-    U, S, Vh = np.linalg.svd(M.astype(np.float64) if M.size <= 1 << 22 else M, full_matrices=False)
-    return Sketch(U, None, S.astype(np.float64), None, Vh.T, total, len(S), 0, 0)
+def exact_svd(M, total: float) -> Sketch:
+    """The SVD of the whole delta (LAPACK, or cuSOLVER on CUDA; float64 for small ones)."""
+    xp = ops(M)
+    U, S, Vh = xp.svd(M, math.prod(M.shape) <= 1 << 22)
+    return Sketch(U, None, xp.host(S), None, Vh.T, total, len(S), 0, 0)
 
 
 def _remaining(energies: list[float], ratio_spec: float) -> float:
@@ -252,6 +343,7 @@ def range_finder(M: "np.ndarray", k_of: Callable[["np.ndarray", float], int], k0
 
     d, n = M.shape
     full = min(d, n)
+    xp = ops(M)
     total = frobenius2(M) if total is None else total
     k = max(1, min(k0, full))
     while True:
@@ -260,19 +352,19 @@ def range_finder(M: "np.ndarray", k_of: Callable[["np.ndarray", float], int], k0
         if ell > EXACT_SHARE * full or total == 0.0:
             sk = exact_svd(M, total)
             return sk, min(k_of(sk.S, total), full)
-        omega = rng.standard_normal((n, ell)).astype(M.dtype, copy=False)
-        Q, _ = _qr(M @ omega)
+        omega = xp.gaussian(rng, (n, ell), M)
+        Q, _ = xp.qr(M @ omega)
         passes, energies, last = 1, [], None
         while True:
             # Mᵀ·Q = Z·R: the projection Q·Qᵀ·M = Q·Rᵀ·Zᵀ
-            Z, R = _qr(M.T @ Q)
+            Z, R = xp.qr(M.T @ Q)
             passes += 1
             sk = _project(Q, R.T, Z, total, ell - p, passes, ell)
             last = sk
             if _settled(sk, energies, k_of, accuracy) or passes >= accuracy.max_passes:
                 break
             # M·Z = Q·R: the projection M·Z·Zᵀ = Q·R·Zᵀ
-            Q, R = _qr(M @ Z)
+            Q, R = xp.qr(M @ Z)
             passes += 1
             sk = _project(Q, R, Z, total, ell - p, passes, ell)
             last = sk
@@ -303,31 +395,39 @@ def _settled(sk: Sketch, energies: list[float], k_of, accuracy: Accuracy) -> boo
 
 
 def factors(sk: Sketch, k: int) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-    """(U d×k, S k, Vh k×n), float64, signs as ``lowrank._fix_signs``."""
+    """(U d×k, S k, Vh k×n), float64 numpy arrays on the host, signs as ``lowrank._fix_signs``
+    (a torch sketch forms them on its device in float64: the same single rounding to the output
+    dtype follows for both backends)."""
     import numpy as np
 
-    left, right = sk.left.astype(np.float64, copy=False), sk.right.astype(np.float64, copy=False)
-    U = left[:, :k] if sk.Uc is None else left @ sk.Uc[:, :k]
-    Vh = right[:, :k].T if sk.Vch is None else sk.Vch[:k] @ right.T
+    xp = ops(sk.left)
+    if sk.Uc is None:
+        U, Vh = xp.host(sk.left[:, :k]), xp.host(sk.right[:, :k]).T
+    elif xp is _NumpyOps:
+        left, right = sk.left.astype(np.float64, copy=False), sk.right.astype(np.float64, copy=False)
+        U, Vh = left @ sk.Uc[:, :k], sk.Vch[:k] @ right.T
+    else:
+        left, right = sk.left.double(), sk.right.double()
+        U = xp.host(left @ xp.put(np.ascontiguousarray(sk.Uc[:, :k]), left))
+        Vh = xp.host(xp.put(np.ascontiguousarray(sk.Vch[:k]), right) @ right.T)
     U, Vh = _fix_signs(U, Vh)
     return U, sk.S[:k], np.ascontiguousarray(Vh)
 
 
-def residual(M: "np.ndarray", U: "np.ndarray", S: "np.ndarray", Vh: "np.ndarray", total: float | None = None) -> float:
-    """‖M − U·diag(S)·Vh‖_F / ‖M‖_F computed on M itself (a block of rows at a time, in M's
-    dtype), so that the error reported does not rely on the Ritz values' rounding."""
+def residual(M, U: "np.ndarray", S: "np.ndarray", Vh: "np.ndarray", total: float | None = None) -> float:
+    """‖M − U·diag(S)·Vh‖_F / ‖M‖_F computed on M itself (a block of rows at a time, in float64,
+    on M's device), so that the error reported does not rely on the Ritz values' rounding, nor on
+    a float32 product's (which would leave an error of 1e-3 only ~4 digits)."""
     import numpy as np
 
+    xp = ops(M)
     total = frobenius2(M) if total is None else total
     if total == 0.0:
         return 0.0
-    SV = (S[:, None] * Vh).astype(M.dtype)
-    Uc = U.astype(M.dtype)
-    rows = max(1, ROW_BLOCK_BYTES // max(1, M.shape[1] * M.itemsize))
-    err = 0.0
-    for i in range(0, M.shape[0], rows):
-        r = (M[i:i + rows] - Uc[i:i + rows] @ SV).ravel().astype(np.float64)
-        err += float(np.dot(r, r))
+    SV = xp.put(np.ascontiguousarray(S[:, None] * Vh), M, f64=True)
+    Uc = xp.put(np.ascontiguousarray(U), M, f64=True)
+    rows = max(1, ROW_BLOCK_BYTES // max(1, M.shape[1] * 8))
+    err = sum((xp.sumsq(xp.f64(M[i:i + rows]) - Uc[i:i + rows] @ SV) for i in range(0, M.shape[0], rows)), 0.0)
     return math.sqrt(err / total)
 
 

@@ -324,3 +324,183 @@ def test_targets_are_peft_target_modules():
     assert [n for n in names if _selector(r".*layers\.0\..*_proj")(n)] == names[:2]  # a regex: the whole name
     with pytest.raises(UsageError):
         _selector(" , ")
+
+
+# -- the torch path (CUDA's, forced onto the CPU) -----------------------------------------------
+
+def _compare_backends(a, b):
+    """Same ranks and sketches, errors within 1e-6 relative. A delta of exactly that rank leaves an
+    error of float32 rounding noise (< 1e-6), whose digits (and the passes the stopping rule spends
+    on it) depend on the BLAS: there both errors must be noise."""
+    assert [m.name for m in a.modules] == [m.name for m in b.modules]
+    for x, y in zip(a.modules, b.modules):
+        assert (x.rank, x.method, x.sketch_size) == (y.rank, y.method, y.sketch_size), x.name
+        if x.relative_error < 1e-6:
+            assert y.relative_error < 1e-6 and y.optimal_error < 1e-6, x.name
+            continue
+        assert x.num_passes == y.num_passes, x.name
+        assert y.relative_error == pytest.approx(x.relative_error, rel=1e-6), x.name
+        assert y.optimal_error == pytest.approx(x.optimal_error, rel=1e-6), x.name
+
+
+def test_torch_path_matches_numpy_on_the_round_trip(round_trip):
+    pytest.importorskip("torch")
+    base, merged, _, out, report = round_trip
+    t = extract(base, merged, out.parent / "torch", ExtractRule(rank=8), device="cpu-torch")
+    assert report.device == "numpy on the CPU" and t.device == "torch on cpu"
+    _compare_backends(report, t)
+    a, b = load_adapter(out), load_adapter(out.parent / "torch")
+    for name, m in a.modules.items():  # the same factors, up to float32 rounding of the products
+        np.testing.assert_allclose(_module_delta(b.modules[name]), _module_delta(m), rtol=0, atol=1e-6 * np.abs(
+            _module_delta(m)).max())
+
+
+@pytest.mark.parametrize("rule", [ExtractRule(rel_error=0.05), ExtractRule(energy=0.999, max_rank=12),
+                                  ExtractRule(budget=10 * (48 + 40) * 4)], ids=["rel_error", "energy", "budget"])
+def test_torch_path_matches_numpy_on_every_rule(pair, rule):
+    pytest.importorskip("torch")
+    base, tuned, tmp = pair
+    a = extract(base, tuned, tmp / "np", rule, device="cpu")
+    b = extract(base, tuned, tmp / "torch", rule, device="cpu-torch")
+    _compare_backends(a, b)
+    assert {d.name for d in a.dropped} == {d.name for d in b.dropped}
+
+
+def test_cuda_path_matches_numpy(pair):
+    """Runs only where torch sees a GPU (skipped elsewhere): the same checks as on the CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    base, tuned, tmp = pair
+    a = extract(base, tuned, tmp / "np", ExtractRule(rel_error=0.05), device="cpu")
+    b = extract(base, tuned, tmp / "cuda", ExtractRule(rel_error=0.05), device="auto")
+    assert b.device == "torch on cuda"
+    _compare_backends(a, b)
+
+
+def test_range_finder_is_written_once_for_both_backends():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    M = _spectral(rng, 120, 90, 1 / np.sqrt(np.arange(1, 61))).astype(np.float32)
+    rule = ExtractRule(rel_error=0.6)
+    k_of = lambda S, t: rule.choose(S, t, M.shape)  # noqa: E731
+    sa, ka = range_finder(M, k_of, 4, Accuracy(1e-3), np.random.default_rng(0))
+    sb, kb = range_finder(torch.from_numpy(M), k_of, 4, Accuracy(1e-3), np.random.default_rng(0))
+    assert isinstance(sb.left, torch.Tensor) and ka == kb and sa.passes == sb.passes > 2
+    np.testing.assert_allclose(sb.S, sa.S, rtol=1e-5)
+    (Ua, Sa, Va), (Ub, Sb, Vb) = factors(sa, ka), factors(sb, kb)
+    assert isinstance(Ub, np.ndarray) and Ub.dtype == np.float64
+    np.testing.assert_allclose((Ub * Sb) @ Vb, (Ua * Sa) @ Va, atol=1e-5)
+
+
+def test_device_choices():
+    from loratool.extract import _backend
+
+    assert _backend("cpu") is None and _backend("cpu-torch") == "cpu"
+    with pytest.raises(UsageError, match="--device must be one of auto, cpu, cuda"):
+        _backend("tpu")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():  # refused in one line, never a test that needs a GPU
+        with pytest.raises(UsageError, match="--device cuda: no CUDA device is available"):
+            _backend("cuda")
+        assert _backend("auto") is None
+
+
+# -- lora_bias ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def biased(tmp_path):
+    """Two linear layers with biases (one changed by realistic amounts, one unchanged) and a
+    bias-less one; TUNED changes every weight and q_proj's bias, plus k_proj's bias at one element
+    no BASE + d reaches in float32 (1.0 → 2⁻³⁰)."""
+    rng = np.random.default_rng(5)
+    base = {"model.layers.0.q_proj.weight": rng.standard_normal((48, 40)),
+            "model.layers.0.q_proj.bias": rng.standard_normal(48) * 0.1,
+            "model.layers.0.k_proj.weight": rng.standard_normal((40, 48)),
+            "model.layers.0.k_proj.bias": rng.standard_normal(40) * 0.1,
+            "model.layers.0.o_proj.weight": rng.standard_normal((48, 48)),
+            "model.norm.weight": np.ones(24)}
+    base = {k: v.astype(np.float32) for k, v in base.items()}
+    base["model.layers.0.k_proj.bias"][0] = 1.0
+    tuned = {k: v.copy() for k, v in base.items()}
+    for n, (d, k) in {"q_proj": (48, 40), "k_proj": (40, 48), "o_proj": (48, 48)}.items():
+        tuned[f"model.layers.0.{n}.weight"] += _spectral(rng, d, k, np.array([2.0, 1.0])).astype(np.float32)
+    qb = tuned["model.layers.0.q_proj.bias"]
+    qb += (qb * rng.standard_normal(48) * 0.3).astype(np.float32)  # within a factor 2: exact differences
+    qb[:4] = [0.25, -0.125, 0.0, 3.0]  # sign flips and a zero: still reachable
+    tuned["model.layers.0.k_proj.bias"][0] = np.float32(2.0 ** -30)
+    tuned["model.norm.weight"] *= np.float32(1.01)
+    return _save(tmp_path / "base", base), _save(tmp_path / "tuned", tuned), tmp_path
+
+
+def test_lora_bias_writes_tuned_minus_base_and_peft_merges_it_exactly(biased):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    base, tuned, tmp = biased
+    report = extract(base, tuned, tmp / "out", ExtractRule(rank=2), save_dropped="lora_bias",
+                     targets="q_proj,k_proj")
+    assert {m.name: m.lora_bias for m in report.modules} == {"model.layers.0.k_proj": True,
+                                                             "model.layers.0.q_proj": True}
+    assert [d.name for d in report.dropped] == ["model.norm.weight"]
+    assert report.warnings == ["model.layers.0.k_proj.bias: 1 element of TUNED's bias cannot be reached as BASE + "
+                               "lora_B.bias in BASE's dtype (they changed by more than half their value); PEFT's "
+                               "merge misses them by up to 9.31e-10"]
+    config = json.loads((tmp / "out" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True
+    cb, ct = BaseCheckpoint(base), BaseCheckpoint(tuned)
+    adapter = load_adapter(tmp / "out")
+    bq = float_values(adapter.modules["model.layers.0.q_proj"].lora_B_bias)
+    assert bq.dtype == np.float32 and np.array_equal(
+        bq, float_values(ct.ref("model.layers.0.q_proj.bias")) - float_values(cb.ref("model.layers.0.q_proj.bias")))
+
+    layers = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(40, 48), "k_proj": torch.nn.Linear(48, 40),
+                                  "o_proj": torch.nn.Linear(48, 48, bias=False)})
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([layers])
+    model.load_state_dict({n: torch.from_numpy(float_values(cb.ref(n)).copy()) for n, _ in cb.items()
+                           if n.startswith("model.layers.")}, strict=True)
+    merged = PeftModel.from_pretrained(model, str(tmp / "out")).merge_and_unload()
+    got = merged.model.layers[0]
+    assert torch.equal(got.q_proj.bias.detach(), torch.from_numpy(float_values(ct.ref("model.layers.0.q_proj.bias")).copy()))
+    kb, want = got.k_proj.bias.detach().numpy(), float_values(ct.ref("model.layers.0.k_proj.bias"))
+    assert np.array_equal(kb[1:], want[1:]) and kb[0] != want[0] and abs(kb[0] - want[0]) <= 2.0 ** -30
+    for n in ("q_proj", "k_proj"):  # and the weights are TUNED's up to the rank-2 factors' float32 rounding
+        w = getattr(got, n).weight.detach().numpy()
+        np.testing.assert_allclose(w, float_values(ct.ref(f"model.layers.0.{n}.weight")), atol=1e-5)
+
+
+def test_lora_bias_refusals_and_the_bias_less_warning(pair):
+    base, tuned, tmp = pair
+    with pytest.raises(UsageError, match=r"PEFT cannot load lora_bias=True with an embedding module "
+                                         r"\(model.embed_tokens\)"):
+        extract(base, tuned, tmp / "out", ExtractRule(rank=2), save_dropped="lora_bias")
+    # a format whose writer's check has no place for a lora_B bias is refused before any work (a
+    # pipeline's components, as kohya needs them); kohya's check, as its Format will register it
+    import dataclasses
+
+    from loratool.extract import _check_bias_writable
+    from loratool.formats import get_format
+    from loratool.formats.kohya import check_writable
+
+    kohya = dataclasses.replace(get_format("kohya"), check_writable=check_writable)
+    with pytest.raises(UsageError, match="--save-dropped lora_bias: a kohya adapter has no place for a lora_B bias"):
+        _check_bias_writable(kohya, tmp / "out", ("unet", "text_encoder"))
+    _check_bias_writable(get_format("diffusers"), tmp / "out", ("unet", "text_encoder"))  # it has one
+    with pytest.raises(UsageError, match="--save-dropped must be none, or one or more of"):
+        extract(base, tuned, tmp / "out", ExtractRule(rank=2), save_dropped="none,lora_bias")
+    assert not (tmp / "out").exists()
+    report = extract(base, tuned, tmp / "out", ExtractRule(rank=2), targets="q_proj,k_proj",
+                     save_dropped="modules_to_save,lora_bias")
+    assert {m.name: m.lora_bias for m in report.modules} == {"model.layers.0.k_proj": False,
+                                                             "model.layers.0.q_proj": True}
+    assert {d.name: d.saved for d in report.dropped} == {"model.norm.weight": True}
+    assert report.warnings == ["lora_bias=True applies to every module in PEFT: 1 modules have no bias in BASE (e.g. "
+                               "model.layers.0.k_proj); PEFT loads them with a zero lora_B bias, but its "
+                               "merge_and_unload refuses them (loratool merge does not)"]
+    adapter = load_adapter(tmp / "out")
+    assert np.array_equal(float_values(adapter.modules["model.layers.0.q_proj"].lora_B_bias), np.full(48, 0.5, np.float32))
+    assert adapter.modules["model.layers.0.k_proj"].lora_B_bias is None and list(adapter.modules_to_save) == [
+        "model.norm.weight"]

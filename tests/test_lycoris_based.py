@@ -151,7 +151,80 @@ def test_convert_refuses_with_the_reason(nets, tmp_path, cli):
     r = cli("convert", nets["diag_oft"][0], "--to", "kohya", "-o", tmp_path / "k.safetensors")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "depends on the base weight" in lines[0] and "loratool merge" in lines[0], r.stderr
+    assert len(lines) == 1 and "depends on the base weight" in lines[0] and "--base BASE" in lines[0], r.stderr
+    assert "loratool merge" in lines[0] and lines[0].count("module ") == 1, r.stderr
+
+
+def _converted(nets, case, tmp_path, **kw):
+    """The case converted to kohya LoRA with ``convert(base=...)``: (result, adapter read back)."""
+    from loratool.convert import convert
+
+    res = convert(nets[case][0], "kohya", tmp_path / f"{case}.safetensors", base=nets["_base"], **kw)
+    return res, load_adapter(res.output)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_convert_with_base_is_exact(nets, case, tmp_path):
+    """convert --base: at the numerical rank the LoRA's delta is lycoris's get_diff_weight within
+    float32 rounding of the factors (and the reference's own error, for OFT)."""
+    path, net, _ = nets[case]
+    res, out = _converted(nets, case, tmp_path)
+    assert {c.algorithm for c in res.conversions} == {ALGORITHM[fx.BASED_CASES[case][0]]}
+    assert len(res.conversions) == len(fx.LAYERS) == len(out.modules)
+    for lm in net.loras:
+        m = out.modules[_name(lm.lora_name)]
+        assert m.module_kind == "lora" and m.scale == 1.0
+        ref = _reference(lm)
+        got = m.delta(torch.float64).reshape(ref.shape)
+        b, a = (torch.from_numpy(x.astype(np.float64)) for x in m.factors_2d())
+        # one float32 rounding of each factor: |ΔB||A| + |B||ΔA| ≤ 2·2⁻²⁴·|B||A|
+        tol = 2.0 ** -22 * (b.abs() @ a.abs()).reshape(ref.shape) + _rtol(case) * float(ref.abs().max())
+        assert bool(((got - ref).abs() <= tol).all()), (m.name, float(((got - ref).abs() - tol).max()))
+        conv = next(c for c in res.conversions if c.module == m.name)
+        assert conv.relative_error < 1e-12 and conv.rank == m.rank
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_convert_with_base_at_lower_rank_is_optimal(nets, case, tmp_path):
+    """At rank 2 each module's reported error, and the written LoRA's actual error, are the dense
+    SVD's optimal truncation error of lycoris's ΔW, within 1e-6 relative."""
+    path, net, _ = nets[case]
+    res, out = _converted(nets, case, tmp_path, rank=2)
+    for lm in net.loras:
+        m = out.modules[_name(lm.lora_name)]
+        ref = _reference(lm).reshape(lm.org_weight.shape[0], -1).numpy()
+        S = np.linalg.svd(ref, compute_uv=False)
+        best = float(np.sqrt((S[2:] ** 2).sum()))
+        conv = next(c for c in res.conversions if c.module == m.name)
+        assert conv.rank == m.rank == 2 and conv.exact_rank >= 2
+        assert abs(conv.error - best) <= 1e-6 * best, (m.name, conv.error, best)
+        actual = float(np.linalg.norm(m.delta(torch.float64).reshape(ref.shape).numpy() - ref))
+        assert abs(actual - best) <= 1e-6 * best, (m.name, actual, best)
+
+
+def test_convert_with_base_cli(nets, tmp_path, cli):
+    r = cli("convert", nets["glora"][0], "--to", "peft", "-o", tmp_path / "p", "--base", nets["_base"],
+            "--energy", "0.9", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    conv = json.loads(r.stdout)["conversions"]
+    assert len(conv) == len(fx.LAYERS) and all(c["algorithm"] == "GLoRA" for c in conv)
+    assert all(0 < c["relative_error"] ** 2 <= 0.1 + 1e-12 for c in conv)
+    assert len(load_adapter(tmp_path / "p").modules) == len(fx.LAYERS)
+
+
+def test_convert_with_a_base_that_lacks_the_tensor(nets, tmp_path, cli):
+    from safetensors.torch import save_file
+
+    model = fx.tiny_unet(SEED)
+    sd = {f"unet.{k}": v.contiguous() for k, v in model.state_dict().items() if "to_q" not in k}
+    (tmp_path / "b").mkdir()
+    save_file(sd, str(tmp_path / "b" / "model.safetensors"))
+    r = cli("convert", nets["ia3"][0], "--to", "kohya", "-o", tmp_path / "k.safetensors", "--base", tmp_path / "b")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "to_q" in lines[0] and "the base has no tensor" in lines[0], r.stderr
 
 
 def test_bad_shapes_are_specific_findings(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from peft_oracle import Kinds
 
 from loratool.checkpoint import BaseCheckpoint
-from loratool.errors import BaseMismatchError, MisfitError, OutputError, UsageError
+from loratool.errors import MisfitError, OutputError, UsageError
 from loratool.merge import AdapterSpec, merge, parse_adapter_specs, parse_size, row_spans, unmerge
 from loratool.merge.api import _merge  # merge, with the executor's test parameters
 from loratool.merge.parity import ulp

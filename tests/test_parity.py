@@ -223,3 +223,78 @@ def test_one_ulp_rule_for_torch_and_numpy_checks():
         _, e = torch.frexp(x)
         exp = torch.where(x == 0, emin, torch.clamp(e.to(torch.int64) - 1, min=emin))
         assert torch.equal(ulp(x, dtype), torch.ldexp(torch.ones_like(x), exp - mant)), dtype
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_streamed_equals_from_pretrained(tmp_path, tied):
+    """The streamed model (meta parameters, one unit's weights read around its forward) gives
+    from_pretrained's float32 logits, for the base + PEFT adapter and for a plain checkpoint, and
+    never holds more than one decoder layer's (or the embeddings'/lm_head's) weights at once."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.merge.forward import adapters_on_cpu, empty_model, stream_weights
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120, tie_word_embeddings=tied)
+    base = tmp_path / "base"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(base), max_shard_size="100KB")
+    adapter = save_adapter(AutoModelForCausalLM.from_pretrained(str(base)), tmp_path / "a", 5, r=4,
+                           lora_alpha=8, target_modules="all-linear", use_dora=tied)
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    layer = sum(p.numel() for p in LlamaForCausalLM(cfg).model.layers[0].parameters())
+    embed = 120 * 64
+
+    def streamed(model, path):
+        live = []  # the materialized parameter elements seen by every leaf module's forward
+        hooks = [m.register_forward_hook(lambda m, a, o: live.append(
+            sum(p.numel() for p in model.parameters() if p.device.type != "meta")))
+            for m in model.modules() if not list(m.children())]
+        stream = stream_weights(model, BaseCheckpoint(path))
+        try:
+            out = model(input_ids=ids).logits
+        finally:
+            stream.close()
+            for h in hooks:
+                h.remove()
+        adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert live and max(live) - adapters <= max(layer, embed) and stream.peak <= max(layer, embed)
+        assert stream.peak >= layer  # a whole layer was materialized at some point, then released
+        assert all(p.device.type == "meta" for n, p in model.named_parameters() if "lora_" not in n)
+        return out
+
+    with torch.no_grad():
+        config = AutoConfig.from_pretrained(str(base))
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                         str(adapter)).eval()(input_ids=ids).logits
+        with adapters_on_cpu():
+            pm = PeftModel.from_pretrained(empty_model(AutoModelForCausalLM, config), str(adapter),
+                                           low_cpu_mem_usage=True).eval()
+        got = streamed(pm, base)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()(input_ids=ids).logits
+        torch.testing.assert_close(streamed(empty_model(AutoModelForCausalLM, config), base), plain,
+                                   rtol=1e-5, atol=1e-5)
+        assert (got - plain).abs().max() > 1e-3  # the adapter did change the logits
+
+
+def test_forward_parity_streamed_equals_whole_models(setup, tmp_path, monkeypatch):
+    """Two weighted adapters, and one with an Embedding LoRA and a modules_to_save lm_head: the
+    streamed run's result is the whole-model run's, which is also the fallback where a model reads
+    a weight outside its block's forward (nothing hooked here)."""
+    from loratool.merge import forward
+    from loratool.merge.parity import forward_parity
+    from loratool.merge.specs import _specs, load_adapters
+
+    s = setup["bf16"]
+    mts = save_adapter(tiny_llama(torch.bfloat16), tmp_path / "mts", 4, r=4, lora_alpha=8,
+                       target_modules=["k_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    merge(s["base"], str(mts), tmp_path / "merged", device="cpu")
+    cases = [(s["merged"], load_adapters(_specs(s["spec"]))), (tmp_path / "merged", load_adapters(_specs(str(mts))))]
+    streamed = [forward_parity(s["base"], merged, loaded) for merged, loaded in cases]
+    monkeypatch.setattr(forward, "_units", lambda root: [])
+    whole = [forward_parity(s["base"], merged, loaded) for merged, loaded in cases]
+    assert all(r.ok and 0 < r.max_abs_diff < 0.01 * r.max_abs_logit for r in streamed)
+    assert whole == streamed

@@ -28,9 +28,14 @@ from loratool.formats import COMMON_FORMAT
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=COMMON_FORMAT, show_default=True, help="Output format.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Dtype of the written factors.")
-@click.option("--save-dropped", type=click.Choice(["none", "modules_to_save"]), default="none", show_default=True,
+@click.option("--save-dropped", default="none", show_default=True, metavar="none|modules_to_save,lora_bias",
               help="What to do with changed tensors that are not factored (norms, biases, modules too small to "
-                   "factor): report them (none) or save TUNED's copy whole (PEFT modules_to_save).")
+                   "factor): report them (none), save TUNED's copy whole (modules_to_save), and/or write the bias "
+                   "of a module with factors as PEFT's lora_B.bias = TUNED − BASE (lora_bias; PEFT >= 0.14). "
+                   "Comma-separated.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where deltas are formed and factored: cuda runs the same range finder with torch on the GPU; "
+                   "auto picks cuda when torch sees one, else numpy on the CPU (torch is not imported then).")
 @click.option("--accuracy", type=float, default=1e-3, show_default=True,
               help="Relative excess of each module's error over the optimal rank-k error at which the randomized "
                    "range finder stops (sets its oversampling and power iterations).")
@@ -41,7 +46,7 @@ from loratool.formats import COMMON_FORMAT
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 def extract_cmd(base, tuned, out, rank, energy, sv_ratio, sv_cumulative, min_rank, max_rank, rel_error, budget,
-                targets, fmt, dtype, save_dropped, accuracy, seed, allow_dtype_mismatch, as_json, overwrite, quiet,
+                targets, fmt, dtype, save_dropped, device, accuracy, seed, allow_dtype_mismatch, as_json, overwrite, quiet,
                 sv_fro=None):
     """Extract a LoRA adapter of BASE from a fine-tune: ΔW = TUNED − BASE, factored module by module.
 
@@ -65,7 +70,7 @@ def extract_cmd(base, tuned, out, rank, energy, sv_ratio, sv_cumulative, min_ran
     with progress(quiet, "extracting") as advance:
         report = extract(base, tuned, out, rule, targets=targets, format=fmt, dtype=dtype, save_dropped=save_dropped,
                          seed=seed, accuracy=accuracy, overwrite=overwrite, allow_dtype_mismatch=allow_dtype_mismatch,
-                         progress=advance)
+                         progress=advance, device=device)
     warn(report.warnings)
     emit(report, as_json, render)
     return 0
@@ -91,7 +96,9 @@ def render(r, con=None) -> None:
         con.print(fitted(cols, rows, con.width))
     ranks = sorted({m.rank for m in r.modules})
     shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}" if ranks else "-"
-    con.print(f"{r.num_modules} modules extracted ({r.rule}; ranks {shown}), {r.num_unchanged} unchanged, "
+    biases = sum(m.lora_bias for m in r.modules)
+    con.print(f"{r.num_modules} modules extracted ({r.rule}; ranks {shown}"
+              f"{f'; {biases} with lora_B.bias' if biases else ''}), {r.num_unchanged} unchanged, "
               f"{r.num_dropped} dropped; {human_count(r.num_params)} parameters ({r.dtype}); energy kept "
               f"{r.energy_kept:.4%}; max relative error {r.max_relative_error:.3e}; alpha = rank; "
               f"{r.seconds:.1f} s; wrote {r.output} ({r.format})")

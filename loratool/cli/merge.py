@@ -56,21 +56,27 @@ def _report(result, as_json: bool) -> None:
 @click.option("--base-precision", default="keep", show_default=True, metavar="keep|nf4|fp4[,blocksize=N][,double-quant]",
               help="Merge onto bitsandbytes' dequant(quant(W)) of each changed Linear weight, the base a QLoRA "
                    "adapter was trained against (bit for bit), and report per tensor how much that changes.")
+@click.option("--output-precision", default="keep", show_default=True,
+              metavar="keep|stored|nf4|fp4[,blocksize=N][,double-quant]",
+              help="With a base stored in 4 bits: write the merged weights requantized to 4 bits (bitsandbytes' "
+                   "bits, transformers' serialization; 'stored': as the base held each), the untouched ones as "
+                   "stored, and report per tensor the error that adds next to the adapter's delta.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
               help="Override format detection for every adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @base_options
-def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision, overwrite, quiet, fmt, as_json,
-              allow_base_mismatch, require_manifest):
+def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision, output_precision, overwrite, quiet,
+              fmt, as_json, allow_base_mismatch, require_manifest):
     """Merge adapters into BASE: W + Σ wᵢ·sᵢ·ΔWᵢ, rounded once.
 
     The output keeps BASE's shard layout, index, metadata, config and tokenizer files; tensors no
     adapter touches are copied as raw bytes. On the CPU one adapter with weight 1.0 follows PEFT's
     float32 arithmetic and gives exactly merge_and_unload's bits; weighted merges accumulate in
     float64. A base other than the one an adapter's manifest records is refused (exit 3). A base
-    saved in 4 bits by bitsandbytes is dequantized as stored and written in 16 bits.
+    saved in 4 bits by bitsandbytes is dequantized as stored and written in 16 bits (or, with
+    --output-precision, its merged weights requantized to 4 bits).
     """
     from loratool.merge import merge
 
@@ -78,11 +84,13 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision
         result = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
                        overwrite=overwrite, progress=cb, allow_base_mismatch=allow_base_mismatch,
                        require_manifest=require_manifest, base_precision=base_precision, format=fmt,
-                       **_engine_options())
+                       output_precision=output_precision, **_engine_options())
     warn(result.base_warnings)
     warn(result.warnings)
     if result.quantization and not as_json:
         _render_quantization(result)
+    if result.requantization and not as_json:
+        _render_requantization(result)
     _report(result, as_json)
     return 0
 
@@ -102,6 +110,22 @@ def _render_quantization(result) -> None:
     con.print(fitted(cols, rows, con.width))
     con.print(f"q = W − dequant(quant(W)) at {result.base_precision}; ‖q‖/‖W‖ is how far the choice moves "
               "the merged weight")
+
+
+def _render_requantization(result) -> None:
+    """The per-tensor table of ``--output-precision``: the requantization error next to the delta."""
+    from loratool.cli.render import console
+    from loratool.cli.tables import Column, fitted
+
+    con = console()
+    cols = [Column("tensor", flexible=True), Column("format", drop=1), Column("‖M − dq(q(M))‖", right=True),
+            Column("‖ΔW‖", right=True), Column("ratio", right=True), Column("")]
+    rows = [[q.name, q.precision, f"{q.requant_norm:.4g}", f"{q.delta_norm:.4g}",
+             f"{q.requant_over_delta:.3g}" if q.requant_over_delta is not None else "inf",
+             "[yellow]> ΔW[/yellow]" if q.warn else ""] for q in result.requantization]
+    con.print(fitted(cols, rows, con.width))
+    con.print(f"M = the merged 16-bit weight, written in {result.output_precision}; ratio = "
+              "‖M − dequant(quant(M))‖ / ‖ΔW‖, the error the 4-bit output adds next to the adapter's delta")
 
 
 @click.command("unmerge")

@@ -730,4 +730,5 @@ FORMAT = Format(
     key_example="lora_unet_….lora_down.weight",
     writes_directory=False,
     writes_file=True,
+    check_writable=check_writable,
 )

@@ -11,14 +11,15 @@ from typing import Callable, Sequence
 
 from loratool import boundary
 from loratool.manifest import BaseGuard, merged_manifest, write_merged_manifest
-from loratool.errors import UsageError
+from loratool.errors import InputError, UsageError
+from loratool.merge.basequant import OutputQuant, requant_report
 from loratool.merge.basequant import report as quant_report
 from loratool.merge.executor import _execute
 from loratool.merge.parity import tensor_distance
 from loratool.merge.plan import TORCH_NAMES, Action, MergePlan, plan_merge
 from loratool.merge.specs import AdapterSpec, _specs, load_adapters, parse_size
 from loratool.quant.bnb import QuantSpec, parse_precision
-from loratool.schemas.merge import MergeResult, QuantLayer, UnmergeResult
+from loratool.schemas.merge import MergeResult, QuantLayer, RequantLayer, UnmergeResult
 
 
 def _check_paths(out: Path, inputs: Sequence[Path], overwrite: bool, single_file: bool) -> None:
@@ -45,6 +46,9 @@ def _lineage(guard: BaseGuard, operation: str, params: dict) -> Callable[[Path, 
         recorded = params
         if precision != "keep":  # the choice and what it changed, per tensor (issue 16)
             recorded = {**params, "base_precision": precision, "quantization": quant_report(plan)}
+        if plan.output_quant is not None:
+            recorded = {**recorded, "output_precision": str(plan.output_quant),
+                        "requantization": requant_report(plan, plan.output_quant)}
         write_merged_manifest(merged_manifest(operation, guard.base, adapters, recorded, guard.mismatch), root)
         _model_card(root, plan, guard, operation)
 
@@ -96,6 +100,7 @@ def merge(
     require_manifest: bool = False,
     base_precision: str | QuantSpec | None = "keep",
     format: str | None = None,
+    output_precision: str | QuantSpec | None = "keep",
 ) -> MergeResult:
     """Merge ``adapters`` (``"a:0.7,b:0.3"`` or ``AdapterSpec``s) into the checkpoint at ``base``
     and write the result to ``out`` (same layout, atomically), with ``loratool.json`` (the
@@ -110,21 +115,25 @@ def merge(
     (a ``QuantSpec``): each Linear weight an adapter changes is first made bitsandbytes'
     dequant(quant(W)), the base a QLoRA adapter was trained against, bit for bit; ``result.quantization``
     says per tensor how much that changed. A base stored in 4 bits (a bitsandbytes checkpoint) is
-    dequantized as stored, and the output is 16-bit.
+    dequantized as stored, and the output is 16-bit unless ``output_precision`` says otherwise:
+    ``"nf4|fp4[,blocksize=N][,double-quant]"`` or ``"stored"`` (each weight as the base held it)
+    writes each merged 4-bit weight requantized (bitsandbytes' bits, transformers' serialization)
+    and the untouched ones raw; ``result.requantization`` gives per tensor
+    ‖M − dequant(quant(M))‖ / ‖ΔW‖, the error that adds relative to the adapter's own delta.
 
     ``progress(advance, total)``: bytes written so far are reported as they go. ``engine`` and
     ``direct_io``: how the bytes are computed and written (``execute``); the result is the same.
     """
     return _merge(base, adapters, out, dtype, device, max_shard_size, overwrite, progress, engine=engine,
                   direct_io=direct_io, allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest,
-                  base_precision=base_precision, format=format)
+                  base_precision=base_precision, format=format, output_precision=output_precision)
 
 
 def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None, overwrite=False, progress=None,
            *, engine: str = "auto", direct_io: bool | None = None, allow_base_mismatch: bool = False,
            require_manifest: bool = False, block_bytes: int | None = None,
            fail_after_tensors: int | None = None, base_precision: str | QuantSpec | None = "keep",
-           format: str | None = None) -> MergeResult:
+           format: str | None = None, output_precision: str | QuantSpec | None = "keep") -> MergeResult:
     """``merge``, with the executor's test parameters (``block_bytes``, ``fail_after_tensors``)."""
     from loratool.checkpoint import BaseCheckpoint
 
@@ -132,6 +141,7 @@ def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None
 
     t0 = time.perf_counter()
     spec = _parse_precision(base_precision)
+    out_spec = _parse_output_precision(output_precision)
     specs = _specs(adapters)
     out = Path(out)
     base = resolve_base(base)  # hf://owner/name[@rev]: downloaded into the Hugging Face cache
@@ -143,6 +153,8 @@ def _merge(base, adapters, out, dtype="keep", device="auto", max_shard_size=None
         guard(la.adapter, ckpt)
     plan = plan_merge(ckpt, loaded, dtype=None if dtype == "keep" else dtype,
                       max_shard_size=parse_size(max_shard_size), base_precision=spec)
+    if out_spec is not False:
+        _output_quant(plan, out_spec, output_precision, dtype)
     params = {"adapters": _given(adapters), "dtype": dtype, "device": device, "max_shard_size": max_shard_size}
     return _run(plan, MergeResult, "merge", out, t0, overwrite=overwrite, device=device, progress=progress,
                 before_commit=_lineage(guard, "merged", params), base_warnings=guard.messages, engine=engine,
@@ -158,7 +170,15 @@ def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, 
     written, dev = _execute(plan, out, overwrite, device, cb, before_commit, engine=engine, direct_io=direct_io,
                             block_bytes=block_bytes, fail_after=fail_after_tensors)
     layers = [QuantLayer(**row) for row in quant_report(plan)]
+    requant = [RequantLayer(**row) for row in requant_report(plan, plan.output_quant)]
     warnings = list(plan.warnings)
+    loud = [q for q in requant if q.warn]
+    if loud:
+        worst = max(loud, key=lambda q: q.requant_over_delta or float("inf"))
+        ratio = f"{worst.requant_over_delta:.3g}×" if worst.requant_over_delta is not None else "∞ (ΔW = 0)"
+        warnings.append(f"{len(loud)} of {len(requant)} requantized tensors: ‖M − dequant(quant(M))‖ exceeds the "
+                        f"adapter's delta ‖ΔW‖ (worst {worst.name}: {ratio}); the 4-bit output loses more of these "
+                        "weights than the adapter changed (write it in 16 bits: --output-precision keep)")
     loud = [q for q in layers if q.warn]
     if loud:
         worst = max(loud, key=lambda q: q.quant_over_delta or float("inf"))
@@ -185,6 +205,8 @@ def _run(plan: MergePlan, result: type[MergeResult], operation: str, out: Path, 
         base_warnings=base_warnings,
         base_precision=_precision(plan),
         quantization=layers,
+        output_precision=str(plan.output_quant) if plan.output_quant is not None else "keep",
+        requantization=requant,
     )
 
 
@@ -196,6 +218,54 @@ def _parse_precision(value: str | QuantSpec | None) -> QuantSpec | None:
         return parse_precision(str(value))
     except ValueError as e:
         raise UsageError(f"--base-precision {value!r}: {e}") from None
+
+
+def _parse_output_precision(value: str | QuantSpec | None) -> QuantSpec | None | bool:
+    """``--output-precision``: False (keep: 16-bit), None ("stored") or a ``QuantSpec``."""
+    if value is None or isinstance(value, QuantSpec):
+        return False if value is None else value
+    if str(value).strip().lower() == "stored":
+        return None
+    try:
+        spec = parse_precision(str(value))
+    except ValueError as e:
+        raise UsageError(f"--output-precision {value!r}: {e} (or stored)") from None
+    return False if spec is None else spec
+
+
+def _output_quant(plan: MergePlan, spec: QuantSpec | None, given, dtype) -> None:
+    """Attach the 4-bit output to ``plan`` and set config.json's quantization_config as
+    transformers writes it for a bitsandbytes 4-bit model."""
+    if not plan.quantized_base:
+        raise UsageError(f"--output-precision {given}: {plan.base.path} is not stored in 4 bits; a 4-bit output "
+                         "needs a bitsandbytes 4-bit base (its untouched weights are copied as stored)")
+    if dtype not in (None, "keep"):
+        raise UsageError(f"--output-precision {given} with --dtype {dtype}: the 4-bit weights keep the base's "
+                         "compute dtype; pass --dtype keep")
+    plan.output_quant = OutputQuant(spec)
+    first = plan.base.ref(plan.quantized_base[0])
+    use = spec or first.spec
+    for rel, updates in plan.json_updates.items():
+        if "quantization_config" in updates:
+            updates["quantization_config"] = _bnb_config(plan.base.path / rel, use, first.state["dtype"])
+
+
+def _bnb_config(config_path: Path, spec: QuantSpec, compute_dtype: str) -> dict:
+    """``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` for ``spec``, over the base's own
+    quantization_config (its skip modules and the like are kept)."""
+    try:
+        old = boundary.read_json(config_path).get("quantization_config") or {}
+    except (AttributeError, InputError):
+        old = {}
+    cfg = {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": compute_dtype,
+           "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
+           "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+           "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+           "quant_method": "bitsandbytes"}
+    cfg.update(old if isinstance(old, dict) else {})
+    cfg.update({"bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
+                "load_in_4bit": True, "_load_in_4bit": True, "load_in_8bit": False, "_load_in_8bit": False})
+    return cfg
 
 
 def _precision(plan: MergePlan) -> str:

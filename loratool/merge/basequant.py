@@ -19,6 +19,7 @@ and torch's engines are unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -33,7 +34,7 @@ from loratool._threads import default_workers
 from loratool.errors import InputError
 from loratool.quant import bnb
 from loratool.quant.stored import QuantizedRef
-from loratool.safetensors_io import TensorRef
+from loratool.safetensors_io import DTYPES, SafetensorsFile, TensorRef, encode_header
 
 RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 UINT = bnb.UINT
@@ -280,4 +281,206 @@ def report(plan) -> list[dict]:
         rows.append({"name": t.name, "numel": t.numel, "base_norm": w, "quant_norm": q, "delta_norm": d,
                      "quant_over_delta": q / d if d else None, "relative_change": q / w if w else 0.0,
                      "warn": q > d})
+    return rows
+
+
+# -- the output in 4 bits (merge --output-precision) ----------------------------------------------
+
+@dataclass
+class RequantTerm:
+    """‖M − dequant(quant(M))‖² of one merged tensor M (float64), and the spec it was written in."""
+
+    spec: bnb.QuantSpec
+    err_sq: float = 0.0
+
+
+class OutputQuant:
+    """``merge --output-precision nf4|fp4[,...]|stored`` onto a base stored in 4 bits: after the
+    executor has written the 16-bit output, each merged tensor the base held in 4 bits is quantized
+    by ``bnb.quantize_4bit`` (bitsandbytes' bits) and written as transformers serialises a
+    ``Linear4bit`` weight (packed uint8, absmax, quant_map, nested tensors, the quant state's JSON);
+    the base's untouched 4-bit weights are copied raw from the base (never requantized). The files
+    are rewritten in the temporary output, a chunk of whole blocks at a time (with double
+    quantization the tensor's absmax vector, a float32 a block, is read first)."""
+
+    def __init__(self, spec: bnb.QuantSpec | None):
+        self.spec = spec  # None: each tensor as the base stored it ("stored")
+        self.terms: dict[str, RequantTerm] = {}
+
+    def __str__(self) -> str:
+        return "stored" if self.spec is None else str(self.spec)
+
+    @staticmethod
+    def jobs(t) -> str | None:
+        """"requant" (a merged 4-bit weight), "raw" (an untouched one) or None (written as computed)."""
+        if not isinstance(t.src, QuantizedRef):
+            return None
+        if t.action.value == "merge":
+            return "requant"
+        return "raw" if t.action.value == "cast" else None
+
+    def rewrite(self, root, plan) -> None:
+        """Rewrite the safetensors files of ``plan`` under ``root`` (the temporary output) and
+        their indexes; ``root`` is the file itself for a single-file output."""
+        from pathlib import Path
+
+        root = Path(root)
+        written: dict = {}  # path -> (its keys, its data bytes)
+        for shard in plan.shards:
+            kinds = {t.key: (t, self.jobs(t)) for t in shard.tensors}
+            if not any(k for _, k in kinds.values()):
+                continue
+            path = root if plan.single_file else root / shard.rel
+            entries, size = self._entries(path, kinds)
+            _write_file(path, entries, shard.metadata)
+            written[path] = ([e[0] for e in entries], size)
+        for rel in plan.indexes:  # the quant-state tensors join the weight map
+            path = root / rel
+            data = boundary.read_json(path)
+            wm = data.get("weight_map", {})
+            sizes = {}
+            for p, (keys, size) in written.items():
+                if p.parent == path.parent:
+                    wm.update(dict.fromkeys(keys, p.name))
+                    sizes[p.name] = size
+            total = sum(sizes[f] if f in sizes else _data_size(path.parent / f) for f in sorted(set(wm.values())))
+            data["weight_map"] = dict(sorted(wm.items()))
+            data.setdefault("metadata", {})["total_size"] = total
+            _write_file(path, None, None, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+    def _entries(self, path, kinds) -> tuple[list, int]:
+        """(key, dtype, shape, producer of the bytes) of every tensor of the file at ``path``, and
+        their total bytes."""
+        st = SafetensorsFile(path)
+        entries: list = []
+        for key in sorted(st.keys(), key=lambda k: st.info(k).start):
+            t, kind = kinds[key]
+            ref = st.ref(key)
+            if kind == "requant":
+                entries += self._requantized(t, ref)
+            elif kind == "raw":
+                src = t.src
+                names = [src.packed.info.name] + [f"{src.packed.info.name}.{s}" for s in bnb.AUX_SUFFIXES] + [
+                    f"{src.packed.info.name}.{bnb.STATE_PREFIX}{src.state['quant_type']}"]
+                f = src.packed.file
+                entries += [(n, f.info(n).dtype, tuple(f.info(n).shape), _copier(f.ref(n))) for n in names if n in f]
+            else:
+                entries.append((key, ref.dtype, tuple(ref.shape), _copier(ref)))
+        return entries, sum(_nbytes(dt, shape) for _, dt, shape, _ in entries)
+
+    def _requantized(self, t, ref) -> list:
+        """The entries of the merged tensor ``ref`` (16-bit, in the temporary output) in 4 bits."""
+        spec = self.spec or t.src.spec
+        dtype, shape, bs = ref.dtype, tuple(ref.shape), spec.blocksize
+        n = ref.info.numel
+        absmax = streamed_absmax(ref, bs)
+        nested = bnb.quantize_absmax(absmax) if spec.double_quant else None
+        scale = nested.dequantize() if nested is not None else absmax
+        term = self.terms[t.name] = RequantTerm(spec)
+        item = RAW[dtype].itemsize
+
+        def packed(fd_out) -> None:
+            step = max(1, CHUNK_BYTES // (bs * item)) * bs
+            fd = boundary.open_regular(ref.file.path)
+            try:
+                for e0 in range(0, n, step):
+                    e1 = min(n, e0 + step)
+                    raw = np.frombuffer(_pread(fd, ref.info.start + e0 * item, (e1 - e0) * item, ref), RAW[dtype])
+                    x = bnb.from_dtype_bits(raw, dtype)
+                    c0, c1 = e0 // bs, -(-e1 // bs)
+                    q, _ = bnb.quantize_4bit(x, bs, spec.quant_type, absmax=absmax[c0:c1])
+                    back = bnb.from_dtype_bits(bnb.dequantize(q, scale[c0:c1], shape, dtype, bs, spec.quant_type,
+                                                              count=e1 - e0), dtype)
+                    d = (x - back).astype(np.float64)
+                    term.err_sq += float(d @ d)
+                    _write_all(fd_out, q.tobytes())
+            finally:
+                os.close(fd)
+
+        out = [(t.key, "U8", ((n + 1) // 2, 1), packed)]
+        out += [(k, dt, shp, _const(b)) for k, dt, shp, b in bnb.state_tensors(t.key, spec, dtype, shape, absmax, nested)]
+        return out
+
+
+def _nbytes(dtype: str, shape) -> int:
+    return math.prod(shape) * DTYPES[dtype][0]
+
+
+def _data_size(path) -> int:
+    st = SafetensorsFile(path)
+    return sum(st.info(k).nbytes for k in st.keys())
+
+
+def _const(data: bytes) -> Callable:
+    return lambda fd_out: _write_all(fd_out, data)
+
+
+def _copier(ref: TensorRef) -> Callable:
+    """Writes the bytes of ``ref`` (a tensor in a file), CHUNK_BYTES at a time."""
+
+    def copy(fd_out) -> None:
+        fd = boundary.open_regular(ref.file.path)
+        try:
+            for off in range(0, ref.nbytes, CHUNK_BYTES):
+                _write_all(fd_out, _pread(fd, ref.info.start + off, min(CHUNK_BYTES, ref.nbytes - off), ref))
+        finally:
+            os.close(fd)
+
+    return copy
+
+
+def _pread(fd: int, offset: int, n: int, ref: TensorRef) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise InputError(f"{ref.file.path}: truncated while reading tensor {ref.info.name!r}")
+        got += k
+    return bytes(buf)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_file(path, entries, metadata, content: bytes | None = None) -> None:
+    """Replace ``path`` (inside the temporary output of ``boundary.atomic_dir``/``atomic_path``)
+    with a safetensors file of ``entries`` (key, dtype, shape, writer of its bytes), or with
+    ``content``: written beside it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.requant")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            if content is not None:
+                _write_all(fd, content)
+            else:
+                _write_all(fd, encode_header([(k, dt, shp) for k, dt, shp, _ in entries], metadata, where=str(path)))
+                for _, _, _, write in entries:
+                    write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def requant_report(plan, oq: OutputQuant | None) -> list[dict]:
+    """Per requantized tensor: ‖M − dequant(quant(M))‖ (M: the merged 16-bit weight), ‖ΔW‖, their
+    ratio, and ``warn`` where the requantization moves the weight more than the adapter did."""
+    if oq is None:
+        return []
+    rows = []
+    for t in plan.tensors():
+        term = oq.terms.get(t.name)
+        if term is None:
+            continue
+        e, d = math.sqrt(term.err_sq), delta_norm(t)
+        rows.append({"name": t.name, "numel": t.numel, "precision": str(term.spec), "requant_norm": e,
+                     "delta_norm": d, "requant_over_delta": e / d if d else None, "warn": e > d})
     return rows

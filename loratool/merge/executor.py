@@ -113,6 +113,8 @@ def _execute(plan: MergePlan, out, overwrite, device, progress, before_commit, *
         except BaseException:
             writer.abort()  # before atomic_dir removes the directory it writes into
             raise
+        if plan.output_quant is not None:  # one tensor in, several out: a 4-bit output (issue 16)
+            plan.output_quant.rewrite(tmp, plan)
         if before_commit is not None:
             before_commit(tmp, plan)
     return written, math_engine.device

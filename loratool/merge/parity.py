@@ -21,11 +21,13 @@ modules_to_save tensors equal to the replacement.
 ``unmerge``'s distance to the original base.
 
 ``forward_parity`` runs the model through transformers on fixed token ids twice: the base with the
-adapters applied unmerged by PEFT, and the merged checkpoint, and compares the logits.
+adapters applied unmerged by PEFT, and the merged checkpoint, and compares the logits. Both run
+streamed (``loratool.merge.forward``): one decoder layer's float32 weights in memory at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -356,8 +358,11 @@ def forward_parity(
     """Logits of the base with the adapters applied unmerged (PEFT, weights as scaling factors)
     against the merged checkpoint's, both in float32 on the CPU, on fixed token ids.
 
-    One model at a time: the peak is about one float32 model plus its checkpoint's bytes (mapped
-    by transformers while it loads them), 4 + 2 bytes a parameter for a bf16 checkpoint."""
+    Both models run streamed (``loratool.merge.forward``): built on the meta device, each decoder
+    layer's weights read from its checkpoint just before its forward and dropped after it, so the
+    peak is one float32 layer (or the embeddings/lm_head) plus the activations, whatever the
+    model's size. PEFT still applies the adapters: it wraps the empty model and loads their
+    weights itself."""
     import torch
 
     try:
@@ -374,6 +379,9 @@ def forward_parity(
                              "`loratool convert --to peft`)")
     from transformers.utils import logging as hf_logging
 
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.merge.forward import NotStreamable, adapters_on_cpu, empty_model, stream_weights
+
     hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(str(base))
     archs = getattr(config, "architectures", None) or []
@@ -385,31 +393,57 @@ def forward_parity(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
 
-    def logits(model) -> "torch.Tensor":
-        out = model(input_ids=ids)
-        return (out.logits if hasattr(out, "logits") else out.last_hidden_state).detach().float()
+    def logits(model, path) -> "torch.Tensor":
+        stream = stream_weights(model, BaseCheckpoint(path)) if path is not None else None
+        try:
+            out = model(input_ids=ids)
+        finally:
+            if stream is not None:
+                stream.close()
+        out = (out.logits if hasattr(out, "logits") else out.last_hidden_state).detach().float()
+        if out.is_meta:  # a weight used outside its block's forward, never read
+            raise NotImplementedError("logits on the meta device")
+        return out
 
-    def peft_logits() -> "torch.Tensor":
-        model = cls.from_pretrained(str(base), dtype=torch.float32).eval()
+    def streamed(run: Callable[[bool], "torch.Tensor"]) -> "torch.Tensor":
+        """``run(True)``; where the checkpoint's tensors are not the model's parameters one for one,
+        or the model reads a weight outside the forward of the block that owns it (still on the
+        meta device then), ``run(False)``: the whole model loaded."""
+        try:
+            return run(True)
+        except NotStreamable:
+            pass
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+        gc.collect()
+        return run(False)
+
+    def peft_logits(stream: bool) -> "torch.Tensor":
         names = [f"adapter{i}" for i in range(len(adapters))]
-        pm = PeftModel.from_pretrained(model, str(adapters[0].spec.path), adapter_name=names[0])
-        for name, la in zip(names[1:], adapters[1:]):
-            pm.load_adapter(str(la.spec.path), adapter_name=name)
+        with adapters_on_cpu() if stream else contextlib.nullcontext():
+            model = empty_model(cls, config) if stream else cls.from_pretrained(str(base), dtype=torch.float32)
+            pm = PeftModel.from_pretrained(model.eval(), str(adapters[0].spec.path),
+                                           adapter_name=names[0], low_cpu_mem_usage=stream)
+            for name, la in zip(names[1:], adapters[1:]):
+                pm.load_adapter(str(la.spec.path), adapter_name=name, low_cpu_mem_usage=stream)
         for mod in pm.modules():  # an adapter's weight multiplies its scale, as in the merge
             if isinstance(mod, (LoraLayer, LycorisLayer)):  # LoHa/LoKr keep the same ``scaling`` dict
                 for name, la in zip(names, adapters):
                     if name in mod.scaling:
                         mod.scaling[name] *= la.spec.weight
         pm.base_model.set_adapter(names if len(names) > 1 else names[0])
-        return logits(pm.eval())
+        return logits(pm.eval(), base if stream else None)
+
+    def merged_logits(stream: bool) -> "torch.Tensor":
+        if stream:
+            return logits(empty_model(cls, AutoConfig.from_pretrained(str(merged))), merged)
+        return logits(cls.from_pretrained(str(merged), dtype=torch.float32).eval(), None)
 
     with torch.no_grad():
-        want = peft_logits()
-        # the PEFT model holds reference cycles: free it before the merged model is loaded, so
-        # that one float32 model (and, while transformers loads it, its checkpoint's mapped
-        # bytes) is the peak, never two
-        gc.collect()
-        got = logits(cls.from_pretrained(str(merged), dtype=torch.float32).eval())
+        want = streamed(peft_logits)
+        gc.collect()  # the PEFT model holds reference cycles
+        got = streamed(merged_logits)
         gc.collect()
     diff = float((got - want).abs().max())
     top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())

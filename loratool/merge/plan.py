@@ -20,7 +20,7 @@ from loratool import boundary
 from loratool.adapter import AdapterModule, LayerKind, TensorSource, shape_of
 from loratool.text import listed
 from loratool.errors import InputError, MisfitError, UsageError
-from loratool.merge.basequant import BaseTransform, Dequantize, Requantize
+from loratool.merge.basequant import BaseTransform, Dequantize, OutputQuant, Requantize
 from loratool.merge.specs import LoadedAdapter, parse_dtype
 from loratool.quant.bnb import QuantSpec
 from loratool.quant.stored import QuantizedRef
@@ -122,6 +122,7 @@ class MergePlan:
     base_precision: QuantSpec | None = None  # --base-precision (None: keep)
     requantize: Requantize | None = None  # its transform, which measures the quantization term
     quantized_base: list[str] = field(default_factory=list)  # base weights stored in 4 bits
+    output_quant: OutputQuant | None = None  # --output-precision: the merged 4-bit weights requantized
 
     def tensors(self) -> Iterator[TensorPlan]:
         for shard in self.shards:
@@ -288,7 +289,8 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
     if base.path.is_file():
         plan.single_file = True
         st = SafetensorsFile(base.path)
-        tensors = [plans[r.info.name] for r in _data_order(st.ref(n) for n in st.keys())]
+        # (a 4-bit weight's quant-state tensors are part of its plan, not plans of their own)
+        tensors = [plans[r.info.name] for r in _data_order(st.ref(n) for n in st.keys() if n in plans)]
         if max_shard_size:
             raise UsageError("--max-shard-size needs a model directory; the base is a single file")
         plan.shards.append(ShardPlan("", tensors, dict(st.metadata)))

@@ -573,3 +573,37 @@ def parse_state(payload: bytes) -> dict:
     if "nested_offset" in state and not isinstance(state["nested_offset"], (int, float)):
         raise ValueError(f"nested_offset {state['nested_offset']!r}: expected a number")
     return state
+
+
+# -- writing: the quant state as ``QuantState.as_dict(packed=True)`` gives it ---------------------
+
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+
+
+def state_json(spec: QuantSpec, dtype: str, shape: tuple[int, ...], nested: NestedAbsmax | None = None) -> bytes:
+    """The bytes of ``quant_state.bitsandbytes__<type>``: ``pack_dict_to_tensor`` of the quant
+    state's non-tensor entries, in ``as_dict``'s order (``json.dumps`` with its default separators)."""
+    d = {"quant_type": spec.quant_type, "blocksize": spec.blocksize, "dtype": ST_TO_TORCH[dtype],
+         "shape": list(shape)}
+    if nested is not None:
+        d.update({"nested_blocksize": nested.blocksize, "nested_dtype": "float32",
+                  "nested_offset": float(nested.offset)})
+    return json.dumps(d).encode("utf-8")
+
+
+def state_tensors(name: str, spec: QuantSpec, dtype: str, shape: tuple[int, ...], absmax: np.ndarray,
+                  nested: NestedAbsmax | None = None) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    """(name, safetensors dtype, shape, bytes) of the tensors transformers writes beside the packed
+    weight ``name`` (``absmax``: the blocks' float32 absmax; ``nested``: its double quantization)."""
+    if nested is not None:
+        aux = [("absmax", "U8", nested.qabsmax), ("quant_map", "F32", CODES[spec.quant_type]),
+               ("nested_absmax", "F32", nested.nested_absmax), ("nested_quant_map", "F32", nested.nested_code)]
+    else:
+        aux = [("absmax", "F32", absmax), ("quant_map", "F32", CODES[spec.quant_type])]
+    out = [(f"{name}.{k}", dt, (int(np.size(v)),), np.ascontiguousarray(v, STORE[dt]).tobytes()) for k, dt, v in aux]
+    js = state_json(spec, dtype, shape, nested)
+    out.append((f"{name}.{STATE_PREFIX}{spec.quant_type}", "U8", (len(js),), js))
+    return out
+
+
+STORE = {"U8": np.dtype("u1"), "F32": np.dtype("<f4")}

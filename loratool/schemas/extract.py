@@ -24,6 +24,8 @@ class ExtractedModule(BaseModel):
     sketch_size: int = Field(description="Columns of the random sketch (rank + oversampling); 0 for exact")
     num_passes: int = Field(description="Products of ΔW with the sketch (power iterations: (num_passes-2)/2); 0 for "
                                         "exact")
+    lora_bias: bool = Field(False, description="Whether its changed bias is written as PEFT's lora_B.bias "
+                                               "(TUNED − BASE, --save-dropped lora_bias)")
 
 
 class DroppedTensor(BaseModel):
@@ -49,6 +51,8 @@ class ExtractReport(BaseModel):
     seed: int
     dtype: str = Field(description="Dtype of the written factors (fp32, bf16, fp16)")
     compute_dtype: str = Field(description="Dtype the deltas were computed in (float32 or float64)")
+    device: str = Field("numpy on the CPU", description="Where the deltas were formed and factored: 'numpy on the "
+                                                        "CPU' or 'torch on cuda' (--device)")
     alpha_policy: str
     target_spec: Optional[str] = Field(None, description="--targets as given (None: every 2-D weight that changed)")
     num_tensors: int = Field(description="Tensors compared (every tensor of BASE)")

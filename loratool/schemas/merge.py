@@ -78,6 +78,18 @@ class QuantLayer(BaseModel):
     warn: bool  # ‖q‖ > ‖ΔW‖: the precision matters more than the adapter here
 
 
+class RequantLayer(BaseModel):
+    """What ``merge --output-precision`` added to one merged tensor M (issue 16): M − dequant(quant(M))."""
+
+    name: str
+    numel: int
+    precision: str  # the 4-bit format it is written in: "nf4,blocksize=64,double-quant"...
+    requant_norm: float  # ‖M − dequant(quant(M))‖
+    delta_norm: float  # ‖Σ wᵢ·sᵢ·ΔWᵢ‖
+    requant_over_delta: float | None  # their ratio (None: ΔW = 0)
+    warn: bool  # the requantization moves the weight more than the adapter does
+
+
 class MergeResult(BaseModel):
     """What ``merge``/``unmerge`` wrote."""
 
@@ -101,6 +113,10 @@ class MergeResult(BaseModel):
     # or "stored:<spec>" for a base stored in 4 bits; per tensor what the choice changed
     base_precision: str = "keep"
     quantization: list[QuantLayer] = []
+    # the output's precision (issue 16): "keep" (16-bit), or the 4-bit format the merged weights of
+    # a 4-bit base were requantized to, with the error that added per tensor
+    output_precision: str = "keep"
+    requantization: list[RequantLayer] = []
     # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
     # CLI before ``warnings``, and left out of --json (its output is unchanged since issue 12)
     base_warnings: list[str] = Field(default_factory=list, exclude=True)
@@ -117,6 +133,8 @@ class MergeResult(BaseModel):
                 f"file(s), {self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}")
         if self.base_precision != "keep":
             text += f"; base precision {self.base_precision}"
+        if self.output_precision != "keep":
+            text += f"; output requantized to {self.output_precision}"
         return text
 
 
