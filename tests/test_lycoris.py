@@ -24,25 +24,11 @@ SEED = 31
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     """case -> (path of the file lycoris saved, the network (float64, applied), the float64 model)."""
-    import logging
-
-    from safetensors.torch import save_file
-
-    logging.getLogger("lycoris").setLevel(logging.ERROR)
     d = tmp_path_factory.mktemp("lycoris")
-    out = {}
-    for i, (case, (algo, kw)) in enumerate(fx.CASES.items()):
-        model = fx.tiny_unet(SEED)
-        if i == 0:
-            (d / "base").mkdir()
-            save_file({f"unet.{k}": v.contiguous() for k, v in model.state_dict().items()},
-                      str(d / "base" / "model.safetensors"), metadata={"format": "pt"})
-        net = fx.make_network(model, algo, kw, SEED + i)
-        path = d / f"{case}.safetensors"
-        net.save_weights(str(path), torch.float32, {})
+    out = fx.write_networks(d, fx.CASES, SEED)
+    for _, net, model in out.values():
         net.to(torch.float64)
         model.to(torch.float64)
-        out[case] = (path, net, model)
     out["_base"] = d / "base"
     return out
 

@@ -22,26 +22,12 @@ ALGORITHM = {"diag-oft": "OFT", "ia3": "IA3", "glora": "GLoRA"}
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     """case -> (path of the file lycoris saved, the network (applied; float64 but for OFT), the model)."""
-    import logging
-
-    from safetensors.torch import save_file
-
-    logging.getLogger("lycoris").setLevel(logging.ERROR)
     d = tmp_path_factory.mktemp("lycoris_based")
-    out = {}
-    for i, (case, (algo, kw)) in enumerate(fx.BASED_CASES.items()):
-        model = fx.tiny_unet(SEED)
-        if i == 0:
-            (d / "base").mkdir()
-            save_file({f"unet.{k}": v.contiguous() for k, v in model.state_dict().items()},
-                      str(d / "base" / "model.safetensors"), metadata={"format": "pt"})
-        net = fx.make_network(model, algo, kw, SEED + i)
-        path = d / f"{case}.safetensors"
-        net.save_weights(str(path), torch.float32, {})
-        if algo != "diag-oft":  # lycoris's Cayley transform mixes dtypes (``.float().inverse()``): float32 only
+    out = fx.write_networks(d, fx.BASED_CASES, SEED)
+    for case, (_, net, model) in out.items():
+        if fx.BASED_CASES[case][0] != "diag-oft":  # lycoris's Cayley transform mixes dtypes (``.float().inverse()``): float32 only
             net.to(torch.float64)
             model.to(torch.float64)
-        out[case] = (path, net, model)
     out["_base"] = d / "base"
     return out
 
