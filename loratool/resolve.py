@@ -30,8 +30,14 @@ def resolve_adapter(ref: str | os.PathLike) -> Path:
 
 
 def load_adapter(ref: str | os.PathLike, format: str | None = None, tolerant: bool = False) -> Adapter:
-    """``formats.load_adapter`` of what ``ref`` names (``resolve_adapter``)."""
-    return formats.load_adapter(resolve_adapter(ref), format=format, tolerant=tolerant)
+    """``formats.load_adapter`` of what ``ref`` names (``resolve_adapter``). A registry reference
+    is read in the format the registry recorded when it was added (``registry add --format``
+    included), unless ``format`` says otherwise."""
+    text = os.fspath(ref)
+    if os.path.lexists(text):
+        return formats.load_adapter(Path(text), format=format, tolerant=tolerant)
+    path, stored = _resolve_ref(text)
+    return formats.load_adapter(path, format=format or stored, tolerant=tolerant)
 
 
 def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None = None, api: Any = None,
@@ -54,9 +60,16 @@ def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None =
     it is made of rotted or is missing; and ``AmbiguousRefError`` (a ``UsageError``, exit 2) for a
     digest prefix that matches several adapters, listing them.
     """
+    return _resolve_ref(ref, home=home, api=api, cache_dir=cache_dir)[0]
+
+
+def _resolve_ref(ref: str | os.PathLike, home: str | os.PathLike | None = None, api: Any = None,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """``resolve_adapter_ref`` and, for a registry reference, the format its tree records (None
+    for a path or a Hub reference: those are detected)."""
     text = os.fspath(ref)
     if os.path.exists(text):
-        return Path(text)
+        return Path(text), None
     if text.startswith("hf:/") and not text.startswith(HUB_PREFIX):
         text = HUB_PREFIX + text[len("hf:/"):]  # Path("hf://o/r") collapses the '//'
     try:
@@ -68,7 +81,7 @@ def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None =
     if parsed.kind == "hub":
         from loratool.registry.hub import download_adapter
 
-        return download_adapter(parsed.repo_id, parsed.revision, api=api, cache_dir=cache_dir, home=home)
+        return download_adapter(parsed.repo_id, parsed.revision, api=api, cache_dir=cache_dir, home=home), None
     from loratool.registry.core import NotInRegistryError, Registry, protected_home
     from loratool.registry.store import CorruptBlobError
 
@@ -76,7 +89,8 @@ def resolve_adapter_ref(ref: str | os.PathLike, home: str | os.PathLike | None =
         with Registry(home, create=False) as reg:
             for p in protected_home(reg.home):
                 note_input(p)
-            return reg.materialize(reg.resolve_digest(parsed))
+            digest = reg.resolve_digest(parsed)
+            return reg.materialize(digest), reg.tree(digest).format
     except NotInRegistryError as e:
         raise InputError(f"{text}: no such file or directory, and {e.message}") from None
     except CorruptBlobError as e:

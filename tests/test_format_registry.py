@@ -85,7 +85,7 @@ def test_unknown_layout_names_every_format(tmp_path):
     msg = str(e.value)
     assert ("expected PEFT (base_model.model.….lora_A.weight, with adapter_config.json beside it); kohya "
             "(lora_unet_….lora_down.weight); or diffusers (unet.….lora_A.weight") in msg
-    assert "take --format NAME" in msg and f"loratool convert {path} --format NAME" in msg
+    assert "takes --format NAME" in msg and f"loratool convert {path} --format NAME" in msg
 
 
 # -- typed configs ----------------------------------------------------------------------------------

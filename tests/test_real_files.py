@@ -125,7 +125,7 @@ def test_unknown_layout_message_is_true_and_advises_what_the_command_has(tmp_pat
     assert "no LoRA factor names found" not in msg
     assert f"`loratool convert {path} --format NAME --to peft -o DIR`" in msg
     code, _, err = run(capsys, "compose", "--adapters", path, "-o", tmp_path / "out")
-    assert code == 2 and err.count("\n") == 1 and "take --format NAME; for other commands (registry add), convert it first" in err
+    assert code == 2 and err.count("\n") == 1 and "every command that takes an adapter takes --format NAME" in err
 
 
 def test_the_commands_named_as_taking_format_are_those_that_do():
@@ -257,3 +257,47 @@ def test_merge_parity_unmerge_take_format(fixtures_dir, tmp_path, capsys):
                          "--base", base, "--format", "diffusers", "--quiet", "--json")
     assert code == 0, err
     assert json.loads(out)["max_ulp"] <= 1.0
+
+
+def test_registry_add_records_format_and_reads_the_reference_so(fixtures_dir, tmp_path, capsys, monkeypatch):
+    """``registry add --format`` (issue 13): a file detection cannot place is stored with the
+    format given, and every later use of the reference reads it so (merge, inspect), without
+    --format; export gives the file back byte for byte, or converted from that format."""
+    src = load_adapter(fixtures_dir / "llama_r8")
+    tensors = {}
+    for name, m in list(src.modules.items())[:2]:
+        tensors[f"{name}.lora_A.weight"] = m.lora_A.load().float()
+        tensors[f"{name}.lora_B.weight"] = m.lora_B.load().float()
+    path = tmp_path / "bare.safetensors"
+    save_file(tensors, str(path))
+    home = tmp_path / "home"
+    code, _, err = run(capsys, "registry", "--home", home, "add", path, "--name", "bare")
+    assert code == 2 and "--format NAME" in err and err.count("\n") == 1
+    code, out, err = run(capsys, "registry", "--home", home, "add", path, "--name", "bare", "--format", "diffusers",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["version"] == 1
+    monkeypatch.setenv("LORATOOL_HOME", str(home))
+    code, out, err = run(capsys, "inspect", "bare", "--json")
+    assert code == 0, err
+    assert json.loads(out)["format"] == "diffusers" and json.loads(out)["num_modules"] == 2
+    base = fixtures_dir / "base_llama"
+    code, _, err = run(capsys, "merge", "--base", base, "--adapters", "bare", "-o", tmp_path / "m", "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "merge", "--base", base, "--adapters", path, "-o", tmp_path / "ref", "--quiet",
+                       "--format", "diffusers")
+    assert code == 0, err
+    shards = sorted((tmp_path / "ref").glob("*.safetensors"))
+    assert shards
+    for f in shards:
+        assert (tmp_path / "m" / f.name).read_bytes() == f.read_bytes()
+    code, _, err = run(capsys, "registry", "--home", home, "export", "bare", "-o", tmp_path / "back.safetensors")
+    assert code == 0, err
+    assert (tmp_path / "back.safetensors").read_bytes() == path.read_bytes()
+    code, _, err = run(capsys, "registry", "--home", home, "export", "bare", "-o", tmp_path / "peft", "--format", "peft")
+    assert code == 0, err
+    peft_out = load_adapter(tmp_path / "peft")
+    assert peft_out.format == "peft" and len(peft_out.modules) == 2
+    for name, m in load_adapter(path, format="diffusers").modules.items():
+        (got,) = [g for n, g in peft_out.modules.items() if n.endswith(name)]
+        assert torch.equal(got.delta(torch.float64), m.delta(torch.float64))

@@ -57,12 +57,14 @@ def registry_group(ctx, home):
 @click.argument("path", type=click.Path(exists=True, path_type=str))
 @click.option("--name", "name", required=True, help="Registry name (letters, digits, . _ -, '/'-separated parts).")
 @click.option("--tag", "tags", multiple=True, help="Point this tag at the new version (repeatable), e.g. prod.")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Override format detection of PATH; the registry records it and reads the adapter so.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def add_cmd(ctx, path, name, tags, as_json):
+def add_cmd(ctx, path, name, tags, fmt, as_json):
     """Store the adapter at PATH as the next version of NAME (the same content is stored once)."""
     with _registry(ctx) as reg:
-        result = reg.add(path, name, tags=tags)
+        result = reg.add(path, name, tags=tags, format=fmt)
     _render_add(result, as_json)
 
 
@@ -302,13 +304,15 @@ def export_cmd(ctx, ref, out, fmt, overwrite, as_json):
 @click.argument("ref", metavar="hf://OWNER/REPO[@REV]")
 @click.option("--name", "name", default=None, help="Registry name (default: the repo's name).")
 @click.option("--tag", "tags", multiple=True, help="Point this tag at the pulled version (repeatable).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
+              help="Override format detection of the downloaded adapter, as for `registry add`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def pull_cmd(ctx, ref, name, tags, as_json):
+def pull_cmd(ctx, ref, name, tags, fmt, as_json):
     """Download a Hub adapter (its files only, into the Hugging Face cache) and add it."""
     from loratool.registry.hub import pull
 
-    _render_add(pull(ref, name=name, tags=tags, home=_home(ctx)), as_json)
+    _render_add(pull(ref, name=name, tags=tags, home=_home(ctx), format=fmt), as_json)
 
 
 @registry_group.command("push")

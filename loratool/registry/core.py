@@ -126,16 +126,18 @@ class Registry:
 
     # -- adding -------------------------------------------------------------------------------
     def add(self, path: str | os.PathLike, name: str, tags: Iterable[str] = (),
-            source: Source | None = None) -> AddResult:
+            source: Source | None = None, format: str | None = None) -> AddResult:
         """Store the adapter at ``path`` as the next version of ``name`` (or return the latest
-        version when it already holds the same content) and point ``tags`` at it."""
+        version when it already holds the same content) and point ``tags`` at it. ``format``
+        overrides detection; the tree records the format, and every later read of the reference
+        (``loratool.resolve.load_adapter``) reads it in that format."""
         from loratool.fingerprint import adapter_tensors_digest, config_digest
         from loratool.formats import load_adapter
         from loratool.manifest import declared_base, manifest_path
 
         validate_name(name)
         tags = list(dict.fromkeys(validate_tag(t) for t in tags))
-        adapter = load_adapter(path)
+        adapter = load_adapter(path, format=format)
         base_model, _ = declared_base(adapter)  # text or None: a config's odd value is one line, here
         src = Path(adapter.path or path)
         root = src if src.is_dir() else src.parent

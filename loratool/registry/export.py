@@ -37,6 +37,6 @@ def export(ref: str, out: str | os.PathLike, format: str | None = None, overwrit
             src = reg.materialize(digest)
             for p in protected_home(reg.home):  # the default home is protected already
                 note_input(p)
-            path = convert(src, fmt, out, overwrite=overwrite).output
+            path = convert(src, fmt, out, overwrite=overwrite, format=tree.format).output
     return ExportResult(ref=ref, digest=digest, format=fmt, source_format=tree.format,
                         converted=fmt != tree.format, output=Path(path))

@@ -127,9 +127,10 @@ def snapshot_commit(path: Path, revision: str | None) -> str | None:
 
 
 def pull(ref: str, name: str | None = None, tags: Iterable[str] = (), home: str | os.PathLike | None = None,
-         api: Any = None, cache_dir: str | os.PathLike | None = None) -> AddResult:
+         api: Any = None, cache_dir: str | os.PathLike | None = None, format: str | None = None) -> AddResult:
     """``loratool registry pull hf://owner/repo[@rev]``: download the adapter's files into the
-    Hugging Face cache and add them to the registry, as ``name`` (default: the repo's name)."""
+    Hugging Face cache and add them to the registry, as ``name`` (default: the repo's name);
+    ``format`` overrides detection, as for ``Registry.add``."""
     from loratool.fingerprint import parse_hub_ref
     from loratool.registry.core import Registry
     from loratool.registry.refs import validate_name, validate_tag
@@ -143,7 +144,7 @@ def pull(ref: str, name: str | None = None, tags: Iterable[str] = (), home: str 
     path = download_adapter(repo_id, revision, api=api, cache_dir=cache_dir, home=home)
     source = Source(kind="hub", location=repo_id, revision=snapshot_commit(path, revision))
     with Registry(home) as reg:
-        return reg.add(path, name, tags=tags, source=source)
+        return reg.add(path, name, tags=tags, source=source, format=format)
 
 
 # -- push ---------------------------------------------------------------------------------------
