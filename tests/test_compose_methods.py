@@ -258,3 +258,17 @@ def test_dare_masks_in_compose_are_bernoulli_and_rescaled():
         torch.testing.assert_close(x, (f.B2 @ f.A2 * 2.0) * keep / density, rtol=1e-6, atol=0)
         assert abs(float(keep.float().mean()) - density) < 4 * (density * (1 - density) / keep.numel()) ** 0.5
     assert not torch.equal(got[0] != 0, got[1] != 0)  # each input has its own stream
+
+
+def test_the_iteration_stops_where_the_gains_left_are_bounded():
+    """``_converged``: a step adding at most the limit ends it; so does one whose gains shrink by
+    ρ ≤ ½ a step when all later gains at that rate, gain·ρ/(1 − ρ), stay under the limit; gains
+    that shrink slower (the geometric bound does not hold) or a first step never end it early."""
+    from loratool.compose_methods.delta import _converged
+
+    assert _converged(1e-6, None, 1e-5)
+    assert not _converged(1e-4, None, 1e-5)
+    assert _converged(1e-4, 1.0, 1e-5)  # ρ = 1e-4: 1e-8 left at most
+    assert not _converged(1e-3, 1e-2, 1e-5)  # ρ = 0.1: 1.1e-4 left, above the limit
+    assert not _converged(6e-5, 1e-4, 1e-5)  # ρ = 0.6 > ½: no bound taken from it
+    assert _converged(2e-5, 1e-4, 1e-5)  # ρ = 0.2: 5e-6 left

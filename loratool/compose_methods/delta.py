@@ -288,15 +288,20 @@ def test_matrix(shape: tuple[int, int], k: int, row_spaces: Sequence["torch.Tens
                 generator: "torch.Generator | None" = None, oversample: int = OVERSAMPLE) -> "torch.Tensor | None":
     """The sketch's test matrix for the top-k SVD of an m×n matrix: orthonormal columns spanning
     [R₁ᵀ … Rⱼᵀ G], ``row_spaces`` Rᵢ (rᵢ×n, whose rows span where the matrix's rows mostly lie:
-    the inputs' A factors) and a Gaussian G of min(k, m, n)+oversample columns drawn from
-    ``generator``; None when it would be as wide as min(m, n) (the exact SVD is then as cheap)."""
+    the inputs' A factors) and a Gaussian G drawn from ``generator``, of as many columns as the
+    row spaces fall short of p = min(k, m, n), plus ``oversample``: at least p + oversample columns
+    in all, as Halko et al.'s sketch has, of which the row spaces take the place of Gaussian ones
+    (they are better ones; each column costs a share of every product with the matrix); None when
+    it would be as wide as min(m, n) (the exact SVD is then as cheap)."""
     import torch
 
     m, n = shape
     p = min(k, m, n)
-    if sum(r.shape[0] for r in row_spaces) + p + oversample >= min(m, n):
+    given = sum(r.shape[0] for r in row_spaces)
+    gaussian = max(p - given, 0) + oversample
+    if given + gaussian >= min(m, n):
         return None
-    G = torch.randn(n, p + oversample, dtype=torch.float32, generator=generator)
+    G = torch.randn(n, gaussian, dtype=torch.float32, generator=generator)
     return torch.linalg.qr(torch.cat([r.to(torch.float32).T for r in row_spaces] + [G], dim=1))[0]
 
 
@@ -306,6 +311,22 @@ def _top_energy(R: "torch.Tensor", p: int):
 
     Ur, S, Vrh = torch.linalg.svd(R.to(torch.float64))
     return Ur, S, Vrh, float((S[:p] ** 2).sum())
+
+
+def _converged(gain: float, last: float | None, limit: float) -> bool:
+    """Whether the step that added ``gain`` to the energy (after one that added ``last``) ends the
+    iteration: it added at most ``limit`` (or nothing: rounding only), or the gains shrink
+    geometrically, by ρ = gain/last ≤ ½ a step, and what all later steps could still add at that
+    rate, gain·ρ/(1 − ρ), is at most ``limit``. Subspace iteration closes the gap to the best
+    energy by a factor that does not grow from step to step (it is the ratio of singular values
+    (σₗ₊₁/σₖ)² each two products), so the sum is a bound; it saves the step whose only use was to
+    show that it adds nothing."""
+    if gain <= limit:
+        return True
+    if last is None or last <= 0 or gain > 0.5 * last:
+        return False
+    rho = gain / last
+    return gain * rho / (1 - rho) <= limit
 
 
 def truncated_svd(M: "torch.Tensor", k: int, omega: "torch.Tensor | None", sketch: "torch.Tensor | None" = None,
@@ -341,6 +362,7 @@ def truncated_svd(M: "torch.Tensor", k: int, omega: "torch.Tensor | None", sketc
     Q, R = torch.linalg.qr(M @ omega if sketch is None else sketch)  # M·Z = Q·R with Z = omega
     Z, transposed = omega, False  # transposed: the last step was Mᵀ·Q = Z·R (else M·Z = Q·R)
     Ur, S, Vrh, energy = _top_energy(R, p)
+    gain = None
     for _ in range(max_steps):
         if transposed:
             Q, R = torch.linalg.qr(M @ Z)
@@ -348,8 +370,8 @@ def truncated_svd(M: "torch.Tensor", k: int, omega: "torch.Tensor | None", sketc
             Z, R = torch.linalg.qr((Q.T @ M).T)
         transposed = not transposed
         Ur, S, Vrh, new = _top_energy(R, p)
-        done = new - energy <= tol * max(min(new, norm2 - new), 0.0)  # or no gain at all: rounding only
-        energy = new
+        done = _converged(new - energy, gain, tol * max(min(new, norm2 - new), 0.0))
+        gain, energy = new - energy, new
         if done:
             break
     # the projection: M·Z·Zᵀ = Q·R·Zᵀ after an M·Z step, Q·Qᵀ·M = Q·Rᵀ·Zᵀ after an Mᵀ·Q step
