@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from loratool.errors import UsageError
-from loratool.lowrank import RankRule, _fix_signs
+from loratool.lowrank import RankRule, _fix_signs, describe_rule
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -87,23 +87,7 @@ class ExtractRule:
         return cls(rank, energy, rel_error, sv_ratio, budget, min_rank or 1, max_rank, sv_fro)
 
     def describe(self) -> str:
-        if self.rank is not None:
-            s = f"rank {self.rank}"
-        elif self.energy is not None:
-            s = f"energy {self.energy:g}"
-        elif self.rel_error is not None:
-            s = f"rel-error {self.rel_error:g}"
-        elif self.sv_ratio is not None:
-            s = f"sv-ratio {self.sv_ratio:g}"
-        elif self.sv_fro is not None:
-            s = f"sv-fro {self.sv_fro:g}"
-        else:
-            s = f"budget {self.budget} bytes"
-        if self.min_rank != 1:
-            s += f", min rank {self.min_rank}"
-        if self.max_rank is not None:
-            s += f", max rank {self.max_rank}"
-        return s
+        return describe_rule(self)
 
     def bound(self, k: int, full: int) -> int:
         """``k`` within min_rank/max_rank and the module's full rank."""

@@ -10,7 +10,7 @@ model on 2 cores). All of this is computed in float64.
 
 The delta-domain merges (TIES, DARE, magnitude pruning) are compose methods
 (``loratool.compose_methods.delta``); they need the dense delta of one module at a time, which
-``randomized_svd`` then truncates.
+their ``truncated_svd`` then truncates.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from loratool.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import torch
 
 # Factors and results are numpy arrays (numpy's LAPACK, float64: no torch import for inspect,
 # validate, resize and compose, issue 14); inputs may be numpy arrays or CPU torch tensors. numpy
@@ -221,6 +220,23 @@ RULES = ("rank", "energy", "sv_ratio", "sv_cumulative", "sv_fro")
 KOHYA_DYNAMIC_METHODS = {"sv_ratio": "sv_ratio", "sv_cumulative": "sv_cumulative", "sv_fro": "sv_fro"}
 
 
+# The words for each rank rule's option in messages and reports, for ``describe_rule``: the
+# fields of ``RankRule`` and of extract's ``ExtractRule`` (which adds ``rel_error`` and ``budget``).
+RULE_WORDS = {"rank": "rank {}", "energy": "energy {:g}", "rel_error": "rel-error {:g}", "sv_ratio": "sv-ratio {:g}",
+              "sv_fro": "sv-fro {:g}", "sv_cumulative": "sv-cumulative {:g}", "budget": "budget {} bytes"}
+
+
+def describe_rule(rule) -> str:
+    """The rule that ``rule`` (a ``RankRule`` or anything with its fields) sets, and its
+    min/max rank bounds where they are not the defaults: "energy 0.9, max rank 32"."""
+    s = next(words.format(v) for field, words in RULE_WORDS.items() if (v := getattr(rule, field, None)) is not None)
+    if rule.min_rank != 1:
+        s += f", min rank {rule.min_rank}"
+    if rule.max_rank is not None:
+        s += f", max rank {rule.max_rank}"
+    return s
+
+
 @dataclass(frozen=True)
 class RankRule:
     """How many singular components to keep: exactly one of ``rank`` (K), ``energy`` (keep that
@@ -280,21 +296,7 @@ class RankRule:
         return dataclasses.replace(self, max_rank=k, min_rank=min(self.min_rank, k))
 
     def describe(self) -> str:
-        if self.rank is not None:
-            s = f"rank {self.rank}"
-        elif self.energy is not None:
-            s = f"energy {self.energy:g}"
-        elif self.sv_ratio is not None:
-            s = f"sv-ratio {self.sv_ratio:g}"
-        elif self.sv_fro is not None:
-            s = f"sv-fro {self.sv_fro:g}"
-        else:
-            s = f"sv-cumulative {self.sv_cumulative:g}"
-        if self.min_rank != 1:
-            s += f", min rank {self.min_rank}"
-        if self.max_rank is not None:
-            s += f", max rank {self.max_rank}"
-        return s
+        return describe_rule(self)
 
     def choose(self, S: Array, shape: tuple[int, int] | None = None) -> int:
         """The rank to keep for a delta with singular values S (descending). Not capped by
@@ -323,51 +325,3 @@ class RankRule:
         if self.max_rank is not None:
             k = min(k, self.max_rank)
         return max(k, self.min_rank)
-
-
-# -- randomized SVD for dense (full-rank) deltas ------------------------------------------------
-# In torch: the dense-delta compose methods prune and combine in torch (PEFT's merge_utils), seeded
-# by a torch.Generator, and their bits stay what they were.
-
-def _fix_signs_torch(U: "torch.Tensor", Vh: "torch.Tensor"):
-    """``_fix_signs`` for torch tensors (the dense-delta methods compute in torch)."""
-    import torch
-
-    if U.shape[1] == 0:
-        return U, Vh
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
-    signs[signs == 0] = 1
-    return U * signs, Vh * signs[:, None]
-
-
-def randomized_svd(M: "torch.Tensor", k: int, oversample: int = 10, n_iter: int = 4,
-                   generator: "torch.Generator | None" = None):
-    """Top-k SVD of a dense m×n matrix (Halko, Martinsson & Tropp 2011, alg. 4.4: a Gaussian
-    sketch of k+oversample columns, ``n_iter`` power iterations with QR re-orthonormalisation).
-
-    Computed in M's dtype (float32 for the delta-domain merges, like PEFT). When k+oversample
-    reaches min(m, n) the exact SVD is cheaper and is used instead. Returns (U m×p, S p, Vh p×n),
-    p = min(k, m, n), signs as ``_fix_signs``. U diag(S) Vh is the orthogonal projection of M on
-    span(U), so ‖M − U S Vh‖²_F = ‖M‖²_F − ΣS² exactly (up to rounding).
-    """
-    import torch
-
-    m, n = M.shape
-    p = min(k, m, n)
-    ell = p + oversample
-    if ell >= min(m, n):
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        U, Vh = _fix_signs_torch(U[:, :p], Vh[:p])
-        return U, S[:p], Vh
-    omega = torch.randn(n, ell, dtype=M.dtype, generator=generator)
-    Q = torch.linalg.qr(M @ omega, mode="reduced")[0]
-    for _ in range(n_iter):
-        Z = torch.linalg.qr(M.T @ Q, mode="reduced")[0]
-        Q = torch.linalg.qr(M @ Z, mode="reduced")[0]
-    small = Q.T @ M  # ell×n
-    Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    U = Q @ Ub[:, :p]
-    U, Vh = _fix_signs_torch(U, Vh[:p])
-    return U, S[:p], Vh
-

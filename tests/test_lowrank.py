@@ -19,7 +19,6 @@ from loratool.lowrank import (
     effective_rank,
     energy_kept,
     numerical_rank,
-    randomized_svd,
     singular_values,
     split_factors,
     stack_factors,
@@ -155,34 +154,6 @@ def test_rule_with_rank_is_kohyas_conv_rank():
     conv = RankRule(sv_fro=1.0, min_rank=3).with_rank(2)  # a dynamic rule is capped at the conv rank
     assert conv == RankRule(sv_fro=1.0, min_rank=2, max_rank=2) and conv.choose(S) == 2
     assert RankRule(sv_ratio=2).with_rank(3).choose(S) == 2  # under the cap: the rule's own choice
-
-
-def test_randomized_svd_matches_the_top_of_the_spectrum():
-    g = torch.Generator().manual_seed(0)
-    m, n, k = 300, 200, 10
-    # decaying spectrum plus noise, like a pruned sum of low-rank deltas
-    U0 = torch.linalg.qr(torch.randn(m, 40, generator=g, dtype=torch.float64))[0]
-    V0 = torch.linalg.qr(torch.randn(n, 40, generator=g, dtype=torch.float64))[0]
-    M = (U0 * (0.8 ** torch.arange(40, dtype=torch.float64))) @ V0.T
-    M += 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64)
-    U, S, Vh = randomized_svd(M, k, generator=torch.Generator().manual_seed(1))
-    Sx = torch.linalg.svdvals(M)
-    torch.testing.assert_close(S, Sx[:k], rtol=1e-6, atol=0)
-    err = float(torch.linalg.norm(M - (U * S) @ Vh))
-    opt = float(torch.sqrt((Sx[k:] ** 2).sum()))
-    assert err == pytest.approx(opt, rel=1e-6)
-    # the projection identity the compose report relies on
-    assert err ** 2 == pytest.approx(float((M ** 2).sum() - (S ** 2).sum()), rel=1e-6)
-    # seeded: identical bits
-    U2, S2, Vh2 = randomized_svd(M, k, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(U, U2) and torch.equal(S, S2) and torch.equal(Vh, Vh2)
-
-
-def test_randomized_svd_falls_back_to_the_exact_svd_on_small_matrices():
-    M = torch.randn(30, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    U, S, Vh = randomized_svd(M, 20)
-    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-12, atol=1e-12)
-
 
 
 @pytest.mark.parametrize("rule", [RankRule(energy=0.9), RankRule(sv_ratio=3.0), RankRule(sv_cumulative=0.7),
