@@ -17,9 +17,10 @@ them: the same count). ``merge``/``merge_deltas`` draw DARE's masks as PEFT's ``
 does (from the global RNG: PEFT's result exactly); ``compose`` forms, masks and combines each
 block of rows of the deltas in one pass, its Bernoulli masks from 32 random bits per entry of a
 numpy PCG64 stream per input (``dare_fill``). The truncation is a randomized SVD whose sketch
-starts from the inputs' row spaces (the Aᵢ) besides the Gaussian columns, and which stops at the
-first step that no longer adds energy (``truncated_svd``): 3 products with the merged delta on
-most modules, where the fixed two power iterations took 6.
+starts from the inputs' row spaces (the Aᵢ), with Gaussian columns only for what they miss
+(``test_matrix``), and which stops once what later steps could add is bounded below the
+tolerance (``truncated_svd``): 2 or 3 products with the merged delta on most modules, where the
+fixed two power iterations took 6.
 """
 
 from __future__ import annotations
