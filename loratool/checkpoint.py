@@ -11,9 +11,11 @@ Layouts understood:
   ``model.diffusion_model.input_blocks.1.1.proj_in.weight``), and a bare pipeline component
   (``unet/``) given on its own.
 
-Adapter names meet base tensors through one rule, ``tensor_name`` (and ``weight_name`` for a
-module): the fit check (``kinds``: validate, the manifest's base check) and the merge plan (merge,
-parity, unmerge) all use it.
+Adapter names meet base tensors through one rule, ``target`` (``weight_target`` for a module):
+the fit check (``kinds``: validate, the manifest's base check) and the merge plan (merge, parity,
+unmerge) all use it. A target is a whole tensor or a block of its rows (``Target``: q, k and v of
+OpenCLIP's fused ``in_proj_weight`` in a single-file SDXL checkpoint); ``tensor_name`` is the rule
+for what needs a whole tensor (modules_to_save, streamed forward passes).
 
 A checkpoint that transformers saved with bitsandbytes 4-bit weights is read as the 16-bit model
 they dequantize to (``loratool.quant.stored``): ``ref(name)`` of such a weight is a
@@ -25,6 +27,7 @@ Only headers are read up front (names, shapes, dtypes, offsets); tensors are rea
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -203,15 +206,12 @@ class BaseCheckpoint:
         return sum(r.nbytes for r in self._tensors.values())
 
     # -- adapter names -> base tensors (issue 13): the one rule ----------------------------------
-    def weight_name(self, module: str) -> str | None:
-        """The base tensor that a module's delta is added to, or None: ``tensor_name`` of
-        ``<module>.weight``."""
-        return self.tensor_name(f"{module}.weight")
-
-    def tensor_name(self, name: str) -> str | None:
-        """The base tensor that an adapter's tensor ``name`` (loratool's canonical naming:
+    def target(self, name: str) -> "Target | None":
+        """Where an adapter's tensor ``name`` (loratool's canonical naming:
         ``unet.down_blocks.0.….weight``, ``text_encoder.text_model.encoder.….weight``,
-        ``model.layers.0.….weight``) refers to, or None when it refers to none or to several.
+        ``model.layers.0.….weight``) lands in this base: a whole tensor, or a block of rows of one
+        (``Target.rows``: OpenCLIP's q/k/v in a single-file SD checkpoint, fused by rows into
+        ``in_proj_weight``); None when it refers to no tensor or to several.
 
         The name itself, if the base has it; else the one tensor that exactly one of these forms
         names (zero or several: None, never a guess):
@@ -224,55 +224,108 @@ class BaseCheckpoint:
           saved) under each component;
         * in a bare component folder (``unet/``, or a diffusers UNet's weights on their own), the
           component prefix dropped;
-        * in a single-file SD/SDXL checkpoint, the UNet's and CLIP-L's LDM names
-          (``sdnames.ldm_names``).
+        * in a single-file SD/SDXL checkpoint, the UNet's, CLIP-L's and OpenCLIP's LDM names
+          (``sdnames.ldm_targets``), q/k/v as row blocks of the fused tensor.
         """
         if name in self._tensors:
-            return name
+            return Target(name)
         found = self._matches(name)
         return found[0] if len(found) == 1 else None
 
+    def weight_target(self, module: str) -> "Target | None":
+        """``target`` of ``<module>.weight``: where a module's delta is added."""
+        return self.target(f"{module}.weight")
+
+    def target_shape(self, t: "Target") -> tuple[int, ...]:
+        """The shape of what ``t`` names: the tensor's, or its rows'."""
+        shape = tuple(self.shape(t.tensor))
+        return shape if t.rows is None else (t.rows[1] - t.rows[0],) + shape[1:]
+
+    def weight_name(self, module: str) -> str | None:
+        """The base tensor that a module's delta is added to as a whole, or None: ``tensor_name``
+        of ``<module>.weight``."""
+        return self.tensor_name(f"{module}.weight")
+
+    def tensor_name(self, name: str) -> str | None:
+        """The whole base tensor that an adapter's tensor ``name`` refers to (``target``), or None:
+        also where it is only a block of rows of one (what replaces a whole tensor, as
+        modules_to_save do, or reads one, cannot use those)."""
+        t = self.target(name)
+        return t.tensor if t is not None and t.rows is None else None
+
     def missing(self, name: str) -> str:
-        """Why ``tensor_name(name)`` is None, as one clause for messages."""
+        """Why ``tensor_name(name)`` (or ``target``) is None, as one clause for messages."""
         found = self._matches(name)
         if len(found) > 1:
-            return (f"{name} matches {len(found)} base tensors ({', '.join(found[:3])}); the adapter's name "
-                    "does not say which (a component prefix would: convert --component NAME)")
+            return (f"{name} matches {len(found)} base tensors ({', '.join(map(str, found[:3]))}); the adapter's "
+                    "name does not say which (a component prefix would: convert --component NAME)")
+        t = found[0] if found else None
+        if t is not None and t.rows is not None:
+            return (f"{name} is {t} (q, k and v fused in one tensor in this single-file SD checkpoint); only a "
+                    "LoRA module's delta can be added to part of a tensor, nothing can replace it")
         text = f"the base has no tensor {name}"
         if self.ldm:
             from loratool.formats import sdnames
 
-            comp, _, _ = name.partition(".")
-            why = sdnames.ldm_refusal(comp, self._tensors)
+            comp, _, rest = name.rpartition(".")[0].partition(".")
+            why = sdnames.ldm_refusal(comp, rest, self._tensors)
             if why:
                 return f"{text}: {why}"
-            tried = [c for c in self._candidates(name) if "." in c and not c.startswith(comp + ".")]
+            tried = [c for c, _, _ in self._candidates(name) if "." in c and not c.startswith(comp + ".")]
             if tried:
                 return f"{text} (as {tried[0]} in this single-file SD checkpoint)"
         return text
 
-    def _matches(self, name: str) -> list[str]:
-        return sorted({c for c in self._candidates(name) if c in self._tensors})
+    def _matches(self, name: str) -> list["Target"]:
+        found: set[Target] = set()
+        for tensor, part, parts in self._candidates(name):
+            if tensor not in self._tensors:
+                continue
+            if parts == 1:
+                found.add(Target(tensor))
+                continue
+            shape = self.shape(tensor)
+            if shape and shape[0] % parts == 0:  # equal row blocks, or no match
+                d = shape[0] // parts
+                found.add(Target(tensor, (part * d, (part + 1) * d)))
+        return sorted(found, key=lambda t: (t.tensor, t.rows or (0, 0)))
 
-    def _candidates(self, name: str) -> list[str]:
+    def _candidates(self, name: str) -> list[tuple[str, int, int]]:
+        """(tensor name, part, parts) that ``name`` may be: a whole tensor (0, 1) or its row block
+        ``part`` of ``parts`` equal ones."""
         head, dot, leaf = name.rpartition(".")
         if not dot:
             return []
         comp, _, path = head.partition(".")
         if comp not in PIPELINE_COMPONENTS or not path:
             comp, path = "", head
+        if self.ldm:
+            from loratool.formats import sdnames
+
+            return [n for c in ([comp] if comp else ("unet", "text_encoder")) for p in _clip_forms(c, path)
+                    for n in sdnames.ldm_targets(c, p, leaf)]
         out: list[str] = []
         if self.components:  # a pipeline folder: every tensor is component-prefixed
             for c in ([comp] if comp else self.components):
                 out += [f"{c}.{p}" for p in _clip_forms(c, path)]
-        elif self.ldm:
-            for c in ([comp] if comp else ("unet", "text_encoder")):
-                out += [n for p in _clip_forms(c, path) for n in _ldm_names(c, p)]
         else:  # one model: a bare component folder drops its own prefix, nothing else
             stem = path if comp and comp == self.component else head
             out += [stem, stem[len("model."):] if stem.startswith("model.") else f"model.{stem}"]
             out += _clip_forms("", stem)
-        return [f"{n}.{leaf}" for n in out]
+        return [(f"{n}.{leaf}", 0, 1) for n in out]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an adapter module's weight (or bias) lands in a base (``BaseCheckpoint.target``): the
+    tensor ``tensor``, whole, or its rows [lo, hi) (``rows``: OpenCLIP's q, k or v, fused by rows
+    into one tensor in a single-file SD checkpoint)."""
+
+    tensor: str
+    rows: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        return self.tensor if self.rows is None else f"rows [{self.rows[0]}, {self.rows[1]}) of {self.tensor}"
 
 
 def _clip_forms(component: str, path: str) -> list[str]:
@@ -286,12 +339,6 @@ def _clip_forms(component: str, path: str) -> list[str]:
     if t4 != path:
         return [path, t4]
     return [path, path[len("text_model."):]] if path.startswith("text_model.") else [path]
-
-
-def _ldm_names(component: str, path: str) -> list[str]:
-    from loratool.formats import sdnames
-
-    return sdnames.ldm_names(component, path)
 
 
 def _component_of(path: Path, names: list[str], config: dict[str, Any]) -> str | None:

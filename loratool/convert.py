@@ -204,6 +204,8 @@ def base_delta(m, base) -> "numpy.ndarray":
     if not fit.ok:
         raise MisfitError(f"{base_problem(m, base)}, and {fit.message}")
     w = np.asarray(float_values(base.ref(fit.target)), np.float64)
+    if fit.rows is not None:  # its rows of a fused tensor (OpenCLIP's q, k or v)
+        w = w[fit.rows[0]:fit.rows[1]]
     return m.delta_from_base(w, 0, w.shape[0])
 
 

@@ -250,8 +250,8 @@ def test_transformers_5_text_encoder_names_both_ways(sd, tmp_path):
 
 def test_sdxl_single_file(sd, tmp_path):
     """An sd-scripts SDXL LoRA (SGM UNet names, te1) merged into an SDXL single file equals the
-    merge into the pipeline; its text_encoder_2 modules (OpenCLIP, fused q/k/v in the single file)
-    are refused in one line that says why."""
+    merge into the pipeline; its text_encoder_2 modules find OpenCLIP's tensors (q/k/v: rows of the
+    fused in_proj_weight), and one that is missing is named in one line."""
     gen = torch.Generator().manual_seed(3)
     pipe: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
     ldm: dict[str, torch.Tensor] = {}
@@ -285,12 +285,16 @@ def test_sdxl_single_file(sd, tmp_path):
         want = SafetensorsFile(next((tmp_path / "ref" / comp).glob("*.safetensors")))
         assert got.read_bytes(lstem + ".weight") == want.read_bytes(path + ".weight"), dname
     assert len(_changed(tmp_path / "sdxl.safetensors", tmp_path / "out.safetensors")) == len(table)
+    # text_encoder_2 is OpenCLIP there: its k_proj is rows [40, 80) of the fused in_proj_weight
+    # (tests/test_sdxl_single_file.py takes it through merge, parity, validate and unmerge)
     with pytest.raises(MisfitError) as e:
         merge(tmp_path / "sdxl.safetensors", str(sd["dir"] / "adapters" / "kohya_sdxl.safetensors"),
               tmp_path / "te2.safetensors", device="cpu")
-    msg = str(e.value)
-    assert "\n" not in msg and "text_encoder_2 is OpenCLIP" in msg and "in_proj_weight" in msg
-    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj" in msg
+    msg = str(e.value)  # layer 31's mlp.c_fc is not in this file: only that module is named
+    assert "\n" not in msg and "resblocks.31.mlp.c_fc.weight" in msg and "k_proj" not in msg
+    k = "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj.weight"
+    assert str(base.target(k)) == "rows [40, 80) of conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    assert base.tensor_name(k) is None and "fused" in base.missing(k)
 
 
 # -- exact or not found ------------------------------------------------------------------------------

@@ -189,12 +189,25 @@ def version_neutral_text_encoder_target(path: str) -> str:
 # original Stability names. The UNet sits under ``model.diffusion_model.`` with SGM block names
 # (``diffusers_to_sgm``; the inner names of attention blocks are diffusers'), the CLIP-L text
 # encoder under ``cond_stage_model.transformer.`` (SD 1.x) or ``conditioner.embedders.0.transformer.``
-# (SDXL) with transformers 4 names. SD 2.x's text encoder and SDXL's second one are OpenCLIP
-# (``….model.transformer.resblocks.N.attn.in_proj_weight``): q, k and v are rows of one fused
-# tensor, which no LoRA module names on its own. The VAE (``first_stage_model.``) has no LoRA.
+# (SDXL) with transformers 4 names. SD 2.x's text encoder and SDXL's second one (the refiner's only
+# one, under ``conditioner.embedders.0.model.``) are OpenCLIP: ``….model.transformer.resblocks.N.``
+# with ``attn.out_proj``, ``mlp.c_fc`` (fc1), ``mlp.c_proj`` (fc2), ``ln_1``/``ln_2``, and q, k and v
+# fused by rows into ``attn.in_proj_weight`` [3d, d] (and ``in_proj_bias``): rows [0, d) are q,
+# [d, 2d) k, [2d, 3d) v (diffusers' ``convert_open_clip_checkpoint`` and sd-scripts'
+# ``convert_sdxl_text_encoder_2_checkpoint`` split them so). A q/k/v module's target is then a
+# block of rows of that tensor (``ldm_targets``: part i of 3). ``text_projection`` is a bare matrix
+# stored transposed (x @ P where transformers has a Linear): no LoRA module is merged into it here.
+# The VAE (``first_stage_model.``) has no LoRA.
 LDM_UNET = "model.diffusion_model."
 LDM_CLIP_L = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
-LDM_OPEN_CLIP = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
+LDM_OPEN_CLIP = ("cond_stage_model.model.", "conditioner.embedders.1.model.", "conditioner.embedders.0.model.")
+# which pipeline component each OpenCLIP prefix is: SD 2.x's text_encoder, SDXL's (and the refiner's)
+# text_encoder_2
+_OPEN_CLIP_OF = {"text_encoder": LDM_OPEN_CLIP[:1], "text_encoder_2": LDM_OPEN_CLIP[1:]}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "layer_norm1": "ln_1", "layer_norm2": "ln_2"}
+_OPEN_CLIP_TOP = {"text_model.final_layer_norm": "ln_final", "text_model.embeddings.token_embedding": "token_embedding"}
 
 
 def is_ldm(names) -> bool:
@@ -207,7 +220,8 @@ def ldm_names(component: str, path: str) -> list[str]:
     """The tensor-name stems (without ``.weight``) that the diffusers module ``path`` of pipeline
     ``component`` may have in a single-file checkpoint: the caller keeps the one that exists.
     A UNet upsampler has two (``output_blocks.N.1.conv`` when its up block has no attention, as in
-    SD 1.x's first one, else ``….2.conv``); names with no LDM form have none."""
+    SD 1.x's first one, else ``….2.conv``); names with no LDM form have none. (OpenCLIP's names
+    depend on the tensor, not only the module: ``ldm_targets``.)"""
     if component == "unet":
         m = re.match(r"up_blocks\.(\d+)\.", path)
         forms = {diffusers_to_sgm(path, set()), diffusers_to_sgm(path, {int(m.group(1))} if m else set())}
@@ -217,20 +231,50 @@ def ldm_names(component: str, path: str) -> list[str]:
     return []
 
 
-def ldm_refusal(component: str, names) -> str | None:
-    """Why a module of ``component`` cannot be merged into the single-file checkpoint whose tensor
-    ``names`` are given, when the reason is the checkpoint's layout (OpenCLIP's fused q/k/v)."""
-    if component not in ("text_encoder", "text_encoder_2"):
-        return None
-    clip_l = any(n.startswith(LDM_CLIP_L) for n in names)
-    if component == "text_encoder" and clip_l:
-        return None
-    open_clip = [p for p in LDM_OPEN_CLIP if any(n.startswith(p) for n in names)]
-    if open_clip:
-        return (f"{component} is OpenCLIP in a single-file SD checkpoint ({open_clip[-1]}…, q/k/v fused in "
-                "in_proj_weight), which has no tensor per LoRA module; merge into the diffusers pipeline "
-                f"folder instead, or drop the {component} modules")
+def open_clip_name(path: str, leaf: str) -> tuple[str, int, int] | None:
+    """OpenCLIP's name (after its ``….model.`` prefix) of tensor ``leaf`` of the transformers CLIP
+    module ``path`` (``text_model.…``), as (name, part, parts): the tensor holds ``parts`` equal row
+    blocks and this module's is block ``part`` (q, k, v: 0, 1, 2 of ``in_proj_*``); None if the
+    module has no OpenCLIP tensor (``text_projection`` among them)."""
+    m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", path)
+    if m:
+        head, rest = f"transformer.resblocks.{m.group(1)}.", m.group(2)
+        proj = rest[len("self_attn."):] if rest.startswith("self_attn.") else None
+        if proj in _QKV:
+            return (f"{head}attn.in_proj_{leaf}", _QKV[proj], 3) if leaf in ("weight", "bias") else None
+        return (f"{head}{_OPEN_CLIP_LAYER[rest]}.{leaf}", 0, 1) if rest in _OPEN_CLIP_LAYER else None
+    if path in _OPEN_CLIP_TOP:
+        return f"{_OPEN_CLIP_TOP[path]}.{leaf}", 0, 1
+    if path == "text_model.embeddings.position_embedding" and leaf == "weight":
+        return "positional_embedding", 0, 1  # a bare parameter, the same layout as the Embedding's weight
     return None
+
+
+def ldm_targets(component: str, path: str, leaf: str) -> list[tuple[str, int, int]]:
+    """The tensors that tensor ``leaf`` (``weight``, ``bias``) of the diffusers module ``path`` of
+    pipeline ``component`` may be in a single-file checkpoint, as (tensor name, part, parts): the
+    whole tensor (0, 1), or its row block ``part`` of ``parts`` equal ones (OpenCLIP's fused q/k/v).
+    The caller keeps the one that exists."""
+    out = [(f"{stem}.{leaf}", 0, 1) for stem in ldm_names(component, path)]
+    found = open_clip_name(path, leaf) if component in _OPEN_CLIP_OF else None
+    if found:
+        name, part, parts = found
+        out += [(prefix + name, part, parts) for prefix in _OPEN_CLIP_OF[component]]
+    return out
+
+
+def ldm_refusal(component: str, path: str, names) -> str | None:
+    """Why module ``path`` of ``component`` cannot be merged into the single-file checkpoint whose
+    tensor ``names`` are given, when the reason is the checkpoint's layout: OpenCLIP's
+    ``text_projection``, a bare matrix stored transposed."""
+    if component not in _OPEN_CLIP_OF or path != "text_projection":
+        return None
+    found = [p for p in _OPEN_CLIP_OF[component] if p + "text_projection" in names]
+    if not found:
+        return None
+    return (f"{component}.text_projection is OpenCLIP's bare {found[0]}text_projection in a single-file SD "
+            "checkpoint (stored transposed, no Linear layer), which a LoRA module is not merged into; merge "
+            f"into the diffusers pipeline folder instead, or drop the {component}.text_projection module")
 
 
 # -- Flux: diffusers' FluxTransformer2DModel <-> BFL's original names (sd-scripts) ---------------

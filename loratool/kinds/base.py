@@ -139,6 +139,9 @@ class Fit:
     expected: tuple[int, ...] | None
     layer: LayerKind  # the layer type to merge with
     message: str = ""
+    # rows [lo, hi) of ``target`` that the module's delta is added to (``checkpoint.Target``: q, k or
+    # v fused by rows into one base tensor); None: the whole tensor. ``found`` is then those rows' shape.
+    rows: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -257,7 +260,7 @@ class AdapterModule(ABC):
     def fit(self, found: tuple[int, ...] | None, target: str | None = None) -> Fit:
         """How the module fits a base weight of shape ``found`` (None: the base has no tensor
         ``target``). The one fit check: validate, the manifest's base check and the merge plan
-        all call it (through ``fit_in``)."""
+        all call it (through ``fit_in``, which says where the target is rows of a tensor)."""
         layer = self.kind
         if found is None:
             return Fit(self.name, "LT301", None, None, None, layer, f"the base has no tensor {self.name}.weight")
@@ -278,9 +281,23 @@ class AdapterModule(ABC):
         return Fit(self.name, "LT302", target, found, expected, layer, f"{where} ({self.shapes_text()}){hint}")
 
     def fit_in(self, base: Any) -> Fit:
-        """``fit`` against a base checkpoint (``loratool.checkpoint.BaseCheckpoint``: headers only)."""
-        target = base.weight_name(self.name)  # the one name rule (``BaseCheckpoint.tensor_name``)
-        fit = self.fit(None if target is None else tuple(base.shape(target)), target)
+        """``fit`` against a base checkpoint (``loratool.checkpoint.BaseCheckpoint``: headers only):
+        against the tensor, or the rows of one, that the one name rule finds
+        (``BaseCheckpoint.target``)."""
+        find = getattr(base, "weight_target", None)
+        if find is not None:
+            t = find(self.name)
+            target, rows = (t.tensor, t.rows) if t is not None else (None, None)
+            found = base.target_shape(t) if t is not None else None
+        else:  # a base that knows whole tensors only
+            target, rows = base.weight_name(self.name), None
+            found = None if target is None else tuple(base.shape(target))
+        fit = self.fit(found, target)
+        if rows is not None:  # the module's delta goes into rows [lo, hi) of ``target``; ``found`` is theirs
+            head, msg = f"base tensor {target} has shape", fit.message
+            if msg.startswith(head):
+                msg = f"rows [{rows[0]}, {rows[1]}) of base tensor {target} have shape{msg[len(head):]}"
+            fit = dataclasses.replace(fit, rows=rows, message=msg)
         if target is None and hasattr(base, "missing"):  # why: e.g. an ambiguous or unmappable name
             fit = dataclasses.replace(fit, message=base.missing(f"{self.name}.weight"))
         return fit

@@ -128,7 +128,9 @@ class TensorMath:
     """The merged value of one base tensor, one row span at a time.
 
     ``dtype`` float32 gives the executor's arithmetic (PEFT's, see the module docstring); float64
-    gives parity's reference (same formula, exact products and sums up to float64 rounding).
+    gives parity's reference (same formula, exact products and sums up to float64 rounding). A
+    term with ``rows`` (q, k or v of a fused base tensor) adds into those rows only; the executor
+    gives this class such a tensor's pieces instead (``TensorPlan.pieces``), parity the whole.
     """
 
     def __init__(self, t: TensorPlan, dtype: "torch.dtype", device: str = "cpu", reuse: bool = False):
@@ -160,8 +162,35 @@ class TensorMath:
             self.magnitude = load_tensor(t.terms[0].module.magnitude).to(device, dtype).reshape(-1)
         self._tmp: "torch.Tensor | None" = None
 
+    @staticmethod
+    def _overlap(term: Term, i: int, j: int) -> tuple[int, int, int, int] | None:
+        """Where rows [i, j) of the base tensor meet the rows ``term`` adds into (``Term.rows``):
+        (start, end) in the block and (start, end) in the term's own rows; None if nowhere."""
+        if term.rows is None:
+            return 0, j - i, i, j
+        lo, hi = term.rows
+        a, b = max(i, lo), min(j, hi)
+        return (a - i, b - i, a - lo, b - lo) if a < b else None
+
+    def _padded(self, term: Term, i: int, j: int, rows: Callable) -> "torch.Tensor":
+        """``rows(mi, mj)`` (the term's own rows [mi, mj), in its layout) placed into rows [i, j) of
+        the base tensor: zeros where the term adds nothing."""
+        import torch
+
+        where = self._overlap(term, i, j)
+        if where == (0, j - i, i, j):
+            return rows(i, j)
+        out = torch.zeros((j - i,) + tuple(self.t.shape[1:]), dtype=self.dtype, device=self.device)
+        if where is not None:
+            out[where[0]:where[1]] = rows(where[2], where[3])
+        return out
+
     def delta(self, term: Term, b, a, i: int, j: int) -> "torch.Tensor":
         """coef · ΔW for rows [i, j) of the base tensor, in its layout."""
+        return self._padded(term, i, j, lambda mi, mj: self._delta(term, b, a, mi, mj))
+
+    def _delta(self, term: Term, b, a, i: int, j: int) -> "torch.Tensor":
+        """coef · ΔW for rows [i, j) of the term's own delta."""
         import torch
         import torch.nn.functional as F
 
@@ -200,17 +229,27 @@ class TensorMath:
         else:
             acc = w.to(self.device, self.dtype, copy=True)
         for term, b, a in self.factors:
+            where = self._overlap(term, i, j)  # a term that adds into some rows of the tensor only
+            if where is None:
+                continue
+            r0, r1, mi, mj = where
+            into, wr = (acc, w) if (r0, r1) == (0, j - i) else (acc[r0:r1], w[r0:r1])
             if term.part == "weight" and term.module.needs_base:  # ΔW from the base rows (OFT, IA3, GLoRA)
-                acc.add_(self.base_delta(term, w, i, j))
+                into.add_(self._base_delta(term, wr, mi, mj))
             elif not self._fused(term, b):
-                acc.add_(self.delta(term, b, a, i, j))
+                into.add_(self._delta(term, b, a, mi, mj))
             else:  # one addmm: rows [i, j) of the delta are left @ right
-                acc.addmm_(*layout.block_factors(term.module.kind, b, a, i, j), alpha=term.coef)
+                into.addmm_(*layout.block_factors(term.module.kind, b, a, mi, mj), alpha=term.coef)
         return acc
 
     def base_delta(self, term: Term, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
         """±weight · ΔW for rows [i, j) of a kind whose delta depends on the base (``needs_base``),
         from the base rows ``w`` (as the block holds them: the original base, or its transform)."""
+        where = self._overlap(term, i, j)
+        return self._padded(term, i, j, lambda mi, mj: self._base_delta(
+            term, w if where is None or where[:2] == (0, j - i) else w[where[0]:where[1]], mi, mj))
+
+    def _base_delta(self, term: Term, w: "torch.Tensor", i: int, j: int) -> "torch.Tensor":
         import torch
 
         w64 = w.detach().to("cpu", torch.float64).numpy()
@@ -256,7 +295,7 @@ class _CudaMath(TensorMath):
 
         kind = self.t.kind
         if not layout.row_blocked(kind, self.t.dora) or \
-                any(term.part == "bias" or b is None for term, b, _ in self.factors):
+                any(term.part == "bias" or b is None or term.rows is not None for term, b, _ in self.factors):
             return super().rows(w, i, j)
         w = w.to(self.device)
         pairs = [layout.block_factors(kind, b, a, i, j) for _, b, a in self.factors]  # rows = left @ right

@@ -23,6 +23,11 @@ copies of untouched tensors). ``_execute`` chooses the two once:
   is imported, then the computed blocks at their offsets, starting write-back every 256 MB
   (``sync_file_range``) so that the final fsync has little left.
 
+A base tensor that modules add into blocks of rows of (q, k and v fused in a single-file SDXL
+checkpoint's OpenCLIP ``in_proj_weight``: ``plan.Term.rows``) goes through the stream as its pieces
+(``TensorPlan.pieces``): each block of rows a tensor of its own, computed as the unfused tensor
+would be (the same engines, spans and bits), and the rows between them copied raw.
+
 Reads, math and writes overlap, and the peak stays flat however large the model
 (bench/bench_merge.py).
 """
@@ -125,7 +130,7 @@ def _numpy_plan(plan: MergePlan, device: str, block_bytes: int | None = None, en
     never imported), rather than torch."""
     if device != "cpu" or engine == "torch":
         return False
-    for t in plan.tensors():
+    for t in (p for t in plan.tensors() for p in t.pieces()):
         if t.action is Action.CAST or (t.action is Action.MERGE and not numpy_engine.eligible(t, tensor_spans(t, device, block_bytes))):
             return False
         if t.action is Action.REPLACE and _raw_source(t) is None:
@@ -177,8 +182,9 @@ def _stream(plan: MergePlan, engine: BlockEngine, writer: OutputWriter, fail_aft
     compute (merges, dtype conversions) in row blocks through ``engine``. With ``engine.workers``,
     blocks are computed in a pool, a few ahead, and handed to the writer in order; else on this
     thread, one by one. Returns the bytes written; the caller aborts ``writer`` on an error."""
-    jobs = [(t, tensor_spans(t, engine.device, block_bytes)) for t in plan.tensors()
-            if t.action in (Action.MERGE, Action.CAST)]
+    # a tensor whose terms add into blocks of its rows (q, k, v fused) goes as its pieces
+    jobs = [(p, tensor_spans(p, engine.device, block_bytes)) for t in plan.tensors() for p in t.pieces()
+            if p.action in (Action.MERGE, Action.CAST)]
     spans = {id(t): s for t, s in jobs}
     reader = _Reader(jobs, mapped=engine.mapped).start()
     pool = ThreadPoolExecutor(engine.workers, thread_name_prefix="loratool-math") if engine.workers else None
@@ -195,32 +201,37 @@ def _stream(plan: MergePlan, engine: BlockEngine, writer: OutputWriter, fail_aft
         while len(pending) > keep:
             hand(pending.popleft().result())
 
+    def one(t) -> None:
+        """One tensor (or piece of one) into the writer: computed block by block, or its bytes."""
+        if t.action in (Action.MERGE, Action.CAST):
+            rows = engine.tensor(t)
+            if t.transform is not None:  # the base rows as the adapter saw them (issue 16)
+                rows = transformed(rows, t.transform.prepare(t))
+            for _ in spans[id(t)]:
+                bt, i, j, buf, n = reader.get()
+                assert bt is t, "reader and executor disagree on the order of blocks"
+                if pool is None:
+                    hand(_block(rows, reader, buf, n, i, j))
+                else:
+                    pending.append(pool.submit(_block, rows, reader, buf, n, i, j))
+                    drain(keep=ahead)
+        else:
+            drain()
+            src = _raw_source(t)
+            if src is None:
+                writer.put(_converted(t))
+            else:
+                writer.copy(t, src)
+
     try:
         with engine.running():
             for shard in plan.shards:
                 writer.begin(shard)
-                for t in shard.tensors:
+                for whole in shard.tensors:
                     if fail_after is not None and done >= fail_after:
                         raise OutputError(f"simulated failure after {done} tensors (fail_after_tensors)")
-                    if t.action in (Action.MERGE, Action.CAST):
-                        rows = engine.tensor(t)
-                        if t.transform is not None:  # the base rows as the adapter saw them (issue 16)
-                            rows = transformed(rows, t.transform.prepare(t))
-                        for _ in spans[id(t)]:
-                            bt, i, j, buf, n = reader.get()
-                            assert bt is t, "reader and executor disagree on the order of blocks"
-                            if pool is None:
-                                hand(_block(rows, reader, buf, n, i, j))
-                            else:
-                                pending.append(pool.submit(_block, rows, reader, buf, n, i, j))
-                                drain(keep=ahead)
-                    else:
-                        drain()
-                        src = _raw_source(t)
-                        if src is None:
-                            writer.put(_converted(t))
-                        else:
-                            writer.copy(t, src)
+                    for t in whole.pieces():
+                        one(t)
                     done += 1
                 drain()
                 writer.end()

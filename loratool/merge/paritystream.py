@@ -11,6 +11,9 @@ block_factors``), the coefficients folded into ``left`` and the terms stacked al
     tol = ulp(X) + γ·(|W| + |L|[i:j] @ |R|)     γ = (r + 4)·2⁻²⁴, ``parity._bound``'s formula
     pass: |M − X| ≤ tol
 
+A term that adds into some rows of the tensor only (``plan.Term.rows``: q, k or v of a fused
+``in_proj_weight``) has zero rows of ``left`` elsewhere.
+
 Base and merged rows are mapped read-only and populated ahead of the math by two reader threads
 (``reader._Reader``, as the merge reads its base); blocks are computed in a few worker threads,
 each BLAS call on its own thread; mappings are released tensor by tensor, so the peak stays a few
@@ -110,11 +113,14 @@ def factors(t: TensorPlan) -> BlockFactors | None:
     lefts, rights, r = [], [], 0
     for term in t.terms:
         m = term.module
+        lo, hi = term.rows or (0, rows)  # a term that adds into some rows only: zero rows elsewhere
         if term.part == "bias":
             if len(t.shape) != 1:
                 return None
             bias = float_values(m.lora_B_bias).reshape(-1, 1).astype(np.float64)
-            lefts.append(bias * term.coef)
+            if bias.shape[0] != hi - lo:
+                return None
+            lefts.append(_rows_into(bias * term.coef, lo, rows))
             rights.append(np.ones((1, 1)))
             r += 1
             continue
@@ -123,15 +129,24 @@ def factors(t: TensorPlan) -> BlockFactors | None:
         lr = _low_rank_np(m)
         if lr is None:
             return None
-        left, right = block_factors(m.kind, lr[0], lr[1], 0, rows)
-        if left.shape != (rows, right.shape[0]) or right.shape[1] != cols:
+        left, right = block_factors(m.kind, lr[0], lr[1], 0, hi - lo)
+        if left.shape != (hi - lo, right.shape[0]) or right.shape[1] != cols:
             return None
-        lefts.append(left * term.coef)
+        lefts.append(_rows_into(left * term.coef, lo, rows))
         rights.append(right)
         r += m.rank
     left = np.ascontiguousarray(np.concatenate(lefts, axis=1))
     right = np.ascontiguousarray(np.concatenate(rights, axis=0))
     return BlockFactors(left, right, np.abs(left).astype(np.float32), np.abs(right).astype(np.float32), r)
+
+
+def _rows_into(left: np.ndarray, lo: int, rows: int) -> np.ndarray:
+    """``left`` as rows [lo, lo + len) of a ``rows``-row factor, zero elsewhere."""
+    if left.shape[0] == rows:
+        return left
+    out = np.zeros((rows,) + left.shape[1:])
+    out[lo:lo + left.shape[0]] = left
+    return out
 
 
 # -- one row block ------------------------------------------------------------------------------

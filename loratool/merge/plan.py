@@ -49,6 +49,9 @@ class Term:
     weight: float
     adapter: str  # the adapter's path, for reports
     part: str = "weight"  # "weight": the LoRA delta; "bias": lora_B.bias (PEFT lora_bias=True)
+    # rows [lo, hi) of the base tensor that the delta is added to (``checkpoint.Target``: q, k or v
+    # fused by rows into one tensor); None: all of them
+    rows: tuple[int, int] | None = None
 
     @property
     def dora(self) -> bool:
@@ -65,6 +68,7 @@ class TensorPlan:
     replacement: TensorSource | None = None
     # the base rows as the adapter saw them (issue 16): dequant(quant(W)), or a stored 4-bit weight's
     transform: BaseTransform | None = None
+    _pieces: "list[TensorPlan] | None" = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -90,6 +94,63 @@ class TensorPlan:
     @property
     def dora(self) -> bool:
         return any(t.dora for t in self.terms)
+
+    def pieces(self) -> "list[TensorPlan]":
+        """What the executor computes and writes, in row order: this plan itself, or, where terms
+        add into rows of the tensor (``Term.rows``: q, k and v fused in one base tensor), one plan
+        per block of rows: the rows a set of terms covers, a tensor of its own (its source those
+        rows, its terms' rows relative: computed exactly as the unfused tensor would be), and the
+        rows between them, copied (or cast). The same objects every call."""
+        if self._pieces is None:
+            self._pieces = _pieces(self)
+        return self._pieces
+
+
+def _pieces(t: TensorPlan) -> list[TensorPlan]:
+    if t.action is not Action.MERGE or t.transform is not None or all(term.rows is None for term in t.terms):
+        return [t]  # (a transformed base's rows: the engines add the terms' rows themselves)
+    rows = t.shape[0]
+    blocks = sorted({term.rows for term in t.terms})  # disjoint (``plan_merge``)
+    out: list[TensorPlan] = []
+    at = 0
+    for lo, hi in blocks + [(rows, rows)]:
+        if at < lo:  # rows no term changes
+            out.append(TensorPlan(t.name, rows_ref(t.src, at, lo), t.dtype,
+                                  Action.COPY if t.dtype == t.src.dtype else Action.CAST))
+        if lo < hi:
+            terms = [dataclasses.replace(term, rows=None) for term in t.terms if term.rows == (lo, hi)]
+            out.append(TensorPlan(t.name, rows_ref(t.src, lo, hi), t.dtype, Action.MERGE, terms=terms))
+        at = hi
+    return out
+
+
+@dataclass(frozen=True)
+class RowsRef(TensorRef):
+    """Rows [lo, hi) of a tensor in a file, as a tensor of its own (``info``: their bytes and
+    shape; C order makes them one contiguous range)."""
+
+    def raw(self) -> bytes:
+        whole = self.file.tensors[self.info.name]
+        off = self.info.start - whole.start
+        return self.file.read_bytes(self.info.name)[off:off + self.info.nbytes]
+
+    def load(self):
+        import torch
+
+        from loratool.safetensors_io import torch_dtype
+
+        dt = torch_dtype(self.dtype)
+        data = self.raw()
+        return torch.frombuffer(bytearray(data), dtype=dt).reshape(self.shape) if data else torch.empty(self.shape, dtype=dt)
+
+
+def rows_ref(ref: TensorRef, lo: int, hi: int) -> TensorRef:
+    """Rows [lo, hi) of ``ref`` (``RowsRef``)."""
+    rows = ref.shape[0]
+    row_bytes = ref.nbytes // max(1, rows)
+    info = dataclasses.replace(ref.info, shape=(hi - lo,) + tuple(ref.shape[1:]), start=ref.info.start + lo * row_bytes,
+                               end=ref.info.start + hi * row_bytes)
+    return RowsRef(ref.file, info)
 
 
 @dataclass
@@ -179,28 +240,34 @@ def plan_merge(
                 # fan_in_fan_out itself (with a warning), so one saved config can cover both kinds
                 # (peft/tuners/lora/layer.py, dispatch_default); the base's layout decides here.
                 module = dataclasses.replace(module, kind=fit.layer)
-            target = fit.target
+            target, rows = fit.target, fit.rows  # rows: q, k or v of a fused base tensor
             if base.dtype(target) not in CONVERTIBLE:
                 misfits.append(f"{where}: base tensor {target!r} is {base.dtype(target)}; merging needs "
                                "a bf16/fp16/fp32 base (dequantize it first)")
                 continue
             why = module.merge_problem(w, sign)  # DoRA: no unmerge, no weight but 1.0
+            if why is None and rows is not None and module.use_dora:
+                why = (f"a DoRA module whose base weight is {rows_text(target, rows)} (q, k and v fused in one tensor) "
+                       "is not merged; merge into the diffusers pipeline folder")
             if why:
                 usage.append(f"{where}: {why}")
                 continue
-            terms.setdefault(target, []).append(Term(module, sign * w * module.scale, w, label))
+            terms.setdefault(target, []).append(Term(module, sign * w * module.scale, w, label, rows=rows))
             bias_src = module.tensors().get("lora_B_bias")
             if bias_src is not None:
-                bias = target[: -len("weight")] + "bias"
+                bias = target[: -len("weight")] + "bias"  # in_proj_weight: in_proj_bias
+                shape = tuple(base.shape(bias)) if bias in base else None
+                if shape and rows is not None and len(shape) == 1 and shape[0] >= rows[1]:
+                    shape = (rows[1] - rows[0],)  # its rows, as the weight's
                 if bias not in base:
                     misfits.append(f"{where} has lora_bias but the base layer has no bias ({bias!r} "
                                    "is missing); PEFT refuses this merge too")
-                elif tuple(base.shape(bias)) != tuple(shape_of(bias_src)):
+                elif shape != tuple(shape_of(bias_src)):
                     misfits.append(f"{where}: lora_B.bias has shape {list(shape_of(bias_src))}, "
-                                   f"base {bias!r} has {list(base.shape(bias))}")
+                                   f"base {rows_text(bias, rows)!r} has {list(shape)}")
                 else:
                     terms.setdefault(bias, []).append(
-                        Term(module, sign * w * module.scale, w, label, part="bias"))
+                        Term(module, sign * w * module.scale, w, label, part="bias", rows=rows))
         for name, src in a.modules_to_save.items():
             target = base.tensor_name(name)  # the one name rule, as modules use (``fit_in``)
             where = f"{label}: modules_to_save tensor {name!r}"
@@ -219,6 +286,11 @@ def plan_merge(
             replacements[target] = (src, label)
 
     for name, ts in terms.items():
+        blocks = sorted({t.rows for t in ts if t.rows is not None})
+        if blocks and (len(blocks) < len({t.rows for t in ts})
+                       or any(a[1] > b[0] for a, b in zip(blocks, blocks[1:]))):
+            usage.append(f"base tensor {name!r}: modules add into overlapping rows of it "
+                         f"({', '.join(sorted({str(t.rows or 'all') for t in ts}))}); they cannot be merged together")
         if any(t.dora for t in ts) and len(ts) > 1:
             usage.append(f"base tensor {name!r}: a DoRA module ({ts[0].adapter}) and another "
                          "adapter both change it; DoRA's per-row rescaling is defined for one "
@@ -265,7 +337,8 @@ def plan_merge(
         elif name in terms:
             plans[name] = TensorPlan(name, ref, dt, Action.MERGE, terms=terms[name])
             t = plans[name]
-            if requantize is not None and t.kind is LayerKind.LINEAR and len(t.shape) == 2:
+            if requantize is not None and t.kind is LayerKind.LINEAR and len(t.shape) == 2 \
+                    and all(term.rows is None for term in t.terms):  # not a fused q/k/v (MHA's in_proj)
                 t.transform = requantize  # bitsandbytes quantizes Linear weights only
         else:
             plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
@@ -275,6 +348,10 @@ def plan_merge(
                      quantized_base=quantized)
     _plan_layout(plan, plans, max_shard_size)
     return plan
+
+
+def rows_text(name: str, rows: tuple[int, int] | None) -> str:
+    return name if rows is None else f"rows [{rows[0]}, {rows[1]}) of {name}"
 
 
 def _data_order(refs: Iterable[TensorRef]) -> list[TensorRef]:

@@ -218,11 +218,13 @@ class _Prefill:
 
 
 def _offsets(shard: ShardPlan, start: int) -> Iterator[tuple[TensorPlan, int]]:
-    """Each tensor of ``shard`` with its offset in the output file (data after the header)."""
+    """Each tensor of ``shard`` (each of its pieces: ``TensorPlan.pieces``) with its offset in the
+    output file (data after the header)."""
     offset = start
     for t in shard.tensors:
-        yield t, offset
-        offset += t.nbytes
+        for p in t.pieces():
+            yield p, offset
+            offset += p.nbytes
 
 
 class _Writer(_Worker):
