@@ -172,14 +172,18 @@ def unmerge_cmd(merged, adapters, out, base, dtype, device, overwrite, quiet, fm
               help="Also compare logits: PEFT with the adapters unmerged against the merged model (transformers).")
 @click.option("--min-top1", type=float, default=0.95, show_default=True,
               help="With --forward: the share of positions whose top-1 token must agree.")
+@click.option("--base-precision", default=None, metavar="keep|nf4|fp4[,blocksize=N][,double-quant]",
+              help="What MERGED's deltas were added to (default: what its loratool.json lineage records, else "
+                   "keep). A 4-bit spec checks round(dequant(quant(W)) + ΔW), and --forward compares with the "
+                   "QLoRA model as trained: the base's Linears in 4 bits (bitsandbytes when installed) + PEFT.")
 @click.option("--all", "show_all", is_flag=True, help="List every checked tensor, not only failures and the worst.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (a bar on a terminal, a line every 10 s elsewhere).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default=None,
               help="Override format detection for every adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @base_options
-def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, fmt, as_json, allow_base_mismatch,
-               require_manifest):
+def parity_cmd(base, merged, adapters, forward, min_top1, base_precision, show_all, quiet, fmt, as_json,
+               allow_base_mismatch, require_manifest):
     """Check that MERGED equals BASE plus the adapters' deltas within one rounding, layer by layer.
 
     Exit 0 when every tensor passes, 1 when one does not.
@@ -189,7 +193,7 @@ def parity_cmd(base, merged, adapters, forward, min_top1, show_all, quiet, fmt, 
     with progress(quiet, "checking") as cb:
         report = check_parity(base, merged, list(adapters), forward=forward, min_top1=min_top1, progress=cb,
                               allow_base_mismatch=allow_base_mismatch, require_manifest=require_manifest,
-                              format=fmt)
+                              format=fmt, base_precision=base_precision)
     warn(report.base_warnings)
     emit(report, as_json, lambda r: _render_parity(r, show_all))
     return 0 if report.ok else 1
@@ -224,11 +228,14 @@ def _render_parity(r, show_all: bool) -> None:
         con.print(f"[red]FAIL[/red] {p}")
     if r.forward is not None:
         f = r.forward
-        con.print(f"forward ({f.model_class}, {f.batch}×{f.seq_len} tokens): max |Δlogit| {f.max_abs_diff:.3g} "
-                  f"(max |logit| {f.max_abs_logit:.3g}), top-1 agreement {f.top1_agreement:.2%} "
-                  f"(need {f.min_top1:.0%}): {'ok' if f.ok else 'FAIL'}")
+        con.print(f"forward ({f.model_class}, {f.batch}×{f.seq_len} tokens) against {f.reference}: "
+                  f"max |Δlogit| {f.max_abs_diff:.3g} (max |logit| {f.max_abs_logit:.3g}), top-1 agreement "
+                  f"{f.top1_agreement:.2%} (need {f.min_top1:.0%}): {'ok' if f.ok else 'FAIL'}")
+        for note in f.notes:
+            con.print(f"[yellow]note[/yellow] {note}")
     merged_ok = sum(1 for lay in r.layers if lay.ok)
     verdict = "PASS" if r.ok else "FAIL"
-    con.print(f"{verdict}: {merged_ok} of {len(r.layers)} changed tensors within one rounding "
+    onto = "" if r.base_precision == "keep" else f" of dequant(quant(W)) at {r.base_precision} + ΔW"
+    con.print(f"{verdict}: {merged_ok} of {len(r.layers)} changed tensors within one rounding{onto} "
               f"(max err/tol {r.max_err_over_tol:.3f}); {r.untouched - len(r.untouched_mismatched)} of {r.untouched} "
               "untouched tensors identical to the base")

@@ -157,22 +157,28 @@ class WeightStream:
         return out
 
     def _load(self, unit) -> None:
-        import torch
-
         for module in unit.modules():
             for pname, p in list(module._parameters.items()):
                 key = self.names.get((id(module), pname))
                 if p is None or p.device.type != "meta" or key is None:
                     continue
-                t = self.read(key)
-                if tuple(t.shape) != tuple(p.shape):  # a checkpoint transformers converts while loading
-                    raise NotStreamable(f"{self.ck.path}: tensor {key!r} has shape {list(t.shape)}, the model "
-                                        f"built from its config.json expects {list(p.shape)}")
-                module._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+                t = self.materialize(module, pname, key, p)
+                module._parameters[pname] = t
                 module._loratool_meta = getattr(module, "_loratool_meta", {})
                 module._loratool_meta[pname] = p
                 self.live_elems += t.numel()
         self.peak = max(self.peak, self.live_elems)
+
+    def materialize(self, module, pname: str, key: str, meta) -> "torch.nn.Parameter":
+        """The real parameter for ``module.<pname>`` (now ``meta``) from checkpoint tensor ``key``:
+        float32, in the meta parameter's shape (a subclass may build another kind, e.g. 4-bit)."""
+        import torch
+
+        t = self.read(key)
+        if tuple(t.shape) != tuple(meta.shape):  # a checkpoint transformers converts while loading
+            raise NotStreamable(f"{self.ck.path}: tensor {key!r} has shape {list(t.shape)}, the model "
+                                f"built from its config.json expects {list(meta.shape)}")
+        return torch.nn.Parameter(t, requires_grad=False)
 
     def _release(self, unit) -> None:
         for module in unit.modules():
@@ -192,11 +198,12 @@ class WeightStream:
         self.fds.clear()
 
 
-def stream_weights(model: "torch.nn.Module", ck: "BaseCheckpoint") -> WeightStream:
+def stream_weights(model: "torch.nn.Module", ck: "BaseCheckpoint", cls: type = WeightStream) -> WeightStream:
     """Hook ``model`` (built by ``empty_model``, maybe wrapped by PEFT) so that its meta
     parameters are read from ``ck`` per unit, around each unit's forward. Every meta parameter
     must name a checkpoint tensor (itself or a tensor it is tied to); persistent buffers the
-    checkpoint holds are loaded once."""
+    checkpoint holds are loaded once. ``cls``: the ``WeightStream`` (sub)class whose
+    ``materialize`` builds each parameter."""
     import torch
 
     names: dict[tuple[int, str], str] = {}
@@ -224,7 +231,7 @@ def stream_weights(model: "torch.nn.Module", ck: "BaseCheckpoint") -> WeightStre
             key = ck.tensor_name(_plain(f"{mname}.{bname}" if mname else bname))
             if b is not None and bname not in module._non_persistent_buffers_set and key is not None:
                 module._buffers[bname] = ck.read(key).to(b.dtype)
-    stream = WeightStream(model, ck, names)
+    stream = cls(model, ck, names)
     for unit in _units(model):
         stream.handles.append(unit.register_forward_pre_hook(lambda m, args: stream._load(m)))
         stream.handles.append(unit.register_forward_hook(lambda m, args, out: stream._release(m)))

@@ -23,6 +23,12 @@ modules_to_save tensors equal to the replacement.
 ``forward_parity`` runs the model through transformers on fixed token ids twice: the base with the
 adapters applied unmerged by PEFT, and the merged checkpoint, and compares the logits. Both run
 streamed (``loratool.merge.forward``): one decoder layer's float32 weights in memory at a time.
+
+A checkpoint merged with ``--base-precision`` (its lineage says so, or ``base_precision``) is
+checked against what that merge computes, round(dequant(quant(W)) + ΔW) (the base rows through
+``basequant.Requantize``, in torch), and its forward reference is the QLoRA model as trained: the
+base's Linear layers in 4 bits (bitsandbytes when installed) and the adapters unmerged by PEFT
+(``loratool.merge.qlora_forward``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ from loratool.safetensors_io import TensorRef, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from loratool.quant.bnb import QuantSpec
 
 U32 = paritystream.U32  # float32 unit roundoff
 # safetensors dtype -> (mantissa bits, smallest normal exponent)
@@ -146,14 +154,20 @@ def _bound(math64: TensorMath, w: "torch.Tensor", exact: "torch.Tensor", i: int,
     return gamma * mag * factor + (n + r + 8) * U32 * exact.abs()
 
 
-def _check_merge(t: TensorPlan, m: TensorRef, rows: _Rows, progress) -> LayerParity:
+def _check_merge(t: TensorPlan, m: TensorRef, rows: _Rows, progress, requantize=None) -> LayerParity:
     import torch
 
     math64 = TensorMath(t, torch.float64)
     max_abs = max_ulp = max_ratio = 0.0
     bad = 0
+    # --base-precision: the base rows as the merge saw them, dequant(quant(W)) (``basequant``)
+    apply = t.transform.prepare(t) if requantize is not None and t.transform is requantize else None
     for i, j in tensor_spans(t):
         w = rows.rows(t.src, i, j)
+        if apply is not None:
+            raw = bytearray(w.reshape(-1).view(torch.uint8).numpy().tobytes())
+            out, n = apply(raw, len(raw), i, j)  # a thread's reused buffer: copied out at once
+            w = torch.frombuffer(bytearray(out.tobytes()[:n]), dtype=w.dtype).reshape(w.shape)
         got = rows.rows(m, i, j).to(torch.float64)
         exact = math64.rows(w, i, j)
         err = (got - exact).abs()
@@ -240,15 +254,17 @@ def _layer(t: TensorPlan, m: TensorRef, st: "paritystream.Stats") -> LayerParity
                        max_ulp_err=st.max_ulp, max_err_over_tol=st.max_ratio, bad=st.bad, ok=st.bad == 0)
 
 
-def _check_others(jobs: list[tuple[TensorPlan, TensorRef]], report: ParityReport, cb) -> list[LayerParity]:
-    """The tensors the numpy stream does not take, in torch: DoRA, Conv2d, modules_to_save, casts."""
+def _check_others(jobs: list[tuple[TensorPlan, TensorRef]], report: ParityReport, cb,
+                  requantize=None) -> list[LayerParity]:
+    """The tensors the numpy stream does not take, in torch: DoRA, Conv2d, modules_to_save, casts,
+    and the Linear weights a --base-precision merge added the deltas to dequant(quant(W)) of."""
     import torch
 
     layers = []
     with torch.inference_mode(), _Rows() as rows:
         for t, m in jobs:
             if t.action is Action.MERGE:
-                layers.append(_check_merge(t, m, rows, cb))
+                layers.append(_check_merge(t, m, rows, cb, requantize))
             elif t.action is Action.REPLACE:
                 layers.append(_check_replace(t, m, rows))
             else:
@@ -272,9 +288,15 @@ def check_parity(
     allow_base_mismatch: bool = False,
     require_manifest: bool = False,
     format: str | None = None,
+    base_precision: "str | QuantSpec | None" = None,
 ) -> ParityReport:
     """Check that ``merged`` is ``base`` with ``adapters`` (``"a:0.7,b:0.3"`` or specs) merged,
     tensor by tensor; with ``forward`` also compare logits through transformers + PEFT.
+
+    ``base_precision``: what the merge added the deltas to, as ``merge --base-precision`` spells
+    it; None reads it from the merged checkpoint's lineage (``loratool.json``; "keep" without one).
+    With a 4-bit spec the tensors are checked against round(dequant(quant(W)) + ΔW) and the
+    forward reference is the QLoRA model as trained (``loratool.merge.qlora_forward``).
 
     Each adapter's manifest is checked against ``base`` first, as ``merge`` does: another base
     raises ``BaseMismatchError`` unless ``allow_base_mismatch``; ``require_manifest`` refuses
@@ -290,9 +312,11 @@ def check_parity(
     for la in loaded:  # before the merged checkpoint is read
         guard(la.adapter, base_ck)
     merged_ck = BaseCheckpoint(merged)
-    plan = plan_merge(base_ck, loaded)
+    spec = parity_precision(merged, base_precision)
+    plan = plan_merge(base_ck, loaded, base_precision=spec)
     report = ParityReport(base=str(base), merged=str(merged), adapters=[str(s) for s in specs],
-                          ok=True, layers=[], untouched=0, base_warnings=guard.messages)
+                          ok=True, layers=[], untouched=0, base_warnings=guard.messages,
+                          base_precision=str(spec) if spec is not None else "keep")
     merged_names = set(merged_ck.names())
     report.unexpected = sorted(merged_names - set(base_ck.names()))
     total = sum(t.src.nbytes for t in plan.tensors() if t.name in merged_names) * 2
@@ -315,7 +339,8 @@ def check_parity(
             continue
         t.dtype = m.dtype
         order[t.name] = len(order)
-        f = paritystream.factors(t) if t.action is Action.MERGE and m.dtype in paritystream.FORMATS else None
+        f = (paritystream.factors(t) if t.action is Action.MERGE and m.dtype in paritystream.FORMATS
+             and (t.transform is None or t.transform is not plan.requantize) else None)
         if f is not None:
             streamed.append(paritystream.StreamJob(t, m, f))
         elif t.action in (Action.MERGE, Action.REPLACE):
@@ -332,18 +357,58 @@ def check_parity(
         stats = paritystream.check_merged(streamed, cb)
         report.layers = [_layer(job.t, job.merged, st) for job, st in zip(streamed, stats)]
         if other:
-            report.layers += _check_others(other, report, cb)
+            report.layers += _check_others(other, report, cb, plan.requantize)
         report.untouched_mismatched += [t.name for t, ok in zip(raw, same.result()) if not ok]
     report.layers.sort(key=lambda lay: order[lay.name])
     report.untouched_mismatched.sort(key=order.__getitem__)
     report.max_ulp_err = max((lay.max_ulp_err for lay in report.layers), default=0.0)
     report.max_err_over_tol = max((lay.max_err_over_tol for lay in report.layers), default=0.0)
     if forward:
-        report.forward = forward_parity(base_path, merged, loaded, min_top1=min_top1)
+        report.forward = forward_parity(base_path, merged, loaded, min_top1=min_top1, base_precision=spec)
     report.ok = (all(lay.ok for lay in report.layers) and not report.untouched_mismatched
                  and not report.missing and not report.unexpected and not report.problems
                  and (report.forward is None or report.forward.ok))
     return report
+
+
+def parity_precision(merged: str | os.PathLike, given: "str | QuantSpec | None") -> "QuantSpec | None":
+    """The 4-bit spec a merged checkpoint's deltas were added to: ``given`` (a ``QuantSpec`` or
+    ``--base-precision`` text; "keep": none), else its lineage's ``base_precision`` (None when it
+    records none, or "stored:..." for a base held in 4 bits, which the plan dequantizes anyway)."""
+    from loratool.quant.bnb import QuantSpec, parse_precision
+
+    if isinstance(given, QuantSpec):
+        return given
+    if given is not None:
+        try:
+            return parse_precision(str(given))
+        except ValueError as e:
+            raise UsageError(f"--base-precision {given}: {e}") from None
+    recorded = recorded_precision(merged)
+    if recorded is None or recorded.startswith("stored:"):
+        return None
+    try:
+        return parse_precision(recorded)
+    except ValueError as e:
+        raise UsageError(f"{Path(merged) / 'loratool.json'}: base_precision {recorded!r}: {e}; pass "
+                         "--base-precision") from None
+
+
+def recorded_precision(merged: str | os.PathLike) -> str | None:
+    """The ``base_precision`` the last merge in ``merged``'s lineage (``loratool.json``) records."""
+    from loratool.boundary import read_json
+
+    path = Path(merged) / "loratool.json"
+    if not path.is_file():
+        return None
+    data = read_json(path, what="loratool manifest")
+    lineage = data.get("lineage") if isinstance(data, dict) else None
+    for entry in reversed(lineage if isinstance(lineage, list) else []):
+        params = entry.get("params") if isinstance(entry, dict) else None
+        if isinstance(params, dict) and entry.get("operation") == "merged":
+            value = params.get("base_precision")
+            return value if isinstance(value, str) else None
+    return None
 
 
 def forward_parity(
@@ -354,9 +419,16 @@ def forward_parity(
     batch: int = 2,
     seq_len: int = 32,
     seed: int = 0,
+    base_precision: "QuantSpec | None" = None,
+    use_bitsandbytes: bool = True,
 ) -> ForwardParity:
     """Logits of the base with the adapters applied unmerged (PEFT, weights as scaling factors)
     against the merged checkpoint's, both in float32 on the CPU, on fixed token ids.
+
+    With ``base_precision`` (a 4-bit spec) the reference is the QLoRA model as trained: the base's
+    Linear layers in 4 bits as transformers' BitsAndBytesConfig loads them, through bitsandbytes
+    when it is installed and ``use_bitsandbytes`` (else loratool's dequant(quant(W))), the adapters
+    unmerged by PEFT (``loratool.merge.qlora_forward``); ``reference`` in the result names it.
 
     Both models run streamed (``loratool.merge.forward``): built on the meta device, each decoder
     layer's weights read from its checkpoint just before its forward and dropped after it, so the
@@ -393,8 +465,16 @@ def forward_parity(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
 
-    def logits(model, path) -> "torch.Tensor":
-        stream = stream_weights(model, BaseCheckpoint(path)) if path is not None else None
+    via_bnb = False
+    if base_precision is not None:
+        from loratool.merge import qlora_forward as qf
+
+        via_bnb = use_bitsandbytes and qf.bnb_version() is not None
+    quantized: list = []  # the reference's Quantized, once built
+
+    def logits(model, path, stream_cls=None) -> "torch.Tensor":
+        stream = (stream_weights(model, BaseCheckpoint(path), **({"cls": stream_cls} if stream_cls else {}))
+                  if path is not None else None)
         try:
             out = model(input_ids=ids)
         finally:
@@ -421,8 +501,14 @@ def forward_parity(
 
     def peft_logits(stream: bool) -> "torch.Tensor":
         names = [f"adapter{i}" for i in range(len(adapters))]
+        stream_cls = None
         with adapters_on_cpu() if stream else contextlib.nullcontext():
             model = empty_model(cls, config) if stream else cls.from_pretrained(str(base), dtype=torch.float32)
+            if base_precision is not None:  # the QLoRA model as trained: its Linears in 4 bits
+                q = (qf.quantize_empty(model, base_precision, via_bnb) if stream
+                     else qf.quantize_loaded(model, BaseCheckpoint(base), base_precision, via_bnb))
+                quantized[:] = [q]
+                stream_cls = qf.qlora_stream(q)
             pm = PeftModel.from_pretrained(model.eval(), str(adapters[0].spec.path),
                                            adapter_name=names[0], low_cpu_mem_usage=stream)
             for name, la in zip(names[1:], adapters[1:]):
@@ -433,7 +519,7 @@ def forward_parity(
                     if name in mod.scaling:
                         mod.scaling[name] *= la.spec.weight
         pm.base_model.set_adapter(names if len(names) > 1 else names[0])
-        return logits(pm.eval(), base if stream else None)
+        return logits(pm.eval(), base if stream else None, stream_cls)
 
     def merged_logits(stream: bool) -> "torch.Tensor":
         if stream:
@@ -447,6 +533,37 @@ def forward_parity(
         gc.collect()
     diff = float((got - want).abs().max())
     top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    return ForwardParity(model_class=cls.__name__, batch=batch, seq_len=seq_len, max_abs_diff=diff,
-                         max_abs_logit=float(want.abs().max()), top1_agreement=top1, min_top1=min_top1,
-                         ok=top1 >= min_top1 and diff == diff)
+    result = ForwardParity(model_class=cls.__name__, batch=batch, seq_len=seq_len, max_abs_diff=diff,
+                           max_abs_logit=float(want.abs().max()), top1_agreement=top1, min_top1=min_top1,
+                           ok=top1 >= min_top1 and diff == diff)
+    if base_precision is not None:
+        result.reference = qf.describe(base_precision, via_bnb)
+        result.notes = _qlora_notes(BaseCheckpoint(base), adapters, base_precision,
+                                    quantized[0].names if quantized else [])
+    else:
+        import peft
+
+        result.reference = f"16-bit base + adapters unmerged, via peft {peft.__version__}"
+    return result
+
+
+def _qlora_notes(base_ck, adapters: Sequence[LoadedAdapter], spec, reference: list[str]) -> list[str]:
+    """Where the QLoRA reference and the merge hold different weights in 4 bits: the merge adds the
+    deltas to dequant(quant(W)) of the Linear weights it changes only; transformers quantizes every
+    Linear but the ones it keeps in 16 bits (lm_head)."""
+    plan = plan_merge(base_ck, adapters, base_precision=spec)
+    merged = {t.name for t in plan.tensors() if t.transform is not None and t.transform is plan.requantize}
+    ref = {base_ck.tensor_name(n) or n for n in reference}
+    notes = []
+
+    def some(names: set[str]) -> str:
+        first = sorted(names)[:3]
+        return ", ".join(first) + (f" and {len(names) - len(first)} more" if len(names) > len(first) else "")
+
+    if ref - merged:
+        notes.append(f"{len(ref - merged)} Linear weights no adapter changes ({some(ref - merged)}) are 4-bit in the "
+                     "QLoRA model and 16-bit in the merged one (the merge requantizes the weights it changes only)")
+    if merged - ref:
+        notes.append(f"{some(merged - ref)}: the merge added the delta to dequant(quant(W)); the QLoRA model keeps "
+                     "these in 16 bits (transformers does not quantize them)")
+    return notes

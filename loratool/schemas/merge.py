@@ -32,6 +32,13 @@ class ForwardParity(BaseModel):
     top1_agreement: float
     min_top1: float
     ok: bool
+    # what the merged model's logits were compared with: the 16-bit base + the adapters through
+    # PEFT, or (a merge made with --base-precision, issue 16) the QLoRA model as trained, e.g.
+    # "qlora: nf4, blocksize 64, double-quant, via bitsandbytes 0.50.2 + peft 0.18.0"
+    reference: str = "16-bit base + adapters unmerged, via peft"
+    # where the reference and the merge hold different weights in 4 bits (a Linear weight no
+    # adapter changes: 4-bit in the QLoRA model, 16-bit in the merged one; lm_head: the reverse)
+    notes: list[str] = []
 
 
 class LayerDistance(BaseModel):
@@ -60,6 +67,9 @@ class ParityReport(BaseModel):
     max_ulp_err: float = 0.0
     max_err_over_tol: float = 0.0
     forward: ForwardParity | None = None
+    # what the merged tensors were checked against: "keep" (base + deltas) or the --base-precision
+    # of the merge (dequant(quant(W)) + deltas), from the merged checkpoint's lineage or --base-precision
+    base_precision: str = "keep"
     # what the base check could not verify, and the mismatch it allowed: printed on stderr by the
     # CLI, left out of --json (as before issue 12)
     base_warnings: list[str] = Field(default_factory=list, exclude=True)
