@@ -231,17 +231,23 @@ def test_compose_takes_format_for_files_detection_cannot_place(tmp_path, capsys)
     assert torch.allclose(m.delta(torch.float64), expected, atol=1e-6)
 
 
+def bare_llama_file(fixtures_dir, path, n: int):
+    """The first ``n`` modules of the llama_r8 fixture as bare lora_A/lora_B keys in one file, with
+    no metadata: a layout detection refuses (diffusers' current names without their metadata)."""
+    src = load_adapter(fixtures_dir / "llama_r8")
+    tensors = {}
+    for name, m in list(src.modules.items())[:n]:
+        tensors[f"{name}.lora_A.weight"] = m.lora_A.load().float()
+        tensors[f"{name}.lora_B.weight"] = m.lora_B.load().float()
+    save_file(tensors, str(path))
+    return path
+
+
 def test_merge_parity_unmerge_take_format(fixtures_dir, tmp_path, capsys):
     """merge, parity and unmerge read every adapter as --format says (issue 13): a file of bare
     lora_A/lora_B keys that detection cannot place merges into the base it names, checks out
     within one rounding, and unmerges to within an ulp of the base."""
-    src = load_adapter(fixtures_dir / "llama_r8")
-    tensors = {}
-    for name, m in list(src.modules.items())[:3]:
-        tensors[f"{name}.lora_A.weight"] = m.lora_A.load().float()
-        tensors[f"{name}.lora_B.weight"] = m.lora_B.load().float()
-    path = tmp_path / "bare.safetensors"
-    save_file(tensors, str(path))
+    path = bare_llama_file(fixtures_dir, tmp_path / "bare.safetensors", 3)
     base = fixtures_dir / "base_llama"
     code, _, err = run(capsys, "merge", "--base", base, "--adapters", path, "-o", tmp_path / "refused", "--quiet")
     assert code == 2 and not (tmp_path / "refused").exists()
@@ -263,13 +269,7 @@ def test_registry_add_records_format_and_reads_the_reference_so(fixtures_dir, tm
     """``registry add --format`` (issue 13): a file detection cannot place is stored with the
     format given, and every later use of the reference reads it so (merge, inspect), without
     --format; export gives the file back byte for byte, or converted from that format."""
-    src = load_adapter(fixtures_dir / "llama_r8")
-    tensors = {}
-    for name, m in list(src.modules.items())[:2]:
-        tensors[f"{name}.lora_A.weight"] = m.lora_A.load().float()
-        tensors[f"{name}.lora_B.weight"] = m.lora_B.load().float()
-    path = tmp_path / "bare.safetensors"
-    save_file(tensors, str(path))
+    path = bare_llama_file(fixtures_dir, tmp_path / "bare.safetensors", 2)
     home = tmp_path / "home"
     code, _, err = run(capsys, "registry", "--home", home, "add", path, "--name", "bare")
     assert code == 2 and "--format NAME" in err and err.count("\n") == 1
