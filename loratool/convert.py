@@ -14,7 +14,8 @@ LyCORIS -> LoRA (``to_lora``): exact where the rank allows, the optimal truncati
          a base they are refused with the reason.
 With a base, every module's layer also comes from it (flattened LoHa/LoKr factors do not say
 whether SD 1.5's proj_in is a 1×1 Conv2d or a Linear); without one, a layer is Linear-shaped
-unless the kohya reader knows its kernel by name.
+unless the kohya reader knows its kernel by name or from the SD family the file says
+(``formats/kohya_legacy.py``).
 Without --rank/--energy every component above rounding noise is kept (exact).
 
 Reading gives the format-neutral ``Adapter``; the target format's writer lays it out again. Factor

@@ -14,6 +14,8 @@ Check ids are stable (CI configurations may filter on them); never renumber, onl
   LT108 dora-magnitude-shape    error    DoRA magnitude length is not the output size
   LT109 bias-shape              error    lora_B bias length is not the output size
   LT110 unknown-tensor          warning  a tensor that is neither a factor nor modules_to_save
+  LT111 layer-not-in-file       warning  flattened LoHa/LoKr factors whose layer (1×1 conv or Linear)
+                                         neither the file nor --base says; read Linear-shaped
   LT201 non-finite              error    NaN or Inf values
   LT202 zero-b                  warning  a module whose lora_B is all zero (contributes nothing)
   LT203 never-trained           error    every lora_B is all zero: the adapter does nothing
@@ -65,6 +67,7 @@ CHECKS: dict[str, str] = {
     "LT101": "ab-rank-mismatch", "LT102": "missing-factor", "LT103": "config-rank-mismatch",
     "LT104": "not-targeted", "LT105": "unused-pattern", "LT106": "bad-factor-shape",
     "LT107": "no-modules", "LT108": "dora-magnitude-shape", "LT109": "bias-shape", "LT110": "unknown-tensor",
+    "LT111": "layer-not-in-file",
     "LT201": "non-finite", "LT202": "zero-b", "LT203": "never-trained", "LT204": "exploding-norm",
     "LT205": "mixed-dtypes", "LT206": "bad-scale", "LT207": "overflow",
     "LT301": "target-missing", "LT302": "shape-mismatch", "LT303": "fan-in-fan-out",
@@ -109,6 +112,17 @@ def _weights_file(adapter: Adapter) -> str | None:
 
 
 # -- structure and config ---------------------------------------------------------------------
+
+def check_layer_notes(adapter: Adapter, f: Findings) -> None:
+    """LT111, once for the file: modules whose layer neither the file nor a base has said (old
+    LyCORIS files with flattened factors on SD's proj_in/proj_out and no SD family in their
+    metadata; ``formats/kohya_legacy.py``). A base that fits settles them (``kernel_fit``), so this
+    runs after ``check_base``."""
+    unsaid = [m for m in adapter.modules.values() if getattr(m, "layer_note", None)]
+    if unsaid:
+        more = f" ({len(unsaid) - 1} more modules alike)" if len(unsaid) > 1 else ""
+        f.warning("LT111", f"module {unsaid[0].name}: {unsaid[0].layer_note}{more}", unsaid[0].name)
+
 
 def check_structure(adapter: Adapter, f: Findings) -> None:
     for p in adapter.problems:  # what the reader found, with its check id (loratool.formats.base)
@@ -375,6 +389,7 @@ def validate(path: str | Path, base: str | Path | None = None, target: str | Non
         except MisfitError:  # the modules do not fit: check_base's findings (LT301-LT303) say where
             if not any(x.id in ("LT301", "LT302", "LT303") for x in f.items):
                 raise
+    check_layer_notes(adapter, f)
     if target == "vllm":
         check_vllm(adapter, f)
     kept = _grouped([x for x in f.items if x.id not in ignored_ids])

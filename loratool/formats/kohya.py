@@ -14,6 +14,11 @@ reading (``sdnames.flux_fuse``/``flux_split``); OneTrainer's names are kept for 
 them (``KohyaLayout.transformer_names``) and for transformers that are not Flux. Training metadata
 (``ss_*``, ``modelspec.*``) lives in the safetensors ``__metadata__`` and is kept as it is.
 
+LyCORIS modules (LoHa ``hada_*``, LoKr ``lokr_*``, LoCon ``lora_mid``, full ``diff``, OFT/IA3/GLoRA)
+share the prefixes; a module's algorithm is read from its tensors' suffixes, and what older files
+leave unsaid (a flattened conv's kernel, the SD family that makes proj_in a 1×1 conv) from the
+module's name and the file (``formats/kohya_legacy.py``).
+
 Reading maps names to dotted diffusers names (``formats/sdnames.py``); SDXL files from sd-scripts
 use the original Stability UNet names (``input_blocks_4_1_…``), which are mapped onto
 ``UNet2DConditionModel`` names too. What cannot be recovered from the dotted names alone — SGM
@@ -42,7 +47,7 @@ from typing import Any, Collection, Literal
 from loratool.adapter import (Adapter, AdapterModule, LayerKind, LoraModule, TensorSource, dtype_of, float_values,
                               module_of, shape_of)
 from loratool.errors import InputError, OutputError, UsageError
-from loratool.formats import sdnames
+from loratool.formats import kohya_legacy, sdnames
 from loratool.formats.base import (BAD_ALPHA, BAD_FACTOR, MISSING_FACTOR, Format, FormatConfig, ReadProblem,
                                    pair_problem)
 from loratool.boundary import parse_json
@@ -81,10 +86,9 @@ _BASE_DEPENDENT = {
     "on_input": ("ia3", {"weight", "on_input"}),
     "a1.weight": ("glora", {"a1.weight", "a2.weight", "b1.weight", "b2.weight"}),
 }
-# sd-scripts' UNet convolutions with a 3×3 kernel (diffusers names): a LoHa/LoKr conv module with
-# flattened factors (r, in·9) gets its kernel from its name; any other is read as Linear-shaped, and
-# a merge takes the kernel from the base (kinds/lycoris_base.kernel_fit).
-_CONV3 = ("conv1", "conv2", "conv", "conv_in", "conv_out")
+# A LoHa/LoKr conv module with flattened factors (r, in·kh·kw) gets its kernel from its name, or for
+# proj_in/proj_out from the SD family the file says (formats/kohya_legacy.py); any other is read
+# Linear-shaped, and a merge takes the kernel from the base (kinds/lycoris_base.kernel_fit).
 
 
 def sniff_keys(keys: list[str]) -> bool:
@@ -158,16 +162,6 @@ def _algorithm(roles: set[str]) -> str:
     return "lora"
 
 
-def _kernel_hint(name: str, cols: int) -> tuple[int, ...]:
-    """The kernel of a UNet conv whose flattened LoHa/LoKr factors do not say it (see ``_CONV3``)."""
-    last = name.rsplit(".", 1)[-1]
-    if name.startswith("unet.") and last in _CONV3 and cols % 9 == 0:
-        return (3, 3)
-    if name.startswith("unet.") and last == "conv_shortcut":
-        return (1, 1)
-    return ()
-
-
 def _host_reshape(ref: TensorRef, shape: tuple[int, ...]) -> HostTensor:
     import numpy as np
 
@@ -199,6 +193,7 @@ def read(path: Path) -> Adapter:
     mismatched_alpha_dtype = False
     no_alpha: list[str] = []
     onetrainer = False
+    family = kohya_legacy.sd_family(st.metadata, groups, lambda k: st.info(k).shape)[0]
     fused = sdnames.fused_record(st.metadata.get(FUSED_KEY))
     for lora_name, keys in sorted(groups.items()):
         label = f"{path}: module {lora_name!r}"
@@ -234,7 +229,7 @@ def read(path: Path) -> Adapter:
         elif algo in _BASE_DEPENDENT:
             module = _based_module(st, name, lora_name, keys, alpha, algo, label, problems)
         else:
-            module = _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems)
+            module = _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems, family)
         if module is None:
             continue
         parts = [module]
@@ -334,8 +329,10 @@ def _lora_module(st, path, name, lora_name, keys, alpha, label, problems) -> Ada
 _LYCORIS_KIND = {"loha": "LohaModule", "lokr": "LokrModule", "full": "FullModule"}
 
 
-def _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems) -> AdapterModule | None:
-    """A LoHa, LoKr or full module: its tensors by role, dimensions from their shapes."""
+def _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems,
+                    family: str | None = None) -> AdapterModule | None:
+    """A LoHa, LoKr or full module: its tensors by role, dimensions from their shapes (a flattened
+    conv's kernel from its name, or the file's SD ``family``: ``kohya_legacy.kernel_of``)."""
     from loratool import kinds
 
     refs = {role: st.ref(k) for role, k in keys.items() if role != "alpha"}
@@ -363,13 +360,14 @@ def _lycoris_module(st, name, lora_name, keys, alpha, algo, label, problems) -> 
         fields = {role: refs[role] for role in refs}
         if algo == "lokr" and alpha is None and "lokr_w1_b" not in refs and "lokr_w2_b" not in refs:
             alpha = 1.0  # both factors full: scale 1 whatever alpha says
-        flat_b = refs.get("hada_w1_b") if algo == "loha" else refs.get("lokr_w2_b")
-        kernel = ()
-        if not four_d and flat_b is not None and len(flat_b.shape) == 2:
-            kernel = _kernel_hint(name, flat_b.shape[1])
+        flat = "hada_w1_b" if algo == "loha" else "lokr_w2_b"
+        kernel, note = (), None
+        if not four_d and flat in refs and len(refs[flat].shape) == 2:
+            shape = list(refs[flat].shape)
+            kernel, note = kohya_legacy.kernel_of(name, shape[1], family, f"{flat} {shape}")
         kind = LayerKind.CONV2D if four_d or kernel else LayerKind.LINEAR
         try:
-            m = cls(name=name, kind=kind, alpha=1.0, kernel=kernel, source_keys=source_keys, **fields)
+            m = cls(name=name, kind=kind, alpha=1.0, kernel=kernel, source_keys=source_keys, layer_note=note, **fields)
         except TypeError as e:  # pragma: no cover - the roles were checked above
             problems.append(ReadProblem(BAD_FACTOR, f"{label}: {e}", lora_name))
             return None

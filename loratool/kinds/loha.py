@@ -52,6 +52,7 @@ class LohaModule(LycorisModule):
     hada_t2: TensorSource | None = None
     dora_scale: TensorSource | None = None
     kernel: tuple[int, ...] = ()  # a conv's kernel when the factors are flattened (non-Tucker)
+    layer_note: str | None = None  # the reader's note when the file does not say the layer (lycoris_base)
     use_rslora: bool = False
     config_rank: int | None = None
     config_alpha: float | None = None

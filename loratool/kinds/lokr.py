@@ -57,6 +57,7 @@ class LokrModule(LycorisModule):
     lokr_t2: TensorSource | None = None
     dora_scale: TensorSource | None = None
     kernel: tuple[int, ...] = ()  # a conv's kernel when W2 is flattened (lokr_w2_b (r, d·kh·kw))
+    layer_note: str | None = None  # the reader's note when the file does not say the layer (lycoris_base)
     peft_rank: int | None = None  # PEFT: the scale is alpha / r, whatever the factors
     use_rslora: bool = False
     config_rank: int | None = None

@@ -92,6 +92,10 @@ class LycorisModule(AdapterModule):
 
     algorithm: ClassVar[str] = ""  # the name in reports: "LoHa", "LoKr", …
     lora_B_bias = None  # the full kind's bias delta (diff_b); not a field of the others
+    # Why the layer was read as it was, where the file does not say it (flattened LoHa/LoKr factors
+    # of SD's proj_in with no SD family in the file: 1×1 Conv2d or Linear); a field of LoHa and LoKr,
+    # None once a base has said it (``kernel_fit``).
+    layer_note: str | None = None
 
     # -- the scale ----------------------------------------------------------------------------
     @property
@@ -308,12 +312,15 @@ def kernel_fit(module: "LycorisModule", found, target, fit):
     that kernel (it is the one module of that name), and the fit is returned."""
     from loratool.kinds.base import Fit
 
+    if fit.check is None and module.layer_note:
+        module.layer_note = None  # the base says the layer is what the module was read as
     if fit.check != "LT302" or found is None or len(found) != 4 or module.kind is LayerKind.CONV2D:
         return fit
     out, in_, k = module.out_in()
     if found[0] == out and math.prod(found[1:]) == in_ * math.prod(k):
         module.kernel = tuple(found[2:])
         module.kind = LayerKind.CONV2D
+        module.layer_note = None
         return Fit(module.name, None, target, tuple(found), tuple(found), LayerKind.CONV2D)
     return fit
 
