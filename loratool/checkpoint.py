@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from loratool.boundary import InputRoot, read_json
 from loratool.errors import FormatError, InputError, UnsafePathError
+from loratool.quant.gptq import group as group_packed
 from loratool.quant.stored import group as group_quantized
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorRef, refuse_pickle
 
@@ -133,12 +134,31 @@ class BaseCheckpoint:
         # bitsandbytes 4-bit weights (a ``*-bnb-4bit`` checkpoint): each one presented as the 16-bit
         # tensor it dequantizes to, its quant-state tensors hidden (``loratool.quant.stored``)
         self._tensors, self.quantized = group_quantized(self._tensors)
+        # GPTQ/AWQ layers (qweight, qzeros, scales, g_idx): each one presented as the weight it
+        # dequantizes to, its packed tensors hidden (``loratool.quant.gptq``)
+        self._tensors, self.packed = group_packed(self._tensors, *self._packing())
         from loratool.formats import sdnames
 
         # how adapter names find tensors here (``tensor_name``): a single-file SD/SDXL checkpoint
         # (LDM names), or the one pipeline component a bare folder or file holds
         self.ldm = not self.components and sdnames.is_ldm(self._tensors)
         self.component = None if self.components or self.ldm else _component_of(self.path, list(self._tensors), self.config)
+
+    def _packing(self) -> tuple[dict | None, str | None, str]:
+        """The quantization_config that says how GPTQ/AWQ weights are packed (config.json's, else
+        AutoGPTQ's quantize_config.json or AutoAWQ's quant_config.json beside it), the dtype
+        config.json gives the model, and the file that said it."""
+        dtype = self.config.get("torch_dtype") or self.config.get("dtype")
+        qc = self.config.get("quantization_config")
+        if isinstance(qc, dict):
+            return qc, dtype, str(self.path / "config.json")
+        if self.path.is_dir():
+            for name in ("quantize_config.json", "quant_config.json"):
+                p = self.path / name
+                if os.path.lexists(p):
+                    data = _read_json(self.root.inside(p))
+                    return (data if isinstance(data, dict) else None), dtype, str(p)
+        return None, dtype, str(self.path)
 
     def _add_files(self, prefix: str, files: list[Path]) -> None:
         for f in files:

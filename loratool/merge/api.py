@@ -236,7 +236,9 @@ def _parse_output_precision(value: str | QuantSpec | None) -> QuantSpec | None |
 def _output_quant(plan: MergePlan, spec: QuantSpec | None, given, dtype) -> None:
     """Attach the 4-bit output to ``plan`` and set config.json's quantization_config as
     transformers writes it for a bitsandbytes 4-bit model."""
-    if not plan.quantized_base:
+    from loratool.quant.stored import QuantizedRef
+
+    if not any(isinstance(plan.base.ref(n), QuantizedRef) for n in plan.quantized_base):
         raise UsageError(f"--output-precision {given}: {plan.base.path} is not stored in 4 bits; a 4-bit output "
                          "needs a bitsandbytes 4-bit base (its untouched weights are copied as stored)")
     if dtype not in (None, "keep"):

@@ -20,9 +20,11 @@ from loratool import boundary
 from loratool.adapter import AdapterModule, LayerKind, TensorSource, shape_of
 from loratool.text import listed
 from loratool.errors import InputError, MisfitError, UsageError
+from loratool.merge.basepacked import DequantizePacked
 from loratool.merge.basequant import BaseTransform, Dequantize, OutputQuant, Requantize
 from loratool.merge.specs import LoadedAdapter, parse_dtype
 from loratool.quant.bnb import QuantSpec
+from loratool.quant.gptq import PackedRef
 from loratool.quant.stored import QuantizedRef
 from loratool.safetensors_io import DTYPES, PICKLE_SUFFIXES, SafetensorsFile, TensorRef, encode_header
 
@@ -305,22 +307,27 @@ def plan_merge(
         raise MisfitError(f"adapter and base do not fit: {listed(misfits)}; is {base.path} the "
                           "base these adapters were trained on?")
 
-    quantized = [name for name, ref in base.items() if isinstance(ref, QuantizedRef)]
+    quantized = [name for name, ref in base.items() if isinstance(ref, (QuantizedRef, PackedRef))]
     if quantized and base_precision is not None:
-        raise UsageError(f"--base-precision {base_precision}: {base.path} is stored in 4 bits already "
-                         f"({len(quantized)} bitsandbytes weights); the merge dequantizes them as stored, so "
-                         "use --base-precision keep")
+        raise UsageError(f"--base-precision {base_precision}: {base.path} is stored quantized already "
+                         f"({len(quantized)} bitsandbytes, GPTQ or AWQ weights); the merge dequantizes them as "
+                         "stored, so use --base-precision keep")
     requantize = Requantize(base_precision) if base_precision is not None else None
     warnings: list[str] = []
     plans: dict[str, TensorPlan] = {}
     for name, ref in base.items():
         dt = out_dtype if (out_dtype and ref.dtype in CONVERTIBLE) else ref.dtype
-        if isinstance(ref, QuantizedRef):  # never copied raw: its bytes are the packed ones
+        if isinstance(ref, (QuantizedRef, PackedRef)):  # never copied raw: its bytes are the packed ones
             if name in replacements and sign > 0:
                 plans[name] = TensorPlan(name, ref, dt, Action.REPLACE, replacement=replacements[name][0])
             else:
                 plans[name] = TensorPlan(name, ref, dt, Action.MERGE if name in terms else Action.CAST,
-                                         terms=terms.get(name, []), transform=Dequantize(ref))
+                                         terms=terms.get(name, []),
+                                         transform=Dequantize(ref) if isinstance(ref, QuantizedRef)
+                                         else DequantizePacked(ref))
+                note = ref.warning(name) if isinstance(ref, PackedRef) and name in terms else None
+                if note:
+                    warnings.append(note)
             continue
         if name in replacements:
             src, label = replacements[name]
@@ -410,6 +417,8 @@ def _plan_layout(plan: MergePlan, plans: dict[str, TensorPlan], max_shard_size: 
         rel = Path(rel)
         stale = src.suffix in PICKLE_SUFFIXES or src.suffix == ".safetensors" \
             or src.name.endswith(".safetensors.index.json")
+        if plan.quantized_base and src.name in ("quantize_config.json", "quant_config.json"):
+            continue  # AutoGPTQ's/AutoAWQ's packing config: the output's weights are 16-bit
         if stale:
             plan.warnings.append(f"{rel}: not copied: weights that are not part of the checkpoint "
                                  "(they would not hold the merge)")
