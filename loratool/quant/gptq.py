@@ -47,6 +47,7 @@ import numpy as np
 
 from loratool.errors import FormatError
 from loratool.quant.bnb import from_dtype_bits
+from loratool.quant.stored import DequantizedRef
 from loratool.safetensors_io import STORAGE, TensorInfo, TensorRef, bf16_bits
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -171,7 +172,7 @@ def _round(x: np.ndarray, dtype: str) -> np.ndarray:
 # -- the reference -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class PackedRef(TensorRef):
+class PackedRef(DequantizedRef):
     """A GPTQ or AWQ weight, presented as its dequantized [out, in] tensor (``info``: its name in
     the file, ``<layer>.weight``, its dtype and shape; its bytes the qweight's, which is what
     ``nbytes`` counts and what a reader of row blocks would read)."""
@@ -265,17 +266,6 @@ class PackedRef(TensorRef):
                 "cannot hold); read as GPTQModel/transformers read them, while AutoGPTQ's kernels read them "
                 "differently: the checkpoint was probably written by a v1 writer that overflowed")
 
-    def raw(self) -> bytes:
-        return self.dequantized().tobytes()
-
-    def load(self):
-        import torch
-
-        from loratool.safetensors_io import torch_dtype
-
-        data = bytearray(self.raw())
-        return torch.frombuffer(data, dtype=torch_dtype(self.dtype)).reshape(self.shape) if data else \
-            torch.empty(self.shape, dtype=torch_dtype(self.dtype))
 
 
 def _read(ref: TensorRef, dtype: str) -> np.ndarray:

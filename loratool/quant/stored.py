@@ -22,8 +22,25 @@ from loratool.quant import bnb
 from loratool.safetensors_io import TensorInfo, TensorRef
 
 
+class DequantizedRef(TensorRef):
+    """A stored-quantized weight presented as the tensor it dequantizes to: its bytes and its torch
+    tensor are those of ``dequantized()`` (which a subclass defines), in ``self.dtype``."""
+
+    def raw(self) -> bytes:
+        return self.dequantized().tobytes()
+
+    def load(self):
+        import torch
+
+        from loratool.safetensors_io import torch_dtype
+
+        data = bytearray(self.raw())
+        return torch.frombuffer(data, dtype=torch_dtype(self.dtype)).reshape(self.shape) if data else \
+            torch.empty(self.shape, dtype=torch_dtype(self.dtype))
+
+
 @dataclass(frozen=True, eq=False)
-class QuantizedRef(TensorRef):
+class QuantizedRef(DequantizedRef):
     """A bitsandbytes 4-bit weight, presented as its dequantized tensor."""
 
     packed: TensorRef | None = None
@@ -60,17 +77,6 @@ class QuantizedRef(TensorRef):
         return bnb.dequantize(np.frombuffer(packed, np.uint8, count=(n + 1) // 2), scale[b0: b0 + -(-n // bs)],
                               self.shape, self.dtype, bs, self.spec.quant_type, count=n)
 
-    def raw(self) -> bytes:
-        return self.dequantized().tobytes()
-
-    def load(self):
-        import torch
-
-        from loratool.safetensors_io import torch_dtype
-
-        data = bytearray(self.raw())
-        return torch.frombuffer(data, dtype=torch_dtype(self.dtype)).reshape(self.shape) if data else \
-            torch.empty(self.shape, dtype=torch_dtype(self.dtype))
 
 
 def _array(ref: TensorRef, dtype: str) -> np.ndarray:
