@@ -321,3 +321,38 @@ def test_a_packed_base_merges_like_its_dequantized_twin(tmp_path, method):
     assert sorted(got.keys()) == sorted(want.keys())  # no qweight, qzeros, scales or g_idx left
     assert all(got.ref(k).raw() == want.ref(k).raw() for k in got.keys())
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_parity_reads_a_packed_base_as_the_merge_did(tmp_path, method):
+    """parity of a merge onto a GPTQ/AWQ base compares with the base as the merge dequantized it:
+    it passes, and a changed element of the merged weight or of the dequantized-only one fails."""
+    import json
+
+    from loratool.merge.api import merge
+    from loratool.merge.parity import check_parity
+
+    rng = np.random.default_rng(4)
+    _tiny_base(tmp_path / "base", method, rng)
+    ad = tmp_path / "lora"
+    ad.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((4, 32), np.float32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 4), np.float32)},
+              str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                        "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    merge(tmp_path / "base", str(ad), tmp_path / "out")
+    report = check_parity(tmp_path / "base", tmp_path / "out", [str(ad)])
+    assert report.ok and [lay.name for lay in report.layers] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert report.untouched == 4 and not report.untouched_mismatched  # v_proj, the biases, the norm
+    merged = tmp_path / "out" / "model.safetensors"
+    st = SafetensorsFile(merged)
+    offsets = {k: st.ref(k).info.start for k in ("model.layers.0.self_attn.q_proj.weight",
+                                                 "model.layers.0.self_attn.v_proj.weight")}
+    data = bytearray(merged.read_bytes())
+    for off in offsets.values():
+        data[off + 1] ^= 0x40  # the high byte of each tensor's first fp16 element
+    merged.write_bytes(bytes(data))
+    report = check_parity(tmp_path / "base", tmp_path / "out", [str(ad)])
+    assert not report.ok and report.layers[0].bad == 1
+    assert report.untouched_mismatched == ["model.layers.0.self_attn.v_proj.weight"]

@@ -99,6 +99,11 @@ def test_a_4bit_checkpoint_merges_like_base_precision_over_its_source(tmp_path, 
     for name in b:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
     assert "quantization_config" not in json.loads((tmp_path / "from4" / "config.json").read_text())
+    # parity reads the 4-bit base as the merge did (it stopped with a traceback before)
+    from loratool.merge.parity import check_parity
+
+    report = check_parity(q4, tmp_path / "from4", [str(adapter)])
+    assert report.ok and len(report.layers) == len(TARGETS) and not report.untouched_mismatched
 
 
 def test_a_4bit_checkpoint_reads_as_bitsandbytes_dequantizes_it(tmp_path, base):

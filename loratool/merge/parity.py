@@ -154,20 +154,18 @@ def _bound(math64: TensorMath, w: "torch.Tensor", exact: "torch.Tensor", i: int,
     return gamma * mag * factor + (n + r + 8) * U32 * exact.abs()
 
 
-def _check_merge(t: TensorPlan, m: TensorRef, rows: _Rows, progress, requantize=None) -> LayerParity:
+def _check_merge(t: TensorPlan, m: TensorRef, rows: _Rows, progress) -> LayerParity:
     import torch
 
     math64 = TensorMath(t, torch.float64)
     max_abs = max_ulp = max_ratio = 0.0
     bad = 0
-    # --base-precision: the base rows as the merge saw them, dequant(quant(W)) (``basequant``)
-    apply = t.transform.prepare(t) if requantize is not None and t.transform is requantize else None
+    # the base rows as the merge computed with them: --base-precision's dequant(quant(W))
+    # (``basequant.Requantize``), or a base stored quantized (bitsandbytes ``Dequantize``, GPTQ/AWQ
+    # ``basepacked.DequantizePacked``), from the bytes the merge's reader hands them
+    apply = t.transform.prepare(t) if t.transform is not None else None
     for i, j in tensor_spans(t):
-        w = rows.rows(t.src, i, j)
-        if apply is not None:
-            raw = bytearray(w.reshape(-1).view(torch.uint8).numpy().tobytes())
-            out, n = apply(raw, len(raw), i, j)  # a thread's reused buffer: copied out at once
-            w = torch.frombuffer(bytearray(out.tobytes()[:n]), dtype=w.dtype).reshape(w.shape)
+        w = _base_rows(t, rows, apply, i, j)
         got = rows.rows(m, i, j).to(torch.float64)
         exact = math64.rows(w, i, j)
         err = (got - exact).abs()
@@ -203,10 +201,33 @@ def _check_replace(t: TensorPlan, m: TensorRef, rows: _Rows) -> LayerParity:
                        bad=0 if same else int((err != 0).sum()), ok=same)
 
 
-def _same_untouched(t: TensorPlan, m: TensorRef, rows: _Rows) -> bool:
-    """Byte equality with the base (or with the base cast to the merged dtype)."""
+def _base_rows(t: TensorPlan, rows: _Rows, apply, i: int, j: int) -> "torch.Tensor":
+    """Rows [i, j) of the base tensor as the merge computed with them: read, then, with ``apply``
+    (``t.transform.prepare(t)``), transformed from the bytes the merge's reader hands over."""
     import torch
 
+    if apply is None:
+        return rows.rows(t.src, i, j)
+    shape = tuple(t.src.shape)
+    row_bytes = t.src.nbytes // max(1, shape[0] if shape else 1)
+    raw = bytearray(rows.raw(t.src, i * row_bytes, (j - i) * row_bytes))
+    out, n = apply(raw, len(raw), i, j)  # a thread's reused buffer: copied out at once
+    w = torch.frombuffer(bytearray(out.tobytes()[:n]), dtype=torch_dtype(t.src.dtype))
+    return w.reshape((j - i,) + shape[1:])
+
+
+def _same_untouched(t: TensorPlan, m: TensorRef, rows: _Rows) -> bool:
+    """Byte equality with the base (or with the base cast to the merged dtype; a base stored
+    quantized, as its transform dequantizes it)."""
+    import torch
+
+    if t.transform is not None:
+        apply = t.transform.prepare(t)
+        for i, j in tensor_spans(t):
+            want = _base_rows(t, rows, apply, i, j).to(torch_dtype(m.dtype))
+            if not torch.equal(want.reshape(-1).view(torch.uint8), rows.rows(m, i, j).reshape(-1).view(torch.uint8)):
+                return False
+        return True
     if m.dtype == t.src.dtype:
         step = 16 << 20
         for off in range(0, t.src.nbytes, step):
@@ -254,17 +275,17 @@ def _layer(t: TensorPlan, m: TensorRef, st: "paritystream.Stats") -> LayerParity
                        max_ulp_err=st.max_ulp, max_err_over_tol=st.max_ratio, bad=st.bad, ok=st.bad == 0)
 
 
-def _check_others(jobs: list[tuple[TensorPlan, TensorRef]], report: ParityReport, cb,
-                  requantize=None) -> list[LayerParity]:
+def _check_others(jobs: list[tuple[TensorPlan, TensorRef]], report: ParityReport, cb) -> list[LayerParity]:
     """The tensors the numpy stream does not take, in torch: DoRA, Conv2d, modules_to_save, casts,
-    and the Linear weights a --base-precision merge added the deltas to dequant(quant(W)) of."""
+    and merged weights whose base rows the merge transformed (a --base-precision merge added the
+    deltas to dequant(quant(W)); a base stored in bitsandbytes 4 bits, GPTQ or AWQ is dequantized)."""
     import torch
 
     layers = []
     with torch.inference_mode(), _Rows() as rows:
         for t, m in jobs:
             if t.action is Action.MERGE:
-                layers.append(_check_merge(t, m, rows, cb, requantize))
+                layers.append(_check_merge(t, m, rows, cb))
             elif t.action is Action.REPLACE:
                 layers.append(_check_replace(t, m, rows))
             else:
@@ -340,14 +361,14 @@ def check_parity(
         t.dtype = m.dtype
         order[t.name] = len(order)
         f = (paritystream.factors(t) if t.action is Action.MERGE and m.dtype in paritystream.FORMATS
-             and (t.transform is None or t.transform is not plan.requantize) else None)
+             and t.transform is None else None)  # transformed base rows: in torch (``_check_merge``)
         if f is not None:
             streamed.append(paritystream.StreamJob(t, m, f))
         elif t.action in (Action.MERGE, Action.REPLACE):
             other.append((t, m))
         else:
             report.untouched += 1
-            if m.dtype == t.src.dtype:
+            if m.dtype == t.src.dtype and t.transform is None:
                 raw.append(t)
             else:
                 other.append((t, m))
@@ -357,7 +378,7 @@ def check_parity(
         stats = paritystream.check_merged(streamed, cb)
         report.layers = [_layer(job.t, job.merged, st) for job, st in zip(streamed, stats)]
         if other:
-            report.layers += _check_others(other, report, cb, plan.requantize)
+            report.layers += _check_others(other, report, cb)
         report.untouched_mismatched += [t.name for t, ok in zip(raw, same.result()) if not ok]
     report.layers.sort(key=lambda lay: order[lay.name])
     report.untouched_mismatched.sort(key=order.__getitem__)
