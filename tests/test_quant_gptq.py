@@ -345,6 +345,10 @@ def test_parity_reads_a_packed_base_as_the_merge_did(tmp_path, method):
     report = check_parity(tmp_path / "base", tmp_path / "out", [str(ad)])
     assert report.ok and [lay.name for lay in report.layers] == ["model.layers.0.self_attn.q_proj.weight"]
     assert report.untouched == 4 and not report.untouched_mismatched  # v_proj, the biases, the norm
+    from loratool.merge.api import unmerge
+
+    un = unmerge(tmp_path / "out", [str(ad)], tmp_path / "un", base=tmp_path / "base")  # compared with the base
+    assert un.distance and max(d.max_ulp for d in un.distance) <= 1.0
     merged = tmp_path / "out" / "model.safetensors"
     st = SafetensorsFile(merged)
     offsets = {k: st.ref(k).info.start for k in ("model.layers.0.self_attn.q_proj.weight",

@@ -122,6 +122,10 @@ def test_a_4bit_checkpoint_reads_as_bitsandbytes_dequantizes_it(tmp_path, base):
         want = F.dequantize_4bit(stored[name], state)
         assert ck.dtype(name) == "BF16" and ck.shape(name) == tuple(want.shape)
         assert torch.equal(ck.read(name).view(torch.int16), want.view(torch.int16))
+        rows = want.shape[0]  # any row range, blocks of 128 elements cut or not
+        for i, j in ((0, rows), (1, 2), (3, rows - 1), (rows - 1, rows)):
+            got = torch.from_numpy(ck.ref(name).rows(i, j).copy().view("<i2"))
+            assert torch.equal(got, want[i:j].view(torch.int16)), (name, i, j)
 
 
 def test_a_tiny_delta_is_outweighed_by_the_quantization_term(tmp_path, base, cli):

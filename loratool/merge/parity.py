@@ -111,6 +111,12 @@ class _Rows:
     def rows(self, ref: TensorRef, i: int, j: int) -> "torch.Tensor":
         import torch
 
+        from loratool.quant.stored import DequantizedRef
+
+        if isinstance(ref, DequantizedRef):  # a base stored quantized: the rows it dequantizes to
+            data = ref.rows(i, j)
+            return torch.frombuffer(bytearray(data.tobytes()), dtype=torch_dtype(ref.dtype)).reshape(data.shape) \
+                if data.size else torch.empty(data.shape, dtype=torch_dtype(ref.dtype))
         shape = tuple(ref.shape)
         rows = shape[0] if shape else 1
         row_bytes = ref.nbytes // max(1, rows)

@@ -209,6 +209,9 @@ class PackedRef(DequantizedRef):
             g_idx = np.arange(in_f, dtype=np.int64) // (in_f if self.spec.group_size < 0 else self.spec.group_size)
         return Packed(qweight, qzeros, scales, g_idx)
 
+    def rows(self, i: int, j: int) -> np.ndarray:
+        return self.dequantized(i, j - i)
+
     def dequantized(self, first: int = 0, count: int | None = None, packed: Packed | None = None) -> np.ndarray:
         """Rows [first, first + count) (output channels; all by default) of the [out, in] weight, as
         raw elements of ``self.dtype`` (bfloat16 as its bits), shape (count, in); from ``packed``

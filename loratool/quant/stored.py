@@ -29,6 +29,11 @@ class DequantizedRef(TensorRef):
     def raw(self) -> bytes:
         return self.dequantized().tobytes()
 
+    def rows(self, i: int, j: int) -> np.ndarray:
+        """Raw elements (``self.dtype``) of rows [i, j), shaped (j − i, *shape[1:]); a subclass
+        may dequantize only those."""
+        return self.dequantized().reshape(self.shape)[i:j]
+
     def load(self):
         import torch
 
@@ -62,6 +67,13 @@ class QuantizedRef(DequantizedRef):
                                   offset=np.float32(self.state["nested_offset"]),
                                   blocksize=int(self.state.get("nested_blocksize", bnb.NESTED_BLOCKSIZE)))
         return nested.dequantize()
+
+    def rows(self, i: int, j: int) -> np.ndarray:
+        shape = tuple(self.shape)
+        cols = self.info.numel // max(1, shape[0] if shape else 1)
+        e0 = i * cols // self.spec.blocksize * self.spec.blocksize  # from the block holding row i
+        out = self.dequantized(first=e0, count=j * cols - e0)
+        return out[i * cols - e0:].reshape((j - i,) + shape[1:])
 
     def dequantized(self, packed: bytes | np.ndarray | None = None, first: int = 0, count: int | None = None,
                     scale: np.ndarray | None = None) -> np.ndarray:
