@@ -202,6 +202,10 @@ def _decode(raw: memoryview, dtype: str, out: "np.ndarray") -> None:
 
 
 def _read_rows(files: _Files, ref: "TensorRef", i: int, j: int, row_bytes: int, buf: bytearray) -> memoryview:
+    from loratool.quant.stored import DequantizedRef
+
+    if isinstance(ref, DequantizedRef):  # a checkpoint stored quantized: the rows it dequantizes to
+        return memoryview(bytearray(ref.rows(i, j).tobytes()))
     n = (j - i) * row_bytes
     view = memoryview(buf)[:n]
     fd, off, got = files.fd(ref.file.path), ref.info.start + i * row_bytes, 0

@@ -104,6 +104,19 @@ def test_a_4bit_checkpoint_merges_like_base_precision_over_its_source(tmp_path, 
 
     report = check_parity(q4, tmp_path / "from4", [str(adapter)])
     assert report.ok and len(report.layers) == len(TARGETS) and not report.untouched_mismatched
+    # extract reads the 4-bit base as its 16-bit weights too: merged − base is the adapter's delta
+    # (up to the bf16 rounding of the merged weights), the other weights give nothing to extract
+    from loratool.extract import extract
+    from loratool.extract_ranks import ExtractRule
+    from loratool.formats import load_adapter
+
+    extract(q4, tmp_path / "from4", tmp_path / "x", ExtractRule(rank=4), dtype="fp32")
+    got, want = load_adapter(tmp_path / "x"), load_adapter(adapter)
+    for name in TARGETS:
+        module = name[:-len(".weight")]
+        d = want.modules[module].delta(torch.float64)
+        x = got.modules[module].delta(torch.float64)
+        assert float((x - d).norm() / d.norm()) < 2e-2, name
 
 
 def test_a_4bit_checkpoint_reads_as_bitsandbytes_dequantizes_it(tmp_path, base):
