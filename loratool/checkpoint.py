@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from loratool.boundary import InputRoot, read_json
 from loratool.errors import FormatError, InputError, UnsafePathError
-from loratool.quant.gptq import group as group_packed
+from loratool.quant.gptq import group as group_packed, model_packing
 from loratool.quant.stored import group as group_quantized
 from loratool.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorRef, refuse_pickle
 
@@ -148,9 +148,8 @@ class BaseCheckpoint:
         """The quantization_config that says how GPTQ/AWQ weights are packed (config.json's, else
         AutoGPTQ's quantize_config.json or AutoAWQ's quant_config.json beside it), the dtype
         config.json gives the model, and the file that said it."""
-        dtype = self.config.get("torch_dtype") or self.config.get("dtype")
-        qc = self.config.get("quantization_config")
-        if isinstance(qc, dict):
+        qc, dtype = model_packing(self.config)
+        if qc is not None:
             return qc, dtype, str(self.path / "config.json")
         if self.path.is_dir():
             for name in ("quantize_config.json", "quant_config.json"):

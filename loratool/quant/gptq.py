@@ -80,6 +80,14 @@ class PackSpec:
                 + (",sym" if self.sym else "") + (",v1" if self.v1 else ",v2"))
 
 
+def model_packing(config: dict) -> tuple[dict | None, str | None]:
+    """From a model's config.json: its quantization_config (None when it has none; AutoGPTQ and
+    AutoAWQ may keep theirs in a file beside it) and the dtype it gives the model
+    (``torch_dtype``, or transformers 5's ``dtype``)."""
+    qc = config.get("quantization_config")
+    return (qc if isinstance(qc, dict) else None), (config.get("torch_dtype") or config.get("dtype"))
+
+
 def parse_config(qc: dict | None, where: str) -> PackSpec | None:
     """The ``PackSpec`` of a quantization_config (config.json's, or AutoGPTQ's
     quantize_config.json, or AutoAWQ's quant_config.json), or None for another method; a
