@@ -10,8 +10,14 @@ shared with other work the wall time moves with the load, the CPU time much less
 round(dequant(quant(W)) + ΔW) computed independently by bitsandbytes and torch (PEFT's float32
 arithmetic; torch on one thread, whose float32 mean the double quantization's offset follows).
 
+With ``--micro`` it first times the round trip alone (``bnb.roundtrip_norms``, one thread, CPU
+time, best of 5) on one 2048 x 5632 bf16 block of the base's first MLP weight, in pieces of 256K
+elements as the merge's row blocks give it: ns per element for nf4 and nf4,double-quant (about a
+second; what the merge adds per merged element, against which the load of a shared machine moves
+the wall time of the whole bench far more).
+
     python bench/bench_quant_merge.py [--layers 22] [--work /tmp/loratool-bench-quant] [--repeat 1]
-                                      [--check 4] [--out bench/results/quant_merge.txt]
+                                      [--check 4] [--micro] [--out bench/results/quant_merge.txt]
 """
 
 from __future__ import annotations
@@ -75,12 +81,43 @@ def check(base: Path, adapter: Path, out: Path, count: int, double_quant: bool) 
     return lines
 
 
+def micro(base: Path) -> list[str]:
+    """ns per element of the round trip alone on one 2048 x 5632 bf16 block (see the docstring)."""
+    import numpy as np
+
+    from loratool.quant import bnb
+    from loratool.safetensors_io import SafetensorsFile
+
+    files = sorted(base.glob("*.safetensors"))
+    key, st = next((k, st) for st in map(SafetensorsFile, files) for k in sorted(st.keys())
+                   if k.endswith("mlp.up_proj.weight"))
+    raw = np.frombuffer(st.ref(key).raw(), np.uint16)[: 2048 * 5632].copy()
+    n, piece = raw.size, 1 << 18
+    out = np.empty(n, np.uint16)
+    lines = []
+    for dq in (False, True):
+        spec = bnb.QuantSpec("nf4", 64, dq)
+        absmax = bnb.absmax_bits(raw, "BF16", 64)
+        scale = bnb.quantize_absmax(absmax).dequantize() if dq else None
+        best = float("inf")
+        for _ in range(5):
+            t = time.thread_time()
+            for e0 in range(0, n, piece):
+                c0, c1 = e0 // 64, (e0 + piece) // 64
+                bnb.roundtrip_norms(raw[e0:e0 + piece], "BF16", spec, out=out[e0:e0 + piece],
+                                    scale=None if scale is None else scale[c0:c1], absmax=absmax[c0:c1] if dq else None)
+            best = min(best, time.thread_time() - t)
+        lines.append(f"round trip alone, {spec}: {best / n * 1e9:5.2f} ns/element (CPU, one thread; {key})")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench-quant"))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--check", type=int, default=4)
+    ap.add_argument("--micro", action="store_true", help="first time the round trip alone on one block")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -92,6 +129,9 @@ def main() -> None:
     lines = [f"# bench_quant_merge: {base} ({args.layers} layers), adapter {adapter.name}, "
              f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}",
              "# command: python bench/bench_quant_merge.py " + " ".join(sys.argv[1:])]
+    if args.micro:
+        lines += micro(base)
+        print("\n".join(lines[-2:]), flush=True)
     results = {}
     for label, extra in [("plain", []), ("nf4", ["--base-precision", "nf4"]),
                          ("nf4,double-quant", ["--base-precision", "nf4,double-quant"])]:

@@ -89,7 +89,7 @@ def test_parse_precision_refuses(text):
         Q.parse_precision(text)
 
 
-# -- the fused round trip (the table of top 16 bits) against the step-by-step reference -----------
+# -- the fused round trip (the table of top KEY_BITS bits) against the step-by-step reference -----------
 
 def _every_finite(dtype: str, rng) -> np.ndarray:
     """Every finite value of a 16-bit ``dtype`` (shuffled, as raw bits), in blocks of 64 whose
@@ -119,7 +119,7 @@ def test_fused_roundtrip_is_the_reference_on_every_midpoint(dtype, quant_type):
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), f"{np.count_nonzero(got != want)} differ"
     # the midpoints are hit: some values take the slow, exact path
     s = Q.from_dtype_bits(raw, dtype).reshape(-1, 64) / Q.absmax_4bit(Q.from_dtype_bits(raw, dtype), 64)[:, None]
-    assert np.isnan(Q.key_table(quant_type)[s.astype(np.float32).view(np.uint32) >> 16]).any()
+    assert np.isnan(Q.key_table(quant_type)[s.astype(np.float32).view(np.uint32) >> Q.KEY_SHIFT]).any()
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -134,11 +134,12 @@ def test_values_on_the_midpoints_quantize_as_bitsandbytes(quant_type):
 
 
 def test_key_table_is_exact_where_it_answers():
-    """Every run of 65536 floats the table answers for has that one nearest code (both ends)."""
+    """Every run of 2**KEY_SHIFT floats the table answers for has that one nearest code (both ends)."""
     for qt in ("nf4", "fp4"):
         table = Q.key_table(qt)
-        first = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
-        for ends in (first, first | np.uint32(0xFFFF)):
+        assert table.size == 1 << Q.KEY_BITS
+        first = np.arange(1 << Q.KEY_BITS, dtype=np.uint32) << np.uint32(Q.KEY_SHIFT)
+        for ends in (first, first | np.uint32((1 << Q.KEY_SHIFT) - 1)):
             q = np.searchsorted(Q.bounds(qt), ends.view(np.float32), side="left")
             code = Q.CODES[qt][Q.ORDER[qt][q]]
             ok = ~np.isnan(table)
@@ -157,3 +158,67 @@ def test_roundtrip_norms(dtype):
     q = x - Q.from_dtype_bits(out.reshape(-1), dtype)
     assert w_sq == pytest.approx(float(x @ x), rel=1e-5) and q_sq == pytest.approx(float(q @ q), rel=1e-5)
     assert q_sq > 0
+
+
+# -- the merge's transform: row blocks computed ahead of the engine (merge/basequant.py) ------------
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_blocks_computed_ahead_are_the_whole_tensors_round_trip(tmp_path, monkeypatch, double_quant):
+    """``Requantize`` on the executor's thread computes the next row block from the base file
+    while the engine has the current one: blocks asked in order come from there (hits), a block
+    asked out of order or for another tensor is computed at once (misses), and every block has the
+    whole tensor's bits, as bitsandbytes computes them; the norms add up over the blocks."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from loratool.merge import basequant
+    from loratool.safetensors_io import SafetensorsFile
+
+    monkeypatch.setattr(basequant, "_ways", lambda: 2)
+    monkeypatch.setattr(basequant, "SPLIT_MIN", 64)
+    g = torch.Generator().manual_seed(21)
+    tensors = {"a": (torch.randn(40, 96, generator=g) * 0.02).to(torch.bfloat16),
+               "b": (torch.randn(24, 64, generator=g) * 0.3).to(torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    st = SafetensorsFile(tmp_path / "w.safetensors")
+    spec = Q.QuantSpec("nf4", 64, double_quant)
+    rq = basequant.Requantize(spec)
+    takes = []
+    real_take = basequant._Ahead.take
+
+    def take(self, owner, i, j):
+        got = real_take(self, owner, i, j)
+        takes.append((i, j, got is not None))
+        return got
+
+    monkeypatch.setattr(basequant._Ahead, "take", take)
+    spans = {"a": [(0, 8), (8, 16), (16, 24), (32, 40), (24, 32)], "b": [(0, 8), (8, 16), (16, 24)]}
+    applies = {}
+    for name in ("a", "b"):
+        ref = st.ref(name)
+        t = SimpleNamespace(name=name, src=ref, shape=tuple(ref.shape), numel=ref.info.numel)
+        applies[name] = (t, rq.prepare(t))
+    for name in ("a", "b", "a"):  # the second "a": a tensor other than the one computed ahead
+        t, apply = applies[name]
+        raw = _bits(tensors[name])
+        want = _bits(F.dequantize_4bit(*F.quantize_4bit(tensors[name], blocksize=64, quant_type="nf4",
+                                                          compress_statistics=double_quant)))
+        assert np.array_equal(Q.roundtrip(raw, "BF16", spec), want)
+        cols = raw.shape[1]
+        for i, j in spans[name] if name == "b" else spans[name][:3]:
+            block = bytearray(raw[i:j].tobytes())
+            out, nbytes = apply(block, len(block), i, j)
+            assert nbytes == (j - i) * cols * 2
+            assert np.array_equal(np.asarray(out).view(np.uint16).reshape(j - i, cols), want[i:j]), (name, i, j)
+    t, apply = applies["a"]
+    for i, j in spans["a"][3:]:  # out of order: (32, 40) was not the guess after (16, 24), nor is (24, 32)
+        raw = _bits(tensors["a"])
+        out, _ = apply(bytearray(raw[i:j].tobytes()), (j - i) * raw.shape[1] * 2, i, j)
+        want = Q.roundtrip_reference(raw, "BF16", spec)
+        assert np.array_equal(np.asarray(out).view(np.uint16).reshape(j - i, -1), want[i:j])
+    hits = [h for _, _, h in takes]
+    assert hits == [False, True, True, False, True, True, False, True, True, False, False], takes
+    # the norms: each block counted once, hit or miss (tensor "a" went through twice over rows 0-24)
+    x = Q.from_dtype_bits(_bits(tensors["b"]).reshape(-1), "BF16").astype(np.float64)
+    assert rq.terms["b"].w_sq == pytest.approx(float(x @ x), rel=1e-5)

@@ -72,6 +72,7 @@ class Requantize(BaseTransform):
         self.name = str(spec)
         self.terms: dict[str, QuantTerm] = {}
         self._lock = threading.Lock()
+        self._ahead = _Ahead()
 
     def prepare(self, t) -> Callable:
         dtype, shape = t.src.dtype, tuple(t.shape)
@@ -83,6 +84,7 @@ class Requantize(BaseTransform):
             absmax = streamed_absmax(t.src, bs)
             scale = bnb.quantize_absmax(absmax).dequantize()
         term = self.terms.setdefault(t.name, QuantTerm())
+        item = RAW[dtype].itemsize
 
         def part(raw: np.ndarray, out: np.ndarray, b0: int, e0: int, e1: int) -> tuple[float, float]:
             """Elements [e0, e1) of a row block whose first quantization block is b0."""
@@ -92,18 +94,160 @@ class Requantize(BaseTransform):
                                                 absmax=None if absmax is None else absmax[c0:c1])
             return w_sq, q_sq
 
+        def compute(raw: np.ndarray, out: np.ndarray, b0: int, ways: int) -> tuple[float, float]:
+            """The whole block now: its first piece on this thread, the others in the pool."""
+            cuts = split_points(raw.size, bs, ways)
+            jobs = [_pool().submit(part, raw, out, b0, e0, e1) for e0, e1 in zip(cuts[1:-1], cuts[2:])]
+            sums = [part(raw, out, b0, cuts[0], cuts[1])] + [f.result() for f in jobs]
+            return sum(s[0] for s in sums), sum(s[1] for s in sums)
+
+        def ahead_part(slot: _Slot, first: int, e0: int, e1: int) -> tuple[float, float]:
+            """Elements [e0, e1) of the row block from element ``first``, read from the base file."""
+            _read_into(t.src, (first + e0) * item, slot.raw[e0:e1].view(np.uint8))
+            return part(slot.raw, slot.out, first // bs, e0, e1)
+
+        def start_ahead(i: int, j: int, ways: int) -> None:
+            """Rows [i, j), the block the engine will most likely ask for next, in the background."""
+            if i >= j:
+                return
+            n = (j - i) * cols
+            slot = self._ahead.free_slot(n * item)
+            view = _Slot(slot.raw.view(RAW[dtype])[:n], slot.out.view(RAW[dtype])[:n])
+            cuts = split_points(n, bs, ways + 1)
+            job = _Job(lambda e0, e1: ahead_part(view, i * cols, e0, e1), list(zip(cuts[:-1], cuts[1:])))
+            runners = [_ahead_pool().submit(job.run) for _ in range(max(1, ways - 1))]
+            self._ahead.pending = _Pending(apply, i, j, slot, view.out, job, runners)
+
         def apply(buf, n: int, i: int, j: int):
-            raw = np.frombuffer(buf, RAW[dtype], count=n // RAW[dtype].itemsize)
-            out = _out(raw.size * RAW[dtype].itemsize).view(RAW[dtype])
-            cuts = split_points(raw.size, bs, _ways())
-            jobs = [_pool().submit(part, raw, out, i * cols // bs, e0, e1) for e0, e1 in zip(cuts[1:-1], cuts[2:])]
-            sums = [part(raw, out, i * cols // bs, cuts[0], cuts[1])] + [f.result() for f in jobs]
+            raw = np.frombuffer(buf, RAW[dtype], count=n // item)
+            ways = _ways()
+            if ways == 1 or not isinstance(t.src, TensorRef):  # blocks computed in parallel already
+                out = _out(raw.size * item).view(RAW[dtype])
+                w_sq, q_sq = compute(raw, out, i * cols // bs, ways)
+            else:  # one block at a time on this thread: the next one is computed meanwhile
+                got = self._ahead.take(apply, i, j)
+                if got is None:
+                    slot = self._ahead.handed = self._ahead.free_slot(raw.size * item)
+                    out = slot.out.view(RAW[dtype])[: raw.size]
+                    w_sq, q_sq = compute(raw, out, i * cols // bs, ways)
+                else:
+                    out, w_sq, q_sq = got
+                if j < rows:
+                    start_ahead(j, min(rows, j + (j - i)), ways)
             with self._lock:
-                term.w_sq += sum(s[0] for s in sums)
-                term.q_sq += sum(s[1] for s in sums)
+                term.w_sq += w_sq
+                term.q_sq += q_sq
             return out, out.nbytes
 
         return apply
+
+
+# -- ahead of the engine: the next row block's round trip while the engine computes this one -------
+#
+# The torch engine computes a tensor's row blocks one by one on the executor's thread, so the round
+# trip of a block and the engine's arithmetic on it would run one after the other. Instead, when
+# the executor hands block k over, the round trip of block k + 1 (rows [j, 2j - i), read from the
+# base file itself) starts in the background, and block k's, started the same way, is usually done.
+# The block is cut into pieces that ``ways - 1`` threads take one by one (the engine keeps a core),
+# and that the executor's thread takes too when it needs the block before they are done. Two slots
+# of buffers alternate: the one handed to the engine (read before the executor hands over the next
+# block) and the one being computed. A guess that misses (another span, another tensor) is dropped
+# (its pieces not started are not computed, those started are waited for); its block is then
+# computed at once, as without this.
+
+
+@dataclass
+class _Slot:
+    raw: np.ndarray  # the base bytes of the block (uint8 or the dtype's raw elements)
+    out: np.ndarray  # its round trip
+
+
+@dataclass
+class _Pending:
+    owner: object  # the ``apply`` of the tensor it belongs to
+    i: int
+    j: int
+    slot: _Slot
+    out: np.ndarray
+    job: "_Job"
+    runners: list
+
+
+class _Job:
+    """The pieces of a block computed ahead: ``fn(e0, e1)`` of each, in whichever thread takes it
+    first; the (w_sq, q_sq) of those computed."""
+
+    def __init__(self, fn: Callable, pieces: list[tuple[int, int]]):
+        self.fn, self.pieces, self.lock = fn, pieces, threading.Lock()
+        self.sums: list[tuple[float, float]] = []
+        self.failed = False
+
+    def _next(self) -> tuple[int, int] | None:
+        with self.lock:
+            return self.pieces.pop(0) if self.pieces else None
+
+    def run(self) -> None:
+        while (piece := self._next()) is not None:
+            try:
+                s = self.fn(*piece)
+            except Exception:  # the reader reports a truncated or unreadable file in its own words
+                self.failed = True
+                continue
+            with self.lock:
+                self.sums.append(s)
+
+    def drop(self) -> None:
+        with self.lock:
+            self.pieces.clear()
+
+
+class _Ahead:
+    """The two slots and the block being computed ahead (one at a time: executor thread only)."""
+
+    def __init__(self):
+        self.slots = [_Slot(np.empty(0, np.uint8), np.empty(0, np.uint8)) for _ in range(2)]
+        self.pending: _Pending | None = None
+        self.handed: _Slot | None = None  # the slot the engine was last given
+
+    def free_slot(self, nbytes: int) -> _Slot:
+        """The slot that is not the engine's (``handed``; none is being computed when this is
+        asked), ``nbytes`` long at least."""
+        slot = self.slots[1] if self.slots[0] is self.handed else self.slots[0]
+        if slot.raw.size < nbytes:
+            slot.raw, slot.out = np.empty(max(nbytes, 1 << 20), np.uint8), np.empty(max(nbytes, 1 << 20), np.uint8)
+        return slot
+
+    def take(self, owner, i: int, j: int):
+        """(out, w_sq, q_sq) of rows [i, j) of ``owner``'s tensor when they were computed ahead; else
+        None (after waiting for whatever was being computed: its slot is then free)."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        hit = p.owner is owner and (p.i, p.j) == (i, j)
+        if hit:
+            p.job.run()  # the pieces no runner has started yet: on this thread, now
+        else:
+            p.job.drop()
+        for f in p.runners:
+            f.result()
+        if not hit or p.job.failed:
+            return None
+        self.handed = p.slot
+        return p.out, sum(s[0] for s in p.job.sums), sum(s[1] for s in p.job.sums)
+
+
+def _read_into(src: TensorRef, offset: int, view: np.ndarray) -> None:
+    """``view.size`` bytes of the tensor ``src`` from its byte ``offset`` into ``view`` (uint8)."""
+    fd = boundary.open_regular(src.file.path)
+    try:
+        mv, got = memoryview(view), 0
+        while got < view.size:
+            k = os.preadv(fd, [mv[got:]], src.info.start + offset + got)
+            if k == 0:
+                raise InputError(f"{src.file.path}: truncated while reading tensor {src.info.name!r}")
+            got += k
+    finally:
+        os.close(fd)
 
 
 _OUT = threading.local()
@@ -144,6 +288,17 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL[0]
 
 
+def _ahead_pool() -> ThreadPoolExecutor:
+    """The threads that compute a block ahead of the engine (one piece each)."""
+    with _POOL_LOCK:
+        if not _AHEAD:
+            _AHEAD.append(ThreadPoolExecutor(default_workers(), thread_name_prefix="loratool-quant-ahead"))
+        return _AHEAD[0]
+
+
+_AHEAD: list[ThreadPoolExecutor] = []
+
+
 def split_points(n: int, blocksize: int, ways: int) -> list[int]:
     """Cuts [0, ..., n] of ``n`` elements into at most ``ways`` pieces of whole blocks, none under
     SPLIT_MIN elements (one piece when ``n`` is small)."""
@@ -156,25 +311,42 @@ def split_points(n: int, blocksize: int, ways: int) -> list[int]:
 CHUNK_BYTES = 4 << 20  # bytes of the base read at a time by ``streamed_absmax``
 
 
-def streamed_absmax(src, blocksize: int) -> np.ndarray:
+def streamed_absmax(src, blocksize: int, ways: int | None = None) -> np.ndarray:
     """The absmax of each 4-bit block of the base tensor ``src`` (``bnb.absmax_4bit``), read a
     chunk of whole blocks at a time into one reused buffer: a float32 per block is all it keeps,
-    so the pass before a double-quantized tensor's blocks leaves the peak where it was."""
+    so the pass before a double-quantized tensor's blocks leaves the peak where it was. The tensor
+    is cut into ``ways`` runs of whole chunks (``default_workers()`` by default; CHUNK_BYTES over
+    them all), read and reduced in as many threads."""
     dtype = src.dtype
     item = RAW[dtype].itemsize
     if not isinstance(src, TensorRef):  # already in memory
         return bnb.absmax_bits(np.frombuffer(src.raw(), RAW[dtype]), dtype, blocksize)
     numel = src.nbytes // item
-    step = max(1, CHUNK_BYTES // (blocksize * item)) * blocksize  # elements a chunk
+    ways = max(1, ways or default_workers())
+    step = max(1, CHUNK_BYTES // ways // (blocksize * item)) * blocksize  # elements a chunk (all runs: CHUNK_BYTES)
     out = np.empty(-(-numel // blocksize), np.float32)
-    buf = bytearray(min(numel, step) * item)
-    scratch = np.empty(min(numel, step), UINT[dtype])
+    chunks = -(-numel // step)
+    ways = min(chunks, ways)
+    runs = [(chunks * k // ways * step, min(numel, chunks * (k + 1) // ways * step)) for k in range(ways)]
+    jobs = [_ahead_pool().submit(_absmax_run, src, blocksize, step, out, r0, r1) for r0, r1 in runs[1:]]
+    _absmax_run(src, blocksize, step, out, *runs[0])
+    for f in jobs:
+        f.result()
+    return out
+
+
+def _absmax_run(src: TensorRef, blocksize: int, step: int, out: np.ndarray, r0: int, r1: int) -> None:
+    """``streamed_absmax`` of elements [r0, r1) (r0 a multiple of ``step``, of the blocksize) into ``out``."""
+    dtype = src.dtype
+    item = RAW[dtype].itemsize
+    buf = bytearray(min(r1 - r0, step) * item)
+    scratch = np.empty(min(r1 - r0, step), UINT[dtype])
     path, name = src.file.path, src.info.name
     try:
         fd = boundary.open_regular(path)
         try:
-            for e0 in range(0, numel, step):
-                e1 = min(numel, e0 + step)
+            for e0 in range(r0, r1, step):
+                e1 = min(r1, e0 + step)
                 view, off, got = memoryview(buf)[: (e1 - e0) * item], src.info.start + e0 * item, 0
                 while got < len(view):
                     k = os.preadv(fd, [view[got:]], off + got)
@@ -187,7 +359,6 @@ def streamed_absmax(src, blocksize: int) -> np.ndarray:
             os.close(fd)
     except OSError as e:
         raise InputError(f"{path}: cannot read tensor {name!r}: {e.strerror or e}") from None
-    return out
 
 
 class Dequantize(BaseTransform):
