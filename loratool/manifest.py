@@ -303,11 +303,12 @@ def record_manifest(
     cache: HashCache | None = None,
     refresh: bool = False,
     api: Any = None,
+    format: str | None = None,
 ) -> tuple[Manifest, Path]:
     """``loratool manifest``: fingerprint the base (if given), keep the lineage of an existing
-    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter. A
-    local base the adapter does not fit (``check_fit``) is refused: a manifest pins the base that
-    every later command trusts.
+    manifest (else start it with "created"), and write ``loratool.json`` beside the adapter (read
+    as ``format`` when given, else detected). A local base the adapter does not fit (``check_fit``)
+    is refused: a manifest pins the base that every later command trusts.
 
     Only an adapter at a local path gets one: a registry adapter's files are its content (their
     digest is its name), and a Hub snapshot belongs to the Hugging Face cache."""
@@ -316,7 +317,12 @@ def record_manifest(
                          "adapter only, never into the registry (an adapter's files there are its content) or the "
                          f"Hub cache: for a reference, `loratool registry export {adapter_path} -o DIR`, write the "
                          "manifest in DIR, then add DIR again")
-    adapter = _as_adapter(adapter_path)
+    if format is not None:
+        from loratool.formats import load_adapter
+
+        adapter = load_adapter(adapter_path, format=format)
+    else:
+        adapter = _as_adapter(adapter_path)
     existing = load_manifest(adapter_path)
     if base is not None:
         check_fit(adapter, base)

@@ -273,6 +273,11 @@ def test_registry_add_records_format_and_reads_the_reference_so(fixtures_dir, tm
     home = tmp_path / "home"
     code, _, err = run(capsys, "registry", "--home", home, "add", path, "--name", "bare")
     assert code == 2 and "--format NAME" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "manifest", path)  # manifest takes --format too
+    assert code == 2 and "--format NAME" in err
+    code, _, err = run(capsys, "manifest", path, "--format", "diffusers", "--base", fixtures_dir / "base_llama")
+    assert code == 0, err
+    assert json.loads(path.with_name("bare.safetensors.loratool.json").read_text())["base"] is not None
     code, out, err = run(capsys, "registry", "--home", home, "add", path, "--name", "bare", "--format", "diffusers",
                          "--json")
     assert code == 0, err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.render import emit
+from loratool.cli.render import FORMAT_CHOICE, emit
 
 BASE_HELP = "A base model: a directory or .safetensors file, or hf://owner/name[@revision]."
 
@@ -96,13 +96,14 @@ def _render(label, fp, cache, elapsed: float, recalled: bool | None = None) -> N
 @click.option("--base", "base", type=str, default=None, metavar="BASE", help=BASE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Also print the manifest as JSON.")
 @click.option("--no-cache", is_flag=True, help="Hash the base's files again instead of using cached hashes.")
-def manifest_cmd(adapter, base, as_json, no_cache):
+@click.option("--format", "fmt", type=FORMAT_CHOICE, default=None, help="Override format detection of ADAPTER.")
+def manifest_cmd(adapter, base, as_json, no_cache, fmt):
     """Write loratool.json beside ADAPTER (<file>.loratool.json for a single file): what the adapter
     is, the fingerprints of its BASE, and its lineage (kept from an existing manifest)."""
     from loratool.fingerprint import HashCache
     from loratool.manifest import record_manifest
 
-    manifest, path = record_manifest(adapter, base=base, cache=HashCache.default(), refresh=no_cache)
+    manifest, path = record_manifest(adapter, base=base, cache=HashCache.default(), refresh=no_cache, format=fmt)
     if as_json:
         from loratool.cli.render import print_json
 

@@ -43,8 +43,8 @@ def get_format(name: str) -> Format:
 
 # The commands whose --format overrides detection (a test keeps this in step with the CLI); any
 # other command reads what one of them wrote.
-FORMAT_OPTION_COMMANDS = ("compose", "convert", "inspect", "merge", "parity", "registry add", "registry pull",
-                          "resize", "unmerge", "validate")
+FORMAT_OPTION_COMMANDS = ("compose", "convert", "inspect", "manifest", "merge", "parity", "registry add",
+                          "registry pull", "resize", "unmerge", "validate")
 FORMAT_HINT = ("If you know its format, every command that takes an adapter takes --format NAME (registry add "
                "records it); to make a file that detection reads: `loratool convert {path} --format NAME --to "
                "peft -o DIR`")
