@@ -260,15 +260,25 @@ def test_dare_masks_in_compose_are_bernoulli_and_rescaled():
     assert not torch.equal(got[0] != 0, got[1] != 0)  # each input has its own stream
 
 
-def test_the_iteration_stops_where_the_gains_left_are_bounded():
-    """``_converged``: a step adding at most the limit ends it; so does one whose gains shrink by
-    ρ ≤ ½ a step when all later gains at that rate, gain·ρ/(1 − ρ), stay under the limit; gains
-    that shrink slower (the geometric bound does not hold) or a first step never end it early."""
-    from loratool.compose_methods.delta import _converged
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_sketch_counts_what_the_row_spaces_span(shared):
+    """The inputs' A factors replace p Gaussian columns of the sketch only when they span p
+    dimensions (a shared lora_A spans half its rows): the truncation then keeps the full SVD's
+    error to 1e-4, and with too narrow a span the sketch keeps all p + oversample Gaussian columns."""
+    from loratool.compose_methods.delta import OVERSAMPLE, test_matrix, truncated_svd
 
-    assert _converged(1e-6, None, 1e-5)
-    assert not _converged(1e-4, None, 1e-5)
-    assert _converged(1e-4, 1.0, 1e-5)  # ρ = 1e-4: 1e-8 left at most
-    assert not _converged(1e-3, 1e-2, 1e-5)  # ρ = 0.1: 1.1e-4 left, above the limit
-    assert not _converged(6e-5, 1e-4, 1e-5)  # ρ = 0.6 > ½: no bound taken from it
-    assert _converged(2e-5, 1e-4, 1e-5)  # ρ = 0.2: 5e-6 left
+    g = torch.Generator().manual_seed(5)
+    Bs = [torch.randn(300, 12, generator=g) for _ in range(2)]
+    A0 = torch.randn(12, 700, generator=g)
+    As = [A0, A0] if shared else [A0, torch.randn(12, 700, generator=g)]
+    M = merge_deltas([b @ a for b, a in zip(Bs, As)], W, "ties", 0.5, generator=g)
+    S_full = torch.linalg.svdvals(M.double())
+    for k in (4, 12):
+        omega = test_matrix(tuple(M.shape), k, As, g)
+        assert omega.shape[1] == 24 + OVERSAMPLE  # covered: the A rows and the oversample
+        U, S, Vh = truncated_svd(M, k, omega)
+        best = float((S_full[k:] ** 2).sum() / (S_full ** 2).sum()) ** 0.5
+        got = rel(torch.from_numpy((U * S) @ Vh), M.double())
+        assert best <= got <= best * (1 + 1e-4), (k, got, best)
+    wide = 24 if shared else 32  # beyond what the A factors span (12 shared, 24 independent)
+    assert test_matrix(tuple(M.shape), wide, As, g).shape[1] == 24 + wide + OVERSAMPLE

@@ -17,10 +17,10 @@ them: the same count). ``merge``/``merge_deltas`` draw DARE's masks as PEFT's ``
 does (from the global RNG: PEFT's result exactly); ``compose`` forms, masks and combines each
 block of rows of the deltas in one pass, its Bernoulli masks from 32 random bits per entry of a
 numpy PCG64 stream per input (``dare_fill``). The truncation is a randomized SVD whose sketch
-starts from the inputs' row spaces (the Aᵢ), with Gaussian columns only for what they miss
-(``test_matrix``), and which stops once what later steps could add is bounded below the
-tolerance (``truncated_svd``): 2 or 3 products with the merged delta on most modules, where the
-fixed two power iterations took 6.
+starts from the inputs' row spaces (the Aᵢ), with p Gaussian columns fewer when they span the
+rank (``test_matrix``), and which stops at the first step that no longer adds energy
+(``truncated_svd``): 3 products with the merged delta on most modules, where the fixed two power
+iterations took 6.
 """
 
 from __future__ import annotations
@@ -289,21 +289,25 @@ def test_matrix(shape: tuple[int, int], k: int, row_spaces: Sequence["torch.Tens
                 generator: "torch.Generator | None" = None, oversample: int = OVERSAMPLE) -> "torch.Tensor | None":
     """The sketch's test matrix for the top-k SVD of an m×n matrix: orthonormal columns spanning
     [R₁ᵀ … Rⱼᵀ G], ``row_spaces`` Rᵢ (rᵢ×n, whose rows span where the matrix's rows mostly lie:
-    the inputs' A factors) and a Gaussian G drawn from ``generator``, of as many columns as the
-    row spaces fall short of p = min(k, m, n), plus ``oversample``: at least p + oversample columns
-    in all, as Halko et al.'s sketch has, of which the row spaces take the place of Gaussian ones
-    (they are better ones; each column costs a share of every product with the matrix); None when
-    it would be as wide as min(m, n) (the exact SVD is then as cheap)."""
+    the inputs' A factors) and a Gaussian G drawn from ``generator``: p + oversample columns
+    (p = min(k, m, n)), or only ``oversample`` when the row spaces span p dimensions or more
+    (they then take the place of p Gaussian columns, and each column costs a share of every
+    product with the matrix); None when it would be as wide as min(m, n) (the exact SVD is then
+    as cheap)."""
     import torch
 
     m, n = shape
     p = min(k, m, n)
-    given = sum(r.shape[0] for r in row_spaces)
-    gaussian = max(p - given, 0) + oversample
-    if given + gaussian >= min(m, n):
+    rows = sum(r.shape[0] for r in row_spaces)
+    if rows + p + oversample >= min(m, n):
         return None
+    spans = [r.to(torch.float32).T for r in row_spaces]
+    # the row spaces replace p of the Gaussian columns only when they span p dimensions or more
+    # (a shared or rank-deficient A spans fewer than its rows)
+    covered = rows >= p and int(torch.linalg.matrix_rank(torch.cat(spans, dim=1))) >= p
+    gaussian = oversample if covered else p + oversample
     G = torch.randn(n, gaussian, dtype=torch.float32, generator=generator)
-    return torch.linalg.qr(torch.cat([r.to(torch.float32).T for r in row_spaces] + [G], dim=1))[0]
+    return torch.linalg.qr(torch.cat(spans + [G], dim=1))[0]
 
 
 def _top_energy(R: "torch.Tensor", p: int):
@@ -312,22 +316,6 @@ def _top_energy(R: "torch.Tensor", p: int):
 
     Ur, S, Vrh = torch.linalg.svd(R.to(torch.float64))
     return Ur, S, Vrh, float((S[:p] ** 2).sum())
-
-
-def _converged(gain: float, last: float | None, limit: float) -> bool:
-    """Whether the step that added ``gain`` to the energy (after one that added ``last``) ends the
-    iteration: it added at most ``limit`` (or nothing: rounding only), or the gains shrink
-    geometrically, by ρ = gain/last ≤ ½ a step, and what all later steps could still add at that
-    rate, gain·ρ/(1 − ρ), is at most ``limit``. Subspace iteration closes the gap to the best
-    energy by a factor that does not grow from step to step (it is the ratio of singular values
-    (σₗ₊₁/σₖ)² each two products), so the sum is a bound; it saves the step whose only use was to
-    show that it adds nothing."""
-    if gain <= limit:
-        return True
-    if last is None or last <= 0 or gain > 0.5 * last:
-        return False
-    rho = gain / last
-    return gain * rho / (1 - rho) <= limit
 
 
 def truncated_svd(M: "torch.Tensor", k: int, omega: "torch.Tensor | None", sketch: "torch.Tensor | None" = None,
@@ -363,7 +351,6 @@ def truncated_svd(M: "torch.Tensor", k: int, omega: "torch.Tensor | None", sketc
     Q, R = torch.linalg.qr(M @ omega if sketch is None else sketch)  # M·Z = Q·R with Z = omega
     Z, transposed = omega, False  # transposed: the last step was Mᵀ·Q = Z·R (else M·Z = Q·R)
     Ur, S, Vrh, energy = _top_energy(R, p)
-    gain = None
     for _ in range(max_steps):
         if transposed:
             Q, R = torch.linalg.qr(M @ Z)
@@ -371,8 +358,8 @@ def truncated_svd(M: "torch.Tensor", k: int, omega: "torch.Tensor | None", sketc
             Z, R = torch.linalg.qr((Q.T @ M).T)
         transposed = not transposed
         Ur, S, Vrh, new = _top_energy(R, p)
-        done = _converged(new - energy, gain, tol * max(min(new, norm2 - new), 0.0))
-        gain, energy = new - energy, new
+        done = new - energy <= tol * max(min(new, norm2 - new), 0.0)  # or no gain at all: rounding only
+        energy = new
         if done:
             break
     # the projection: M·Z·Zᵀ = Q·R·Zᵀ after an M·Z step, Q·Qᵀ·M = Q·Rᵀ·Zᵀ after an Mᵀ·Q step
