@@ -136,7 +136,11 @@ class BaseCheckpoint:
         self._tensors, self.quantized = group_quantized(self._tensors)
         # GPTQ/AWQ layers (qweight, qzeros, scales, g_idx): each one presented as the weight it
         # dequantizes to, its packed tensors hidden (``loratool.quant.gptq``)
-        self._tensors, self.packed = group_packed(self._tensors, *self._packing())
+        self.unread: str | None = None  # why GPTQ/AWQ layers are left packed (a layout not read)
+        try:
+            self._tensors, self.packed = group_packed(self._tensors, *self._packing())
+        except FormatError as e:  # header-only commands (fingerprint) go on; a merge says it (``missing``)
+            self.packed, self.unread = [], e.message
         from loratool.formats import sdnames
 
         # how adapter names find tensors here (``tensor_name``): a single-file SD/SDXL checkpoint
@@ -144,20 +148,20 @@ class BaseCheckpoint:
         self.ldm = not self.components and sdnames.is_ldm(self._tensors)
         self.component = None if self.components or self.ldm else _component_of(self.path, list(self._tensors), self.config)
 
-    def _packing(self) -> tuple[dict | None, str | None, str]:
+    def _packing(self) -> tuple[dict | None, str | None, str, bool]:
         """The quantization_config that says how GPTQ/AWQ weights are packed (config.json's, else
         AutoGPTQ's quantize_config.json or AutoAWQ's quant_config.json beside it), the dtype
-        config.json gives the model, and the file that said it."""
+        config.json gives the model, the file that said it, and whether it is such a side file."""
         qc, dtype = model_packing(self.config)
         if qc is not None:
-            return qc, dtype, str(self.path / "config.json")
+            return qc, dtype, str(self.path / "config.json"), False
         if self.path.is_dir():
             for name in ("quantize_config.json", "quant_config.json"):
                 p = self.path / name
                 if os.path.lexists(p):
                     data = _read_json(self.root.inside(p))
-                    return (data if isinstance(data, dict) else None), dtype, str(p)
-        return None, dtype, str(self.path)
+                    return (data if isinstance(data, dict) else None), dtype, str(p), True
+        return None, dtype, str(self.path), False
 
     def _add_files(self, prefix: str, files: list[Path]) -> None:
         for f in files:
@@ -283,6 +287,8 @@ class BaseCheckpoint:
             return (f"{name} is {t} (q, k and v fused in one tensor in this single-file SD checkpoint); only a "
                     "LoRA module's delta can be added to part of a tensor, nothing can replace it")
         text = f"the base has no tensor {name}"
+        if self.unread and name.endswith(".weight") and name[:-len("weight")] + "qweight" in self._tensors:
+            return f"{text}, only its packed form {name[:-len('weight')]}qweight: {self.unread}"
         if self.ldm:
             from loratool.formats import sdnames
 

@@ -326,10 +326,29 @@ def fingerprint_local(
     per_file: dict[Path, list[tuple[str, str, tuple[int, ...]]]] = defaultdict(list)
     triples = []
     num_params = 0
+    from loratool.quant.gptq import PackedRef
+
+    # GPTQ/AWQ layers count as their stored tensors (qweight, qzeros, scales, g_idx), as the Hub's
+    # headers give them (``fingerprint_hub``) and as loratool recorded them before it read them.
+    # bitsandbytes 4-bit weights count as the 16-bit weights they stand for: a 4-bit base then has
+    # its 16-bit source's structure, which ``fingerprint --source`` relations rely on.
+    stored: dict[Path, str] = {}  # files holding GPTQ/AWQ layers -> the names' prefix
     for name, ref in ckpt.items():
+        num_params += ref.info.numel
+        if isinstance(ref, PackedRef):  # its stored tensors, below
+            stored[ref.file.path] = name[: len(name) - len(ref.info.name)]
+            continue
         triples.append((name, ref.dtype, ref.shape))
         per_file[ref.file.path].append((ref.info.name, ref.dtype, ref.shape))
-        num_params += ref.info.numel
+    for f, prefix in stored.items():
+        from loratool.safetensors_io import SafetensorsFile
+
+        st, shown = SafetensorsFile(f), {n for n, _, _ in per_file[f]}
+        for key in st.keys():
+            if key not in shown:
+                r = st.ref(key)
+                triples.append((prefix + key, r.dtype, r.shape))
+                per_file[f].append((key, r.dtype, r.shape))
     digests = hash_files(ckpt.files, cache=cache, refresh=refresh, workers=workers) if content else {}
     files = [
         FileDigest(

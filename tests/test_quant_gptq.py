@@ -112,7 +112,7 @@ def test_gptq_v1_adds_one_to_each_stored_zero(tmp_path, bits):
     for qc in ({"quant_method": "gptq", "bits": bits, "group_size": 32},  # v1 is the default
                {"quant_method": "gptq", "bits": bits, "group_size": 32, "checkpoint_format": "gptq"},
                {"bits": bits, "group_size": 32, "desc_act": False, "sym": False}):  # AutoGPTQ's quantize_config.json
-        ref = gptq.group(refs, qc)[0]["l.weight"]
+        ref = gptq.group(refs, qc, side_file="quant_method" not in qc)[0]["l.weight"]
         assert ref.spec.v1
         assert np.array_equal(ref.dequantized().view(np.uint16), expected(q, z, s, g, "F16").view(np.uint16))
         assert ref.v1_saturated() == 0
@@ -360,3 +360,64 @@ def test_parity_reads_a_packed_base_as_the_merge_did(tmp_path, method):
     report = check_parity(tmp_path / "base", tmp_path / "out", [str(ad)])
     assert not report.ok and report.layers[0].bad == 1
     assert report.untouched_mismatched == ["model.layers.0.self_attn.v_proj.weight"]
+
+
+def test_other_quantization_configs_leave_a_base_readable(tmp_path):
+    """Only GPTQ/AWQ layers are grouped, and a layout this module does not read leaves the base
+    readable: MLX's config.json ``{"group_size", "bits": 6}`` (no quant_method) is not GPTQ; a
+    GPTQ config of a layout not read (marlin) lets header-only commands go on, and a merge into
+    such a layer names the reason in one line."""
+    import json
+
+    from loratool.checkpoint import BaseCheckpoint
+    from loratool.errors import LoratoolError
+    from loratool.fingerprint import fingerprint_base
+
+    mlx = tmp_path / "mlx"
+    mlx.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": np.zeros((8, 4), np.uint32),
+               "model.layers.0.mlp.up_proj.scales": np.ones((8, 1), np.float16),
+               "model.layers.0.mlp.up_proj.biases": np.zeros((8, 1), np.float16)}, str(mlx / "model.safetensors"))
+    (mlx / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"group_size": 64, "bits": 6},
+                                                 "quantization": {"group_size": 64, "bits": 6}}))
+    ck = BaseCheckpoint(mlx)
+    assert not ck.packed and ck.unread is None and "model.layers.0.mlp.up_proj.weight" in ck.names()
+    assert fingerprint_base(mlx).files
+    marlin = tmp_path / "marlin"
+    _tiny_base(marlin, "gptq", np.random.default_rng(5))
+    cfg = json.loads((marlin / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "marlin"
+    (marlin / "config.json").write_text(json.dumps(cfg))
+    ck = BaseCheckpoint(marlin)
+    assert not ck.packed and "marlin" in ck.unread
+    assert fingerprint_base(marlin).files  # header-only work goes on
+    why = ck.missing("model.layers.0.self_attn.q_proj.weight")
+    assert "only its packed form model.layers.0.self_attn.q_proj.qweight" in why and "marlin" in why
+    ad = tmp_path / "lora"
+    ad.mkdir()
+    rng = np.random.default_rng(6)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((4, 32), np.float32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 4), np.float32)},
+              str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                        "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    from loratool.merge.api import merge
+
+    with pytest.raises(LoratoolError) as e:
+        merge(marlin, str(ad), tmp_path / "out")
+    assert "only its packed form" in e.value.message and "marlin" in e.value.message
+    assert "\n" not in e.value.message and not (tmp_path / "out").exists()
+
+
+def test_a_packed_bases_structure_is_its_files(tmp_path):
+    """The structure fingerprint of a GPTQ base is that of its stored tensors (qweight, qzeros,
+    scales, g_idx), as the Hub's headers give it and as manifests recorded it before loratool
+    read GPTQ: not of the weights it dequantizes to."""
+    from loratool.fingerprint import fingerprint_local, structure_fingerprint
+
+    _tiny_base(tmp_path / "base", "gptq", np.random.default_rng(7))
+    st = SafetensorsFile(tmp_path / "base" / "model.safetensors")
+    raw = [(k, st.ref(k).dtype, tuple(st.ref(k).shape)) for k in st.keys()]
+    fp = fingerprint_local(tmp_path / "base", content=False)
+    assert fp.structure == structure_fingerprint(raw) and fp.num_tensors == len(raw) == 11
+    assert fp.files[0].structure == structure_fingerprint(raw)

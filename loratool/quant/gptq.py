@@ -88,14 +88,16 @@ def model_packing(config: dict) -> tuple[dict | None, str | None]:
     return (qc if isinstance(qc, dict) else None), (config.get("torch_dtype") or config.get("dtype"))
 
 
-def parse_config(qc: dict | None, where: str) -> PackSpec | None:
-    """The ``PackSpec`` of a quantization_config (config.json's, or AutoGPTQ's
-    quantize_config.json, or AutoAWQ's quant_config.json), or None for another method; a
-    FormatError naming ``where`` for a GPTQ/AWQ config this module cannot read."""
+def parse_config(qc: dict | None, where: str, side_file: bool = False) -> PackSpec | None:
+    """The ``PackSpec`` of a quantization_config (config.json's, or, ``side_file``, AutoGPTQ's
+    quantize_config.json or AutoAWQ's quant_config.json, which say the method by their keys
+    alone), or None for another method; a FormatError naming ``where`` for a GPTQ/AWQ config this
+    module cannot read. config.json's must name its ``quant_method``: MLX writes a
+    ``{"group_size", "bits"}`` one of its own."""
     if not isinstance(qc, dict):
         return None
     method = str(qc.get("quant_method") or "").lower()
-    if not method:  # AutoGPTQ's quantize_config.json / AutoAWQ's quant_config.json say it by their keys
+    if not method and side_file:
         method = "awq" if "w_bit" in qc or "q_group_size" in qc else "gptq" if "bits" in qc else ""
     if method not in ("gptq", "awq"):
         return None
@@ -288,15 +290,17 @@ def _read(ref: TensorRef, dtype: str) -> np.ndarray:
 # -- grouping a checkpoint's tensors --------------------------------------------------------------
 
 def group(tensors: dict[str, TensorRef], qconfig: dict | None, dtype: str | None = None,
-          where: str = "config.json") -> tuple[dict[str, TensorRef], list[str]]:
+          where: str = "config.json", side_file: bool = False) -> tuple[dict[str, TensorRef], list[str]]:
     """``tensors`` with every GPTQ/AWQ layer's packed tensors replaced by a ``PackedRef`` named
     ``<layer>.weight``, and the names of the weights so made. ``qconfig`` is the checkpoint's
     quantization_config (nothing changes without a GPTQ/AWQ one); ``dtype`` the dequantized
     weights' (config.json's ``torch_dtype``/``dtype``: float16, bfloat16 or float32), else the
     scales' own; ``where`` names the config in errors."""
-    spec = parse_config(qconfig, where)
     layers = [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]
-    if spec is None or not layers:
+    if not layers:  # no packed layer: whatever the config says is not this module's to read
+        return tensors, []
+    spec = parse_config(qconfig, where, side_file)
+    if spec is None:
         return tensors, []
     out_dtype = OUT_DTYPES.get(str(dtype).replace("torch.", "")) if dtype is not None else None
     out = dict(tensors)
