@@ -312,3 +312,42 @@ def test_normal_adapters_pass_the_checks(fixtures_dir):
         plan = M.plan_merge(BaseCheckpoint(fixtures_dir / "base_llama"),
                             M.load_adapters(M._specs(str(fixtures_dir / name))))
         M.check_overflow(plan)
+
+
+def test_deltas_into_disjoint_rows_are_bounded_apart():
+    """Terms that add into disjoint rows of one tensor (q, k, v fused, ``Term.rows``) never meet:
+    two at 0.6 of float16's largest value each pass when their rows differ, and are refused
+    together when they are the same rows."""
+    from types import SimpleNamespace
+
+    class _Module:  # a module fine on its own: its delta's bound is 0.6 of float16's largest value
+        name, use_dora = "m", False
+
+        def tensors(self):
+            return {}
+
+        def magnitudes(self):
+            return SimpleNamespace(products=0.6 * 65504, bias=0.0)
+
+        def scale_overflow(self, *args):
+            return None
+
+        def overflow(self, *args):
+            return None
+
+    m, c = _Module(), 1.0
+
+    class _Plan:
+        def __init__(self, rows):
+            self.t = _tensor_plan()
+            self.t.dtype = "F16"
+            self.t.terms = [M.Term(m, c, 1.0, "a", rows=rows[0]), M.Term(m, c, 1.0, "b", rows=rows[1])]
+
+        def tensors(self):
+            return [self.t]
+
+    M.check_overflow(_Plan([(0, 4), (4, 8)]))  # q and k: each alone under the limit
+    with pytest.raises(InputError, match="together reach"):
+        M.check_overflow(_Plan([(0, 4), (0, 4)]))
+    with pytest.raises(InputError, match="together reach"):
+        M.check_overflow(_Plan([None, (4, 8)]))  # a whole-tensor term meets every block

@@ -36,7 +36,10 @@ def check_overflow(plan: MergePlan) -> None:
         if t.action is not Action.MERGE:
             continue
         limit, name = DTYPE_MAX[t.dtype], DTYPE_NAMES[t.dtype]
-        bound, found = 0.0, False
+        # the deltas' bound on one element: terms that add into disjoint rows of the tensor (q, k, v
+        # fused, ``Term.rows``) never meet, so each block of rows is bounded on its own
+        bounds: dict[tuple[int, int] | None, float] = {}
+        found = False
         for term in t.terms:
             m, c = term.module, abs(term.coef)
             why = m.scale_overflow(limit, t.dtype, c, effect)
@@ -46,9 +49,9 @@ def check_overflow(plan: MergePlan) -> None:
                     mags[key] = m.magnitudes()
                 mg = mags[key]
                 if term.part == "bias":  # b + coef · lora_B.bias; the factors are the weight's term
-                    bound += c * mg.bias
+                    bounds[term.rows] = bounds.get(term.rows, 0.0) + c * mg.bias
                     continue
-                bound += c * mg.products
+                bounds[term.rows] = bounds.get(term.rows, 0.0) + c * mg.products
                 why = m.overflow(limit, t.dtype, c, mg, effect)
                 if why is None and term.dora:
                     # DoRA writes m · V / ‖V‖ (at most max|m|); ‖V‖ sums V² along rows or columns
@@ -65,6 +68,8 @@ def check_overflow(plan: MergePlan) -> None:
                 weighted = f" (at merge weight {term.weight:g}; lower it)" if term.weight not in (1.0, -1.0) else ""
                 problems[f"{term.adapter}: module {m.name!r}: {why}{weighted}"] = None
                 found = True
+        whole = bounds.pop(None, 0.0)
+        bound = whole + max(bounds.values(), default=0.0)
         if not found and not t.dora and bound > limit:  # several adapters (or a bias), each fine alone
             problems[f"base tensor {t.name!r}: the deltas of {', '.join(sorted({x.adapter for x in t.terms}))} "
                      f"together reach {bound:.3g}, past {name}'s largest value {limit:.3g}; {effect}; lower the "
