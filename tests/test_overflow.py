@@ -351,3 +351,17 @@ def test_deltas_into_disjoint_rows_are_bounded_apart():
         M.check_overflow(_Plan([(0, 4), (0, 4)]))
     with pytest.raises(InputError, match="together reach"):
         M.check_overflow(_Plan([None, (4, 8)]))  # a whole-tensor term meets every block
+
+
+def test_the_guard_names_the_whole_tensors_row_for_a_piece(tmp_path):
+    """A block of a fused tensor's piece (rows [2, 4) of it) that comes out Inf is reported at
+    the row of the whole tensor, not of the piece."""
+    from loratool.merge.overflow import _nonfinite_error
+    from loratool.merge.plan import rows_ref
+    from loratool.safetensors_io import SafetensorsFile
+
+    save_file({"w": torch.zeros(6, 4)}, str(tmp_path / "b.safetensors"))
+    piece = rows_ref(SafetensorsFile(tmp_path / "b.safetensors").ref("w"), 2, 4)
+    assert piece.first_row == 2 and piece.shape == (2, 4)
+    t = M.TensorPlan("w", piece, "F32", M.Action.MERGE, terms=[])
+    assert "first at [3, 1]" in _nonfinite_error(t, 1, 1, 1, float("inf"), 0.0).message

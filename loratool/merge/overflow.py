@@ -82,6 +82,7 @@ def _nonfinite_error(t: TensorPlan, count: int, row: int, col: int, value: float
     """The last guard's error: a block of ``t`` came out Inf/NaN where the base is finite."""
     limit, name = DTYPE_MAX[t.dtype], DTYPE_NAMES[t.dtype]
     where = f"{t.src.file.path}: tensor {t.name!r}"
+    row += getattr(t.src, "first_row", 0)  # a piece of a fused tensor (``plan.RowsRef``): the tensor's row
     if t.action is Action.CAST:
         return InputError(f"{where}: converting it to {name} gives {count} Inf values where the base is finite "
                           f"(first at [{row}, {col}]: {base:.3g}, past {name}'s largest value {limit:.3g}); "

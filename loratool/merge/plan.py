@@ -145,6 +145,12 @@ class RowsRef(TensorRef):
         data = self.raw()
         return torch.frombuffer(bytearray(data), dtype=dt).reshape(self.shape) if data else torch.empty(self.shape, dtype=dt)
 
+    @property
+    def first_row(self) -> int:
+        """The row of the whole tensor that is this one's row 0 (for messages)."""
+        whole = self.file.tensors[self.info.name]
+        return (self.info.start - whole.start) // max(1, self.nbytes // max(1, self.shape[0]))
+
 
 def rows_ref(ref: TensorRef, lo: int, hi: int) -> TensorRef:
     """Rows [lo, hi) of ``ref`` (``RowsRef``)."""
