@@ -222,3 +222,27 @@ def test_blocks_computed_ahead_are_the_whole_tensors_round_trip(tmp_path, monkey
     # the norms: each block counted once, hit or miss (tensor "a" went through twice over rows 0-24)
     x = Q.from_dtype_bits(_bits(tensors["b"]).reshape(-1), "BF16").astype(np.float64)
     assert rq.terms["b"].w_sq == pytest.approx(float(x @ x), rel=1e-5)
+
+
+def test_blocks_computed_ahead_read_the_base_from_its_mapped_pages(tmp_path):
+    """``_map_elements``: the tensor's raw elements over a mapping of its file (what the blocks
+    computed ahead read), equal to its bytes; a file shorter than its header says is refused in
+    one line, never mapped past its end."""
+    from safetensors.torch import save_file
+
+    from loratool.errors import InputError
+    from loratool.merge.basequant import _map_elements
+    from loratool.safetensors_io import SafetensorsFile
+
+    x = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(3)) * 0.1).to(torch.bfloat16)
+    save_file({"pad": torch.zeros(5), "w": x}, str(tmp_path / "w.safetensors"))
+    ref = SafetensorsFile(tmp_path / "w.safetensors").ref("w")
+    assert np.array_equal(_map_elements(ref), _bits(x).reshape(-1))
+    import dataclasses
+    from types import SimpleNamespace
+
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])  # cut after its header was read
+    cut = dataclasses.replace(ref, file=SimpleNamespace(path=tmp_path / "cut.safetensors"))
+    with pytest.raises(InputError, match="truncated"):
+        _map_elements(cut)
