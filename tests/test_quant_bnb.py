@@ -164,6 +164,25 @@ def test_roundtrip_norms(dtype):
     assert q_sq > 0
 
 
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("nf4", True, 64),
+                                                               ("fp4", True, 128)])
+def test_roundtrip_in_chunks_is_the_roundtrip_at_once(monkeypatch, quant_type, double_quant, blocksize):
+    """A tensor larger than CHUNK goes through in chunks of whole blocks (the last one partial): the
+    same bits as the whole tensor at once and as the step-by-step reference, and the same norms."""
+    raw = _bits((torch.randn(3 * 5000 + 17, generator=torch.Generator().manual_seed(3)) * 0.03).to(torch.bfloat16))
+    spec = Q.QuantSpec(quant_type, blocksize, double_quant)
+    monkeypatch.setattr(Q, "CHUNK", 1 << 30)
+    whole, w_whole, q_whole = Q.roundtrip_norms(raw, "BF16", spec)
+    monkeypatch.setattr(Q, "CHUNK", 5000)  # chunks of 4992 or 4864 elements, then the rest
+    chunks, w_sq, q_sq = Q.roundtrip_norms(raw, "BF16", spec)
+    assert np.array_equal(chunks, whole) and np.array_equal(chunks, Q.roundtrip_reference(raw, "BF16", spec))
+    # the sums: float32 dot products of each chunk's pieces (64K elements at most), added in float64
+    assert w_sq == pytest.approx(w_whole, rel=1e-6) and q_sq == pytest.approx(q_whole, rel=1e-6) and q_sq > 0
+    out = np.zeros_like(raw)  # into the caller's buffer, as the merge's transform asks
+    Q.roundtrip_norms(raw, "BF16", spec, out=out)
+    assert np.array_equal(out, whole)
+
+
 # -- the merge's transform: row blocks computed ahead of the engine (merge/basequant.py) ------------
 
 @pytest.mark.parametrize("double_quant", [False, True])

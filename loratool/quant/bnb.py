@@ -489,9 +489,44 @@ def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndar
     """(``roundtrip``'s raw elements, ‖W‖², ‖W − dequant(quant(W))‖²) of ``raw``; the two sums
     (float32 chunks added in float64) are 0 unless ``norms``. Arguments as ``roundtrip``; ``out``:
     where to write the raw elements (flat, ``raw.size`` of them, dtype's raw elements), else a new
-    array. Per-thread buffers: calls may run in several threads at once."""
+    array. Per-thread buffers: calls may run in several threads at once.
+
+    The elements go through in chunks of CHUNK (whole blocks), so that the dozen passes over each
+    chunk work in the core's cache and the buffers stay small: pieces of 4M elements (the blocks
+    the torch engine's workers compute ahead) took 7.3 ns/element in one call, 4.4 in chunks
+    (one thread, on the 1.1B base's up_proj, bf16, nf4); the numpy engine's row
+    blocks are small enough already (no change in its merges)."""
     out_shape = np.shape(raw)
     raw = np.ascontiguousarray(raw).reshape(-1)
+    n, bs = raw.size, spec.blocksize
+    if shape is None:
+        shape = out_shape
+    step = max(bs, CHUNK // bs * bs)
+    if n <= step:
+        got, w_sq, q_sq = _roundtrip_chunk(raw, dtype, spec, scale, absmax, shape, norms, out)
+        return got.reshape(out_shape), w_sq, q_sq
+    if scale is None and spec.double_quant:  # the nested absmax needs all the blocks' absmax
+        absmax = absmax_bits(raw, dtype, bs) if absmax is None else absmax
+        scale = quantize_absmax(absmax).dequantize()
+    if out is None:
+        out = np.empty(n, _OUT_DTYPE[dtype])
+    w_sq = q_sq = 0.0
+    for e0 in range(0, n, step):
+        e1, b0, b1 = min(n, e0 + step), e0 // bs, -(-min(n, e0 + step) // bs)
+        _, w, q = _roundtrip_chunk(raw[e0:e1], dtype, spec, None if scale is None else scale[b0:b1],
+                                   None if absmax is None else absmax[b0:b1], shape, norms, out[e0:e1])
+        w_sq, q_sq = w_sq + w, q_sq + q
+    return out.reshape(out_shape), w_sq, q_sq
+
+
+CHUNK = 1 << 17  # elements of a tensor that the round trip takes at a time (its buffers: 2.5 MB)
+_OUT_DTYPE = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}  # as _round_into
+
+
+def _roundtrip_chunk(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | None,
+                     absmax: np.ndarray | None, shape: tuple[int, ...], norms: bool,
+                     out: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+    """``roundtrip_norms`` of the flat ``raw``, whole blocks (but for a tensor's last), at once."""
     n, bs = raw.size, spec.blocksize
     x, s, v, k = _buffers(n)
     if absmax is None:
@@ -527,15 +562,13 @@ def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndar
             np.multiply(v[:full].reshape(-1, bs), scale[:nb, None], out=v[:full].reshape(-1, bs))
         if n % bs:
             np.multiply(v[full:], scale[nb], out=v[full:])
-    if shape is None:
-        shape = out_shape
     if shape and shape[-1] % 2 and spec.quant_type == "fp4":
         v += np.float32(0)  # -0 + 0 = +0: the compiled fallback kernel's zeros (see the module docstring)
     out = _round_into(v, dtype, ku, out)
     if not norms:
-        return out.reshape(out_shape), 0.0, 0.0
+        return out, 0.0, 0.0
     np.subtract(x, v, out=s)  # v holds the rounded values now: the quantization term q, exact
-    return out.reshape(out_shape), _sum_sq(x), _sum_sq(s)
+    return out, _sum_sq(x), _sum_sq(s)
 
 
 RAW_FLOAT = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
