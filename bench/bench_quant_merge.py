@@ -2,7 +2,9 @@
 (issue 16: goal at most 1.5x the plain merge's time, with flat memory).
 
 On the TinyLlama-shaped 1.1B bf16 base of ``bench/workload.py`` (cached) and its r=16 PEFT
-adapter: the plain merge, ``--base-precision nf4`` and ``--base-precision nf4,double-quant``,
+adapter: the plain merge, ``--base-precision nf4`` and ``--base-precision nf4,double-quant``, then
+the plain and nf4 merges again with ``LORATOOL_MERGE_ENGINE=torch`` (the engine a machine whose
+numpy GEMM fails the probe takes; its ratio is to the plain merge on the same engine),
 each a subprocess as a user runs it, timed (fastest of --repeat) with its CPU time (user + system)
 and the peak RSS of the process (``getrusage(RUSAGE_CHILDREN)`` of a wrapper): on a machine
 shared with other work the wall time moves with the load, the CPU time much less. With
@@ -44,9 +46,11 @@ print(f"@@ {rc} {dt:.3f} {ru.ru_maxrss} {ru.ru_utime + ru.ru_stime:.3f}", file=s
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int, str, float]:
-    """(seconds, peak RSS in MB, stdout, CPU seconds) of ``cmd`` in a wrapper process."""
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, str, float]:
+    """(seconds, peak RSS in MB, stdout, CPU seconds) of ``cmd`` in a wrapper process (``env``
+    added to the environment)."""
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
     line = [x for x in p.stderr.splitlines() if x.startswith("@@ ")]
     if not line or line[-1].split()[1] != "0":
         raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
@@ -133,27 +137,30 @@ def main() -> None:
         lines += micro(base)
         print("\n".join(lines[-2:]), flush=True)
     results = {}
-    for label, extra in [("plain", []), ("nf4", ["--base-precision", "nf4"]),
-                         ("nf4,double-quant", ["--base-precision", "nf4,double-quant"])]:
+    torch_engine = {"LORATOOL_MERGE_ENGINE": "torch"}
+    for label, extra, env in [("plain", [], None), ("nf4", ["--base-precision", "nf4"], None),
+                              ("nf4,double-quant", ["--base-precision", "nf4,double-quant"], None),
+                              ("plain, torch engine", [], torch_engine),
+                              ("nf4, torch engine", ["--base-precision", "nf4"], torch_engine)]:
         best = None
         for _ in range(args.repeat):
             out = args.work / "out"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "loratool", "merge", "--base", str(base), "--adapters", str(adapter),
                    "-o", str(out), "-q", "--json", *extra]
-            dt, rss, stdout, cpu = run(cmd)
+            dt, rss, stdout, cpu = run(cmd, env)
             if best is None or dt < best[0]:
                 best = (dt, rss, cpu)
         results[label] = best
         res = json.loads(stdout)
         warns = sum(1 for q in res.get("quantization", []) if q["warn"])
-        ratio = best[0] / results["plain"][0]
-        cpu_ratio = best[2] / results["plain"][2]
-        lines.append(f"{label:18s} {best[0]:7.2f} s  {ratio:5.2f}x plain  CPU {best[2]:6.2f} s {cpu_ratio:5.2f}x  "
+        ref = results["plain, torch engine" if env else "plain"]
+        ratio, cpu_ratio = best[0] / ref[0], best[2] / ref[2]
+        lines.append(f"{label:20s} {best[0]:7.2f} s  {ratio:5.2f}x plain  CPU {best[2]:6.2f} s {cpu_ratio:5.2f}x  "
                      f"peak RSS {best[1]:6d} MB"
-                     + (f"  ({len(res['quantization'])} tensors, {warns} with ‖q‖ > ‖ΔW‖)" if label != "plain" else ""))
+                     + (f"  ({len(res['quantization'])} tensors, {warns} with ‖q‖ > ‖ΔW‖)" if label.startswith("nf4") else ""))
         print(lines[-1], flush=True)
-        if label != "plain" and args.check:
+        if label.startswith("nf4") and args.check:
             lines.append(f"check of {label} against bitsandbytes + torch, first {args.check} merged tensors:")
             lines += check(base, adapter, out, args.check, "double-quant" in label)
             print("\n".join(lines[-args.check - 1:]), flush=True)
