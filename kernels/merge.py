@@ -46,12 +46,13 @@ from typing import TYPE_CHECKING, Sequence
 
 from loratool.errors import UsageError
 
-from .reference import check_factors, dora_merge_reference, merge_reference
+from .reference import check_factors, dora_merge_reference, merge_reference, requant_merge_reference, requant_tables
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["merge", "dora_merge", "merge_triton", "dora_merge_triton", "triton_available"]
+__all__ = ["merge", "dora_merge", "requant_merge", "merge_triton", "dora_merge_triton", "requant_merge_triton",
+           "triton_available"]
 
 # Bound to triton.language by _kernels() on first use; the kernel source resolves `tl` here.
 tl = None
@@ -66,11 +67,11 @@ _MIN_BLOCK_N = 16
 
 
 def _merge_kernel(
-    W, B, A, OUT, ROW_SCALE,
+    W, B, A, OUT, ROW_SCALE, QSCALE, QRECIP, QBOUNDS, QCODES,
     M, N, R,
     stride_wm, stride_wn, stride_bm, stride_br, stride_ar, stride_an, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, EPILOGUE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EPILOGUE: tl.constexpr, QUANT: tl.constexpr, QBS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # column tiles vary fastest: neighbouring programs read adjacent memory
     pid_m = tl.program_id(1)
@@ -87,6 +88,24 @@ def _merge_kernel(
     # The W tile, loaded once. Masked-out elements are 0 (and so are the masked B rows / A columns
     # below), so they add nothing to the DoRA row sums.
     acc = tl.load(W + rows * stride_wm + cols * stride_wn, mask=mask, other=0.0).to(tl.float32)
+    if QUANT == 1:
+        # the tile as the adapter saw it: bitsandbytes' dequant(quant(W)) (``requant_merge_triton``).
+        # W is contiguous and its rows whole blocks of QBS, so element (m, n) is in block (m·N + n) // QBS.
+        blk = (rows * N + cols) // QBS
+        s = acc * tl.load(QRECIP + blk, mask=mask, other=0.0)  # W · (1 / absmax), as quantize_4bit
+        idx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k in tl.static_range(15):  # the code: midpoints below s (one on a midpoint takes the lower)
+            idx += (s > tl.load(QBOUNDS + k)).to(tl.int32)
+        deq = tl.load(QCODES + idx) * tl.load(QSCALE + blk, mask=mask, other=0.0)
+        # dequantize_4bit's output, rounded to W's dtype. bf16 by its bits, to nearest even, as
+        # loratool.quant.bnb rounds (the interpreter's float32 -> bf16 cast truncates; the GPU's
+        # rounds the same way as this)
+        if W.dtype.element_ty == tl.bfloat16:
+            u = deq.to(tl.uint32, bitcast=True)
+            u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+            acc = u.to(tl.float32, bitcast=True)
+        else:
+            acc = deq.to(W.dtype.element_ty).to(tl.float32)
     # Bcat/Acat are float32 with R padded to a multiple of BLOCK_R: no mask along R. Keeping the
     # factors in float32 keeps the folded coefficients unrounded, and it is also what makes the
     # interpreter usable: triton 3.9's interpreter stores bf16 as uint16 and its tl.dot is a plain
@@ -137,7 +156,7 @@ def _kernels():
     jitted = triton.jit(_merge_kernel)
     # restore_value: the autotuner runs every config on the real arguments; with out=W (in place)
     # each run would add the delta again, so OUT is restored after each timing run.
-    tuned = triton.autotune(configs=_autotune_configs(), key=["M", "N", "R", "EPILOGUE"],
+    tuned = triton.autotune(configs=_autotune_configs(), key=["M", "N", "R", "EPILOGUE", "QUANT", "QBS"],
                             restore_value=["OUT"])(jitted)
     return jitted, tuned
 
@@ -193,7 +212,7 @@ def _input_precision(W) -> str:
     return "tf32x3" if torch.cuda.get_device_capability(W.device)[0] >= 8 else "ieee"
 
 
-def _launch(W, Bcat, Acat, R_pad, out, epilogue, row_scale, config, block_r):
+def _launch(W, Bcat, Acat, R_pad, out, epilogue, row_scale, config, block_r, quant=None):
     """Run _merge_kernel over the tiles of W. ``config`` (BLOCK_M, BLOCK_N and optionally num_warps)
     bypasses the autotuner; tests use it to pick small tiles and BLOCK_R, e.g. to exercise the R loop."""
     import triton
@@ -202,11 +221,13 @@ def _launch(W, Bcat, Acat, R_pad, out, epilogue, row_scale, config, block_r):
     M, N = W.shape
     # with ROW_SUMSQ, out is the (M, column tiles) partials buffer; ROW_SCALE is only read with
     # ROW_SCALED, any tensor stands in for it otherwise
-    args = (W, Bcat, Acat, out, row_scale if row_scale is not None else Bcat,
+    q = quant or (Bcat, Bcat, Bcat, Bcat, 1)  # any tensor stands in for the quantization's without it
+    args = (W, Bcat, Acat, out, row_scale if row_scale is not None else Bcat, *q[:4],
             M, N, R_pad,
             W.stride(0), W.stride(1), Bcat.stride(0), Bcat.stride(1), Acat.stride(0), Acat.stride(1),
             out.stride(0), out.stride(1))
-    common = dict(BLOCK_R=block_r, INPUT_PRECISION=_input_precision(W), EPILOGUE=epilogue)
+    common = dict(BLOCK_R=block_r, INPUT_PRECISION=_input_precision(W), EPILOGUE=epilogue,
+                  QUANT=1 if quant else 0, QBS=q[4])
     if config is not None:
         meta = {k: config[k] for k in ("BLOCK_M", "BLOCK_N")}
         grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
@@ -286,6 +307,36 @@ def dora_merge_triton(W: "torch.Tensor", Bs: Sequence["torch.Tensor"], As: Seque
     scale = magnitude.to(device=W.device, dtype=torch.float32) / partials.sum(dim=1).sqrt()
     _launch(W, Bcat, Acat, R_pad, out, ROW_SCALED, scale, config, block_r)
     return out
+
+
+def requant_merge_triton(W: "torch.Tensor", Bs: Sequence["torch.Tensor"], As: Sequence["torch.Tensor"],
+                         coeffs: Sequence[float], spec, scale: "torch.Tensor | None" = None,
+                         out: "torch.Tensor | None" = None, config: dict | None = None) -> "torch.Tensor":
+    """round(dequant(quant(W)) + Σ cᵢ Bᵢ @ Aᵢ) with the Triton kernel: ``merge_triton`` whose tile
+    is first replaced by bitsandbytes' round trip of it (``spec``: ``loratool.quant.bnb.QuantSpec``),
+    in registers, bit for bit as ``requant_reference``; one read of W, one write of out.
+
+    W: contiguous (out, in), in a multiple of the blocksize (``reference.check_requant``); a row
+    block of a larger tensor takes ``scale`` for its blocks when double quantized
+    (``reference.requant_tables``). Other arguments as ``merge_triton``."""
+    out, Bcat, Acat, R_pad, block_r = _prepare(W, Bs, As, coeffs, out, None, config)
+    tables = requant_tables(W, spec, scale)
+    if W.numel() == 0:
+        return out
+    _launch(W, Bcat, Acat, R_pad, out, STORE, None, config, block_r, quant=(*tables, spec.blocksize))
+    return out
+
+
+def requant_merge(W: "torch.Tensor", Bs: Sequence["torch.Tensor"], As: Sequence["torch.Tensor"],
+                  coeffs: Sequence[float], spec, scale: "torch.Tensor | None" = None,
+                  out: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """round(dequant(quant(W)) + Σ cᵢ Bᵢ @ Aᵢ), dispatched like ``merge``: the Triton kernel on
+    CUDA, ``reference.requant_merge_reference`` (torch) elsewhere."""
+    if _use_triton(W):
+        return requant_merge_triton(W, Bs, As, coeffs, spec, scale, out=out)
+    result = requant_merge_reference(W, Bs, As, coeffs, spec, scale,
+                                     out_dtype=out.dtype if out is not None else None)
+    return result if out is None else out.copy_(result)
 
 
 def _use_triton(W) -> bool:

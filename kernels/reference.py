@@ -109,3 +109,62 @@ def dora_merge_exact(W, Bs, As, coeffs, magnitude) -> "torch.Tensor":
     V = _delta_into(W.to(torch.float64, copy=True), Bs, As, coeffs)
     scale = magnitude.to(device=V.device, dtype=torch.float64) / torch.linalg.vector_norm(V, dim=1)
     return V * scale[:, None]
+
+
+# -- the base as a QLoRA adapter saw it: bitsandbytes' dequant(quant(W)) (issue 16) ----------------
+
+def requant_tables(W: "torch.Tensor", spec, scale: "torch.Tensor | None" = None):
+    """(scale, recip, bounds, codes), float32 on W's device, for ``requant_reference`` and the
+    kernel's QUANT prologue, from the contiguous (out, in) ``W`` whose rows are whole blocks of
+    ``spec.blocksize`` (``loratool.quant.bnb.QuantSpec``):
+
+    * recip: 1 / max(absmax, 1e-38) of each block, as ``quantize_4bit`` scales a block;
+    * scale: what ``dequantize_4bit`` multiplies a block's code by: the absmax, or with double
+      quantization the absmax after its 8-bit round trip, which needs the whole tensor's absmax
+      vector: pass ``scale`` (``loratool.quant.bnb.quantize_absmax(absmax).dequantize()``) when
+      ``W`` is a row block of a larger tensor;
+    * bounds: the 15 midpoints between the sorted codes; codes: the 16 codes, sorted."""
+    import numpy as np
+    import torch
+
+    from loratool.quant import bnb
+
+    check_requant(W, spec)
+    absmax = W.reshape(-1, spec.blocksize).abs().amax(dim=1).to(torch.float32)  # exact: a max
+    recip = torch.reciprocal(absmax.clamp_min(float(bnb._CLAMP_MIN)))
+    if scale is None:
+        scale = absmax
+        if spec.double_quant:
+            scale = torch.from_numpy(bnb.quantize_absmax(absmax.cpu().numpy()).dequantize()).to(W.device)
+    codes = bnb.CODES[spec.quant_type][bnb.ORDER[spec.quant_type]]
+    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(W.device)  # noqa: E731
+    return scale.to(device=W.device, dtype=torch.float32).contiguous(), recip, f32(bnb.bounds(spec.quant_type)), f32(codes)
+
+
+def check_requant(W: "torch.Tensor", spec) -> None:
+    """Raise UsageError unless ``W`` is a contiguous 2-D bf16/fp16/fp32 matrix whose rows are whole
+    blocks of ``spec.blocksize`` (the other layouts go through ``loratool.quant.bnb`` in numpy)."""
+    if W.dim() != 2 or not W.is_contiguous() or W.shape[1] % spec.blocksize:
+        raise UsageError(f"requant: the base weight has shape {tuple(W.shape)}"
+                         f"{'' if W.is_contiguous() else ' (not contiguous)'}; the kernel takes a "
+                         f"contiguous (out, in) matrix with in a multiple of the blocksize {spec.blocksize}")
+    if str(W.dtype).removeprefix("torch.") not in WEIGHT_DTYPES:
+        raise UsageError(f"requant: the base weight has dtype {W.dtype}; expected one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def requant_reference(W: "torch.Tensor", spec, scale: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """bitsandbytes' ``dequantize_4bit(*quantize_4bit(W))`` in torch, bit for bit (W's dtype): each
+    block scaled by 1 / absmax in float32, the code found among the sorted codes (``bucketize``:
+    a value on a midpoint takes the lower code), code · scale in float32, rounded once."""
+    import torch
+
+    scale, recip, bounds, codes = requant_tables(W, spec, scale)
+    bs = spec.blocksize
+    s = W.to(torch.float32).reshape(-1, bs) * recip[:, None]
+    idx = torch.bucketize(s, bounds, right=False)
+    return (codes[idx] * scale[:, None]).to(W.dtype).reshape(W.shape)
+
+
+def requant_merge_reference(W, Bs, As, coeffs, spec, scale=None, out_dtype=None) -> "torch.Tensor":
+    """round(requant_reference(W) + Σ cᵢ Bᵢ @ Aᵢ): ``merge_reference`` on the base the adapter saw."""
+    return merge_reference(requant_reference(W, spec, scale), Bs, As, coeffs, out_dtype=out_dtype)
