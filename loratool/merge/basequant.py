@@ -14,7 +14,10 @@ deltas are added (issue 16).
   packed rows become the 16-bit rows bitsandbytes' ``dequantize_4bit`` gives.
 
 The executor applies ``prepare(t)`` to each block's bytes before the engine sees them; numpy's
-and torch's engines are unchanged.
+and torch's engines are unchanged. On CUDA, ``Requantize`` of a weight whose rows are whole
+quantization blocks is left to the engine (``engines.gpu_requant``): the Triton merge kernel
+computes the round trip of each tile in its QUANT prologue (``loratool.kernels.merge``), and
+``engines._GpuRequant`` adds the report's sums with ``add_term``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,14 @@ class Requantize(BaseTransform):
         self._lock = threading.Lock()
         self._ahead = _Ahead()
 
+    def add_term(self, name: str, w_sq: float, q_sq: float) -> None:
+        """Adds a row block's ‖W‖² and ‖W − dequant(quant(W))‖² into tensor ``name``'s term (the GPU
+        path's, ``engines._GpuRequant``; ``prepare``'s blocks add theirs the same way)."""
+        with self._lock:
+            term = self.terms.setdefault(name, QuantTerm())
+            term.w_sq += w_sq
+            term.q_sq += q_sq
+
     def prepare(self, t) -> Callable:
         dtype, shape = t.src.dtype, tuple(t.shape)
         rows = shape[0] if shape else 1
@@ -83,7 +94,7 @@ class Requantize(BaseTransform):
         if self.spec.double_quant:  # the nested absmax: the whole tensor's absmax vector first
             absmax = streamed_absmax(t.src, bs)
             scale = bnb.quantize_absmax(absmax).dequantize()
-        term = self.terms.setdefault(t.name, QuantTerm())
+        self.add_term(t.name, 0.0, 0.0)  # listed in the report even with no rows
         item = RAW[dtype].itemsize
 
         def part(raw: np.ndarray, out: np.ndarray, b0: int, e0: int, e1: int) -> tuple[float, float]:
@@ -142,9 +153,7 @@ class Requantize(BaseTransform):
                     start_ahead(j, min(rows, j + (j - i)), ways)
                 else:  # the tensor's last block: its mapping goes now (its pages would count in the
                     mapped.clear()  # RSS until the closures' reference cycle is collected)
-            with self._lock:
-                term.w_sq += w_sq
-                term.q_sq += q_sq
+            self.add_term(t.name, w_sq, q_sq)
             return out, out.nbytes
 
         return apply

@@ -286,26 +286,80 @@ class TensorMath:
 
 
 class _CudaMath(TensorMath):
-    """The linear kinds through the Triton kernel (whole tensors on the GPU); the rest in torch."""
+    """The linear kinds through the Triton kernel (whole tensors on the GPU); the rest in torch.
+    With ``requant`` (``_GpuRequant``) the kernel's QUANT prologue computes the base rows as a
+    QLoRA adapter saw them (``merge --base-precision``), which the executor then leaves to it."""
+
+    requant: "_GpuRequant | None" = None
+
+    def kernel_path(self) -> bool:
+        """Whether ``rows`` takes the Triton kernel (else torch's ``TensorMath``)."""
+        return layout.row_blocked(self.t.kind, self.t.dora) and not any(
+            term.part == "bias" or b is None or term.rows is not None for term, b, _ in self.factors)
 
     def rows(self, w, i, j):
         import torch
 
         from loratool.kernels import merge as kernels
 
-        kind = self.t.kind
-        if not layout.row_blocked(kind, self.t.dora) or \
-                any(term.part == "bias" or b is None or term.rows is not None for term, b, _ in self.factors):
+        if not self.kernel_path():
             return super().rows(w, i, j)
+        kind = self.t.kind
         w = w.to(self.device)
         pairs = [layout.block_factors(kind, b, a, i, j) for _, b, a in self.factors]  # rows = left @ right
         bs, as_ = [left for left, _ in pairs], [right for _, right in pairs]
         coeffs = [term.coef for term, _, _ in self.factors]
         # rounded once, by the kernel, to the output dtype (the executor's cast is then a no-op)
         out = torch.empty(w.shape, dtype=torch_dtype(self.t.dtype), device=self.device)
+        if self.requant is not None:
+            return self.requant.merge(w, bs, as_, coeffs, i, j, out)
         if self.magnitude is not None:
             return kernels.dora_merge(w, bs, as_, coeffs, self.magnitude[i:j], out=out)
         return kernels.merge(w, bs, as_, coeffs, out=out)
+
+
+class _GpuRequant:
+    """``basequant.Requantize`` of one tensor on the GPU: the merge kernel's QUANT prologue, and
+    the report's ‖W‖², ‖W − dequant(quant(W))‖² of each row block (float64 sums, added into the
+    transform's ``QuantTerm`` of the tensor). With double quantization the blocks' scale comes from
+    the whole tensor's absmax (``basequant.streamed_absmax``, read from the base file first, as
+    the CPU path does)."""
+
+    def __init__(self, transform, t: TensorPlan, device: str):
+        import torch
+
+        from loratool.merge import basequant
+        from loratool.quant import bnb
+
+        self.transform, self.name, self.spec = transform, t.name, transform.spec
+        transform.add_term(t.name, 0.0, 0.0)  # listed in the report even with no rows
+        self.per_row = t.numel // t.shape[0] // self.spec.blocksize  # blocks per row
+        self.scale = None
+        if self.spec.double_quant:
+            absmax = basequant.streamed_absmax(t.src, self.spec.blocksize)
+            self.scale = torch.from_numpy(bnb.quantize_absmax(absmax).dequantize()).to(device)
+
+    def merge(self, w, bs, as_, coeffs, i: int, j: int, out):
+        from loratool.kernels import merge as kernels
+
+        scale = None if self.scale is None else self.scale[i * self.per_row: j * self.per_row]
+        kernels.requant_merge(w, bs, as_, coeffs, self.spec, scale, out=out)
+        deq = kernels.requant_merge(w, [], [], [], self.spec, scale)
+        d = w.double()
+        self.transform.add_term(self.name, float((d * d).sum()), float((d - deq.double()).square().sum()))
+        return out
+
+
+def gpu_requant(t: TensorPlan) -> bool:
+    """Whether the merge kernel can take ``t``'s ``--base-precision`` round trip on the GPU: a
+    ``basequant.Requantize`` transform of a 2-D bf16/fp16/fp32 base weight whose rows are whole
+    quantization blocks, merged by the kernel (``_CudaMath.kernel_path``; no DoRA)."""
+    from loratool.merge.basequant import Requantize
+
+    return (isinstance(t.transform, Requantize) and t.action is Action.MERGE and len(t.shape) == 2
+            and t.shape[1] % t.transform.spec.blocksize == 0 and t.src.dtype in ("BF16", "F16", "F32")
+            and not t.dora and layout.row_blocked(t.kind, t.dora)
+            and not any(term.part == "bias" or term.rows is not None for term in t.terms))
 
 
 # -- where the math runs ------------------------------------------------------------------------
@@ -416,6 +470,10 @@ class BlockEngine(Protocol):
     def recycle(self, block) -> None:
         """The writer copied ``block`` out: its array may be reused."""
 
+    def takes_transform(self, t: TensorPlan) -> bool:
+        """Whether the engine applies ``t.transform`` to the base rows itself (else the executor
+        does, before the engine sees them)."""
+
 
 class TorchEngine:
     """torch's engines behind the executor's row-block interface (``BlockEngine``): ``TensorMath``
@@ -427,8 +485,11 @@ class TorchEngine:
     mapped = False
     workers = 0
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, math_device: str | None = None):
         self.device = device
+        # where the tensors go: the device, but for tests, which run the CUDA path's Triton kernel
+        # in its interpreter on CPU tensors
+        self.math_device = math_device or device
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -442,11 +503,20 @@ class TorchEngine:
         finally:
             torch.set_num_threads(threads)
 
+    def takes_transform(self, t: TensorPlan) -> bool:
+        """Whether this engine computes ``t.transform`` itself: ``--base-precision`` on CUDA, in
+        the merge kernel (``gpu_requant``); else the executor applies it to the base rows first."""
+        return self.device == "cuda" and gpu_requant(t)
+
     def tensor(self, t: TensorPlan) -> Callable:
         math_ = None
         if t.action is Action.MERGE:
             math_ = (_CudaMath if self.device == "cuda" else TensorMath)(
-                t, _cpu_dtype(t, self.device), self.device, reuse=True)
+                t, _cpu_dtype(t, self.device), self.math_device, reuse=True)
+            if self.takes_transform(t):
+                math_.requant = _GpuRequant(t.transform, t, self.math_device)
+                if not math_.kernel_path():  # gpu_requant said it would be
+                    raise AssertionError(f"{t.name}: the GPU round trip needs the kernel's path")
         return partial(_compute_block, t, math_)
 
     def recycle(self, block) -> None:

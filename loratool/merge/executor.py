@@ -205,8 +205,8 @@ def _stream(plan: MergePlan, engine: BlockEngine, writer: OutputWriter, fail_aft
         """One tensor (or piece of one) into the writer: computed block by block, or its bytes."""
         if t.action in (Action.MERGE, Action.CAST):
             rows = engine.tensor(t)
-            if t.transform is not None:  # the base rows as the adapter saw them (issue 16)
-                rows = transformed(rows, t.transform.prepare(t))
+            if t.transform is not None and not engine.takes_transform(t):  # the base rows as the
+                rows = transformed(rows, t.transform.prepare(t))  # adapter saw them (issue 16)
             for _ in spans[id(t)]:
                 bt, i, j, buf, n = reader.get()
                 assert bt is t, "reader and executor disagree on the order of blocks"

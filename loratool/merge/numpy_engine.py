@@ -332,6 +332,10 @@ class NumpyEngine:
     def running(self):
         return single_threaded_blas()
 
+    def takes_transform(self, t) -> bool:
+        """The executor applies transforms (``basequant``) to the base rows before this engine."""
+        return False
+
     def tensor(self, t: TensorPlan) -> Callable:
         return partial(self._block, t, PlainMath(t))
 
