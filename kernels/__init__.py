@@ -4,9 +4,14 @@
 
     merge(W, Bs, As, coeffs, out=None)                  W + Σ cᵢ Bᵢ Aᵢ, float32 math, one rounding
     dora_merge(W, Bs, As, coeffs, magnitude, out=None)  DoRA: m[:, None] · V / ‖V‖_row
+    requant_merge(W, Bs, As, coeffs, spec, scale=None)  dequant(quant(W)) + Σ cᵢ Bᵢ Aᵢ (bitsandbytes'
+                                                        4-bit round trip of each tile, then the merge)
 
-``merge.py`` holds the Triton kernel, its launchers (``merge_triton``, ``dora_merge_triton``) and
-the dispatchers above; ``reference.py`` the torch references (``merge_reference``,
+    from loratool.kernels.dequant4 import dequantize_4bit
+    dequantize_4bit(packed, scale, numel, dtype, spec)  a weight stored in 4 bits, as bitsandbytes
+
+``merge.py`` holds the Triton merge kernel, its launchers (``merge_triton``, ``dora_merge_triton``,
+``requant_merge_triton``) and the dispatchers above; ``dequant4.py`` the dequantization kernel; ``reference.py`` the torch references (``merge_reference``,
 ``dora_merge_reference``) and the float64 oracles (``merge_exact``, ``dora_merge_exact``).
 
 Nothing is re-exported here: importing this package imports neither torch nor triton and touches no

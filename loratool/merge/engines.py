@@ -350,6 +350,46 @@ class _GpuRequant:
         return out
 
 
+def gpu_dequant(t: TensorPlan) -> bool:
+    """Whether ``t``'s base rows are a weight stored in 4 bits by bitsandbytes
+    (``basequant.Dequantize``), which the dequantization kernel reads on CUDA."""
+    from loratool.merge.basequant import Dequantize
+
+    return isinstance(t.transform, Dequantize) and t.action in (Action.MERGE, Action.CAST)
+
+
+def _gpu_dequantize(t: TensorPlan, device: str) -> Callable:
+    """``basequant.Dequantize.prepare`` on the GPU: ``apply(buf, n, i, j)`` -> (rows [i, j) as a
+    tensor on ``device``, their bytes), from the packed bytes of those rows (``buf``, which the
+    executor's row blocks hold whole: ``Dequantize.rows_quantum``), by ``loratool.kernels.dequant4``
+    (the Triton kernel; its torch reference where triton does not import)."""
+    import numpy as np
+    import torch
+
+    from loratool.kernels import dequant4
+    from loratool.kernels.merge import triton_available
+
+    ref = t.transform.ref
+    spec, shape = ref.spec, tuple(t.shape)
+    cols = t.numel // max(1, shape[0] if shape else 1)
+    scale = torch.from_numpy(np.ascontiguousarray(ref.scale(), np.float32)).to(device)
+    zero_fix = bool(shape) and shape[-1] % 2 == 1 and spec.quant_type == "fp4"
+    fn = dequant4.dequantize_4bit_triton if triton_available() else dequant4.dequantize_4bit_reference
+    dtype = torch_dtype(ref.dtype)
+
+    def apply(buf, n: int, i: int, j: int):
+        first, count = i * cols, (j - i) * cols
+        nbytes = (count + 1) // 2
+        if n < nbytes:  # odd columns: the reader's bytes stop short, read them whole
+            buf = ref.packed.raw()[first // 2: first // 2 + nbytes]
+        packed = torch.frombuffer(bytearray(buf[:nbytes]) if isinstance(buf, bytes) else buf, dtype=torch.uint8,
+                                  count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        out = fn(packed.to(device), scale, count, dtype, spec, first=first, zero_fix=zero_fix)
+        return out.reshape((j - i,) + shape[1:]), out.numel() * out.element_size()
+
+    return apply
+
+
 def gpu_requant(t: TensorPlan) -> bool:
     """Whether the merge kernel can take ``t``'s ``--base-precision`` round trip on the GPU: a
     ``basequant.Requantize`` transform of a 2-D bf16/fp16/fp32 base weight whose rows are whole
@@ -440,11 +480,14 @@ def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int,
     import torch
 
     dt = torch_dtype(t.src.dtype)
-    w = torch.frombuffer(buf, dtype=dt, count=n // dt.itemsize) if n else torch.empty(0, dtype=dt)
+    if isinstance(buf, torch.Tensor):  # rows a transform computed on the GPU (``_gpu_dequantize``)
+        w = buf
+    else:
+        w = torch.frombuffer(buf, dtype=dt, count=n // dt.itemsize) if n else torch.empty(0, dtype=dt)
     w = w.reshape((j - i,) + t.shape[1:] if t.shape else ())
     out = torch_dtype(t.dtype)
     if t.action is Action.CAST:
-        block = w.to(out)
+        block = torch.empty(w.shape, dtype=out).copy_(w)  # on the CPU, for the writer
     else:
         acc = math_.rows(w, i, j)
         # a fresh tensor for the writer (on the CPU): acc is reused for the next block
@@ -504,20 +547,26 @@ class TorchEngine:
             torch.set_num_threads(threads)
 
     def takes_transform(self, t: TensorPlan) -> bool:
-        """Whether this engine computes ``t.transform`` itself: ``--base-precision`` on CUDA, in
-        the merge kernel (``gpu_requant``); else the executor applies it to the base rows first."""
-        return self.device == "cuda" and gpu_requant(t)
+        """Whether this engine computes ``t.transform`` itself, on CUDA: ``--base-precision`` in the
+        merge kernel (``gpu_requant``), a weight stored in 4 bits by the dequantization kernel
+        (``gpu_dequant``); else the executor applies it to the base rows first."""
+        return self.device == "cuda" and (gpu_requant(t) or gpu_dequant(t))
 
     def tensor(self, t: TensorPlan) -> Callable:
         math_ = None
         if t.action is Action.MERGE:
             math_ = (_CudaMath if self.device == "cuda" else TensorMath)(
                 t, _cpu_dtype(t, self.device), self.math_device, reuse=True)
-            if self.takes_transform(t):
+            if self.device == "cuda" and gpu_requant(t):
                 math_.requant = _GpuRequant(t.transform, t, self.math_device)
                 if not math_.kernel_path():  # gpu_requant said it would be
                     raise AssertionError(f"{t.name}: the GPU round trip needs the kernel's path")
-        return partial(_compute_block, t, math_)
+        rows = partial(_compute_block, t, math_)
+        if self.device == "cuda" and gpu_dequant(t):
+            from loratool.merge.basequant import transformed
+
+            rows = transformed(rows, _gpu_dequantize(t, self.math_device))
+        return rows
 
     def recycle(self, block) -> None:
         """Nothing to reuse: ``_compute_block`` returns a fresh array (a writer may queue it)."""

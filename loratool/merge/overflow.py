@@ -105,7 +105,7 @@ def _check_block(t: TensorPlan, w: "torch.Tensor", block: "torch.Tensor", i: int
     lo, hi = torch.aminmax(block)
     if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
         return
-    bad = (~torch.isfinite(block) & torch.isfinite(w.reshape(block.shape))).reshape(-1)
+    bad = (~torch.isfinite(block) & torch.isfinite(w.reshape(block.shape).to(block.device))).reshape(-1)
     count = int(bad.sum())
     if count:
         k = int(bad.nonzero()[0, 0])

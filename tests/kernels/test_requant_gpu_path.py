@@ -33,6 +33,7 @@ def files(tmp_path):
     for i in range(2):
         for m, shape in MODULES.items():
             t[f"model.layers.{i}.{m}.weight"] = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+        t[f"model.layers.{i}.mlp.up_proj.weight"] = (torch.randn(I, H, generator=g) * 0.05).to(torch.bfloat16)
     t["model.layers.1.mlp.down_proj.weight"][3, :7] = 0  # zeros, FP4's signed zero codes
     base = save_base(tmp_path / "base", t)
     a = {}
@@ -116,3 +117,45 @@ def test_a_layout_the_kernel_does_not_take_goes_through_numpy(tmp_path, files, g
         ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
         assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
     assert cpu.quantization
+
+
+def test_a_base_stored_in_4_bits_is_dequantized_by_the_kernel(tmp_path, files, gpu_path, monkeypatch):
+    """A checkpoint as transformers saves a bitsandbytes 4-bit model (every Linear weight packed,
+    up_proj untouched by the adapter): the GPU path dequantizes each row block with the kernel
+    (kernels/dequant4.py, interpreted), to the CPU path's bits for the untouched weights and
+    within one bf16 rounding of its merged ones."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    base, adapter = files
+    src = load_file(str(base / "model.safetensors"))
+    q4 = tmp_path / "base4"
+    q4.mkdir()
+    out = {}
+    for name, w in src.items():
+        if "embed" in name:
+            out[name] = w
+            continue
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        out[name] = packed
+        out.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+    save_file(out, str(q4 / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (q4 / "config.json").write_text(json.dumps(cfg))
+
+    _merge(q4, [str(adapter)], tmp_path / "cpu", engine="torch")
+    gpu_path()
+    from loratool.kernels import dequant4
+
+    rows = []
+    real = dequant4.dequantize_4bit_triton
+    monkeypatch.setattr(dequant4, "dequantize_4bit_triton", lambda *a, **k: rows.append(a[2]) or real(*a, **k))
+    _merge(q4, [str(adapter)], tmp_path / "gpu", engine="torch", block_bytes=8192)
+    assert len(rows) > 8  # every packed weight, in several row blocks
+    a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "gpu" / "model.safetensors"))
+    assert a.keys() == b.keys() == src.keys()
+    for name in a:
+        if "up_proj" in name or "embed" in name:  # dequantized (or stored bf16) and written: the same bits
+            assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
+        else:
+            ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
+            assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
