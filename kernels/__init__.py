@@ -11,8 +11,9 @@
     dequantize_4bit(packed, scale, numel, dtype, spec)  a weight stored in 4 bits, as bitsandbytes
 
 ``merge.py`` holds the Triton merge kernel, its launchers (``merge_triton``, ``dora_merge_triton``,
-``requant_merge_triton``) and the dispatchers above; ``dequant4.py`` the dequantization kernel; ``reference.py`` the torch references (``merge_reference``,
-``dora_merge_reference``) and the float64 oracles (``merge_exact``, ``dora_merge_exact``).
+``requant_merge_triton``) and the dispatchers above; ``dequant4.py`` the dequantization kernel;
+``reference.py`` the torch references (``merge_reference``, ``dora_merge_reference``,
+``requant_reference``) and the float64 oracles (``merge_exact``, ``dora_merge_exact``).
 
 Nothing is re-exported here: importing this package imports neither torch nor triton and touches no
 GPU, and a package attribute ``merge`` would be shadowed by the submodule of the same name as soon
