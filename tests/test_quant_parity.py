@@ -174,3 +174,30 @@ def test_notes_name_weights_the_merge_and_the_qlora_model_hold_differently(qp, t
     notes = _qlora_notes(base, qp["loaded"], spec, [n for n in q.names if "layers.1.mlp.up_proj" not in n])
     assert notes == ["model.layers.1.mlp.up_proj.weight: the merge added the delta to dequant(quant(W)); the QLoRA "
                      "model keeps these in 16 bits (transformers does not quantize them)"]
+
+
+def test_a_base_precision_merge_is_streamed_and_one_changed_element_fails(qp, tmp_path, monkeypatch):
+    """parity of a --base-precision merge takes the numpy stream (paritystream, the base rows through
+    the merge's round trip), not torch's per-tensor check, and a merged element moved by one bf16
+    ulp off round(dequant(quant(W)) + ΔW) is caught, named by its tensor."""
+    from loratool.merge import parity as parity_mod
+
+    def no_torch_check(*a, **k):
+        raise AssertionError("a --base-precision merge went to the torch check")
+
+    monkeypatch.setattr(parity_mod, "_check_merge", no_torch_check)
+    report = check_parity(qp["base16"], qp["root"] / "nf4_16", [str(qp["adapter"])])
+    assert report.ok and report.base_precision == NF4 and report.layers
+    assert all(lay.max_err_over_tol <= 0.5 for lay in report.layers)
+    # the same merge, one element of one tensor a bf16 ulp away
+    bad = tmp_path / "bad"
+    shutil.copytree(qp["root"] / "nf4_16", bad)
+    name = report.layers[0].name
+    f = next(f for f in sorted(bad.glob("*.safetensors")) if name in load_file(str(f)))
+    t = load_file(str(f))
+    w = t[name].clone()
+    w.view(torch.int16).view(-1)[7] += 1
+    t[name] = w
+    save_file(t, str(f), metadata={"format": "pt"})
+    worse = check_parity(qp["base16"], bad, [str(qp["adapter"])])
+    assert not worse.ok and [lay.name for lay in worse.layers if not lay.ok] == [name]

@@ -53,6 +53,7 @@ from loratool.schemas.merge import (  # noqa: F401  (the models, re-exported)
 from loratool.formats import get_format
 from loratool.manifest import BaseGuard
 from loratool.merge import paritystream
+from loratool.merge.basequant import Requantize
 from loratool.merge.engines import TensorMath, row_spans, tensor_spans
 from loratool.merge.plan import CONVERTIBLE, Action, TensorPlan, plan_merge
 from loratool.merge.specs import LoadedAdapter, _specs, load_adapters
@@ -366,10 +367,12 @@ def check_parity(
             continue
         t.dtype = m.dtype
         order[t.name] = len(order)
+        # the base rows as they are, or through --base-precision's round trip: streamed in numpy;
+        # a base stored quantized: in torch (``_check_merge``)
         f = (paritystream.factors(t) if t.action is Action.MERGE and m.dtype in paritystream.FORMATS
-             and t.transform is None else None)  # transformed base rows: in torch (``_check_merge``)
+             and (t.transform is None or isinstance(t.transform, Requantize)) else None)
         if f is not None:
-            streamed.append(paritystream.StreamJob(t, m, f))
+            streamed.append(paritystream.StreamJob(t, m, f, t.transform.prepare(t) if t.transform else None))
         elif t.action in (Action.MERGE, Action.REPLACE):
             other.append((t, m))
         else:

@@ -19,6 +19,11 @@ Base and merged rows are mapped read-only and populated ahead of the math by two
 each BLAS call on its own thread; mappings are released tensor by tensor, so the peak stays a few
 tensors' bytes whatever the model's size. Untouched tensors are compared as raw bytes in 8 MB
 chunks in another thread while the blocks are computed.
+
+A checkpoint merged with ``--base-precision`` is streamed the same way, W being the base rows
+through the merge's own transform (``basequant.Requantize``: bitsandbytes' round trip, in numpy,
+row blocks cut at quantization blocks); bases stored quantized (bitsandbytes 4-bit, GPTQ, AWQ)
+are checked in torch (``parity._check_merge``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from loratool._threads import default_workers
 from loratool.adapter import LayerKind, float_values
 from loratool.errors import InputError
 from loratool.kinds.layout import block_factors
+from loratool.merge.basequant import MATH_THREADS
 from loratool.merge.engines import row_spans
 from loratool.merge.numpy_engine import single_threaded_blas
 from loratool.merge.plan import Action, TensorPlan
@@ -224,10 +230,14 @@ def check_block(f: BlockFactors, src_dtype: str, dtype: str, wbuf, mbuf, i: int,
 # -- the stream ---------------------------------------------------------------------------------
 
 def block_spans(t: TensorPlan) -> list[tuple[int, int]]:
-    """Row spans of about BLOCK_ELEMS elements."""
+    """Row spans of about BLOCK_ELEMS elements (whole quantization blocks under a transform)."""
     rows = t.shape[0] if t.shape else 1
     cols = t.numel // max(1, rows)
-    return row_spans(rows, max(1, BLOCK_ELEMS // max(1, cols)))
+    step = max(1, BLOCK_ELEMS // max(1, cols))
+    if t.transform is not None:
+        q = t.transform.rows_quantum(cols)
+        step = max(q, step // q * q)
+    return row_spans(rows, step)
 
 
 @dataclass
@@ -235,6 +245,15 @@ class StreamJob:
     t: TensorPlan  # the plan's tensor: its source is the base's
     merged: TensorRef
     factors: BlockFactors
+    # the base rows as the merge computed with them (``basequant.Requantize.prepare``: merge
+    # --base-precision's dequant(quant(W))), None for the base's own
+    apply: Callable | None = None
+
+
+def _check_job_block(job: StreamJob, wbuf, wn: int, mbuf, i: int, j: int) -> Stats:
+    if job.apply is not None:
+        wbuf, _ = job.apply(wbuf, wn, i, j)
+    return check_block(job.factors, job.t.src.dtype, job.merged.dtype, wbuf, mbuf, i, j)
 
 
 def check_merged(jobs: list[StreamJob], progress: Callable[[int], None] | None = None,
@@ -259,13 +278,15 @@ def check_merged(jobs: list[StreamJob], progress: Callable[[int], None] | None =
     base.start()
     merged.start()
     try:
-        with single_threaded_blas(), ThreadPoolExecutor(workers, thread_name_prefix="loratool-parity") as pool:
+        # the threads are named as the merge's math threads: a transform computes each block
+        # whole in the thread that asks (``basequant._ways``), as for the numpy engine
+        with single_threaded_blas(), ThreadPoolExecutor(workers, thread_name_prefix=MATH_THREADS + "-parity") as pool:
             for k, (job, job_spans) in enumerate(zip(jobs, spans)):
                 for i, j in job_spans:
                     _, _, _, wbuf, wn = base.get()
                     _, _, _, mbuf, mn = merged.get()
-                    pending.append((k, pool.submit(check_block, job.factors, job.t.src.dtype, job.merged.dtype,
-                                                   wbuf, mbuf, i, j), wbuf, mbuf, wn + mn))
+                    pending.append((k, pool.submit(_check_job_block, job, wbuf, wn, mbuf, i, j),
+                                    wbuf, mbuf, wn + mn))
                     while len(pending) > workers + QUEUE_DEPTH:
                         collect()
             while pending:
