@@ -372,7 +372,7 @@ def check_parity(
         f = (paritystream.factors(t) if t.action is Action.MERGE and m.dtype in paritystream.FORMATS
              and (t.transform is None or isinstance(t.transform, Requantize)) else None)
         if f is not None:
-            streamed.append(paritystream.StreamJob(t, m, f, t.transform.prepare(t) if t.transform else None))
+            streamed.append(paritystream.StreamJob(t, m, f, t.transform))
         elif t.action in (Action.MERGE, Action.REPLACE):
             other.append((t, m))
         else:

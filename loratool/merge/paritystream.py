@@ -245,15 +245,28 @@ class StreamJob:
     t: TensorPlan  # the plan's tensor: its source is the base's
     merged: TensorRef
     factors: BlockFactors
-    # the base rows as the merge computed with them (``basequant.Requantize.prepare``: merge
-    # --base-precision's dequant(quant(W))), None for the base's own
-    apply: Callable | None = None
+    # the base rows as the merge computed with them (merge --base-precision's dequant(quant(W))):
+    # ``basequant.Requantize``, prepared for this tensor by its first block (with double
+    # quantization that reads the tensor's absmax first) and dropped after its last
+    transform: object | None = None
+    _apply: Callable | None = None
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def base_rows(self, wbuf, wn: int, i: int, j: int):
+        if self.transform is None:
+            return wbuf
+        with self._lock:
+            if self._apply is None:
+                self._apply = self.transform.prepare(self.t)
+            apply = self._apply
+        return apply(wbuf, wn, i, j)[0]
+
+    def done(self) -> None:
+        self._apply = None
 
 
 def _check_job_block(job: StreamJob, wbuf, wn: int, mbuf, i: int, j: int) -> Stats:
-    if job.apply is not None:
-        wbuf, _ = job.apply(wbuf, wn, i, j)
-    return check_block(job.factors, job.t.src.dtype, job.merged.dtype, wbuf, mbuf, i, j)
+    return check_block(job.factors, job.t.src.dtype, job.merged.dtype, job.base_rows(wbuf, wn, i, j), mbuf, i, j)
 
 
 def check_merged(jobs: list[StreamJob], progress: Callable[[int], None] | None = None,
@@ -267,11 +280,16 @@ def check_merged(jobs: list[StreamJob], progress: Callable[[int], None] | None =
     workers = workers or default_workers()
     pending: deque[tuple[int, Future, object, object, int]] = deque()
 
+    left = [len(s) for s in spans]  # blocks of each job not collected yet
+
     def collect() -> None:
         k, fut, wbuf, mbuf, nbytes = pending.popleft()
         stats[k].add(fut.result())
         base.release(wbuf)
         merged.release(mbuf)
+        left[k] -= 1
+        if not left[k]:
+            jobs[k].done()
         if progress:
             progress(nbytes)
 
