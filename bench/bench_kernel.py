@@ -11,7 +11,12 @@ For the projection shapes of TinyLlama-1.1B (bf16, r=16, one adapter) it measure
   * dora_merge_triton (two passes over W, so its ideal is 1.5× the copy time);
   * the torch reference (merge_reference on the same GPU tensors);
   * the accuracy of the kernel: the largest error against the float64 merge, in bf16 ulps of the
-    exact value (≤ 0.5 for a correctly rounded result; float32 accumulation adds a hair).
+    exact value (≤ 0.5 for a correctly rounded result; float32 accumulation adds a hair);
+  * requant_merge_triton at nf4 (merge --base-precision nf4: each tile replaced by bitsandbytes'
+    dequant(quant(W)) before the deltas, tables prepared once): kernel time and fraction of the
+    copy, and whether its round trip alone (no adapters) equals the torch reference's bits;
+  * dequantize_4bit_triton of the same weight stored in 4 bits (packed nf4): its time against a
+    copy of the 16-bit weight (it reads a quarter of those bytes and writes them once).
 
 Times are medians from triton.testing.do_bench, which flushes the L2 cache before each run.
 Prints a table and writes the numbers as JSON to --out.
@@ -53,6 +58,7 @@ def bench_shape(name, shape, rank, dtype, seed=0):
         _launch,
         dora_merge_triton,
         merge_triton,
+        requant_merge_triton,
     )
     from loratool.kernels.reference import merge_exact, merge_reference
 
@@ -81,6 +87,23 @@ def bench_shape(name, shape, rank, dtype, seed=0):
     t_call = bench(lambda: merge_triton(W, [B], [A], coeffs, out=out))
     t_dora = bench(lambda: dora_merge_triton(W, [B], [A], coeffs, magnitude, out=out))
     t_torch = bench(lambda: merge_reference(W, [B], [A], coeffs))
+
+    # merge --base-precision nf4: the QUANT prologue, tables prepared once (as the engine's blocks
+    # get them), and the round trip alone against the torch reference's bits
+    from loratool.kernels.dequant4 import dequantize_4bit_triton
+    from loratool.kernels.reference import requant_reference, requant_tables
+    from loratool.quant import bnb
+
+    spec = bnb.QuantSpec("nf4", 64, False)
+    tables = requant_tables(W, spec)
+    requant_merge_triton(W, [B], [A], coeffs, spec, out=out)  # autotune
+    t_requant = bench(lambda: _launch(W, Bcat, Acat, R_pad, out, STORE, None, None, block_r,
+                                      quant=(*tables, spec.blocksize)))
+    alone = requant_merge_triton(W, [], [], [], spec)
+    requant_exact = bool(torch.equal(alone.view(torch.int16), requant_reference(W, spec).view(torch.int16)))
+    # a 4-bit weight dequantized: packed codes of the round trip (any codes time the same)
+    packed = torch.randint(0, 256, (W.numel() // 2,), dtype=torch.uint8, device="cuda", generator=g)
+    t_dequant = bench(lambda: dequantize_4bit_triton(packed, tables[0], W.numel(), dtype, spec))
     gbps = lambda ms: moved / (ms * 1e-3) / 1e9  # noqa: E731
     return {
         "name": name, "shape": list(shape), "rank": rank, "dtype": str(dtype).removeprefix("torch."),
@@ -91,6 +114,9 @@ def bench_shape(name, shape, rank, dtype, seed=0):
         "dora_ms": t_dora, "dora_vs_copy": t_dora / t_copy,
         "torch_reference_ms": t_torch, "speedup_vs_torch": t_torch / t_kernel,
         "max_error_bf16_ulps": ulps,
+        "requant_ms": t_requant, "requant_fraction_of_copy": t_copy / t_requant,
+        "requant_round_trip_equals_reference": requant_exact,
+        "dequant4_ms": t_dequant, "dequant4_vs_copy": t_dequant / t_copy,
     }
 
 
@@ -120,13 +146,16 @@ def main(argv=None) -> int:
     rows = [bench_shape(name, shape, args.rank, torch.bfloat16) for name, shape in SHAPES.items()]
 
     header = (f"{'module':<18} {'shape':>11} {'copy ms':>8} {'kernel ms':>9} {'% copy':>7} {'call ms':>8} "
-              f"{'dora ms':>8} {'torch ms':>9} {'vs torch':>8} {'ulps':>5}")
+              f"{'dora ms':>8} {'torch ms':>9} {'vs torch':>8} {'ulps':>5} {'nf4 ms':>7} {'% copy':>7} "
+              f"{'exact':>5} {'deq4 ms':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['name']:<18} {'x'.join(map(str, r['shape'])):>11} {r['copy_ms']:8.4f} {r['kernel_ms']:9.4f} "
               f"{100 * r['kernel_fraction_of_copy']:6.1f}% {r['call_ms']:8.4f} {r['dora_ms']:8.4f} "
-              f"{r['torch_reference_ms']:9.4f} {r['speedup_vs_torch']:7.1f}× {r['max_error_bf16_ulps']:5.2f}")
+              f"{r['torch_reference_ms']:9.4f} {r['speedup_vs_torch']:7.1f}× {r['max_error_bf16_ulps']:5.2f} "
+              f"{r['requant_ms']:7.4f} {100 * r['requant_fraction_of_copy']:6.1f}% "
+              f"{'yes' if r['requant_round_trip_equals_reference'] else 'NO':>5} {r['dequant4_ms']:8.4f}")
 
     report = {
         "device": torch.cuda.get_device_name(),
