@@ -95,8 +95,26 @@ def merge_cmd(base, adapters, out, dtype, device, max_shard_size, base_precision
     return 0
 
 
+SHOWN = 12  # rows of a per-tensor table beyond those with a warning: the largest ratios
+
+
+def _shown(items: list, ratio) -> tuple[list, int]:
+    """The rows of a per-tensor table: every one with a warning, and the SHOWN largest ``ratio``
+    of the others, in natural name order; and how many are left out (``--json`` lists all)."""
+    from loratool.text import natural_key
+
+    if len(items) > SHOWN:
+        rest = sorted((q for q in items if not q.warn), key=lambda q: -(ratio(q) if ratio(q) is not None else 1e300))
+        keep = {id(q) for q in items if q.warn} | {id(q) for q in rest[:SHOWN]}
+    else:
+        keep = {id(q) for q in items}
+    shown = sorted((q for q in items if id(q) in keep), key=lambda q: natural_key(q.name))
+    return shown, len(items) - len(shown)
+
+
 def _render_quantization(result) -> None:
-    """The per-tensor table of ``--base-precision``: what the quantization term is next to the delta."""
+    """The per-tensor table of ``--base-precision``: what the quantization term is next to the delta
+    (the tensors where it is the larger, and the largest ratios of the others)."""
     from loratool.cli.render import console
     from loratool.cli.tables import Column, fitted
 
@@ -104,10 +122,13 @@ def _render_quantization(result) -> None:
     cols = [Column("tensor", flexible=True), Column("‖W‖", right=True, drop=2), Column("‖q‖", right=True),
             Column("‖ΔW‖", right=True), Column("‖q‖/‖ΔW‖", right=True), Column("‖q‖/‖W‖", right=True, drop=1),
             Column("")]
+    shown, hidden = _shown(result.quantization, lambda q: q.quant_over_delta)
     rows = [[q.name, f"{q.base_norm:.4g}", f"{q.quant_norm:.4g}", f"{q.delta_norm:.4g}",
              f"{q.quant_over_delta:.3g}" if q.quant_over_delta is not None else "inf", f"{q.relative_change:.3%}",
-             "[yellow]q > ΔW[/yellow]" if q.warn else ""] for q in result.quantization]
+             "[yellow]q > ΔW[/yellow]" if q.warn else ""] for q in shown]
     con.print(fitted(cols, rows, con.width))
+    if hidden:
+        con.print(f"({hidden} more tensors with smaller ‖q‖/‖ΔW‖; --json lists every tensor)")
     con.print(f"q = W − dequant(quant(W)) at {result.base_precision}; ‖q‖/‖W‖ is how far the choice moves "
               "the merged weight")
 
@@ -120,10 +141,13 @@ def _render_requantization(result) -> None:
     con = console()
     cols = [Column("tensor", flexible=True), Column("format", drop=1), Column("‖M − dq(q(M))‖", right=True),
             Column("‖ΔW‖", right=True), Column("ratio", right=True), Column("")]
+    shown, hidden = _shown(result.requantization, lambda q: q.requant_over_delta)
     rows = [[q.name, q.precision, f"{q.requant_norm:.4g}", f"{q.delta_norm:.4g}",
              f"{q.requant_over_delta:.3g}" if q.requant_over_delta is not None else "inf",
-             "[yellow]> ΔW[/yellow]" if q.warn else ""] for q in result.requantization]
+             "[yellow]> ΔW[/yellow]" if q.warn else ""] for q in shown]
     con.print(fitted(cols, rows, con.width))
+    if hidden:
+        con.print(f"({hidden} more tensors with smaller ratios; --json lists every tensor)")
     con.print(f"M = the merged 16-bit weight, written in {result.output_precision}; ratio = "
               "‖M − dequant(quant(M))‖ / ‖ΔW‖, the error the 4-bit output adds next to the adapter's delta")
 
