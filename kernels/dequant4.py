@@ -39,6 +39,7 @@ def _dequant4_kernel(P, SCALE, CODES, OUT, n, first,
     if ROUND == 0:  # bf16: its 16 bits, rounded to nearest even
         u = v.to(tl.uint32, bitcast=True)
         u = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+        u = tl.where(v != v, 0x7FC0, u)  # NaN stays NaN (the GPU's 0x7FFFFFFF would carry into -0)
         tl.store(OUT + offs, u.to(tl.int32).to(tl.int16), mask=mask)
     elif ROUND == 1:  # fp16
         tl.store(OUT + offs, v.to(tl.float16), mask=mask)

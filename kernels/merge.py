@@ -96,6 +96,7 @@ def _merge_kernel(
         idx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for k in tl.static_range(15):  # the code: midpoints below s (one on a midpoint takes the lower)
             idx += (s > tl.load(QBOUNDS + k)).to(tl.int32)
+        idx = tl.where(s != s, 15, idx)  # NaN (an inf or NaN in the block): the last code, as searchsorted
         deq = tl.load(QCODES + idx) * tl.load(QSCALE + blk, mask=mask, other=0.0)
         # dequantize_4bit's output, rounded to W's dtype. bf16 by its bits, to nearest even, as
         # loratool.quant.bnb rounds (the interpreter's float32 -> bf16 cast truncates; the GPU's
@@ -103,7 +104,8 @@ def _merge_kernel(
         if W.dtype.element_ty == tl.bfloat16:
             u = deq.to(tl.uint32, bitcast=True)
             u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
-            acc = u.to(tl.float32, bitcast=True)
+            # a NaN stays NaN (the GPU's 0x7FFFFFFF would carry into the sign: -0)
+            acc = tl.where(deq != deq, deq, u.to(tl.float32, bitcast=True))
         else:
             acc = deq.to(W.dtype.element_ty).to(tl.float32)
     # Bcat/Acat are float32 with R padded to a multiple of BLOCK_R: no mask along R. Keeping the

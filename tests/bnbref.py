@@ -33,7 +33,7 @@ def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
         s.nested, s.state2, s.offset = False, None, None
     shape, bs = state.shape, state.blocksize
     n = shape.numel()
-    if shape[-1] % 2:  # bitsandbytes' torch fallback: flat blocks already
+    if n == 0 or shape[-1] % 2:  # bitsandbytes' torch fallback: flat blocks already
         return F.dequantize_4bit(packed, s)
     flat = packed.reshape(-1)
     full = n - n % bs

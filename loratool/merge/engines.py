@@ -340,13 +340,19 @@ class _GpuRequant:
             self.scale = torch.from_numpy(bnb.quantize_absmax(absmax).dequantize()).to(device)
 
     def merge(self, w, bs, as_, coeffs, i: int, j: int, out):
+        import torch
+
         from loratool.kernels import merge as kernels
 
         scale = None if self.scale is None else self.scale[i * self.per_row: j * self.per_row]
         kernels.requant_merge(w, bs, as_, coeffs, self.spec, scale, out=out)
-        deq = kernels.requant_merge(w, [], [], [], self.spec, scale)
-        d = w.double()
-        self.transform.add_term(self.name, float((d * d).sum()), float((d - deq.double()).square().sum()))
+        # the round trip alone: the base the overflow guard compares the block with (as the CPU
+        # path's), and the report's sums (float32 dot products, as the CPU path's chunks: q is
+        # exact in float32)
+        self.deq = kernels.requant_merge(w, [], [], [], self.spec, scale)
+        w32 = w.reshape(-1).float()
+        q = w32 - self.deq.reshape(-1).float()
+        self.transform.add_term(self.name, float(torch.dot(w32, w32)), float(torch.dot(q, q)))
         return out
 
 
@@ -492,6 +498,8 @@ def _compute_block(t: TensorPlan, math_: TensorMath | None, buf, n: int, i: int,
         acc = math_.rows(w, i, j)
         # a fresh tensor for the writer (on the CPU): acc is reused for the next block
         block = torch.empty(acc.shape, dtype=out).copy_(acc)
+        if getattr(math_, "requant", None) is not None:  # the base the deltas were added to
+            w = math_.requant.deq
     _check_block(t, w, block, i)
     return block.reshape(-1).view(torch.uint8).numpy()
 
@@ -533,6 +541,7 @@ class TorchEngine:
         # where the tensors go: the device, but for tests, which run the CUDA path's Triton kernel
         # in its interpreter on CPU tensors
         self.math_device = math_device or device
+        self._took: set[int] = set()  # the tensors whose transform ``tensor`` took on itself
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -547,25 +556,27 @@ class TorchEngine:
             torch.set_num_threads(threads)
 
     def takes_transform(self, t: TensorPlan) -> bool:
-        """Whether this engine computes ``t.transform`` itself, on CUDA: ``--base-precision`` in the
-        merge kernel (``gpu_requant``), a weight stored in 4 bits by the dequantization kernel
-        (``gpu_dequant``); else the executor applies it to the base rows first."""
-        return self.device == "cuda" and (gpu_requant(t) or gpu_dequant(t))
+        """Whether ``tensor(t)``, asked first, took ``t.transform`` on itself, on CUDA:
+        ``--base-precision`` in the merge kernel (``gpu_requant``, where the kernel merges the
+        tensor), a weight stored in 4 bits by the dequantization kernel (``gpu_dequant``); else the
+        executor applies it to the base rows before the engine sees them."""
+        return id(t) in self._took
 
     def tensor(self, t: TensorPlan) -> Callable:
         math_ = None
+        self._took.discard(id(t))
         if t.action is Action.MERGE:
             math_ = (_CudaMath if self.device == "cuda" else TensorMath)(
                 t, _cpu_dtype(t, self.device), self.math_device, reuse=True)
-            if self.device == "cuda" and gpu_requant(t):
+            if self.device == "cuda" and gpu_requant(t) and math_.kernel_path():
                 math_.requant = _GpuRequant(t.transform, t, self.math_device)
-                if not math_.kernel_path():  # gpu_requant said it would be
-                    raise AssertionError(f"{t.name}: the GPU round trip needs the kernel's path")
+                self._took.add(id(t))
         rows = partial(_compute_block, t, math_)
         if self.device == "cuda" and gpu_dequant(t):
             from loratool.merge.basequant import transformed
 
             rows = transformed(rows, _gpu_dequantize(t, self.math_device))
+            self._took.add(id(t))
         return rows
 
     def recycle(self, block) -> None:

@@ -516,7 +516,7 @@ def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndar
         _, w, q = _roundtrip_chunk(raw[e0:e1], dtype, spec, None if scale is None else scale[b0:b1],
                                    None if absmax is None else absmax[b0:b1], shape, norms, out[e0:e1])
         w_sq, q_sq = w_sq + w, q_sq + q
-    return out.reshape(out_shape), w_sq, q_sq
+    return out.view(_OUT_DTYPE[dtype]).reshape(out_shape), w_sq, q_sq
 
 
 CHUNK = 1 << 17  # elements of a tensor that the round trip takes at a time (its buffers: 2.5 MB)

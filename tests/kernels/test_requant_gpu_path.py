@@ -159,3 +159,57 @@ def test_a_base_stored_in_4_bits_is_dequantized_by_the_kernel(tmp_path, files, g
         else:
             ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
             assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
+
+
+def test_a_kind_without_a_low_rank_form_goes_through_numpy(tmp_path, files, gpu_path):
+    """A LoHa adapter with --base-precision on the CUDA path: where a module has no low-rank form
+    the kernel takes, the engine leaves the round trip to the executor (numpy) and merges in torch,
+    as on the CPU (it stopped on an assertion when the engine claimed the transform first)."""
+    base, _ = files
+    g = torch.Generator().manual_seed(5)
+    a = {}
+    for i in range(2):
+        for m, (rows, cols) in MODULES.items():
+            k = f"base_model.model.model.layers.{i}.{m}"
+            for f in ("1", "2"):
+                a[k + f".hada_w{f}_a"] = torch.randn(rows, 8, generator=g) * 0.1
+                a[k + f".hada_w{f}_b"] = torch.randn(8, cols, generator=g) * 0.1
+    loha = tmp_path / "loha"
+    loha.mkdir()
+    save_file(a, str(loha / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (loha / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LOHA", "r": 8, "alpha": 16, "task_type": "CAUSAL_LM",
+        "target_modules": ["q_proj", "v_proj", "down_proj"], "base_model_name_or_path": "tiny-org/tiny-llama"}))
+    _merge(base, [str(loha)], tmp_path / "cpu", engine="torch", base_precision="nf4")
+    calls = gpu_path()
+    _merge(base, [str(loha)], tmp_path / "gpu", engine="torch", base_precision="nf4")
+    merged = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in MODULES}
+    assert set(calls) < merged  # some in the kernel (a low-rank form it takes), some not
+    a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "gpu" / "model.safetensors"))
+    for name in a:
+        if name in calls:  # the kernel's float32 order: one bf16 rounding apart at most
+            ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
+            assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
+        else:  # numpy's round trip, then torch's merge: the CPU path's bits
+            assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
+
+
+def test_an_infinite_base_element_merges_as_on_the_cpu(tmp_path, files, gpu_path):
+    """One +inf in a base weight: its block's round trip is inf/NaN on both paths, and the overflow
+    guard compares the merged block with that round trip (not with the finite rest of W), so both
+    paths write the same non-finite values instead of one refusing."""
+    base, adapter = files
+    f = base / "model.safetensors"
+    t = load_file(str(f))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    t[name][5, 3] = float("inf")
+    save_file(t, str(f), metadata={"format": "pt"})
+    _merge(base, [str(adapter)], tmp_path / "cpu", engine="torch", base_precision="nf4")
+    calls = gpu_path()
+    _merge(base, [str(adapter)], tmp_path / "gpu", engine="torch", base_precision="nf4")
+    assert name in calls
+    a = load_file(str(tmp_path / "cpu" / "model.safetensors"))[name].float()
+    b = load_file(str(tmp_path / "gpu" / "model.safetensors"))[name].float()
+    assert not torch.isfinite(a[5]).all()
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b)) and torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a[torch.isinf(a)], b[torch.isinf(b)])

@@ -78,6 +78,25 @@ def test_the_kernel_merges_onto_the_round_trip(spec, shape, dtype):
     assert_merge_close(requant_merge(W, Bs, As, coeffs, spec), deq, Bs, As, coeffs, interpreted=False)
 
 
+@pytest.mark.parametrize("spec", SPECS[:3], ids=str)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_non_finite_elements_round_trip_as_in_numpy(spec, value, dtype):
+    """An inf or NaN makes its block's absmax non-finite: the scaled values NaN (the last code, as
+    searchsorted and bucketize give it) or 0, times an infinite or NaN scale; NaN stays NaN through
+    the kernel's bf16 rounding by bits."""
+    W = (torch.randn(4, 128, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    W[1, 3] = value
+    want = _numpy_roundtrip(W, spec).float()
+    for got in (requant_reference(W, spec).float(),
+                requant_merge_triton(W, [], [], [], spec, config={"BLOCK_M": 16, "BLOCK_N": 64}).float()):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+    assert not torch.isfinite(want[1, :64]).all()  # the block is non-finite
+    if not spec.double_quant:  # the other blocks are not (double quantization's mean spreads it)
+        assert torch.isfinite(want[0]).all()
+
+
 def test_a_row_block_takes_the_whole_tensors_double_quantized_scale():
     """Rows [i, j) with the scale of their blocks from the whole tensor's nested absmax: the rows
     of the whole tensor's round trip (a block's absmax alone would give another offset)."""
