@@ -47,6 +47,9 @@ demo: fixtures
 	@echo "== merge 0.7/0.3 into the sharded bf16 base, then check parity =="
 	$(LT) merge --base $(FIX)/base_llama --adapters $(FIX)/demo_out/pinned:0.7,$(FIX)/llama_rslora_patterns:0.3 -o $(FIX)/demo_out/merged --quiet
 	$(LT) parity --base $(FIX)/base_llama --merged $(FIX)/demo_out/merged --adapters $(FIX)/demo_out/pinned:0.7,$(FIX)/llama_rslora_patterns:0.3 --forward | tail -4
+	@echo "== QLoRA-aware merge: onto dequant(quant(W)), the 4-bit base the adapter was trained on =="
+	$(LT) merge --base $(FIX)/base_llama --adapters $(FIX)/demo_out/pinned -o $(FIX)/demo_out/merged_nf4 --base-precision nf4,double-quant --quiet | tail -6
+	$(LT) parity --base $(FIX)/base_llama --merged $(FIX)/demo_out/merged_nf4 --adapters $(FIX)/demo_out/pinned | tail -2
 	@echo "== a base with the right shapes but other weights is refused (exit 3) =="
 	-$(LT) merge --base $(FIX)/base_llama_other --adapters $(FIX)/demo_out/pinned -o $(FIX)/demo_out/refused --quiet
 	@echo "== an output over its own input is refused, even with --overwrite (exit 2) =="
