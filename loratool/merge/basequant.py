@@ -35,6 +35,7 @@ import numpy as np
 from loratool import boundary
 from loratool._threads import default_workers
 from loratool.errors import InputError
+from loratool.kinds.layout import LayerKind
 from loratool.quant import bnb
 from loratool.quant.stored import QuantizedRef
 from loratool.safetensors_io import DTYPES, SafetensorsFile, TensorRef, encode_header
@@ -76,6 +77,12 @@ class Requantize(BaseTransform):
         self.terms: dict[str, QuantTerm] = {}
         self._lock = threading.Lock()
         self._ahead = _Ahead()
+
+    def for_conv1d(self) -> "RequantizeConv1D":
+        """The transform of this plan's Conv1D weights (transposed blocks), sharing its report."""
+        if getattr(self, "_conv1d", None) is None:
+            self._conv1d = RequantizeConv1D(self)
+        return self._conv1d
 
     def add_term(self, name: str, w_sq: float, q_sq: float) -> None:
         """Adds a row block's ‖W‖² and ‖W − dequant(quant(W))‖² into tensor ``name``'s term (the GPU
@@ -397,6 +404,63 @@ def _absmax_run(src: TensorRef, blocksize: int, step: int, out: np.ndarray, r0: 
         raise InputError(f"{path}: cannot read tensor {name!r}: {e.strerror or e}") from None
 
 
+class RequantizeConv1D(BaseTransform):
+    """``Requantize`` of a Conv1D weight (GPT-2's (in, out) layout). transformers quantizes such a
+    layer as the Linear it stands for, its weight transposed first (``integrations/bitsandbytes``:
+    "transposing the weight matrix prior to quantization"), so the blocks run along the input
+    dimension, down W's columns: the transform is dequant(quant(Wᵀ))ᵀ. A row block of W whose rows
+    are whole blocks of ``blocksize`` (the input dimension a multiple of it: ``plan_merge``
+    refuses others) holds whole blocks of Wᵀ: it is transposed, round-tripped and transposed back.
+    Double quantization's absmax comes from a pass over the tensor's mapped rows in Wᵀ's order.
+    The report's terms go into the ``Requantize`` it stands beside."""
+
+    def __init__(self, parent: Requantize):
+        self.parent, self.spec = parent, parent.spec
+        self.blocksize, self.name = parent.blocksize, parent.name
+
+    def rows_quantum(self, cols: int) -> int:
+        return self.blocksize
+
+    def prepare(self, t) -> Callable:
+        dtype = t.src.dtype
+        rows, cols = t.shape
+        bs, item = self.blocksize, RAW[dtype].itemsize
+        scale2d = None
+        if self.spec.double_quant:  # the nested absmax of all Wᵀ's blocks, in Wᵀ's order
+            absmax = transposed_absmax(t.src, bs, rows, cols)
+            scale2d = bnb.quantize_absmax(absmax.reshape(-1)).dequantize().reshape(cols, rows // bs)
+        self.parent.add_term(t.name, 0.0, 0.0)
+
+        def apply(buf, n: int, i: int, j: int):
+            raw = np.frombuffer(buf, RAW[dtype], count=(j - i) * cols).reshape(j - i, cols)
+            scale = None if scale2d is None else np.ascontiguousarray(scale2d[:, i // bs: j // bs]).reshape(-1)
+            back, w_sq, q_sq = bnb.roundtrip_norms(np.ascontiguousarray(raw.T).reshape(-1), dtype, self.spec,
+                                                   scale=scale, shape=(cols, rows))
+            out = _out(raw.size * item).view(RAW[dtype])
+            out.reshape(j - i, cols)[...] = back.view(RAW[dtype]).reshape(cols, j - i).T
+            self.parent.add_term(t.name, w_sq, q_sq)
+            return out, out.nbytes
+
+        return apply
+
+
+def transposed_absmax(src, blocksize: int, rows: int, cols: int) -> np.ndarray:
+    """float32 (cols, rows // blocksize): the absmax of each block of Wᵀ, W the (rows, cols) base
+    tensor ``src``, read from its mapped pages a few MB of rows at a time."""
+    dtype = src.dtype
+    item = RAW[dtype].itemsize
+    w = (_map_elements(src) if isinstance(src, TensorRef) else np.frombuffer(src.raw(), RAW[dtype])).reshape(rows, cols)
+    out = np.empty((cols, rows // blocksize), np.float32)
+    step = max(blocksize, CHUNK_BYTES // max(1, cols * item) // blocksize * blocksize)
+    mask = UINT[dtype].type(bnb._ABS_MASK[dtype])
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        a = np.bitwise_and(w[r0:r1].view(UINT[dtype]), mask)  # |x| by its bits (see bnb.absmax_bits)
+        m = a.reshape((r1 - r0) // blocksize, blocksize, cols).max(axis=1)
+        out[:, r0 // blocksize: r1 // blocksize] = bnb.from_dtype_bits(m, dtype).reshape(m.shape).T
+    return out
+
+
 class Dequantize(BaseTransform):
     """The 16-bit rows of a 4-bit weight stored by bitsandbytes (``QuantizedRef``)."""
 
@@ -445,6 +509,8 @@ def delta_norm(t) -> float:
         if term.part != "weight" or m.module_kind != "lora":
             return _dense_norm(t)
         rows, cols = t.shape
+        if m.kind is LayerKind.CONV1D:  # the base holds ΔWᵀ, whose norm is ΔW's
+            rows, cols = cols, rows
         rank = m.lora_A.shape[0]
         b, a = _factor(m.lora_B, (rows, rank)), _factor(m.lora_A, (rank, cols))
         if b is None or a is None:
@@ -482,7 +548,7 @@ def report(plan) -> list[dict]:
     rows = []
     for t in plan.tensors():
         term = rq.terms.get(t.name)
-        if t.transform is not rq or term is None:
+        if getattr(t.transform, "parent", t.transform) is not rq or term is None:  # rq, or its Conv1D view
             continue
         w, q, d = math.sqrt(term.w_sq), math.sqrt(term.q_sq), delta_norm(t)
         rows.append({"name": t.name, "numel": t.numel, "base_norm": w, "quant_norm": q, "delta_norm": d,

@@ -350,9 +350,17 @@ def plan_merge(
         elif name in terms:
             plans[name] = TensorPlan(name, ref, dt, Action.MERGE, terms=terms[name])
             t = plans[name]
-            if requantize is not None and t.kind is LayerKind.LINEAR and len(t.shape) == 2 \
+            if requantize is not None and t.kind in (LayerKind.LINEAR, LayerKind.CONV1D) and len(t.shape) == 2 \
                     and all(term.rows is None for term in t.terms):  # not a fused q/k/v (MHA's in_proj)
-                t.transform = requantize  # bitsandbytes quantizes Linear weights only
+                # transformers quantizes Linear weights, and Conv1D ones transposed, as Linear
+                if t.kind is LayerKind.LINEAR:
+                    t.transform = requantize
+                elif t.shape[0] % requantize.blocksize:
+                    raise UsageError(f"--base-precision {requantize.spec}: {name} is a Conv1D weight {list(t.shape)} "
+                                     f"whose {t.shape[0]} inputs are not whole blocks of {requantize.blocksize}; "
+                                     "loratool streams a transposed weight's blocks only when they are")
+                else:
+                    t.transform = requantize.for_conv1d()
         else:
             plans[name] = TensorPlan(name, ref, dt, Action.COPY if dt == ref.dtype else Action.CAST)
 
