@@ -92,3 +92,19 @@ def test_conv1d_inputs_not_whole_blocks_are_refused(tmp_path):
     base, adapter = _gpt2(tmp_path)
     with pytest.raises(UsageError, match="Conv1D weight .* not whole blocks of 128"):
         _merge(base, [str(adapter)], tmp_path / "out", base_precision="fp4,blocksize=128")
+
+
+def test_a_gpt2_checkpoint_stored_in_4_bits_is_refused_in_one_line(tmp_path, cli):
+    """transformers saves a GPT-2's Conv1D weights in 4 bits transposed, as (out, in) Linear
+    weights; read as they are, the merge would write them transposed (and apply a square one's
+    delta the wrong way round). Refused, naming the 16-bit route, until they are read back."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    base, adapter = _gpt2(tmp_path)
+    q = transformers.GPT2LMHeadModel.from_pretrained(
+        base, quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        dtype=torch.bfloat16, device_map="cpu")
+    q.save_pretrained(tmp_path / "base4")
+    r = cli("merge", "--base", tmp_path / "base4", "--adapters", adapter, "-o", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    assert "gpt2 checkpoint stored in 4 bits" in r.stderr and "--base-precision nf4,blocksize=64" in r.stderr

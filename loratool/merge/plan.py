@@ -206,6 +206,11 @@ class MergePlan:
         return sum(s.nbytes for s in self.shards)
 
 
+# transformers models whose projections are Conv1D ((in, out) weights): bitsandbytes quantizes them
+# transposed (transformers/integrations/bitsandbytes.py), which a 4-bit checkpoint keeps
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+
+
 def plan_merge(
     base: "BaseCheckpoint",
     adapters: Sequence[LoadedAdapter],
@@ -314,6 +319,13 @@ def plan_merge(
                           "base these adapters were trained on?")
 
     quantized = [name for name, ref in base.items() if isinstance(ref, (QuantizedRef, PackedRef))]
+    model_type = (getattr(base, "config", None) or {}).get("model_type")
+    if model_type in CONV1D_MODEL_TYPES and any(isinstance(ref, QuantizedRef) for _, ref in base.items()):
+        spec = next(ref.spec for _, ref in base.items() if isinstance(ref, QuantizedRef))
+        raise UsageError(f"{base.path}: a {model_type} checkpoint stored in 4 bits: transformers quantizes its "
+                         "Conv1D weights transposed, as the Linear layers they stand for, and loratool does not "
+                         "read them back as Conv1D yet (the output would hold them transposed); merge onto the "
+                         f"16-bit checkpoint it was made from with --base-precision {spec}")
     if quantized and base_precision is not None:
         raise UsageError(f"--base-precision {base_precision}: {base.path} is stored quantized already "
                          f"({len(quantized)} bitsandbytes, GPTQ or AWQ weights); the merge dequantizes them as "
