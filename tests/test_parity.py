@@ -153,8 +153,15 @@ def assert_same_layers(report, reference: dict) -> None:
             assert (lay.bad, lay.ok, lay.kind, lay.dora) == (ref.bad, ref.ok, ref.kind, ref.dora), lay.name
             for f in ("max_abs_err", "max_ulp_err"):
                 assert getattr(lay, f) == pytest.approx(getattr(ref, f), rel=1e-6, abs=1e-300), (lay.name, f)
-            # the streamed bound is computed in float32, made larger by a few millionths
-            assert lay.max_err_over_tol == pytest.approx(ref.max_err_over_tol, rel=1e-4, abs=1e-300), lay.name
+            # the streamed bound is computed in float32, made larger by a few millionths; a bf16 or
+            # fp16 block whose every element is within one ulp of X reports max |M − X| / ulp(X),
+            # which exceeds the ratio to the tolerance by the bound's share of it
+            if lay.dtype in ("BF16", "F16"):  # blocks within one ulp report err/ulp, an upper bound
+                assert ref.max_err_over_tol <= lay.max_err_over_tol * (1 + 1e-6), lay.name
+                assert lay.max_err_over_tol <= lay.max_ulp_err * (1 + 1e-9), lay.name
+                assert lay.max_err_over_tol == pytest.approx(ref.max_err_over_tol, rel=2e-3, abs=1e-300), lay.name
+            else:
+                assert lay.max_err_over_tol == pytest.approx(ref.max_err_over_tol, rel=1e-4, abs=1e-300), lay.name
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp32"])
