@@ -23,6 +23,7 @@ def warn(messages, shown: int = WARNINGS_SHOWN) -> None:
 
     groups: dict[str, list[str]] = {}
     for m in messages:
+        m = " ".join(str(m).split())  # one line, as errors are (a path may hold a newline)
         groups.setdefault(re.sub(r"'[^']*'", "''", m), []).append(m)
     for group in groups.values():
         for m in group[:shown]:

@@ -30,3 +30,4 @@ def test_warnings_and_the_largest_ratios_are_shown_in_natural_order():
 def test_a_short_table_is_shown_whole():
     items = [_q(i, 0.5) for i in range(SHOWN)]
     assert _shown(items, lambda q: q.ratio) == (items, 0)
+

@@ -16,3 +16,13 @@ def test_warnings_of_one_shape_are_grouped(capsys):
     assert lines[4:] == [f"loratool: warning: {m}" for m in other]
     warn(same[:3])
     assert len(capsys.readouterr().err.splitlines()) == 3
+
+
+def test_a_warning_naming_a_path_with_a_newline_stays_one_line(capsys):
+    """Warnings are one line each, as errors are: a path holding a newline or a tab (the fuzzer's
+    path.names) does not split one."""
+    from loratool.cli.render import warn
+
+    warn(["/tmp/x\\ny has no loratool manifest".replace("\\n", "\n"), "a\ttab and  spaces"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["loratool: warning: /tmp/x y has no loratool manifest", "loratool: warning: a tab and spaces"]
