@@ -42,13 +42,17 @@ def files(tmp_path):
             k = f"base_model.model.model.layers.{i}.{m}"
             a[k + ".lora_A.weight"] = torch.randn(8, cols, generator=g) * 0.1
             a[k + ".lora_B.weight"] = torch.randn(rows, 8, generator=g) * 0.01
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_file(a, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM",
-        "target_modules": ["q_proj", "v_proj", "down_proj"], "base_model_name_or_path": "tiny-org/tiny-llama"}))
-    return base, adapter
+    return base, _save_adapter(tmp_path / "adapter", a, "LORA", lora_alpha=16)
+
+
+def _save_adapter(d, tensors, peft_type: str, **config):
+    """A PEFT directory of ``tensors`` (rank 8, q/v/down_proj of the tiny Llama)."""
+    d.mkdir()
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": peft_type, "r": 8, "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "base_model_name_or_path": "tiny-org/tiny-llama", **config}))
+    return d
 
 
 @pytest.fixture
@@ -174,12 +178,7 @@ def test_a_kind_without_a_low_rank_form_goes_through_numpy(tmp_path, files, gpu_
             for f in ("1", "2"):
                 a[k + f".hada_w{f}_a"] = torch.randn(rows, 8, generator=g) * 0.1
                 a[k + f".hada_w{f}_b"] = torch.randn(8, cols, generator=g) * 0.1
-    loha = tmp_path / "loha"
-    loha.mkdir()
-    save_file(a, str(loha / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (loha / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LOHA", "r": 8, "alpha": 16, "task_type": "CAUSAL_LM",
-        "target_modules": ["q_proj", "v_proj", "down_proj"], "base_model_name_or_path": "tiny-org/tiny-llama"}))
+    loha = _save_adapter(tmp_path / "loha", a, "LOHA", alpha=16)
     _merge(base, [str(loha)], tmp_path / "cpu", engine="torch", base_precision="nf4")
     calls = gpu_path()
     _merge(base, [str(loha)], tmp_path / "gpu", engine="torch", base_precision="nf4")
