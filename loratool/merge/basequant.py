@@ -77,10 +77,11 @@ class Requantize(BaseTransform):
         self.terms: dict[str, QuantTerm] = {}
         self._lock = threading.Lock()
         self._ahead = _Ahead()
+        self._conv1d: RequantizeConv1D | None = None
 
     def for_conv1d(self) -> "RequantizeConv1D":
         """The transform of this plan's Conv1D weights (transposed blocks), sharing its report."""
-        if getattr(self, "_conv1d", None) is None:
+        if self._conv1d is None:
             self._conv1d = RequantizeConv1D(self)
         return self._conv1d
 

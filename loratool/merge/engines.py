@@ -397,15 +397,14 @@ def _gpu_dequantize(t: TensorPlan, device: str) -> Callable:
 
 
 def gpu_requant(t: TensorPlan) -> bool:
-    """Whether the merge kernel can take ``t``'s ``--base-precision`` round trip on the GPU: a
-    ``basequant.Requantize`` transform of a 2-D bf16/fp16/fp32 base weight whose rows are whole
-    quantization blocks, merged by the kernel (``_CudaMath.kernel_path``; no DoRA)."""
+    """Whether the merge kernel's QUANT prologue can take ``t``'s ``--base-precision`` round trip:
+    a ``basequant.Requantize`` transform of a merged 2-D bf16/fp16/fp32 base weight whose rows are
+    whole quantization blocks. ``TorchEngine.tensor`` asks this and whether the kernel merges the
+    tensor at all (``_CudaMath.kernel_path``)."""
     from loratool.merge.basequant import Requantize
 
     return (isinstance(t.transform, Requantize) and t.action is Action.MERGE and len(t.shape) == 2
-            and t.shape[1] % t.transform.spec.blocksize == 0 and t.src.dtype in ("BF16", "F16", "F32")
-            and not t.dora and layout.row_blocked(t.kind, t.dora)
-            and not any(term.part == "bias" or term.rows is not None for term in t.terms))
+            and t.shape[1] % t.transform.spec.blocksize == 0 and t.src.dtype in ("BF16", "F16", "F32"))
 
 
 # -- where the math runs ------------------------------------------------------------------------

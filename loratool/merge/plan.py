@@ -319,13 +319,13 @@ def plan_merge(
                           "base these adapters were trained on?")
 
     quantized = [name for name, ref in base.items() if isinstance(ref, (QuantizedRef, PackedRef))]
-    model_type = (getattr(base, "config", None) or {}).get("model_type")
-    if model_type in CONV1D_MODEL_TYPES and any(isinstance(ref, QuantizedRef) for _, ref in base.items()):
-        spec = next(ref.spec for _, ref in base.items() if isinstance(ref, QuantizedRef))
+    model_type = base.config.get("model_type")
+    bnb4 = next((ref for _, ref in base.items() if isinstance(ref, QuantizedRef)), None)
+    if model_type in CONV1D_MODEL_TYPES and bnb4 is not None:
         raise UsageError(f"{base.path}: a {model_type} checkpoint stored in 4 bits: transformers quantizes its "
                          "Conv1D weights transposed, as the Linear layers they stand for, and loratool does not "
                          "read them back as Conv1D yet (the output would hold them transposed); merge onto the "
-                         f"16-bit checkpoint it was made from with --base-precision {spec}")
+                         f"16-bit checkpoint it was made from with --base-precision {bnb4.spec}")
     if quantized and base_precision is not None:
         raise UsageError(f"--base-precision {base_precision}: {base.path} is stored quantized already "
                          f"({len(quantized)} bitsandbytes, GPTQ or AWQ weights); the merge dequantizes them as "

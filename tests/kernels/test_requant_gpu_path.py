@@ -55,6 +55,12 @@ def _save_adapter(d, tensors, peft_type: str, **config):
     return d
 
 
+def _within_one_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two bf16 tensors are at most one bf16 ulp (of ``a``'s elements) apart everywhere."""
+    ulp = torch.exp2(torch.frexp(a.float().abs())[1].float() - 8)
+    return bool(((a.float() - b.float()).abs() <= ulp).all())
+
+
 @pytest.fixture
 def gpu_path(monkeypatch):
     """``gpu_path()`` makes the torch engine run as on CUDA (the kernel's path, the engine taking
@@ -99,8 +105,7 @@ def test_the_kernel_path_merges_onto_the_same_base_as_the_cpu_path(tmp_path, fil
         # delta in float32 in another order (torch's addmm, the kernel's tl.dot), rounded once (the
         # interpreter's bf16 store truncates, see test_merge_kernel.py): one bf16 ulp apart at most,
         # where the plain W + ΔW is tens of ulps from the CPU path's
-        ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
-        assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
+        assert _within_one_ulp(a[name], b[name]), name
     # the report: the same ‖W − dequant(quant(W))‖ / ‖ΔW‖ per tensor
     assert [q.name for q in gpu.quantization] == [q.name for q in cpu.quantization]
     for p, q in zip(cpu.quantization, gpu.quantization):
@@ -118,8 +123,7 @@ def test_a_layout_the_kernel_does_not_take_goes_through_numpy(tmp_path, files, g
     assert calls == []
     a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "gpu" / "model.safetensors"))
     for name in a:
-        ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
-        assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
+        assert _within_one_ulp(a[name], b[name]), name
     assert cpu.quantization
 
 
@@ -161,8 +165,7 @@ def test_a_base_stored_in_4_bits_is_dequantized_by_the_kernel(tmp_path, files, g
         if "up_proj" in name or "embed" in name:  # dequantized (or stored bf16) and written: the same bits
             assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
         else:
-            ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
-            assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
+            assert _within_one_ulp(a[name], b[name]), name
 
 
 def test_a_kind_without_a_low_rank_form_goes_through_numpy(tmp_path, files, gpu_path):
@@ -187,8 +190,7 @@ def test_a_kind_without_a_low_rank_form_goes_through_numpy(tmp_path, files, gpu_
     a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "gpu" / "model.safetensors"))
     for name in a:
         if name in calls:  # the kernel's float32 order: one bf16 rounding apart at most
-            ulp = torch.exp2(torch.frexp(a[name].float().abs())[1].float() - 8)
-            assert ((a[name].float() - b[name].float()).abs() <= ulp).all(), name
+            assert _within_one_ulp(a[name], b[name]), name
         else:  # numpy's round trip, then torch's merge: the CPU path's bits
             assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
 
