@@ -12,7 +12,7 @@ install: $(STAMP)
 
 # torch==2.13.0 first: on these machines pip finds the CPU build on disk; a bare `torch`
 # requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml kernels/cpu.c kernels/cpu_body.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -113,9 +113,17 @@ def _every_finite(dtype: str, rng) -> np.ndarray:
     return bits[: bits.size // 64 * 64]
 
 
+@pytest.fixture(params=["C", "numpy"])
+def fused(request, monkeypatch):
+    """The fused round trip's two paths: the C loop (kernels/cpu.c, where it is built) and numpy's."""
+    if request.param == "numpy":
+        monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_fused_roundtrip_is_the_reference_on_every_midpoint(dtype, quant_type):
+def test_fused_roundtrip_is_the_reference_on_every_midpoint(fused, dtype, quant_type):
     raw = _every_finite(dtype, np.random.default_rng(7))
     spec = Q.QuantSpec(quant_type, 64, False)
     want = Q.roundtrip_reference(raw, dtype, spec)
@@ -152,7 +160,7 @@ def test_key_table_is_exact_where_it_answers():
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
-def test_roundtrip_norms(dtype):
+def test_roundtrip_norms(fused, dtype):
     w = (torch.randn(96, 80, generator=torch.Generator().manual_seed(5)) * 0.03).to(DTYPES[dtype])
     raw = _bits(w)
     spec = Q.QuantSpec("nf4", 64, True)
@@ -166,7 +174,7 @@ def test_roundtrip_norms(dtype):
 
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("nf4", True, 64),
                                                                ("fp4", True, 128)])
-def test_roundtrip_in_chunks_is_the_roundtrip_at_once(monkeypatch, quant_type, double_quant, blocksize):
+def test_roundtrip_in_chunks_is_the_roundtrip_at_once(fused, monkeypatch, quant_type, double_quant, blocksize):
     """A tensor larger than CHUNK goes through in chunks of whole blocks (the last one partial): the
     same bits as the whole tensor at once and as the step-by-step reference, and the same norms."""
     raw = _bits((torch.randn(3 * 5000 + 17, generator=torch.Generator().manual_seed(3)) * 0.03).to(torch.bfloat16))

@@ -14,6 +14,11 @@ block_factors``), the coefficients folded into ``left`` and the terms stacked al
 A term that adds into some rows of the tensor only (``plan.Term.rows``: q, k or v of a fused
 ``in_proj_weight``) has zero rows of ``left`` elsewhere.
 
+The first pass over a block (X, ulp(X), |M − X| and their maxima: ``check_block``) runs in C
+where the extension is built (``loratool.kernels.cpu.parity_block``: one fused loop, the rank-r
+product included, against the dozen numpy passes); numpy computes it otherwise, and decides every
+block the first pass does not pass (an element past one ulp of X, a value not finite).
+
 Base and merged rows are mapped read-only and populated ahead of the math by two reader threads
 (``reader._Reader``, as the merge reads its base); blocks are computed in a few worker threads,
 each BLAS call on its own thread; mappings are released tensor by tensor, so the peak stays a few
@@ -43,6 +48,7 @@ from loratool import boundary
 from loratool._threads import default_workers
 from loratool.adapter import LayerKind, float_values
 from loratool.errors import InputError
+from loratool.kernels import cpu as native
 from loratool.kinds.layout import block_factors
 from loratool.merge.basequant import MATH_THREADS
 from loratool.merge.engines import row_spans
@@ -211,6 +217,12 @@ def check_block(f: BlockFactors, src_dtype: str, dtype: str, wbuf, mbuf, i: int,
     if n == 0:
         return Stats()
     mant = FORMATS[dtype][1]
+    if dtype in ("BF16", "F16"):  # the first pass in C (kernels/cpu.c), where it is built
+        w = np.frombuffer(wbuf, FORMATS[src_dtype][0], n)
+        got = native.parity_block(w, src_dtype, np.frombuffer(mbuf, FORMATS[dtype][0], n), dtype, f.left[i:j],
+                                  f.right, FORMATS[dtype][2], mant)
+        if got is not None and got[1] <= 1.0:
+            return Stats(got[0], got[1], got[1], 0)
     shape = (j - i, cols)
     x, g, u, w32, m32, g32 = (b.reshape(shape) for b in _scratch(n))
     with np.errstate(all="ignore"):

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loratool.kernels import cpu as native
+
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # double quantization's blocks of absmax values
@@ -399,6 +401,11 @@ def roundtrip_reference(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.
 
 # -- the fused round trip -------------------------------------------------------------------------
 #
+# Where the C extension is built (``loratool.kernels.cpu.roundtrip``, x86-64 with AVX2 or AVX-512),
+# ``_roundtrip_chunk`` hands each chunk to its loop, which computes the same float32 operations in
+# the same order (the code found by a binary search of the midpoints) and so the same bits; what
+# follows is the numpy path, taken elsewhere, with ``LORATOOL_NATIVE=0``, and for values not finite.
+#
 # dequant(quant(W)) needs the code *value* of each element, never its packed index, so the fused
 # path goes straight from the scaled float32 value to the code value, by table: the top KEY_BITS
 # (18) bits of a float32 (sign, exponent, 9 mantissa bits) name a run of 16384 consecutive floats,
@@ -528,6 +535,15 @@ def _roundtrip_chunk(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.nda
                      out: np.ndarray | None) -> tuple[np.ndarray, float, float]:
     """``roundtrip_norms`` of the flat ``raw``, whole blocks (but for a tensor's last), at once."""
     n, bs = raw.size, spec.blocksize
+    add_zero = bool(shape and shape[-1] % 2 and spec.quant_type == "fp4")
+    if spec.double_quant and scale is None:  # the nested absmax needs the blocks' absmax first
+        absmax = absmax_bits(raw, dtype, bs) if absmax is None else absmax
+        scale = quantize_absmax(absmax).dequantize()
+    # the C loop (kernels/cpu.c), equal to what follows bit for bit, where it is built
+    out_c = np.empty(n, _OUT_DTYPE[dtype]) if out is None else out.view(_OUT_DTYPE[dtype])
+    got = native.roundtrip(raw, dtype, *_sorted_codes(spec.quant_type), bs, scale, absmax, add_zero, out_c, norms)
+    if got is not None:
+        return out_c, *got
     x, s, v, k = _buffers(n)
     if absmax is None:
         absmax = absmax_bits(raw, dtype, bs, k)
@@ -562,7 +578,7 @@ def _roundtrip_chunk(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.nda
             np.multiply(v[:full].reshape(-1, bs), scale[:nb, None], out=v[:full].reshape(-1, bs))
         if n % bs:
             np.multiply(v[full:], scale[nb], out=v[full:])
-    if shape and shape[-1] % 2 and spec.quant_type == "fp4":
+    if add_zero:
         v += np.float32(0)  # -0 + 0 = +0: the compiled fallback kernel's zeros (see the module docstring)
     out = _round_into(v, dtype, ku, out)
     if not norms:
@@ -572,6 +588,16 @@ def _roundtrip_chunk(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.nda
 
 
 RAW_FLOAT = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+_SORTED: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _sorted_codes(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the 16 code values in sorted order, the 15 midpoints), float32: the C loop's tables."""
+    got = _SORTED.get(quant_type)
+    if got is None:
+        got = _SORTED[quant_type] = (np.ascontiguousarray(CODES[quant_type][ORDER[quant_type]], np.float32),
+                                     np.ascontiguousarray(bounds(quant_type)))
+    return got
 
 
 def _round_into(v: np.ndarray, dtype: str, scratch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
