@@ -63,6 +63,9 @@ U32 = 2.0**-24  # float32 unit roundoff
 FORMATS = {"BF16": (np.dtype("<u2"), 7, -126), "F16": (np.dtype("<f2"), 10, -14),
            "F32": (np.dtype("<f4"), 23, -126), "F64": (np.dtype("<f8"), 52, -1022)}
 BLOCK_ELEMS = 1 << 16  # elements of one row block: its float64 scratch stays in the cache
+# with the C first pass (no scratch), larger blocks: a quarter of the blocks' Python work (2.1 against
+# 2.6 s for the 1.1B merge's parity, pages cached)
+NATIVE_BLOCK_ELEMS = 1 << 18
 CHUNK_BYTES = 8 << 20  # raw comparison of untouched tensors
 EXPONENT = np.uint64(0x7FF0000000000000)
 ROW_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.EMBEDDING)
@@ -253,10 +256,11 @@ def check_block(f: BlockFactors, src_dtype: str, dtype: str, wbuf, mbuf, i: int,
 # -- the stream ---------------------------------------------------------------------------------
 
 def block_spans(t: TensorPlan) -> list[tuple[int, int]]:
-    """Row spans of about BLOCK_ELEMS elements (whole quantization blocks under a transform)."""
+    """Row spans of about BLOCK_ELEMS elements, NATIVE_BLOCK_ELEMS where the C first pass is built
+    (whole quantization blocks under a transform)."""
     rows = t.shape[0] if t.shape else 1
     cols = t.numel // max(1, rows)
-    step = max(1, BLOCK_ELEMS // max(1, cols))
+    step = max(1, (NATIVE_BLOCK_ELEMS if native.lib() else BLOCK_ELEMS) // max(1, cols))
     if t.transform is not None:
         q = t.transform.rows_quantum(cols)
         step = max(q, step // q * q)
