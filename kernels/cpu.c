@@ -6,6 +6,8 @@
  *   lt_roundtrip     bitsandbytes' 4-bit round trip dequant(quant(W)) of a run of whole blocks,
  *                    bit for bit as loratool.quant.bnb computes it in numpy (its reference), with
  *                    the report's sums ||W||^2 and ||W - dequant(quant(W))||^2.
+ *   lt_absmax        the absmax of each 4-bit block, from the bits (bnb.absmax_bits): double
+ *                    quantization's pass over a tensor before its round trip.
  *   lt_parity_block  parity's first pass over a row block: X = W + L @ R in float64, and
  *                    max |M - X| and max |M - X| / ulp(X) (loratool.merge.paritystream).
  *
@@ -144,6 +146,19 @@ LT_EXPORT int lt_roundtrip(const void *raw, int dt, int64_t n, int64_t bs, const
 #else
     (void)raw, (void)dt, (void)n, (void)bs, (void)vals, (void)bnds, (void)scale, (void)absmax, (void)add_zero;
     (void)out, (void)sums;
+    return 2;
+#endif
+}
+
+LT_EXPORT int lt_absmax(const void *raw, int dt, int64_t n, int64_t bs, float *out) {
+#ifdef LT_X86
+    switch (lt_isa()) {
+    case 2: return absmax_v4(raw, dt, n, bs, out);
+    case 1: return absmax_v3(raw, dt, n, bs, out);
+    default: return 2;
+    }
+#else
+    (void)raw, (void)dt, (void)n, (void)bs, (void)out;
     return 2;
 #endif
 }

@@ -1,8 +1,10 @@
 """The C loops of ``kernels/cpu.c`` (the extension ``loratool.kernels._cpu``), for numpy arrays.
 
-    roundtrip(raw, dtype, quant_type, blocksize, scale, absmax, add_zero, out, norms)
+    roundtrip(raw, dtype, vals, bnds, blocksize, scale, absmax, add_zero, out, norms)
         bitsandbytes' 4-bit round trip of whole blocks; its reference is ``loratool.quant.bnb``'s
         numpy path, which it equals bit for bit (tests/kernels/test_cpu_kernels.py)
+    absmax(raw, dtype, blocksize)
+        each block's absmax, as ``bnb.absmax_bits``
     parity_block(w, wdtype, m, mdtype, left, right, emin, mant)
         (max |M − X|, max |M − X| / ulp(X)) of a row block, X = W + left @ right in float64; its
         reference is ``loratool.merge.paritystream.check_block``'s first pass
@@ -45,6 +47,7 @@ def _load():
     lib.lt_roundtrip.restype = i32
     lib.lt_parity_block.argtypes = [p, i32, p, i32, p, p, i64, i64, i64, i32, i32, p]
     lib.lt_parity_block.restype = i32
+    lib.lt_absmax.argtypes, lib.lt_absmax.restype = [p, i32, i64, i64, p], i32
     lib.lt_isa.argtypes, lib.lt_isa.restype = [], i32
     lib.lt_cap_isa.argtypes, lib.lt_cap_isa.restype = [i32], i32
     return lib
@@ -106,6 +109,17 @@ def roundtrip(raw: np.ndarray, dtype: str, vals: np.ndarray, bnds: np.ndarray, b
     if rc:
         return None
     return (float(sums[0]), float(sums[1])) if norms else (0.0, 0.0)
+
+
+def absmax(raw: np.ndarray, dtype: str, blocksize: int) -> np.ndarray | None:
+    """The absmax of each block of the flat, C-contiguous raw elements ``raw`` (float32; the last
+    block may be short, its absmax clamped to 1e-38), as ``bnb.absmax_bits``; or None (numpy
+    decides: not built, a value not finite)."""
+    L = lib()
+    if L is None or dtype not in ("BF16", "F16", "F32"):
+        return None
+    out = np.empty(-(-raw.size // blocksize), np.float32)
+    return None if L.lt_absmax(raw.ctypes.data, DTYPES[dtype], raw.size, blocksize, out.ctypes.data) else out
 
 
 def parity_block(w: np.ndarray, wdtype: str, m: np.ndarray, mdtype: str, left: np.ndarray, right: np.ndarray,

@@ -135,7 +135,7 @@ LT_INLINE void roundtrip_lanes(const void *p, int dt, int64_t nb, int partial, f
     *qs += d * d;
 }
 
-/* raw: n elements of dt (BF16, F16, F32), whole blocks of bs (a multiple of 16) but for a tensor's
+/* raw: n elements of dt (BF16, F16, F32), whole blocks of bs (a multiple of NF) but for a tensor's
  * last; vals: the 16 code values in sorted order, bnds: the 15 midpoints; scale: the dequantization
  * factor of each block, or NULL for the block's own absmax; absmax: each block's absmax, or NULL to
  * compute it (the last short block's clamped to 1e-38 as bitsandbytes stores it); out: n elements
@@ -196,6 +196,24 @@ static int LT_FN(roundtrip)(const void *raw, int dt, int64_t n, int64_t bs, cons
     if (sums) {
         sums[0] = sums[1] = 0;
         for (int l = 0; l < ND; l++) sums[0] += w_sum[l], sums[1] += q_sum[l];
+    }
+    return 0;
+}
+
+/* raw: n elements of dt (BF16, F16, F32); out: the absmax of each block of bs (the last one may be
+ * short: clamped to 1e-38, as bitsandbytes stores it), as bnb.absmax_bits computes it. Returns 0,
+ * 1 where a block holds a value not finite (out then partly written), 2 for arguments it does
+ * not take. */
+static int LT_FN(absmax)(const void *raw, int dt, int64_t n, int64_t bs, float *out) {
+    if (bs <= 0 || (dt != DT_BF16 && dt != DT_F16 && dt != DT_F32)) return 2;
+    const size_t item = dt == DT_F32 ? 4 : 2;
+    const uint32_t inf_bits = dt == DT_F32 ? 0x7F800000u : dt == DT_F16 ? 0x7C00u : 0x7F80u;
+    for (int64_t b = 0, e0 = 0; e0 < n; b++, e0 += bs) {
+        const int64_t nb = n - e0 < bs ? n - e0 : bs;
+        uint32_t m = abs_bits_max((const unsigned char *)raw + e0 * item, dt, nb);
+        if (m >= inf_bits) return 1;
+        float a = dt == DT_BF16 ? u2f(m << 16) : dt == DT_F16 ? half_to_float((uint16_t)m) : u2f(m);
+        out[b] = nb < bs && !(a > 1e-38f) ? 1e-38f : a;
     }
     return 0;
 }

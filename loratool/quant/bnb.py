@@ -450,6 +450,10 @@ def absmax_bits(raw: np.ndarray, dtype: str, blocksize: int, scratch: np.ndarray
     bits without the sign, whose integer order is the order of the values (a NaN above them all,
     as ``max`` propagates it). ``scratch``: room for ``raw.size`` elements of UINT[dtype]."""
     u = np.asarray(raw).view(UINT[dtype]).reshape(-1)
+    if u.flags.c_contiguous:
+        got = native.absmax(u, dtype, blocksize)  # the C loop, where it is built (kernels/cpu.c)
+        if got is not None:
+            return got
     n = u.size
     a = np.empty(n, u.dtype) if scratch is None else scratch.view(u.dtype)[:n]
     np.bitwise_and(u, u.dtype.type(_ABS_MASK[dtype]), out=a)

@@ -132,6 +132,21 @@ def test_given_absmax_and_scale_and_output_buffer(isa, monkeypatch):
     assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-5) and outs[0][2] == pytest.approx(outs[1][2], rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_absmax_is_numpys(isa, monkeypatch, dtype):
+    rng = np.random.default_rng(21)
+    for n, blocksize in ((1, 64), (64 * 9 + 3, 64), (4096 * 3, 4096), (1000, 128)):
+        raw = _raw(_values(n, rng, 0.1), dtype)
+        raw[: min(n, 64)] = 0  # an all-zero block (and, when n is small, a short one: clamped)
+        got = cpu.absmax(raw, dtype, blocksize)
+        monkeypatch.setenv("LORATOOL_NATIVE", "0")
+        want = Q.absmax_bits(raw, dtype, blocksize)
+        monkeypatch.delenv("LORATOOL_NATIVE")
+        assert got is not None and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    raw[5] = _raw(np.array([np.inf], np.float32), dtype)[0]
+    assert cpu.absmax(raw, dtype, 128) is None  # numpy's to decide
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_values_not_finite_are_numpys_to_decide(isa, monkeypatch, bad):
     rng = np.random.default_rng(9)
