@@ -80,6 +80,16 @@ def cap_isa(level: int) -> str | None:
     return None if L is None else ISAS[L.lt_cap_isa(level)]
 
 
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+
+
+def _check(a: np.ndarray, dtype: str, count: int) -> None:
+    """The C loops read (or write) ``count`` elements of ``dtype`` from ``a``'s first byte: refused
+    here, not read past its end, when it is shorter or not contiguous."""
+    if not a.flags.c_contiguous or a.nbytes < count * ITEMSIZE[dtype]:
+        raise ValueError(f"{count} elements of {dtype} expected in a contiguous buffer of {a.nbytes} bytes")
+
+
 def _ptr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
@@ -103,6 +113,12 @@ def roundtrip(raw: np.ndarray, dtype: str, vals: np.ndarray, bnds: np.ndarray, b
     if L is None or dtype not in ("BF16", "F16", "F32") or blocksize > MAX_BLOCK:
         return None
     scale, absmax = _f32(scale), _f32(absmax)
+    blocks = -(-raw.size // blocksize)
+    _check(raw, dtype, raw.size)
+    _check(out, dtype, raw.size)
+    if (scale is not None and scale.size < blocks) or (absmax is not None and absmax.size < blocks) \
+            or vals.size != 16 or bnds.size != 15 or vals.dtype != np.float32 or bnds.dtype != np.float32:
+        raise ValueError("roundtrip: tables or per-block factors of the wrong size")
     sums = np.zeros(2) if norms else None
     rc = L.lt_roundtrip(raw.ctypes.data, DTYPES[dtype], raw.size, blocksize, vals.ctypes.data, bnds.ctypes.data,
                         _ptr(scale), _ptr(absmax), int(add_zero), out.ctypes.data, _ptr(sums))
@@ -118,6 +134,7 @@ def absmax(raw: np.ndarray, dtype: str, blocksize: int) -> np.ndarray | None:
     L = lib()
     if L is None or dtype not in ("BF16", "F16", "F32"):
         return None
+    _check(raw, dtype, raw.size)
     out = np.empty(-(-raw.size // blocksize), np.float32)
     return None if L.lt_absmax(raw.ctypes.data, DTYPES[dtype], raw.size, blocksize, out.ctypes.data) else out
 
@@ -138,6 +155,10 @@ def parity_block(w: np.ndarray, wdtype: str, m: np.ndarray, mdtype: str, left: n
     if left.dtype != np.float64 or right.dtype != np.float64 or not (left.flags.c_contiguous
                                                                         and right.flags.c_contiguous):
         return None
+    if right.shape[0] != R:
+        raise ValueError("parity_block: left and right do not share their rank")
+    _check(w, wdtype, rows * cols)
+    _check(m, mdtype, rows * cols)
     res = np.empty(2)
     rc = L.lt_parity_block(w.ctypes.data, DTYPES[wdtype], m.ctypes.data, DTYPES[mdtype], left.ctypes.data,
                            right.ctypes.data, rows, cols, R, emin, mant, res.ctypes.data)

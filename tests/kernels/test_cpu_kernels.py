@@ -229,3 +229,20 @@ def test_parity_values_not_finite_are_numpys_to_decide(isa):
     m[2 * 33:2 * 34] = np.array([0x7FC0], np.uint16).tobytes()  # a NaN in the merged rows
     assert cpu.parity_block(np.frombuffer(w, np.uint8), "BF16", np.frombuffer(bytes(m), np.uint8), "BF16", left, right,
                             -126, 7) is None
+
+
+def test_short_buffers_are_refused_not_read_past(isa):
+    """The wrappers check every size the C loops rely on: a short buffer is a ValueError, never a
+    read past its end."""
+    vals, bnds = Q._sorted_codes("nf4")
+    raw = np.zeros(128, np.uint16)
+    with pytest.raises(ValueError):
+        cpu.roundtrip(raw, "BF16", vals, bnds, 64, np.ones(1, np.float32), None, False, np.empty(128, np.uint16), False)
+    with pytest.raises(ValueError):
+        cpu.roundtrip(raw, "BF16", vals, bnds, 64, None, None, False, np.empty(100, np.uint16), False)
+    left, right = np.zeros((4, 2)), np.zeros((2, 8))
+    with pytest.raises(ValueError):
+        cpu.parity_block(np.zeros(31, np.uint16), "BF16", np.zeros(32, np.uint16), "BF16", left, right, -126, 7)
+    with pytest.raises(ValueError):
+        cpu.parity_block(np.zeros(32, np.uint16), "BF16", np.zeros(32, np.uint16), "BF16", left, np.zeros((3, 8)),
+                         -126, 7)
