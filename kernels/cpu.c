@@ -8,6 +8,8 @@
  *                    the report's sums ||W||^2 and ||W - dequant(quant(W))||^2.
  *   lt_absmax        the absmax of each 4-bit block, from the bits (bnb.absmax_bits): double
  *                    quantization's pass over a tensor before its round trip.
+ *   lt_kth_largest_abs  the threshold of compose's magnitude pruning (TIES), by a radix select
+ *                    where numpy partitions: the same value, and the counts its ties need.
  *   lt_parity_block  parity's first pass over a row block: X = W + L @ R in float64, and
  *                    max |M - X| and max |M - X| / ulp(X) (loratool.merge.paritystream).
  *
@@ -27,6 +29,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LT_EXPORT __attribute__((visibility("default")))
@@ -88,6 +91,36 @@ static inline __attribute__((unused)) void parity_tail(const void *w, int wdt, c
             *mabs = err > *mabs ? err : *mabs;
             *mrat = ratio > *mrat ? ratio : *mrat;
         }
+}
+
+/* ---- the k-th largest magnitude (compose's magnitude pruning) --------------------------------- */
+
+/* t: n float32; k in [1, n]. The k-th largest |t| (the value numpy's partition puts at ascending
+ * index n - k, NaN above Inf) as its bits, and how many |t| lie above it and equal it: a radix
+ * select on the bits of |t|, whose integer order is the values' order, by two histograms of 16
+ * bits each (the top halves, then the bottom halves of the elements in the top half's bin). */
+LT_EXPORT int lt_kth_largest_abs(const float *t, int64_t n, int64_t k, uint32_t *thr, int64_t *above,
+                                 int64_t *equal) {
+    if (k < 1 || k > n || n >= ((int64_t)1 << 32)) return 2;
+    const uint32_t *u = (const uint32_t *)t;
+    uint32_t *hist = calloc(1 << 16, sizeof *hist);
+    if (!hist) return 2;
+    for (int64_t e = 0; e < n; e++) hist[(u[e] & 0x7FFFFFFFu) >> 16]++;
+    int64_t gt = 0; /* elements in bins above the one being looked at */
+    uint32_t top = 0x7FFF;
+    while (gt + hist[top] < k) gt += hist[top--];
+    memset(hist, 0, (1 << 16) * sizeof *hist);
+    for (int64_t e = 0; e < n; e++) {
+        uint32_t a = u[e] & 0x7FFFFFFFu;
+        if (a >> 16 == top) hist[a & 0xFFFFu]++;
+    }
+    uint32_t low = 0xFFFF;
+    while (gt + hist[low] < k) gt += hist[low--];
+    *thr = top << 16 | low;
+    *above = gt;
+    *equal = hist[low];
+    free(hist);
+    return 0;
 }
 
 #define LT_CAT2(a, b) a##_##b

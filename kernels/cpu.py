@@ -5,6 +5,8 @@
         numpy path, which it equals bit for bit (tests/kernels/test_cpu_kernels.py)
     absmax(raw, dtype, blocksize)
         each block's absmax, as ``bnb.absmax_bits``
+    kth_largest_abs(t, k)
+        compose's magnitude-pruning threshold, as ``numpy.partition`` of |t| finds it
     parity_block(w, wdtype, m, mdtype, left, right, emin, mant)
         (max |M − X|, max |M − X| / ulp(X)) of a row block, X = W + left @ right in float64; its
         reference is ``loratool.merge.paritystream.check_block``'s first pass
@@ -48,6 +50,7 @@ def _load():
     lib.lt_parity_block.argtypes = [p, i32, p, i32, p, p, i64, i64, i64, i32, i32, p]
     lib.lt_parity_block.restype = i32
     lib.lt_absmax.argtypes, lib.lt_absmax.restype = [p, i32, i64, i64, p], i32
+    lib.lt_kth_largest_abs.argtypes, lib.lt_kth_largest_abs.restype = [p, i64, i64, p, p, p], i32
     lib.lt_isa.argtypes, lib.lt_isa.restype = [], i32
     lib.lt_cap_isa.argtypes, lib.lt_cap_isa.restype = [i32], i32
     return lib
@@ -137,6 +140,19 @@ def absmax(raw: np.ndarray, dtype: str, blocksize: int) -> np.ndarray | None:
     _check(raw, dtype, raw.size)
     out = np.empty(-(-raw.size // blocksize), np.float32)
     return None if L.lt_absmax(raw.ctypes.data, DTYPES[dtype], raw.size, blocksize, out.ctypes.data) else out
+
+
+def kth_largest_abs(t: np.ndarray, k: int) -> tuple[float, int, int] | None:
+    """(the k-th largest |t|, how many |t| exceed it, how many equal it) of the flat float32 ``t``
+    (1 <= k <= t.size), as ``numpy.partition`` of |t| finds it; or None (not built)."""
+    L = lib()
+    if L is None or t.dtype != np.float32 or not 1 <= k <= t.size:
+        return None
+    _check(t, "F32", t.size)
+    thr, above, equal = np.zeros(1, np.uint32), np.zeros(1, np.int64), np.zeros(1, np.int64)
+    if L.lt_kth_largest_abs(t.ctypes.data, t.size, k, thr.ctypes.data, above.ctypes.data, equal.ctypes.data):
+        return None
+    return float(thr.view(np.float32)[0]), int(above[0]), int(equal[0])
 
 
 def parity_block(w: np.ndarray, wdtype: str, m: np.ndarray, mdtype: str, left: np.ndarray, right: np.ndarray,

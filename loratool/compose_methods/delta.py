@@ -39,6 +39,7 @@ from loratool.compose_methods.base import (
     register,
 )
 from loratool.lowrank import split_factors
+from loratool.kernels import cpu as native
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -99,6 +100,14 @@ class MagnitudeThreshold:
         self.keep_all, self.keep_none, self.ties = density >= 1, k <= 0, None
         if self.keep_all or self.keep_none:
             return
+        if flat.dtype == torch.float32 and flat.is_contiguous() and flat.device.type == "cpu":
+            got = native.kth_largest_abs(flat.numpy(), k)  # the C radix select, where it is built
+            if got is not None:
+                self.threshold, above, equal = got
+                # k - above of the entries equal to it are among the top k; the others lie below
+                if self.threshold > 0 and equal > k - above:
+                    self.ties = k - above
+                return
         a = (torch.empty_like(flat) if scratch is None else scratch).view(-1)
         torch.abs(flat, out=a)
         values = a.numpy()

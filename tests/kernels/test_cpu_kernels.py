@@ -246,3 +246,45 @@ def test_short_buffers_are_refused_not_read_past(isa):
     with pytest.raises(ValueError):
         cpu.parity_block(np.zeros(32, np.uint16), "BF16", np.zeros(32, np.uint16), "BF16", left, np.zeros((3, 8)),
                          -126, 7)
+
+
+# -- compose's magnitude-pruning threshold -----------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["normal", "ties", "zeros", "nan"])
+def test_kth_largest_abs_is_the_partitions(case):
+    """The threshold (and its ties' counts) of ``delta.MagnitudeThreshold`` as numpy's partition of
+    |t| finds it: the value at ascending index n - k, NaN above everything."""
+    rng = np.random.default_rng(23)
+    t = rng.standard_normal(100_003).astype(np.float32)
+    if case == "ties":  # few distinct magnitudes: many entries equal the threshold, of both signs
+        t = (np.round(t * 4) / 4).astype(np.float32)
+    elif case == "zeros":
+        t[rng.random(t.size) < 0.7] = 0.0
+    elif case == "nan":
+        t[[5, 77, 900]] = np.nan
+    if cpu.lib() is None:
+        pytest.skip("the C loops are not built")
+    a = np.abs(t)
+    for k in (1, 2, 3, 17, t.size // 2, t.size - 1, t.size):
+        thr, above, equal = cpu.kth_largest_abs(t, k)
+        want = np.partition(a, t.size - k)[t.size - k]
+        assert np.array_equal(np.float32(thr), want, equal_nan=True), k
+        if want == want:
+            above_want = np.count_nonzero((a > want) | np.isnan(a))  # NaN above everything, as partitioned
+            assert above == above_want and equal == np.count_nonzero(a == want), k
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_magnitude_pruning_is_the_same_either_way(monkeypatch, density):
+    """``delta.magnitude_prune_`` (TIES' trim) with the C threshold and with numpy's partition:
+    the same bits, ties at the threshold included."""
+    torch = pytest.importorskip("torch")
+    from loratool.compose_methods import delta
+
+    g = torch.Generator().manual_seed(29)
+    t = (torch.randn(300, 257, generator=g) * 8).round() / 8  # many equal magnitudes
+    got = delta.magnitude_prune_(t.clone(), density)
+    monkeypatch.setenv("LORATOOL_NATIVE", "0")
+    want = delta.magnitude_prune_(t.clone(), density)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert int((want != 0).sum()) == int(density * t.numel())
