@@ -87,7 +87,7 @@ static inline __attribute__((unused)) void parity_tail(const void *w, int wdt, c
             uint64_t u = d2u(x) & 0x7FF0000000000000ull;
             u = u > emin_bits ? u : emin_bits;
             double ratio = err * u2d((2046ull << 52) - u);
-            *bad |= !(err < INFINITY);
+            *bad |= !(err < INFINITY) || u >= (2046ull << 52); /* as checkd: numpy decides */
             *mabs = err > *mabs ? err : *mabs;
             *mrat = ratio > *mrat ? ratio : *mrat;
         }

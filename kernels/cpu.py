@@ -70,6 +70,12 @@ def lib():
 ISAS = {2: "x86-64-v4", 1: "x86-64-v3", 0: "none (numpy)"}
 
 
+def available() -> bool:
+    """Whether the C loops run here (built, and a CPU they were compiled for)."""
+    L = lib()
+    return L is not None and L.lt_isa() > 0
+
+
 def isa() -> str | None:
     """The instruction set the C loops run on (``ISAS``), or None where they are not built."""
     L = lib()
@@ -86,19 +92,18 @@ def cap_isa(level: int) -> str | None:
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
 
-def _check(a: np.ndarray, dtype: str, count: int) -> None:
-    """The C loops read (or write) ``count`` elements of ``dtype`` from ``a``'s first byte: refused
-    here, not read past its end, when it is shorter or not contiguous."""
-    if not a.flags.c_contiguous or a.nbytes < count * ITEMSIZE[dtype]:
-        raise ValueError(f"{count} elements of {dtype} expected in a contiguous buffer of {a.nbytes} bytes")
+def _check(a: np.ndarray, dtype: str, count: int, write: bool = False) -> None:
+    """The C loops read (or, ``write``, write) ``count`` elements of ``dtype`` from ``a``'s first
+    byte: refused here, not read past its end, when it is shorter, not contiguous or read-only."""
+    if not a.flags.c_contiguous or a.nbytes < count * ITEMSIZE[dtype] or (write and not a.flags.writeable):
+        raise ValueError(f"{count} elements of {dtype} expected in a contiguous{' writable' if write else ''} "
+                         f"buffer of {a.nbytes} bytes")
 
 
 def _ptr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
 
-def _f32(a) -> np.ndarray | None:
-    return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
 
 def roundtrip(raw: np.ndarray, dtype: str, vals: np.ndarray, bnds: np.ndarray, blocksize: int,
@@ -115,13 +120,14 @@ def roundtrip(raw: np.ndarray, dtype: str, vals: np.ndarray, bnds: np.ndarray, b
     L = lib()
     if L is None or dtype not in ("BF16", "F16", "F32") or blocksize > MAX_BLOCK:
         return None
-    scale, absmax = _f32(scale), _f32(absmax)
+    if any(a is not None and a.dtype != np.float32 for a in (scale, absmax)):
+        return None  # numpy computes with float64 factors before rounding: its path, not this one
     blocks = -(-raw.size // blocksize)
     _check(raw, dtype, raw.size)
-    _check(out, dtype, raw.size)
-    if (scale is not None and scale.size < blocks) or (absmax is not None and absmax.size < blocks) \
-            or vals.size != 16 or bnds.size != 15 or vals.dtype != np.float32 or bnds.dtype != np.float32:
-        raise ValueError("roundtrip: tables or per-block factors of the wrong size")
+    _check(out, dtype, raw.size, write=True)
+    for a, n in ((scale, blocks), (absmax, blocks), (vals, 16), (bnds, 15)):
+        if a is not None and (a.dtype != np.float32 or a.size < n or not a.flags.c_contiguous):
+            raise ValueError("roundtrip: tables or per-block factors of the wrong size, dtype or layout")
     sums = np.zeros(2) if norms else None
     rc = L.lt_roundtrip(raw.ctypes.data, DTYPES[dtype], raw.size, blocksize, vals.ctypes.data, bnds.ctypes.data,
                         _ptr(scale), _ptr(absmax), int(add_zero), out.ctypes.data, _ptr(sums))

@@ -256,11 +256,12 @@ def check_block(f: BlockFactors, src_dtype: str, dtype: str, wbuf, mbuf, i: int,
 # -- the stream ---------------------------------------------------------------------------------
 
 def block_spans(t: TensorPlan) -> list[tuple[int, int]]:
-    """Row spans of about BLOCK_ELEMS elements, NATIVE_BLOCK_ELEMS where the C first pass is built
-    (whole quantization blocks under a transform)."""
+    """Row spans of about BLOCK_ELEMS elements, NATIVE_BLOCK_ELEMS where the C first pass runs on
+    them (whole quantization blocks under a transform)."""
     rows = t.shape[0] if t.shape else 1
     cols = t.numel // max(1, rows)
-    step = max(1, (NATIVE_BLOCK_ELEMS if native.lib() else BLOCK_ELEMS) // max(1, cols))
+    fast = native.available() and t.src.dtype in ("BF16", "F16")  # the C first pass takes its blocks
+    step = max(1, (NATIVE_BLOCK_ELEMS if fast else BLOCK_ELEMS) // max(1, cols))
     if t.transform is not None:
         q = t.transform.rows_quantum(cols)
         step = max(q, step // q * q)

@@ -288,3 +288,30 @@ def test_magnitude_pruning_is_the_same_either_way(monkeypatch, density):
     want = delta.magnitude_prune_(t.clone(), density)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert int((want != 0).sum()) == int(density * t.numel())
+
+
+def test_what_the_loops_leave_to_numpy(isa, monkeypatch):
+    """Inputs where the C loops would compute something other than numpy's path hand it back (found
+    in review): |X| past 2^1023 (no normal 1/ulp), a short last block whose given absmax is 0
+    (0/0), float64 factors (numpy rounds after computing with them)."""
+    huge = cpu.parity_block(np.zeros(1, np.uint16), "BF16", np.zeros(1, np.uint16), "BF16", np.array([[1e308]]),
+                            np.array([[1.5]]), -126, 7)
+    assert huge is None
+    raw = _raw(np.array([0.5] * 64 + [0.0] * 10, np.float32), "BF16")
+    vals, bnds = Q._sorted_codes("nf4")
+    out = np.empty(raw.size, np.uint16)
+    assert cpu.roundtrip(raw, "BF16", vals, bnds, 64, None, np.array([0.5, 0], np.float32), False, out, False) is None
+    got, want = _both(raw, "BF16", Q.QuantSpec("nf4", 64, False), (raw.size,), monkeypatch,
+                      absmax=np.array([0.5, 0], np.float32))
+    assert np.array_equal(got[0], want[0])
+    assert cpu.roundtrip(raw, "BF16", vals, bnds, 64, None, np.array([0.5, 0.1]), False, out, False) is None
+
+
+def test_tables_and_outputs_the_loops_cannot_use_are_refused(isa):
+    vals, bnds = Q._sorted_codes("nf4")
+    raw = np.zeros(64, np.uint16)
+    with pytest.raises(ValueError):  # a reversed view: not contiguous
+        cpu.roundtrip(raw, "BF16", np.concatenate([vals, vals])[::-2], bnds, 64, None, None, False,
+                      np.empty(64, np.uint16), False)
+    with pytest.raises(ValueError):  # read-only memory is never written
+        cpu.roundtrip(raw, "BF16", vals, bnds, 64, None, None, False, np.frombuffer(bytes(128), np.uint16), False)
