@@ -305,3 +305,20 @@ def test_forward_parity_streamed_equals_whole_models(setup, tmp_path, monkeypatc
     whole = [forward_parity(s["base"], merged, loaded) for merged, loaded in cases]
     assert all(r.ok and 0 < r.max_abs_diff < 0.01 * r.max_abs_logit for r in streamed)
     assert whole == streamed
+
+
+def test_a_bound_past_float32s_range_does_not_pass_every_error():
+    """The accumulation bound is computed in float32 for speed; where it overflows (a delta past
+    3.4e38) it is computed again in float64, not left infinite (an infinite tolerance would pass
+    any error: found in review)."""
+    import numpy as np
+
+    from loratool.merge import paritystream as P
+    from loratool.quant import bnb as Q
+
+    left, right = np.array([[1e20], [1.0]]), np.array([[1e20, 1.0]])
+    f = P.BlockFactors(left, right, np.abs(left).astype(np.float32), np.abs(right).astype(np.float32), 1)
+    w = np.zeros(4, np.uint16).tobytes()
+    m = Q.to_dtype_bits(np.array([3.38e38, 1e20, 1e20, 1.0], np.float32), "BF16").tobytes()  # far from 1e40
+    got = P.check_block(f, "BF16", "BF16", w, m, 0, 2)
+    assert got.bad >= 1

@@ -244,6 +244,11 @@ def check_block(f: BlockFactors, src_dtype: str, dtype: str, wbuf, mbuf, i: int,
         # the whole check: the accumulation bound, each element decided by it
         np.matmul(f.left_abs[i:j], f.right_abs, out=g32)
         np.add(g32, np.abs(w, out=w32) if w.dtype == np.float32 else np.abs(w), out=g32, casting="unsafe")
+        if np.isinf(g32).any():  # past float32's range (a delta past 3.4e38): the bound in float64,
+            # or an infinite tolerance would pass any error
+            np.matmul(np.abs(f.left[i:j]), np.abs(f.right), out=x)
+            np.add(x, np.abs(w), out=x)
+            g32 = x
         np.multiply(g32, f.gamma * 2.0**mant, out=x)  # the float32 accumulation bound, scaled
         np.add(x, u, out=x)  # tol, scaled
         np.divide(g, x, out=u)
