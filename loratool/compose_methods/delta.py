@@ -39,7 +39,6 @@ from loratool.compose_methods.base import (
     register,
 )
 from loratool.lowrank import split_factors
-from loratool.kernels import cpu as native
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -94,6 +93,8 @@ class MagnitudeThreshold:
     def __init__(self, t: "torch.Tensor", density: float, scratch: "torch.Tensor | None" = None):
         import numpy as np
         import torch
+
+        from loratool.kernels import cpu as native  # numpy: imported when a delta is pruned, not before
 
         flat = t.reshape(-1)
         n, k = flat.numel(), int(density * flat.numel())
