@@ -203,3 +203,39 @@ def test_blocks_split_across_threads_merge_exactly(tmp_path, base, monkeypatch):
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     for name, w in _expected(base, adapter, "nf4", 64, True).items():
         assert torch.equal(got[name].view(torch.int16), w.view(torch.int16)), name
+
+
+def test_transforms_are_prepared_one_tensor_ahead_in_order():
+    """``executor._Preparer``: each tensor's ``prepare`` result, the next one's started in the
+    background as one is taken (double quantization's pass off the executor's thread), an error
+    raised where the tensor is taken, and a tensor it was not told of prepared at once."""
+    import threading
+
+    from loratool.merge.executor import _Preparer
+
+    calls = []
+
+    class Transform:
+        def prepare(self, t):
+            calls.append((t.name, threading.current_thread().name))
+            if t.name == "bad":
+                raise ValueError("bad tensor")
+            return f"apply {t.name}"
+
+    class T:
+        def __init__(self, name):
+            self.name, self.transform = name, Transform()
+
+    a, b, c, bad = T("a"), T("b"), T("c"), T("bad")
+    prep = _Preparer([a, b, c, bad])
+    try:
+        assert [prep(a), prep(b), prep(c)] == ["apply a", "apply b", "apply c"]
+        with pytest.raises(ValueError, match="bad tensor"):
+            prep(bad)
+        assert prep(T("other")) == "apply other"
+    finally:
+        prep.close()
+    names = [n for n, _ in calls]
+    assert names == ["a", "b", "c", "bad", "other"]
+    threads = dict(calls)
+    assert threads["a"] == threading.main_thread().name and threads["b"].startswith("loratool-prepare")
