@@ -180,8 +180,10 @@ def test_roundtrip_in_chunks_is_the_roundtrip_at_once(fused, monkeypatch, quant_
     raw = _bits((torch.randn(3 * 5000 + 17, generator=torch.Generator().manual_seed(3)) * 0.03).to(torch.bfloat16))
     spec = Q.QuantSpec(quant_type, blocksize, double_quant)
     monkeypatch.setattr(Q, "CHUNK", 1 << 30)
+    monkeypatch.setattr(Q, "NATIVE_CHUNK", 1 << 30)
     whole, w_whole, q_whole = Q.roundtrip_norms(raw, "BF16", spec)
     monkeypatch.setattr(Q, "CHUNK", 5000)  # chunks of 4992 or 4864 elements, then the rest
+    monkeypatch.setattr(Q, "NATIVE_CHUNK", 5000)
     chunks, w_sq, q_sq = Q.roundtrip_norms(raw, "BF16", spec)
     assert np.array_equal(chunks, whole) and np.array_equal(chunks, Q.roundtrip_reference(raw, "BF16", spec))
     # the sums: float32 dot products of each chunk's pieces (64K elements at most), added in float64

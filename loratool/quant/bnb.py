@@ -512,7 +512,7 @@ def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndar
     n, bs = raw.size, spec.blocksize
     if shape is None:
         shape = out_shape
-    step = max(bs, CHUNK // bs * bs)
+    step = max(bs, (NATIVE_CHUNK if native.available() else CHUNK) // bs * bs)
     if n <= step:
         got, w_sq, q_sq = _roundtrip_chunk(raw, dtype, spec, scale, absmax, shape, norms, out)
         return got.reshape(out_shape), w_sq, q_sq
@@ -531,6 +531,7 @@ def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndar
 
 
 CHUNK = 1 << 17  # elements of a tensor that the round trip takes at a time (its buffers: 2.5 MB)
+NATIVE_CHUNK = 1 << 22  # the C loop keeps no buffers: a call per 4M elements (the Python around it once)
 _OUT_DTYPE = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}  # as _round_into
 
 
