@@ -167,10 +167,13 @@ def test_base_precision_is_checked(tmp_path, base, cli):
     assert r.returncode == 2 and "blocksize" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_streamed_absmax_is_the_whole_tensors(tmp_path, monkeypatch, dtype):
-    """Double quantization's absmax pass reads the tensor a chunk at a time (here 3 blocks of 64, a
-    short last block): the same vector as from the whole tensor at once."""
+def test_streamed_absmax_is_the_whole_tensors(tmp_path, monkeypatch, dtype, native):
+    """Double quantization's absmax pass, over the mapped tensor in C or read a chunk at a time in
+    numpy (here 3 blocks of 64, a short last block): the same vector as from the whole tensor at
+    once."""
+    monkeypatch.setenv("LORATOOL_NATIVE", native)
     import numpy as np
 
     from loratool.merge import basequant

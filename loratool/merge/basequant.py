@@ -35,6 +35,7 @@ import numpy as np
 from loratool import boundary
 from loratool._threads import default_workers
 from loratool.errors import InputError
+from loratool.kernels import cpu as native
 from loratool.kinds.layout import LayerKind
 from loratool.quant import bnb
 from loratool.quant.stored import QuantizedRef
@@ -356,7 +357,8 @@ CHUNK_BYTES = 4 << 20  # bytes of the base read at a time by ``streamed_absmax``
 
 
 def streamed_absmax(src, blocksize: int, ways: int | None = None) -> np.ndarray:
-    """The absmax of each 4-bit block of the base tensor ``src`` (``bnb.absmax_4bit``), read a
+    """The absmax of each 4-bit block of the base tensor ``src`` (``bnb.absmax_4bit``): where the C
+    loop runs, over the tensor's mapped pages in one call (the mapping dropped after it); else read a
     chunk of whole blocks at a time into one reused buffer: a float32 per block is all it keeps,
     so the pass before a double-quantized tensor's blocks leaves the peak where it was. The tensor
     is cut into ``ways`` runs of whole chunks (``default_workers()`` by default; CHUNK_BYTES over
@@ -365,6 +367,10 @@ def streamed_absmax(src, blocksize: int, ways: int | None = None) -> np.ndarray:
     item = RAW[dtype].itemsize
     if not isinstance(src, TensorRef):  # already in memory
         return bnb.absmax_bits(np.frombuffer(src.raw(), RAW[dtype]), dtype, blocksize)
+    if native.available():  # the C loop reads the mapped pages themselves: no copy, one pass
+        got = native.absmax(_map_elements(src), dtype, blocksize)  # the mapping goes with the array
+        if got is not None:
+            return got
     numel = src.nbytes // item
     ways = max(1, ways or default_workers())
     step = max(1, CHUNK_BYTES // ways // (blocksize * item)) * blocksize  # elements a chunk (all runs: CHUNK_BYTES)
