@@ -1,4 +1,5 @@
-"""Merge kernels, installed as ``loratool.kernels``: Triton on CUDA, the torch reference elsewhere.
+"""Merge kernels, installed as ``loratool.kernels``: Triton on CUDA, the torch reference elsewhere; and
+the C loops of the CPU paths.
 
     from loratool.kernels.merge import merge, dora_merge
 
@@ -9,6 +10,10 @@
 
     from loratool.kernels.dequant4 import dequantize_4bit
     dequantize_4bit(packed, scale, numel, dtype, spec)  a weight stored in 4 bits, as bitsandbytes
+
+    from loratool.kernels import cpu                    the C loops on the CPU (cpu.c, cpu_body.h):
+    cpu.roundtrip, cpu.absmax, cpu.parity_block,        an optional extension whose references are
+    cpu.kth_largest_abs                                 numpy paths (None where it does not run)
 
 ``merge.py`` holds the Triton merge kernel, its launchers (``merge_triton``, ``dora_merge_triton``,
 ``requant_merge_triton``) and the dispatchers above; ``dequant4.py`` the dequantization kernel;
