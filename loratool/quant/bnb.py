@@ -506,19 +506,20 @@ def roundtrip_norms(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndar
     chunk work in the core's cache and the buffers stay small: pieces of 4M elements (the blocks
     the torch engine's workers compute ahead) took 7.3 ns/element in one call, 4.4 in chunks
     (one thread, on the 1.1B base's up_proj, bf16, nf4); the numpy engine's row
-    blocks are small enough already (no change in its merges)."""
+    blocks are small enough already (no change in its merges). The C loop keeps no buffers: it
+    takes chunks of NATIVE_CHUNK, one call each."""
     out_shape = np.shape(raw)
     raw = np.ascontiguousarray(raw).reshape(-1)
     n, bs = raw.size, spec.blocksize
     if shape is None:
         shape = out_shape
+    if scale is None and spec.double_quant:  # the nested absmax needs all the blocks' absmax
+        absmax = absmax_bits(raw, dtype, bs) if absmax is None else absmax
+        scale = quantize_absmax(absmax).dequantize()
     step = max(bs, (NATIVE_CHUNK if native.available() else CHUNK) // bs * bs)
     if n <= step:
         got, w_sq, q_sq = _roundtrip_chunk(raw, dtype, spec, scale, absmax, shape, norms, out)
         return got.reshape(out_shape), w_sq, q_sq
-    if scale is None and spec.double_quant:  # the nested absmax needs all the blocks' absmax
-        absmax = absmax_bits(raw, dtype, bs) if absmax is None else absmax
-        scale = quantize_absmax(absmax).dequantize()
     if out is None:
         out = np.empty(n, _OUT_DTYPE[dtype])
     w_sq = q_sq = 0.0
@@ -538,12 +539,10 @@ _OUT_DTYPE = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("
 def _roundtrip_chunk(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.ndarray | None,
                      absmax: np.ndarray | None, shape: tuple[int, ...], norms: bool,
                      out: np.ndarray | None) -> tuple[np.ndarray, float, float]:
-    """``roundtrip_norms`` of the flat ``raw``, whole blocks (but for a tensor's last), at once."""
+    """``roundtrip_norms`` of the flat ``raw``, whole blocks (but for a tensor's last), at once;
+    ``scale`` given where the spec double-quantizes (``roundtrip_norms`` computes it)."""
     n, bs = raw.size, spec.blocksize
     add_zero = bool(shape and shape[-1] % 2 and spec.quant_type == "fp4")
-    if spec.double_quant and scale is None:  # the nested absmax needs the blocks' absmax first
-        absmax = absmax_bits(raw, dtype, bs) if absmax is None else absmax
-        scale = quantize_absmax(absmax).dequantize()
     # the C loop (kernels/cpu.c), equal to what follows bit for bit, where it is built
     out_c = np.empty(n, _OUT_DTYPE[dtype]) if out is None else out.view(_OUT_DTYPE[dtype])
     got = native.roundtrip(raw, dtype, *_sorted_codes(spec.quant_type), bs, scale, absmax, add_zero, out_c, norms)
@@ -552,8 +551,8 @@ def _roundtrip_chunk(raw: np.ndarray, dtype: str, spec: QuantSpec, scale: np.nda
     x, s, v, k = _buffers(n)
     if absmax is None:
         absmax = absmax_bits(raw, dtype, bs, k)
-    if scale is None:
-        scale = quantize_absmax(absmax).dequantize() if spec.double_quant else absmax
+    if scale is None:  # no double quantization: the blocks scale by their absmax
+        scale = absmax
     if dtype == "BF16":  # exact: the bits, shifted up
         xu = x.view(np.uint32)
         np.copyto(xu, raw.view("<u2"))
