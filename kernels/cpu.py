@@ -104,8 +104,6 @@ def _ptr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
 
-
-
 def roundtrip(raw: np.ndarray, dtype: str, vals: np.ndarray, bnds: np.ndarray, blocksize: int,
               scale: np.ndarray | None, absmax: np.ndarray | None, add_zero: bool, out: np.ndarray,
               norms: bool) -> tuple[float, float] | None:

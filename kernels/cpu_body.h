@@ -15,7 +15,7 @@
 #define sel_u LT_FN(sel_u)
 #define loadf LT_FN(loadf)
 #define roundh LT_FN(roundh)
-#define abs_bits_max LT_FN(abs_bits_max)
+#define block_absmax LT_FN(block_absmax)
 #define roundtrip_lanes LT_FN(roundtrip_lanes)
 #define loadd LT_FN(loadd)
 #define checkd LT_FN(checkd)
@@ -81,18 +81,22 @@ LT_INLINE vh roundh(vf v, int dt, vf *back) {
 
 /* ---- bitsandbytes' 4-bit round trip ---------------------------------------------------------- */
 
-/* The largest |x| of nb elements at p, from the bits (their integer order is the values' order;
- * Inf and NaN lie above every finite value). */
-static inline uint32_t abs_bits_max(const void *p, int dt, int64_t nb) {
+/* The absmax of the nb elements at p, from the bits (their integer order is the values' order), a
+ * short block's clamped to 1e-38 as bitsandbytes stores it (bnb.absmax_bits), into *a. Returns 1
+ * where a value is not finite (Inf and NaN lie above every finite value), else 0. */
+LT_INLINE int block_absmax(const void *p, int dt, int64_t nb, int short_block, float *a) {
     uint32_t m = 0;
     if (dt == DT_F32) {
         const uint32_t *q = (const uint32_t *)p;
-        for (int64_t e = 0; e < nb; e++) { uint32_t a = q[e] & 0x7FFFFFFFu; m = a > m ? a : m; }
+        for (int64_t e = 0; e < nb; e++) { uint32_t x = q[e] & 0x7FFFFFFFu; m = x > m ? x : m; }
     } else {
         const uint16_t *q = (const uint16_t *)p;
-        for (int64_t e = 0; e < nb; e++) { uint32_t a = q[e] & 0x7FFFu; m = a > m ? a : m; }
+        for (int64_t e = 0; e < nb; e++) { uint32_t x = q[e] & 0x7FFFu; m = x > m ? x : m; }
     }
-    return m;
+    if (m >= (dt == DT_F32 ? 0x7F800000u : dt == DT_F16 ? 0x7C00u : 0x7F80u)) return 1;
+    float v = dt == DT_BF16 ? u2f(m << 16) : dt == DT_F16 ? half_to_float((uint16_t)m) : u2f(m);
+    *a = short_block && !(v > 1e-38f) ? 1e-38f : v;
+    return 0;
 }
 
 /* nb (< NF in the last chunk of a tensor) elements of a block: scaled (x * recip, or x / absmax in
@@ -149,22 +153,15 @@ static int LT_FN(roundtrip)(const void *raw, int dt, int64_t n, int64_t bs, cons
     vf V[16 / NF], B[16 / NF]; /* the tables, a value per lane (the 16th midpoint lane is never read) */
     for (int k = 0; k < 16; k++) V[k / NF][k % NF] = vals[k], B[k / NF][k % NF] = bnds[k < 15 ? k : 14];
     const size_t item = dt == DT_F32 ? 4 : 2;
-    const uint32_t inf_bits = dt == DT_F32 ? 0x7F800000u : dt == DT_F16 ? 0x7C00u : 0x7F80u;
     vd w_sum = {0}, q_sum = {0};
     for (int64_t b = 0, e0 = 0; e0 < n; b++, e0 += bs) {
         const int64_t nb = n - e0 < bs ? n - e0 : bs;
         const int partial = nb < bs;
         const unsigned char *p = (const unsigned char *)raw + e0 * item;
         unsigned char *o = (unsigned char *)out + e0 * item;
-        uint32_t m = abs_bits_max(p, dt, nb);
-        if (m >= inf_bits) return 1;
         float a;
-        if (absmax) {
-            a = absmax[b];
-        } else {
-            a = dt == DT_BF16 ? u2f(m << 16) : dt == DT_F16 ? half_to_float((uint16_t)m) : u2f(m);
-            if (partial && !(a > 1e-38f)) a = 1e-38f;
-        }
+        if (block_absmax(p, dt, nb, partial, &a)) return 1; /* the values' finiteness, absmax given or not */
+        if (absmax) a = absmax[b];
         const float sc = scale ? scale[b] : a;
         if (!isfinite(a) || !isfinite(sc) || (partial && !(a > 0))) return 1; /* x / 0: numpy decides */
         const float recip = 1.0f / (a > 1e-38f ? a : 1e-38f);
@@ -207,13 +204,9 @@ static int LT_FN(roundtrip)(const void *raw, int dt, int64_t n, int64_t bs, cons
 static int LT_FN(absmax)(const void *raw, int dt, int64_t n, int64_t bs, float *out) {
     if (bs <= 0 || (dt != DT_BF16 && dt != DT_F16 && dt != DT_F32)) return 2;
     const size_t item = dt == DT_F32 ? 4 : 2;
-    const uint32_t inf_bits = dt == DT_F32 ? 0x7F800000u : dt == DT_F16 ? 0x7C00u : 0x7F80u;
     for (int64_t b = 0, e0 = 0; e0 < n; b++, e0 += bs) {
         const int64_t nb = n - e0 < bs ? n - e0 : bs;
-        uint32_t m = abs_bits_max((const unsigned char *)raw + e0 * item, dt, nb);
-        if (m >= inf_bits) return 1;
-        float a = dt == DT_BF16 ? u2f(m << 16) : dt == DT_F16 ? half_to_float((uint16_t)m) : u2f(m);
-        out[b] = nb < bs && !(a > 1e-38f) ? 1e-38f : a;
+        if (block_absmax((const unsigned char *)raw + e0 * item, dt, nb, nb < bs, out + b)) return 1;
     }
     return 0;
 }
@@ -350,7 +343,7 @@ static int LT_FN(parity_block)(const void *w, int wdt, const void *m, int mdt, c
 #undef sel_u
 #undef loadf
 #undef roundh
-#undef abs_bits_max
+#undef block_absmax
 #undef roundtrip_lanes
 #undef loadd
 #undef checkd
