@@ -230,7 +230,8 @@ def _sigma1_bound(lr) -> float:
         x = np.asarray(x).reshape(-1)
         if x.dtype != np.float64:
             x = x.astype(np.float32, copy=False)
-        return float(np.sqrt(float(np.dot(x, x)) * (1 + x.size * 2.0 ** -23)))
+        with np.errstate(over="ignore"):  # past float32's range: an infinite bound, which settles nothing
+            return float(np.sqrt(float(np.dot(x, x)) * (1 + x.size * 2.0 ** -23)))
 
     return abs(float(lr.scale)) * fro(lr.B2) * fro(lr.A2) * (1 + 1e-9)
 
